@@ -27,3 +27,12 @@ pub mod wire;
 
 pub use error::{Error, ErrorKind, Result};
 pub use message::Message;
+pub mod device;
+pub mod outbox;
+pub mod transport;
+
+pub use device::{ConnectionStatus, Credential, DeviceClient, DeviceOptions};
+pub use outbox::{Outcome, Overflow};
+pub mod proto;
+#[cfg(feature = "hub")]
+pub mod hub;

@@ -1,0 +1,600 @@
+//! `DeviceClient`: send D2C telemetry reliably over the IoT Hub MQTT device protocol.
+//!
+//! Shape: a cheap `Clone` handle talks to one driver task. `send()` appends to the durable
+//! [`Outbox`] directly (no round trip through the driver) and returns once the message is
+//! durable; the driver owns the connection, publishes QoS 1 in order from the outbox with a
+//! bounded in-flight window, maps PUBACKs back to outbox entries, re-sends after reconnects,
+//! paces reconnects with the [`RetryPolicy`], and renews SAS tokens by draining and reconnecting.
+//!
+//! Invariants: the driver is the only code that touches the socket; user code never runs on it
+//! (status changes are published through a `watch`, outcomes through oneshots), so calling
+//! `send()` from any callback cannot deadlock the I/O.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
+use rumqttc::mqttbytes::QoS;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::auth::{self, ConnectionString};
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{now_ms, Message, MAX_D2C_SIZE};
+use crate::outbox::{Outbox, OutboxOptions, OutboxStats, Outcome};
+use crate::retry::{self, Backoff, RetryPolicy};
+use crate::transport::{self, ConnectParams, Endpoint, TlsOptions};
+use crate::wire;
+
+/// How a device proves its identity.
+#[derive(Clone)]
+pub enum Credential {
+    /// The device's symmetric key (base64); tokens are generated and renewed automatically.
+    SymmetricKey(String),
+    /// A ready-made SAS token; it cannot be renewed, so the client stops when it expires.
+    SasToken(String),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::SymmetricKey(_) => f.write_str("SymmetricKey(<redacted>)"),
+            Credential::SasToken(_) => f.write_str("SasToken(<redacted>)"),
+        }
+    }
+}
+
+/// Everything a [`DeviceClient`] needs. Build with [`DeviceOptions::from_connection_string`] or
+/// [`DeviceOptions::new`], then adjust fields.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// `HostName` as in the connection string; a `:port` suffix selects a local hub over plain
+    /// TCP (see [`Endpoint::from_host_name`]).
+    pub host_name: String,
+    /// Device id (also the MQTT client id).
+    pub device_id: String,
+    /// Key or token.
+    pub credential: Credential,
+    /// TLS settings (e.g. a CA file); forces TLS even with an explicit port.
+    pub tls: Option<TlsOptions>,
+    /// Outbox directory, bounds, overflow policy and durability.
+    pub outbox: OutboxOptions,
+    /// Reconnect pacing.
+    pub retry: RetryPolicy,
+    /// MQTT keep-alive. Default 60 s.
+    pub keep_alive: Duration,
+    /// Lifetime of generated SAS tokens; renewal starts at 80 %. Default 1 h.
+    pub token_ttl: Duration,
+    /// Most unacknowledged publishes on the wire. Default 1,000.
+    pub max_in_flight: usize,
+    /// Limit for TCP + TLS + CONNACK. Default 30 s.
+    pub connect_timeout: Duration,
+    /// How long to wait for outstanding PUBACKs before a renewal or a close. Default 10 s.
+    pub drain_timeout: Duration,
+    /// `DeviceClientType` put in the user name.
+    pub client_type: String,
+}
+
+impl DeviceOptions {
+    /// Options for `device_id` at `host_name` with defaults for everything else.
+    pub fn new(host_name: impl Into<String>, device_id: impl Into<String>, credential: Credential) -> DeviceOptions {
+        DeviceOptions {
+            host_name: host_name.into(),
+            device_id: device_id.into(),
+            credential,
+            tls: None,
+            outbox: OutboxOptions::default(),
+            retry: RetryPolicy::default(),
+            keep_alive: Duration::from_secs(60),
+            token_ttl: Duration::from_secs(3600),
+            max_in_flight: 1000,
+            connect_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
+            client_type: format!("hubmsg/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    /// Options from a device connection string (`HostName=…;DeviceId=…;SharedAccessKey=…` or
+    /// `…;SharedAccessSignature=…`).
+    pub fn from_connection_string(cs: &str) -> Result<DeviceOptions> {
+        let cs = ConnectionString::parse(cs)?;
+        let device_id = cs
+            .device_id
+            .clone()
+            .ok_or_else(|| Error::invalid("this is a service connection string; a device needs one with DeviceId"))?;
+        let credential = match (&cs.shared_access_key, &cs.shared_access_signature) {
+            (Some(k), _) => Credential::SymmetricKey(k.clone()),
+            (None, Some(t)) => Credential::SasToken(t.clone()),
+            (None, None) => return Err(Error::invalid("device connection string has neither SharedAccessKey nor SharedAccessSignature")),
+        };
+        Ok(DeviceOptions::new(cs.host_name.clone(), device_id, credential))
+    }
+
+    fn endpoint(&self) -> Result<Endpoint> {
+        let (host, port) = split_host_port(&self.host_name)?;
+        Ok(Endpoint::from_host_name(&host, port, self.tls.clone()))
+    }
+}
+
+/// Splits `host[:port]` / `[v6]:port`.
+pub(crate) fn split_host_port(host_name: &str) -> Result<(String, Option<u16>)> {
+    let bad = || Error::invalid(format!("HostName '{host_name}' is not host or host:port"));
+    if let Some(rest) = host_name.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or_else(bad)?;
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((h.to_string(), Some(p.parse().map_err(|_| bad())?))),
+            None if after.is_empty() => Ok((h.to_string(), None)),
+            None => Err(bad()),
+        };
+    }
+    match host_name.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Ok((h.to_string(), Some(p.parse().map_err(|_| bad())?))),
+        _ if host_name.is_empty() => Err(bad()),
+        _ => Ok((host_name.to_string(), None)),
+    }
+}
+
+/// The connection state, as observed through [`DeviceClient::status_watch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionStatus {
+    /// Dialing / waiting for CONNACK.
+    Connecting,
+    /// Connected and publishing.
+    Connected,
+    /// The connection dropped.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+    /// Waiting before reconnect attempt number `attempt`.
+    Retrying {
+        /// 1-based attempt number.
+        attempt: u32,
+        /// Delay before it.
+        delay: Duration,
+    },
+    /// Gave up: a permanent error (bad credentials, disabled device) or the retry policy ran out.
+    /// Messages stay in the outbox; call [`DeviceClient::reconnect`] to try again.
+    Failed {
+        /// The error kind.
+        kind: ErrorKind,
+        /// The error message.
+        reason: String,
+    },
+    /// Closed by the application.
+    Closed,
+}
+
+/// Client counters (outbox + connection).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Outbox depth, bytes, in flight, delivered, dropped, expired.
+    pub outbox: OutboxStats,
+    /// Successful connects since start.
+    pub connects: u64,
+    /// Failed connection attempts / drops that led to a retry.
+    pub retries: u64,
+    /// Token renewals performed.
+    pub renewals: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// The handle to one accepted message; await its [`Outcome`].
+#[derive(Debug)]
+pub struct Delivery {
+    /// Outbox sequence number.
+    pub seq: u64,
+    /// The message id sent as `$.mid`.
+    pub message_id: String,
+    rx: oneshot::Receiver<Outcome>,
+}
+
+impl Delivery {
+    /// Waits for the outcome (delivered, expired or dropped). `Closed` if the client stopped
+    /// before an outcome was reached (the message stays in the durable outbox).
+    pub async fn outcome(self) -> Result<Outcome> {
+        self.rx.await.map_err(|_| Error::new(ErrorKind::Closed, "client closed before the message reached an outcome; it stays in the outbox"))
+    }
+}
+
+enum Command {
+    Close(oneshot::Sender<()>),
+    Reconnect,
+}
+
+struct Shared {
+    device_id: String,
+    outbox: Outbox,
+    cmd: mpsc::UnboundedSender<Command>,
+    status: watch::Receiver<ConnectionStatus>,
+    stats: Arc<Mutex<DeviceStats>>,
+}
+
+/// A device's connection to a hub. Cheap to clone; all clones share one driver task.
+#[derive(Clone)]
+pub struct DeviceClient {
+    shared: Arc<Shared>,
+}
+
+impl DeviceClient {
+    /// Opens the outbox, starts the driver (which connects in the background) and returns.
+    /// Must be called within a tokio runtime.
+    pub async fn connect(opts: DeviceOptions) -> Result<DeviceClient> {
+        if opts.device_id.is_empty() || opts.device_id.contains(['/', '+', '#']) {
+            return Err(Error::invalid(format!("device id '{}' is empty or contains '/', '+' or '#'", opts.device_id)));
+        }
+        let endpoint = opts.endpoint()?;
+        if let Credential::SymmetricKey(k) = &opts.credential {
+            auth::sign(k, b"probe")?; // reject a malformed key now, not in the retry loop
+        }
+        let outbox_opts = opts.outbox.clone();
+        let outbox = tokio::task::spawn_blocking(move || Outbox::open(outbox_opts))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("outbox open task failed: {e}")))??;
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(ConnectionStatus::Connecting);
+        let stats = Arc::new(Mutex::new(DeviceStats::default()));
+        let device_id = opts.device_id.clone();
+        let driver = Driver {
+            opts,
+            endpoint,
+            outbox: outbox.clone(),
+            cmd: cmd_rx,
+            status: status_tx,
+            stats: stats.clone(),
+        };
+        tokio::spawn(driver.run());
+        Ok(DeviceClient {
+            shared: Arc::new(Shared {
+                device_id,
+                outbox,
+                cmd: cmd_tx,
+                status: status_rx,
+                stats,
+            }),
+        })
+    }
+
+    /// Connects with a device connection string and default options.
+    pub async fn from_connection_string(cs: &str) -> Result<DeviceClient> {
+        DeviceClient::connect(DeviceOptions::from_connection_string(cs)?).await
+    }
+
+    /// Queues a message for delivery and returns once it is durable in the outbox. Sets `$.mid`
+    /// (a UUID) and the creation time when absent. Errors: `MessageTooLarge` (> 256 KB),
+    /// `InvalidArgument` (duplicate or empty property name), `QueueFull`, `Storage`, `Closed`.
+    pub async fn send(&self, mut msg: Message) -> Result<Delivery> {
+        let message_id = prepare(&mut msg)?;
+        let (seq, rx) = self.shared.outbox.push(&msg).await?;
+        Ok(Delivery { seq, message_id, rx })
+    }
+
+    /// Blocking form of [`DeviceClient::send`] for threads outside the runtime.
+    pub fn send_blocking(&self, mut msg: Message) -> Result<Delivery> {
+        let message_id = prepare(&mut msg)?;
+        let (seq, rx) = self.shared.outbox.push_blocking(&msg)?;
+        Ok(Delivery { seq, message_id, rx })
+    }
+
+    /// Waits until every message in the outbox reached an outcome, or `timeout` passes
+    /// (`Timeout` error; nothing is lost, delivery continues).
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.shared.outbox.is_empty() {
+                self.shared.outbox.persist_ack();
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let st = self.shared.outbox.stats();
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!("flush: {} messages still pending after {timeout:?} ({} in flight); they stay queued", st.depth, st.in_flight),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The current connection status.
+    pub fn status(&self) -> ConnectionStatus {
+        self.shared.status.borrow().clone()
+    }
+
+    /// A watch to await status changes on.
+    pub fn status_watch(&self) -> watch::Receiver<ConnectionStatus> {
+        self.shared.status.clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DeviceStats {
+        let mut s = self.shared.stats.lock().clone();
+        s.outbox = self.shared.outbox.stats();
+        s
+    }
+
+    /// Asks a client in `Failed` state to try connecting again (e.g. after the device was
+    /// re-enabled).
+    pub fn reconnect(&self) {
+        let _ = self.shared.cmd.send(Command::Reconnect);
+    }
+
+    /// Stops the driver after waiting up to `drain_timeout` for in-flight PUBACKs, persists the
+    /// outbox watermark and closes the store. Undelivered messages stay in the outbox for the next
+    /// start. Idempotent.
+    pub async fn close(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        if self.shared.cmd.send(Command::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        let ob = self.shared.outbox.clone();
+        tokio::task::spawn_blocking(move || ob.close())
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("close task failed: {e}")))?
+    }
+
+    /// The device id.
+    pub fn device_id(&self) -> &str {
+        &self.shared.device_id
+    }
+}
+
+fn prepare(msg: &mut Message) -> Result<String> {
+    let size = msg.iothub_size();
+    if size > MAX_D2C_SIZE {
+        return Err(Error::new(
+            ErrorKind::MessageTooLarge,
+            format!("message is {size} bytes (body + properties); IoT Hub allows at most {MAX_D2C_SIZE}"),
+        ));
+    }
+    wire::d2c_bag(msg)?; // validates property names now rather than at publish time
+    let id = msg.message_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
+    if msg.creation_time_ms.is_none() {
+        msg.creation_time_ms = Some(now_ms());
+    }
+    Ok(id)
+}
+
+/// Why a connection ended.
+enum End {
+    /// The application closed the client.
+    Closed,
+    /// Token renewal: reconnect immediately with a fresh token.
+    Renew,
+    /// The connection failed.
+    Failed(Error),
+}
+
+struct Driver {
+    opts: DeviceOptions,
+    endpoint: Endpoint,
+    outbox: Outbox,
+    cmd: mpsc::UnboundedReceiver<Command>,
+    status: watch::Sender<ConnectionStatus>,
+    stats: Arc<Mutex<DeviceStats>>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(self.opts.retry.clone());
+        let epoch = Instant::now();
+        let mut closer: Option<oneshot::Sender<()>> = None;
+        'outer: loop {
+            self.status.send_replace(ConnectionStatus::Connecting);
+            let failure = match self.connect_once().await {
+                Ok((halves, token_expiry)) => {
+                    backoff.connected(epoch.elapsed());
+                    self.stats.lock().connects += 1;
+                    self.status.send_replace(ConnectionStatus::Connected);
+                    let end = self.serve(halves, token_expiry, &mut closer).await;
+                    self.outbox.rewind();
+                    match end {
+                        End::Closed => break 'outer,
+                        End::Renew => {
+                            self.stats.lock().renewals += 1;
+                            continue;
+                        }
+                        End::Failed(e) => {
+                            self.status.send_replace(ConnectionStatus::Disconnected { reason: e.to_string() });
+                            e
+                        }
+                    }
+                }
+                Err(e) => e,
+            };
+            tracing::debug!(device = %self.opts.device_id, error = %failure, "connection failed");
+            self.stats.lock().last_error = Some(failure.to_string());
+            let delay = match retry::classify(&failure) {
+                retry::Retry::Permanent => None,
+                retry::Retry::Transient => backoff.failed(epoch.elapsed(), fastrand::f64()),
+            };
+            match delay {
+                Some(delay) => {
+                    self.stats.lock().retries += 1;
+                    self.status.send_replace(ConnectionStatus::Retrying { attempt: backoff.attempt(), delay });
+                    let sleep = tokio::time::sleep(delay);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut sleep => break,
+                            cmd = self.cmd.recv() => match cmd {
+                                Some(Command::Close(tx)) => { closer = Some(tx); break 'outer }
+                                None => break 'outer,
+                                Some(Command::Reconnect) => break,
+                            },
+                        }
+                    }
+                }
+                None => {
+                    self.status.send_replace(ConnectionStatus::Failed { kind: failure.kind(), reason: failure.to_string() });
+                    match self.cmd.recv().await {
+                        Some(Command::Reconnect) => backoff = Backoff::new(self.opts.retry.clone()),
+                        Some(Command::Close(tx)) => {
+                            closer = Some(tx);
+                            break 'outer;
+                        }
+                        None => break 'outer,
+                    }
+                }
+            }
+        }
+        self.outbox.persist_ack();
+        self.status.send_replace(ConnectionStatus::Closed);
+        if let Some(tx) = closer {
+            let _ = tx.send(());
+        }
+    }
+
+    /// One connection attempt: returns the halves and when the token expires (if renewable).
+    async fn connect_once(&self) -> Result<(transport::ClientHalves, Option<Instant>)> {
+        let now_secs = now_ms() / 1000;
+        let (password, renew_at) = match &self.opts.credential {
+            Credential::SymmetricKey(key) => {
+                let ttl = self.opts.token_ttl.as_secs().max(60);
+                let uri = auth::device_resource_uri(&self.opts.host_name, &self.opts.device_id);
+                let token = auth::generate_sas_token(&uri, key, now_secs + ttl, None)?;
+                (token, Some(Instant::now() + self.opts.token_ttl.mul_f64(0.8)))
+            }
+            Credential::SasToken(t) => {
+                let tok = auth::SasToken::parse(t)?;
+                if tok.expiry <= now_secs {
+                    return Err(Error::new(ErrorKind::Unauthorized, "the SAS token in the connection string has expired; supply a new one or use a SharedAccessKey"));
+                }
+                (t.clone(), None)
+            }
+        };
+        let params = ConnectParams {
+            client_id: self.opts.device_id.clone(),
+            username: wire::device_username(&self.opts.host_name, &self.opts.device_id, Some(&self.opts.client_type)),
+            password,
+            keep_alive_secs: self.opts.keep_alive.as_secs().clamp(1, 1177) as u16,
+            clean_session: false,
+        };
+        let (halves, _session_present) = transport::client_connect(&self.endpoint, &params, self.opts.connect_timeout).await?;
+        Ok((halves, renew_at))
+    }
+
+    async fn serve(
+        &mut self,
+        (mut reader, mut writer): transport::ClientHalves,
+        renew_at: Option<Instant>,
+        closer: &mut Option<oneshot::Sender<()>>,
+    ) -> End {
+        let keep_alive = self.opts.keep_alive.max(Duration::from_secs(1));
+        let mut in_flight: VecDeque<(u16, u64)> = VecDeque::new();
+        let mut next_pkid: u16 = 1;
+        let mut last_tx = Instant::now();
+        let mut last_rx = Instant::now();
+        let mut draining: Option<(Instant, bool)> = None; // (deadline, is_close)
+        let renew_at = renew_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86400));
+        loop {
+            // Fill the window from the outbox.
+            if draining.is_none() && in_flight.len() < self.opts.max_in_flight {
+                let room = self.opts.max_in_flight - in_flight.len();
+                for (seq, record) in self.outbox.take_sendable(room) {
+                    let publish = match d2c_publish(&self.opts.device_id, &record) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            // A record we cannot encode can never be sent; report it and move on.
+                            tracing::error!(seq, error = %e, "dropping an unencodable outbox record");
+                            self.outbox.acked(seq);
+                            continue;
+                        }
+                    };
+                    let mut publish = publish;
+                    publish.pkid = next_pkid;
+                    in_flight.push_back((next_pkid, seq));
+                    next_pkid = if next_pkid == u16::MAX { 1 } else { next_pkid + 1 };
+                    if let Err(e) = writer.queue(&Packet::Publish(publish)) {
+                        return End::Failed(e);
+                    }
+                }
+            }
+            if writer.pending() > 0 {
+                if let Err(e) = writer.flush().await {
+                    return End::Failed(e);
+                }
+                last_tx = Instant::now();
+            }
+            if let Some((deadline, is_close)) = draining {
+                if in_flight.is_empty() || Instant::now() >= deadline {
+                    let _ = writer.send(&Packet::Disconnect).await;
+                    writer.shutdown().await;
+                    return if is_close { End::Closed } else { End::Renew };
+                }
+            }
+            let ping_at = last_tx + keep_alive;
+            let dead_at = last_rx + keep_alive.mul_f64(1.5);
+            let drain_at = draining.map(|d| d.0).unwrap_or(renew_at);
+            let can_send = draining.is_none() && in_flight.len() < self.opts.max_in_flight;
+            tokio::select! {
+                biased;
+                pkt = reader.next() => {
+                    last_rx = Instant::now();
+                    match pkt {
+                        Ok(Some(Packet::PubAck(ack))) => {
+                            let pos = if in_flight.front().is_some_and(|f| f.0 == ack.pkid) { Some(0) } else { in_flight.iter().position(|f| f.0 == ack.pkid) };
+                            if let Some(pos) = pos {
+                                let (_, seq) = in_flight.remove(pos).expect("position exists");
+                                self.outbox.acked(seq);
+                            }
+                        }
+                        Ok(Some(Packet::PingResp)) => {}
+                        Ok(Some(Packet::Publish(p))) => {
+                            // C2D is handled by the C2D receiver; acknowledge unknown QoS 1 so the hub does not stall.
+                            if p.qos == QoS::AtLeastOnce {
+                                let _ = writer.queue(&Packet::PubAck(PubAck::new(p.pkid)));
+                            }
+                        }
+                        Ok(Some(Packet::SubAck(_))) => {}
+                        Ok(Some(other)) => return End::Failed(Error::protocol(format!("unexpected packet from hub: {other:?}"))),
+                        Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
+                        Err(e) => return End::Failed(e),
+                    }
+                }
+                _ = self.outbox.changed(), if can_send => {}
+                _ = tokio::time::sleep_until(ping_at) => {
+                    if let Err(e) = writer.send(&Packet::PingReq).await { return End::Failed(e) }
+                    last_tx = Instant::now();
+                }
+                _ = tokio::time::sleep_until(dead_at) => {
+                    return End::Failed(Error::new(ErrorKind::Timeout, format!("no traffic from the hub for {:?} (keep-alive)", keep_alive.mul_f64(1.5))));
+                }
+                _ = tokio::time::sleep_until(drain_at), if draining.is_none() => {
+                    draining = Some((Instant::now() + self.opts.drain_timeout, false));
+                }
+                cmd = self.cmd.recv() => match cmd {
+                    Some(Command::Close(tx)) => {
+                        *closer = Some(tx);
+                        draining = Some((Instant::now() + self.opts.drain_timeout, true));
+                    }
+                    Some(Command::Reconnect) => {}
+                    None => draining = Some((Instant::now() + self.opts.drain_timeout, true)),
+                },
+            }
+        }
+    }
+}
+
+fn d2c_publish(device_id: &str, record: &bytes::Bytes) -> Result<Publish> {
+    let msg = Message::decode(record)?;
+    let topic = wire::d2c_topic(device_id, &wire::d2c_bag(&msg)?);
+    Ok(Publish::from_bytes(topic, QoS::AtLeastOnce, msg.body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_split() {
+        assert_eq!(split_host_port("h.azure-devices.net").unwrap(), ("h.azure-devices.net".into(), None));
+        assert_eq!(split_host_port("127.0.0.1:18830").unwrap(), ("127.0.0.1".into(), Some(18830)));
+        assert_eq!(split_host_port("[::1]:1883").unwrap(), ("::1".into(), Some(1883)));
+        assert!(split_host_port("h:notaport").is_err());
+        assert!(split_host_port("").is_err());
+    }
+}

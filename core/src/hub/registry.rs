@@ -1,0 +1,242 @@
+//! The identity registry: device identities (keys, status, generation id) and hub-level shared
+//! access policies, event-sourced on a [`StateLog`] so every change is durable before it is
+//! acknowledged.
+//!
+//! Invariants: device ids are unique; a re-created device gets a new generation id; the five
+//! default policies exist from the first start on.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::now_ms;
+use crate::proto::{CreateDevice, DeviceIdentity, DeviceStatus};
+use crate::store::{Durability, Machine, StateLog, StateOptions};
+
+/// What a policy may do (reference §2.3).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Right {
+    /// Read identities.
+    RegistryRead,
+    /// Create, update, delete identities.
+    RegistryWrite,
+    /// Read D2C events, send C2D, receive feedback.
+    ServiceConnect,
+    /// Act as any device.
+    DeviceConnect,
+}
+
+/// A hub-level shared access policy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    /// Policy name (`skn` in tokens).
+    pub name: String,
+    /// Primary key (base64).
+    pub primary_key: String,
+    /// Secondary key (base64).
+    pub secondary_key: String,
+    /// Granted rights.
+    pub rights: Vec<Right>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    devices: BTreeMap<String, DeviceIdentity>,
+    policies: BTreeMap<String, Policy>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Event {
+    PutDevice(DeviceIdentity),
+    DeleteDevice(String),
+    PutPolicy(Policy),
+}
+
+impl Machine for State {
+    fn apply(&mut self, event: &[u8]) -> Result<()> {
+        let ev: Event = serde_json::from_slice(event)
+            .map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt registry event: {e}")))?;
+        match ev {
+            Event::PutDevice(d) => {
+                self.devices.insert(d.device_id.clone(), d);
+            }
+            Event::DeleteDevice(id) => {
+                self.devices.remove(&id);
+            }
+            Event::PutPolicy(p) => {
+                self.policies.insert(p.name.clone(), p);
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("registry state serializes")
+    }
+
+    fn restore(snapshot: Option<&[u8]>) -> Result<Self> {
+        match snapshot {
+            None => Ok(State::default()),
+            Some(b) => serde_json::from_slice(b)
+                .map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt registry snapshot: {e}"))),
+        }
+    }
+}
+
+/// The registry. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    log: StateLog<State>,
+}
+
+fn encode(ev: &Event) -> Vec<u8> {
+    serde_json::to_vec(ev).expect("registry event serializes")
+}
+
+/// Checks a device id against IoT Hub's rules (reference §1.1) and MQTT topic constraints.
+pub fn validate_device_id(id: &str) -> Result<()> {
+    const EXTRA: &str = "-.%_*?!(),=@$':";
+    if id.is_empty() || id.len() > 128 {
+        return Err(Error::invalid(format!("device id must be 1 to 128 characters, got {}", id.len())));
+    }
+    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || EXTRA.contains(*c))) {
+        return Err(Error::invalid(format!(
+            "device id '{id}' contains '{c}'; allowed are ASCII letters, digits and {EXTRA} ('+' and '#' cannot be used over MQTT)"
+        )));
+    }
+    Ok(())
+}
+
+impl Registry {
+    /// Opens the registry in `dir`, creating the default policies on first start.
+    pub fn open(dir: &Path, durability: Durability) -> Result<Registry> {
+        let log = StateLog::<State>::open(dir, StateOptions { durability, ..StateOptions::default() })?;
+        let reg = Registry { log };
+        for (name, rights) in [
+            ("iothubowner", vec![Right::RegistryRead, Right::RegistryWrite, Right::ServiceConnect, Right::DeviceConnect]),
+            ("service", vec![Right::ServiceConnect]),
+            ("device", vec![Right::DeviceConnect]),
+            ("registryRead", vec![Right::RegistryRead]),
+            ("registryReadWrite", vec![Right::RegistryRead, Right::RegistryWrite]),
+        ] {
+            if reg.policy(name).is_none() {
+                let p = Policy {
+                    name: name.to_string(),
+                    primary_key: auth::generate_key(),
+                    secondary_key: auth::generate_key(),
+                    rights,
+                };
+                let seq = reg.log.commit(&encode(&Event::PutPolicy(p)))?;
+                reg.log.wait_durable_blocking(seq)?;
+            }
+        }
+        Ok(reg)
+    }
+
+    /// A policy by name.
+    pub fn policy(&self, name: &str) -> Option<Policy> {
+        self.log.read(|s| s.policies.get(name).cloned())
+    }
+
+    /// A device by id.
+    pub fn device(&self, id: &str) -> Option<DeviceIdentity> {
+        self.log.read(|s| s.devices.get(id).cloned())
+    }
+
+    /// All devices, ordered by id.
+    pub fn devices(&self) -> Vec<DeviceIdentity> {
+        self.log.read(|s| s.devices.values().cloned().collect())
+    }
+
+    /// Creates a device; durable when this returns. `AlreadyExists` if the id is taken.
+    pub async fn create(&self, req: CreateDevice) -> Result<DeviceIdentity> {
+        validate_device_id(&req.device_id)?;
+        for k in [&req.primary_key, &req.secondary_key].into_iter().flatten() {
+            auth::sign(k, b"probe").map_err(|_| Error::invalid("keys must be base64"))?;
+        }
+        let (dev, seq) = self.log.commit_with(|s| {
+            if s.devices.contains_key(&req.device_id) {
+                return Err(Error::new(ErrorKind::AlreadyExists, format!("device '{}' already exists", req.device_id)));
+            }
+            let dev = DeviceIdentity {
+                device_id: req.device_id.clone(),
+                generation_id: generation_id(),
+                status: req.status.unwrap_or(DeviceStatus::Enabled),
+                primary_key: req.primary_key.clone().unwrap_or_else(auth::generate_key),
+                secondary_key: req.secondary_key.clone().unwrap_or_else(auth::generate_key),
+                created_ms: now_ms(),
+            };
+            Ok((encode(&Event::PutDevice(dev.clone())), dev))
+        })?;
+        self.log.wait_durable(seq).await?;
+        Ok(dev)
+    }
+
+    /// Changes a device's status and/or regenerates keys (`primary`, `secondary`, `both`).
+    pub async fn update(&self, id: &str, status: Option<DeviceStatus>, regenerate: Option<&str>) -> Result<DeviceIdentity> {
+        let (dev, seq) = self.log.commit_with(|s| {
+            let mut dev = s.devices.get(id).cloned().ok_or_else(|| not_found(id))?;
+            if let Some(st) = status {
+                dev.status = st;
+            }
+            match regenerate {
+                None => {}
+                Some("primary") => dev.primary_key = auth::generate_key(),
+                Some("secondary") => dev.secondary_key = auth::generate_key(),
+                Some("both") => {
+                    dev.primary_key = auth::generate_key();
+                    dev.secondary_key = auth::generate_key();
+                }
+                Some(other) => return Err(Error::invalid(format!("regenerate '{other}' is not primary, secondary or both"))),
+            }
+            Ok((encode(&Event::PutDevice(dev.clone())), dev))
+        })?;
+        self.log.wait_durable(seq).await?;
+        Ok(dev)
+    }
+
+    /// Deletes a device. `NotFound` if absent.
+    pub async fn delete(&self, id: &str) -> Result<()> {
+        let ((), seq) = self.log.commit_with(|s| {
+            if !s.devices.contains_key(id) {
+                return Err(not_found(id));
+            }
+            Ok((encode(&Event::DeleteDevice(id.to_string())), ()))
+        })?;
+        self.log.wait_durable(seq).await
+    }
+
+    /// Closes the store.
+    pub fn close(&self) -> Result<()> {
+        self.log.close()
+    }
+}
+
+fn not_found(id: &str) -> Error {
+    Error::new(ErrorKind::NotFound, format!("device '{id}' is not registered; create it with `hubmsg device-identity create --device-id {id}`"))
+}
+
+fn generation_id() -> String {
+    // 18 decimal digits like IoT Hub's (reference §1.1), unique per creation.
+    format!("{:018}", (now_ms() as u128 * 10_000 + fastrand::u128(0..10_000)) % 1_000_000_000_000_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_id_rules() {
+        assert!(validate_device_id("pump-7.a_b@x$").is_ok());
+        assert!(validate_device_id("").is_err());
+        assert!(validate_device_id("a/b").is_err());
+        assert!(validate_device_id("a+b").is_err());
+        assert!(validate_device_id("a#b").is_err());
+        assert!(validate_device_id(&"x".repeat(129)).is_err());
+    }
+}

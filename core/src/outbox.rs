@@ -1,0 +1,531 @@
+//! The bounded, durable at-least-once send queue used by device (D2C) and service (C2D) clients.
+//!
+//! Invariants:
+//! - a message is accepted ([`Outbox::push`] returns) only once it is durable per the configured
+//!   durability; what is durable is what the store holds on disk, and after any storage failure
+//!   the outbox reloads itself from disk, so memory never claims more than the disk has;
+//! - entries leave in sequence order and a message is only handed to the transport once durable;
+//! - every entry ends in exactly one [`Outcome`] (delivered, expired, dropped), and every drop and
+//!   expiry is counted in [`OutboxStats`]; nothing is discarded silently;
+//! - the persisted ack watermark only covers entries that reached an outcome, so a crash can only
+//!   cause re-sends (duplicates with the same message id), never losses.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, watch};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{now_ms, Message};
+use crate::store::{Durability, Log, LogOptions};
+
+/// What to do when a new message does not fit in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Refuse the new message with a `QueueFull` error.
+    Reject,
+    /// Drop the oldest queued messages (counted in `dropped`, outcome [`Outcome::Dropped`]).
+    DropOldest,
+}
+
+impl std::str::FromStr for Overflow {
+    type Err = Error;
+    /// `reject` or `drop_oldest` (also `drop-oldest`).
+    fn from_str(s: &str) -> Result<Overflow> {
+        match s {
+            "reject" => Ok(Overflow::Reject),
+            "drop_oldest" | "drop-oldest" => Ok(Overflow::DropOldest),
+            _ => Err(Error::invalid(format!("overflow policy '{s}' is not one of: reject, drop_oldest"))),
+        }
+    }
+}
+
+/// Outbox settings.
+#[derive(Debug, Clone)]
+pub struct OutboxOptions {
+    /// Directory of the durable outbox; `None` keeps messages in memory only (lost on crash).
+    pub dir: Option<PathBuf>,
+    /// Most messages held (queued + in flight). Default 100,000.
+    pub max_messages: usize,
+    /// Most bytes held (encoded records). Default 64 MiB.
+    pub max_bytes: usize,
+    /// What to do when full. Default [`Overflow::Reject`].
+    pub overflow: Overflow,
+    /// Store durability. Default [`Durability::Always`].
+    pub durability: Durability,
+}
+
+impl Default for OutboxOptions {
+    fn default() -> Self {
+        OutboxOptions {
+            dir: None,
+            max_messages: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            overflow: Overflow::Reject,
+            durability: Durability::Always,
+        }
+    }
+}
+
+/// How one message ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The hub acknowledged it (durable at the hub).
+    Delivered,
+    /// Its expiry time passed before it could be sent.
+    Expired,
+    /// The overflow policy `drop_oldest` removed it.
+    Dropped,
+}
+
+/// Outbox counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Messages held (queued + in flight).
+    pub depth: usize,
+    /// Bytes held.
+    pub bytes: usize,
+    /// Messages sent and not yet acknowledged.
+    pub in_flight: usize,
+    /// Messages acknowledged since open.
+    pub delivered: u64,
+    /// Messages dropped by the overflow policy since open.
+    pub dropped: u64,
+    /// Messages expired before sending since open.
+    pub expired: u64,
+    /// Messages recovered from disk at open (sent again).
+    pub recovered: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Queued,
+    Sent,
+    Done,
+}
+
+struct Entry {
+    seq: u64,
+    record: Bytes,
+    expiry_ms: Option<u64>,
+    state: State,
+}
+
+enum Backend {
+    Disk { log: Log, opts: LogOptions, dir: PathBuf },
+    Memory { next_seq: u64, durable: watch::Sender<u64> },
+}
+
+struct Inner {
+    backend: Backend,
+    entries: VecDeque<Entry>,
+    /// Every entry with seq < this and state Done has been popped.
+    bytes: usize,
+    live: usize,
+    in_flight: usize,
+    waiters: HashMap<u64, oneshot::Sender<Outcome>>,
+    stats: OutboxStats,
+    acked_unpersisted: u64,
+    last_popped: u64,
+}
+
+/// The outbox. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Mutex<Inner>>,
+    opts: Arc<OutboxOptions>,
+    /// Bumped whenever new entries become sendable or the driver should look again.
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// Persist the ack watermark after this many newly completed entries.
+const ACK_PERSIST_EVERY: u64 = 1024;
+
+impl Outbox {
+    /// Opens the outbox (recovering unsent messages from `opts.dir`).
+    pub fn open(opts: OutboxOptions) -> Result<Outbox> {
+        if opts.max_messages == 0 || opts.max_bytes == 0 {
+            return Err(Error::invalid("outbox bounds must be at least 1 message and 1 byte"));
+        }
+        let (backend, entries) = match &opts.dir {
+            Some(dir) => {
+                let lopts = LogOptions { durability: opts.durability, ..LogOptions::default() };
+                let log = Log::open(dir, lopts.clone())?;
+                let entries = load_entries(&log)?;
+                (Backend::Disk { log, opts: lopts, dir: dir.clone() }, entries)
+            }
+            None => (Backend::Memory { next_seq: 1, durable: watch::channel(0).0 }, VecDeque::new()),
+        };
+        let bytes = entries.iter().map(|e| e.record.len()).sum();
+        let live = entries.len();
+        let recovered = live as u64;
+        let inner = Inner {
+            backend,
+            entries,
+            bytes,
+            live,
+            in_flight: 0,
+            waiters: HashMap::new(),
+            stats: OutboxStats { recovered, ..Default::default() },
+            acked_unpersisted: 0,
+            last_popped: 0,
+        };
+        Ok(Outbox { inner: Arc::new(Mutex::new(inner)), opts: Arc::new(opts), wake: Arc::new(tokio::sync::Notify::new()) })
+    }
+
+    /// Adds a message; returns once it is durable, with a receiver for its [`Outcome`].
+    /// Errors: `QueueFull` (policy reject), `MessageTooLarge` (bigger than `max_bytes`),
+    /// `Storage` (the disk refused it: nothing was accepted).
+    pub async fn push(&self, msg: &Message) -> Result<(u64, oneshot::Receiver<Outcome>)> {
+        let (seq, rx, log) = self.append(msg)?;
+        if let Some(log) = log {
+            if let Err(e) = log.wait_durable(seq).await {
+                self.reload_after_failure(&e);
+                return Err(e);
+            }
+        }
+        self.wake.notify_one();
+        Ok((seq, rx))
+    }
+
+    /// Blocking form of [`Outbox::push`] (not on a runtime thread).
+    pub fn push_blocking(&self, msg: &Message) -> Result<(u64, oneshot::Receiver<Outcome>)> {
+        let (seq, rx, log) = self.append(msg)?;
+        if let Some(log) = log {
+            if let Err(e) = log.wait_durable_blocking(seq) {
+                self.reload_after_failure(&e);
+                return Err(e);
+            }
+        }
+        self.wake.notify_one();
+        Ok((seq, rx))
+    }
+
+    fn append(&self, msg: &Message) -> Result<(u64, oneshot::Receiver<Outcome>, Option<Log>)> {
+        let record = msg.to_bytes();
+        let size = record.len();
+        if size > self.opts.max_bytes {
+            return Err(Error::new(
+                ErrorKind::MessageTooLarge,
+                format!("message of {size} bytes is larger than the outbox bound of {} bytes", self.opts.max_bytes),
+            ));
+        }
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        while inner.live + 1 > self.opts.max_messages || inner.bytes + size > self.opts.max_bytes {
+            match self.opts.overflow {
+                Overflow::Reject => {
+                    return Err(Error::new(
+                        ErrorKind::QueueFull,
+                        format!(
+                            "outbox is full ({} messages, {} bytes; limits {} and {}); wait for delivery (flush) or use overflow policy drop_oldest",
+                            inner.live, inner.bytes, self.opts.max_messages, self.opts.max_bytes
+                        ),
+                    ))
+                }
+                Overflow::DropOldest => {
+                    let Some(victim) = inner.entries.iter().position(|e| e.state != State::Done) else { break };
+                    inner.finish(victim, Outcome::Dropped);
+                }
+            }
+        }
+        let (seq, log) = match &mut inner.backend {
+            Backend::Disk { log, .. } => (log.append(&record)?, Some(log.clone())),
+            Backend::Memory { next_seq, durable } => {
+                let s = *next_seq;
+                *next_seq += 1;
+                durable.send_replace(s);
+                (s, None)
+            }
+        };
+        inner.entries.push_back(Entry { seq, record, expiry_ms: msg.expiry_time_ms, state: State::Queued });
+        inner.bytes += size;
+        inner.live += 1;
+        let (tx, rx) = oneshot::channel();
+        inner.waiters.insert(seq, tx);
+        Ok((seq, rx, log))
+    }
+
+    /// After a storage failure, what is on disk is the truth: reopen the log and rebuild.
+    fn reload_after_failure(&self, err: &Error) {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let Backend::Disk { log, opts, dir } = &mut inner.backend else { return };
+        tracing::warn!(error = %err, "outbox store failed; reloading from disk");
+        let _ = log.close();
+        match Log::open(dir, opts.clone()).and_then(|l| load_entries(&l).map(|e| (l, e))) {
+            Ok((new_log, entries)) => {
+                *log = new_log;
+                // Keep outcomes already reached in memory; everything else is queued again.
+                let done: std::collections::HashSet<u64> =
+                    inner.entries.iter().filter(|e| e.state == State::Done).map(|e| e.seq).collect();
+                inner.entries = entries;
+                for e in inner.entries.iter_mut() {
+                    if done.contains(&e.seq) {
+                        e.state = State::Done;
+                    }
+                }
+                inner.bytes = inner.entries.iter().filter(|e| e.state != State::Done).map(|e| e.record.len()).sum();
+                inner.live = inner.entries.iter().filter(|e| e.state != State::Done).count();
+                inner.in_flight = 0;
+                let present: std::collections::HashSet<u64> = inner.entries.iter().map(|e| e.seq).collect();
+                inner.waiters.retain(|s, _| present.contains(s));
+                inner.pop_done_front();
+            }
+            Err(e) => tracing::error!(error = %e, "outbox could not be reopened; sends will fail until it can"),
+        }
+        self.wake.notify_one();
+    }
+
+    /// Takes up to `max` durable, queued messages in order and marks them sent. Expired ones are
+    /// finished as [`Outcome::Expired`] and skipped.
+    pub fn take_sendable(&self, max: usize) -> Vec<(u64, Bytes)> {
+        let now = now_ms();
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let durable = match &inner.backend {
+            Backend::Disk { log, .. } => *log.durable().borrow(),
+            Backend::Memory { durable, .. } => *durable.borrow(),
+        };
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < inner.entries.len() && out.len() < max {
+            let e = &inner.entries[i];
+            if e.seq > durable {
+                break;
+            }
+            if e.state == State::Queued {
+                if e.expiry_ms.is_some_and(|x| x <= now) {
+                    inner.finish(i, Outcome::Expired);
+                } else {
+                    let e = &mut inner.entries[i];
+                    e.state = State::Sent;
+                    out.push((e.seq, e.record.clone()));
+                    inner.in_flight += 1;
+                }
+            }
+            i += 1;
+        }
+        inner.pop_done_front();
+        out
+    }
+
+    /// Records the hub's acknowledgement of `seq`.
+    pub fn acked(&self, seq: u64) {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        if let Some(i) = inner.index_of(seq) {
+            if inner.entries[i].state == State::Sent {
+                inner.in_flight -= 1;
+            }
+            if inner.entries[i].state != State::Done {
+                inner.finish(i, Outcome::Delivered);
+            }
+        }
+        inner.pop_done_front();
+        if inner.acked_unpersisted >= ACK_PERSIST_EVERY {
+            inner.persist_ack();
+        }
+    }
+
+    /// Marks every sent-but-unacknowledged message queued again (after a disconnect).
+    pub fn rewind(&self) {
+        let mut g = self.inner.lock();
+        for e in g.entries.iter_mut() {
+            if e.state == State::Sent {
+                e.state = State::Queued;
+            }
+        }
+        g.in_flight = 0;
+        drop(g);
+        self.wake.notify_one();
+    }
+
+    /// Persists the ack watermark now (on flush and close).
+    pub fn persist_ack(&self) {
+        self.inner.lock().persist_ack();
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> OutboxStats {
+        let g = self.inner.lock();
+        OutboxStats { depth: g.live, bytes: g.bytes, in_flight: g.in_flight, ..g.stats.clone() }
+    }
+
+    /// Whether nothing is held (every message reached an outcome).
+    pub fn is_empty(&self) -> bool {
+        self.inner.lock().live == 0
+    }
+
+    /// Resolves when there may be new sendable messages (a cheap edge-triggered hint).
+    pub async fn changed(&self) {
+        self.wake.notified().await
+    }
+
+    /// Wakes anyone waiting in [`Outbox::changed`].
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A watch of the highest durable sequence number.
+    pub fn durable_watch(&self) -> watch::Receiver<u64> {
+        match &self.inner.lock().backend {
+            Backend::Disk { log, .. } => log.durable(),
+            Backend::Memory { durable, .. } => durable.subscribe(),
+        }
+    }
+
+    /// Persists the watermark and closes the store.
+    pub fn close(&self) -> Result<()> {
+        let mut g = self.inner.lock();
+        g.persist_ack();
+        if let Backend::Disk { log, .. } = &g.backend {
+            log.close()?;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn index_of(&self, seq: u64) -> Option<usize> {
+        let first = self.entries.front()?.seq;
+        // Entries are in increasing seq order; usually dense, so try the direct index first.
+        let guess = seq.checked_sub(first)? as usize;
+        if self.entries.get(guess).is_some_and(|e| e.seq == seq) {
+            return Some(guess);
+        }
+        self.entries.binary_search_by_key(&seq, |e| e.seq).ok()
+    }
+
+    fn finish(&mut self, i: usize, outcome: Outcome) {
+        let e = &mut self.entries[i];
+        debug_assert!(e.state != State::Done);
+        if e.state == State::Sent && outcome != Outcome::Delivered {
+            self.in_flight -= 1;
+        }
+        e.state = State::Done;
+        self.live -= 1;
+        self.bytes -= e.record.len();
+        match outcome {
+            Outcome::Delivered => self.stats.delivered += 1,
+            Outcome::Expired => self.stats.expired += 1,
+            Outcome::Dropped => self.stats.dropped += 1,
+        }
+        if let Some(w) = self.waiters.remove(&e.seq) {
+            let _ = w.send(outcome);
+        }
+    }
+
+    fn pop_done_front(&mut self) {
+        while self.entries.front().is_some_and(|e| e.state == State::Done) {
+            let e = self.entries.pop_front().expect("front exists");
+            self.last_popped = e.seq;
+            self.acked_unpersisted += 1;
+        }
+    }
+
+    fn persist_ack(&mut self) {
+        if self.acked_unpersisted == 0 {
+            return;
+        }
+        if let Backend::Disk { log, .. } = &self.backend {
+            if let Err(e) = log.ack_through(self.last_popped) {
+                tracing::warn!(error = %e, "could not persist the outbox ack watermark (messages may be sent again)");
+                return;
+            }
+        }
+        self.acked_unpersisted = 0;
+    }
+}
+
+fn load_entries(log: &Log) -> Result<VecDeque<Entry>> {
+    let mut entries = VecDeque::new();
+    let mut from = log.acked() + 1;
+    loop {
+        let batch = log.read(from, 4096, 8 * 1024 * 1024)?;
+        let Some(last) = batch.last() else { break };
+        from = last.seq + 1;
+        for r in batch {
+            let expiry_ms = Message::decode(&r.payload)?.expiry_time_ms;
+            entries.push_back(Entry { seq: r.seq, record: r.payload, expiry_ms, state: State::Queued });
+        }
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem(max_messages: usize, overflow: Overflow) -> Outbox {
+        Outbox::open(OutboxOptions { max_messages, overflow, ..Default::default() }).unwrap()
+    }
+
+    #[tokio::test]
+    async fn reject_policy_refuses_when_full_and_loses_nothing() {
+        let ob = mem(2, Overflow::Reject);
+        ob.push(&Message::new("a")).await.unwrap();
+        ob.push(&Message::new("b")).await.unwrap();
+        let err = ob.push(&Message::new("c")).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::QueueFull);
+        let sent = ob.take_sendable(10);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(Message::decode(&sent[0].1).unwrap().body, "a");
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_counts_and_reports_drops() {
+        let ob = mem(2, Overflow::DropOldest);
+        let (_, a) = ob.push(&Message::new("a")).await.unwrap();
+        ob.push(&Message::new("b")).await.unwrap();
+        ob.push(&Message::new("c")).await.unwrap();
+        assert_eq!(a.await.unwrap(), Outcome::Dropped);
+        let st = ob.stats();
+        assert_eq!((st.depth, st.dropped), (2, 1));
+        let bodies: Vec<_> = ob.take_sendable(10).into_iter().map(|(_, r)| Message::decode(&r).unwrap().body).collect();
+        assert_eq!(bodies, vec!["b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn ack_rewind_and_expiry() {
+        let ob = mem(10, Overflow::Reject);
+        let (s1, o1) = ob.push(&Message::new("1")).await.unwrap();
+        let (_, o2) = ob.push(&Message::new("2").with_expiry_ms(1)).await.unwrap();
+        let (s3, _) = ob.push(&Message::new("3")).await.unwrap();
+        let sent = ob.take_sendable(10);
+        assert_eq!(sent.iter().map(|s| s.0).collect::<Vec<_>>(), vec![s1, s3]);
+        assert_eq!(o2.await.unwrap(), Outcome::Expired);
+        ob.acked(s1);
+        assert_eq!(o1.await.unwrap(), Outcome::Delivered);
+        ob.rewind();
+        assert_eq!(ob.take_sendable(10).iter().map(|s| s.0).collect::<Vec<_>>(), vec![s3]);
+        ob.acked(s3);
+        assert!(ob.is_empty());
+        assert_eq!(ob.stats().delivered, 2);
+        assert_eq!(ob.stats().expired, 1);
+    }
+
+    #[tokio::test]
+    async fn durable_outbox_recovers_unacked_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = OutboxOptions { dir: Some(dir.path().to_path_buf()), ..Default::default() };
+        {
+            let ob = Outbox::open(opts.clone()).unwrap();
+            for i in 0..3000 {
+                ob.push(&Message::new(format!("{i}"))).await.unwrap();
+            }
+            let sent = ob.take_sendable(2000);
+            for (s, _) in &sent {
+                ob.acked(*s);
+            }
+            ob.close().unwrap();
+        }
+        let ob = Outbox::open(opts).unwrap();
+        let rest = ob.take_sendable(10_000);
+        assert_eq!(rest.len(), 1000);
+        assert_eq!(Message::decode(&rest[0].1).unwrap().body, "2000");
+    }
+}

@@ -1,0 +1,272 @@
+//! The hubmsg service wire contract (`docs/protocol.md`): what a [`crate::service::ServiceClient`]
+//! and the hub say to each other over MQTT 3.1.1. Pure data and (de)serialization; no I/O.
+//!
+//! - Requests: PUBLISH QoS 1 to `$hubmsg/req/{op}/{rid}` with a JSON body; the hub PUBACKs on
+//!   receipt and answers with PUBLISH QoS 0 to `$hubmsg/res/{rid}` carrying a [`Response`].
+//! - D2C events: the hub PUBLISHes QoS 1 to `$hubmsg/events/{group}/{partition}/{seq}` with a
+//!   [`crate::Message`] record as the payload; the service's PUBACK acknowledges the event and
+//!   advances the group's checkpoint for that partition.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Client id prefix and user-name marker of service connections.
+pub const SERVICE_MARKER: &str = "$hubmsg-service";
+/// Topic prefix of requests.
+pub const REQ_PREFIX: &str = "$hubmsg/req/";
+/// Topic prefix of responses.
+pub const RES_PREFIX: &str = "$hubmsg/res/";
+/// Topic prefix of D2C event deliveries.
+pub const EVENTS_PREFIX: &str = "$hubmsg/events/";
+
+/// Request topic for `op` with request id `rid`.
+pub fn request_topic(op: &str, rid: u64) -> String {
+    format!("{REQ_PREFIX}{op}/{rid}")
+}
+
+/// Parses `$hubmsg/req/{op}/{rid}`.
+pub fn parse_request_topic(topic: &str) -> Option<(&str, u64)> {
+    let rest = topic.strip_prefix(REQ_PREFIX)?;
+    let (op, rid) = rest.rsplit_once('/')?;
+    Some((op, rid.parse().ok()?))
+}
+
+/// Response topic for request id `rid`.
+pub fn response_topic(rid: u64) -> String {
+    format!("{RES_PREFIX}{rid}")
+}
+
+/// Event delivery topic.
+pub fn event_topic(group: &str, partition: u32, seq: u64) -> String {
+    format!("{EVENTS_PREFIX}{group}/{partition}/{seq}")
+}
+
+/// Parses `$hubmsg/events/{group}/{partition}/{seq}` into (group, partition, seq).
+pub fn parse_event_topic(topic: &str) -> Option<(&str, u32, u64)> {
+    let rest = topic.strip_prefix(EVENTS_PREFIX)?;
+    let (rest, seq) = rest.rsplit_once('/')?;
+    let (group, partition) = rest.rsplit_once('/')?;
+    Some((group, partition.parse().ok()?, seq.parse().ok()?))
+}
+
+/// A response to a request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    /// HTTP-like status: 200 ok, 4xx caller error, 5xx hub error.
+    pub status: u16,
+    /// The result on success.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub body: serde_json::Value,
+    /// The error on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<WireError>,
+}
+
+/// An error on the wire: the [`ErrorKind`] code and the human message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WireError {
+    /// [`ErrorKind::code`].
+    pub code: String,
+    /// Human message.
+    pub message: String,
+}
+
+impl Response {
+    /// A success carrying `body`.
+    pub fn ok(body: serde_json::Value) -> Response {
+        Response { status: 200, body, error: None }
+    }
+
+    /// A failure from an error.
+    pub fn err(e: &Error) -> Response {
+        let status = match e.kind() {
+            ErrorKind::InvalidArgument | ErrorKind::MessageTooLarge => 400,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::NotFound => 404,
+            ErrorKind::AlreadyExists => 409,
+            ErrorKind::LockLost => 412,
+            ErrorKind::QueueFull => 403,
+            ErrorKind::Timeout => 504,
+            _ => 500,
+        };
+        Response {
+            status,
+            body: serde_json::Value::Null,
+            error: Some(WireError { code: e.kind().code().to_string(), message: e.message().to_string() }),
+        }
+    }
+
+    /// Converts back into a result.
+    pub fn into_result(self) -> Result<serde_json::Value> {
+        match self.error {
+            None if self.status < 400 => Ok(self.body),
+            None => Err(Error::protocol(format!("hub answered status {} without an error", self.status))),
+            Some(e) => Err(Error::new(ErrorKind::from_code(&e.code).unwrap_or(ErrorKind::Internal), e.message)),
+        }
+    }
+}
+
+/// Where a consumer starts reading a partition.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPosition {
+    /// The group's checkpoint; the beginning of the partition if there is none.
+    #[default]
+    Checkpoint,
+    /// The oldest retained event.
+    Earliest,
+    /// Only events enqueued after the consumer started.
+    Latest,
+    /// From this sequence number (inclusive) in every partition.
+    Sequence(u64),
+    /// From the first event enqueued at or after this time (ms since the Unix epoch).
+    Time(u64),
+}
+
+impl std::str::FromStr for StartPosition {
+    type Err = Error;
+    /// `checkpoint`, `earliest`, `latest`, `seq:N`, or `time:MS`.
+    fn from_str(s: &str) -> Result<StartPosition> {
+        Ok(match s {
+            "checkpoint" => StartPosition::Checkpoint,
+            "earliest" => StartPosition::Earliest,
+            "latest" => StartPosition::Latest,
+            _ => {
+                let bad = || Error::invalid(format!("start position '{s}' is not checkpoint, earliest, latest, seq:N or time:MS"));
+                match s.split_once(':') {
+                    Some(("seq", n)) => StartPosition::Sequence(n.parse().map_err(|_| bad())?),
+                    Some(("time", n)) => StartPosition::Time(n.parse().map_err(|_| bad())?),
+                    _ => return Err(bad()),
+                }
+            }
+        })
+    }
+}
+
+/// `consume` request body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConsumeRequest {
+    /// Consumer group (`$Default` or a named group).
+    pub group: String,
+    /// Where to start.
+    #[serde(default)]
+    pub from: StartPosition,
+    /// Most unacknowledged events per partition in flight to this consumer.
+    #[serde(default = "default_window")]
+    pub window: u32,
+}
+
+fn default_window() -> u32 {
+    1000
+}
+
+/// `checkpoint` request body: wait until the group's checkpoints are durable.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointRequest {
+    /// Consumer group.
+    pub group: String,
+}
+
+/// A device identity as the registry returns it (keys included: callers need a policy with
+/// registry read rights).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceIdentity {
+    /// Device id.
+    pub device_id: String,
+    /// Generation id (distinguishes re-created devices with the same id).
+    pub generation_id: String,
+    /// `enabled` or `disabled`.
+    pub status: DeviceStatus,
+    /// Primary symmetric key (base64).
+    pub primary_key: String,
+    /// Secondary symmetric key (base64).
+    pub secondary_key: String,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// Whether a device may connect.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceStatus {
+    /// May connect.
+    Enabled,
+    /// Refused at CONNECT (and dropped if connected).
+    Disabled,
+}
+
+/// `devices.create` request body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateDevice {
+    /// Device id.
+    pub device_id: String,
+    /// Keys to use instead of generated ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_key: Option<String>,
+    /// Secondary key to use instead of a generated one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_key: Option<String>,
+    /// Initial status (default enabled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<DeviceStatus>,
+}
+
+/// Body of requests naming one device (`devices.get`, `devices.delete`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceRef {
+    /// Device id.
+    pub device_id: String,
+}
+
+/// `devices.update` request body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateDevice {
+    /// Device id.
+    pub device_id: String,
+    /// New status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<DeviceStatus>,
+    /// Regenerate `primary`, `secondary` or `both` keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regenerate: Option<String>,
+}
+
+/// Parses a request body, mapping JSON errors to `InvalidArgument`.
+pub fn parse_body<T: serde::de::DeserializeOwned>(op: &str, body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::invalid(format!("request '{op}': malformed body: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip() {
+        assert_eq!(parse_request_topic(&request_topic("devices.create", 42)), Some(("devices.create", 42)));
+        assert_eq!(parse_event_topic(&event_topic("$Default", 3, 99)), Some(("$Default", 3, 99)));
+        assert_eq!(parse_event_topic("$hubmsg/events/g/x/1"), None);
+        assert_eq!(parse_request_topic("$hubmsg/req/op"), None);
+    }
+
+    #[test]
+    fn errors_cross_the_wire_with_their_kind() {
+        let e = Error::new(ErrorKind::NotFound, "device 'x' not found");
+        let r: Response = serde_json::from_str(&serde_json::to_string(&Response::err(&e)).unwrap()).unwrap();
+        let back = r.into_result().unwrap_err();
+        assert_eq!((back.kind(), back.message()), (ErrorKind::NotFound, "device 'x' not found"));
+    }
+
+    #[test]
+    fn start_positions_parse() {
+        assert_eq!("earliest".parse::<StartPosition>().unwrap(), StartPosition::Earliest);
+        assert_eq!("seq:5".parse::<StartPosition>().unwrap(), StartPosition::Sequence(5));
+        assert!("seq:x".parse::<StartPosition>().is_err());
+        let j = serde_json::to_string(&StartPosition::Time(7)).unwrap();
+        assert_eq!(serde_json::from_str::<StartPosition>(&j).unwrap(), StartPosition::Time(7));
+    }
+}

@@ -1,0 +1,382 @@
+//! The MQTT 3.1.1 byte layer shared by the clients and the hub: rumqttc's `mqttbytes::v4` codec
+//! over TCP or TLS (rustls). Only framing and dialing live here; sessions, retransmission and
+//! pacing belong to the outbox and the drivers above, so nothing in this module keeps state
+//! across connections.
+//!
+//! Invariants: a [`PacketReader`] never yields a partial packet and never buffers more than one
+//! maximum-size packet plus one read chunk; an oversize or malformed frame is an error, after
+//! which the connection must be closed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{self, Packet};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Largest packet a client or the hub accepts: a 256 KB D2C message plus a long topic (property
+/// bag) and framing. rumqttc's 10 KB default would reject legal IoT Hub messages.
+pub const MAX_PACKET_SIZE: usize = 256 * 1024 + 64 * 1024;
+
+/// Any byte stream a connection can run on (TCP or TLS over TCP).
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// A boxed [`Stream`].
+pub type BoxStream = Box<dyn Stream>;
+
+/// Serializes one packet into `buf`.
+pub fn encode(packet: &Packet, buf: &mut BytesMut) -> Result<()> {
+    let r = match packet {
+        Packet::Connect(p) => p.write(buf),
+        Packet::ConnAck(p) => p.write(buf),
+        Packet::Publish(p) => p.write(buf),
+        Packet::PubAck(p) => p.write(buf),
+        Packet::PubRec(p) => p.write(buf),
+        Packet::PubRel(p) => p.write(buf),
+        Packet::PubComp(p) => p.write(buf),
+        Packet::Subscribe(p) => p.write(buf),
+        Packet::SubAck(p) => p.write(buf),
+        Packet::Unsubscribe(p) => p.write(buf),
+        Packet::UnsubAck(p) => p.write(buf),
+        Packet::PingReq => v4::PingReq.write(buf),
+        Packet::PingResp => v4::PingResp.write(buf),
+        Packet::Disconnect => v4::Disconnect.write(buf),
+    };
+    r.map(|_| ()).map_err(|e| Error::protocol(format!("cannot encode MQTT packet: {e}")))
+}
+
+/// Reads whole MQTT packets from a byte stream.
+pub struct PacketReader<R> {
+    inner: R,
+    buf: BytesMut,
+    max_size: usize,
+}
+
+impl<R: AsyncRead + Unpin> PacketReader<R> {
+    /// Wraps `inner`; frames larger than `max_size` are rejected.
+    pub fn new(inner: R, max_size: usize) -> Self {
+        PacketReader { inner, buf: BytesMut::with_capacity(16 * 1024), max_size }
+    }
+
+    /// The next packet; `Ok(None)` on a clean end of stream between packets. Cancel-safe: a
+    /// cancelled call loses no bytes.
+    pub async fn next(&mut self) -> Result<Option<Packet>> {
+        loop {
+            if !self.buf.is_empty() {
+                match v4::read(&mut self.buf, self.max_size) {
+                    Ok(p) => return Ok(Some(p)),
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
+                        self.buf.reserve(n.max(4096));
+                    }
+                    Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n)) => {
+                        return Err(Error::new(
+                            ErrorKind::MessageTooLarge,
+                            format!("MQTT packet of {n} bytes exceeds the limit of {} bytes", self.max_size),
+                        ))
+                    }
+                    Err(e) => return Err(Error::protocol(format!("malformed MQTT packet: {e}"))),
+                }
+            }
+            let n = self
+                .inner
+                .read_buf(&mut self.buf)
+                .await
+                .map_err(|e| Error::new(ErrorKind::Disconnected, format!("connection read failed: {e}")).with_source(e))?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Error::new(ErrorKind::Disconnected, "connection closed in the middle of a packet"))
+                };
+            }
+        }
+    }
+
+    /// Whether a complete packet may already be buffered (so a caller can drain without waiting).
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
+/// Writes packets through a buffer; [`PacketWriter::flush`] sends everything queued in one write.
+pub struct PacketWriter<W> {
+    inner: W,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> PacketWriter<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W) -> Self {
+        PacketWriter { inner, buf: BytesMut::with_capacity(16 * 1024) }
+    }
+
+    /// Queues a packet (no I/O).
+    pub fn queue(&mut self, packet: &Packet) -> Result<()> {
+        encode(packet, &mut self.buf)
+    }
+
+    /// Bytes queued and not yet flushed.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let r = async {
+            self.inner.write_all(&self.buf).await?;
+            self.inner.flush().await
+        }
+        .await;
+        self.buf.clear();
+        r.map_err(|e| Error::new(ErrorKind::Disconnected, format!("connection write failed: {e}")).with_source(e))
+    }
+
+    /// Queues and flushes one packet.
+    pub async fn send(&mut self, packet: &Packet) -> Result<()> {
+        self.queue(packet)?;
+        self.flush().await
+    }
+
+    /// Shuts the write side down (best effort).
+    pub async fn shutdown(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.inner.shutdown().await;
+    }
+}
+
+/// How a client reaches a hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host name or IP address (no port, no brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// TLS settings; `None` means plain MQTT over TCP (local hubs only; Azure requires TLS).
+    pub tls: Option<TlsOptions>,
+}
+
+/// Client TLS settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// PEM file with the CA certificate(s) to trust instead of the built-in web PKI roots (e.g.
+    /// the self-signed certificate a local hub generated).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Endpoint {
+    /// The endpoint a connection-string `HostName` means: no port → TLS on 8883 (IoT Hub);
+    /// an explicit port → plain TCP to that port (a local hub), unless `tls` is given, which
+    /// always turns TLS on.
+    pub fn from_host_name(host: &str, port: Option<u16>, tls: Option<TlsOptions>) -> Endpoint {
+        match (port, tls) {
+            (None, tls) => Endpoint { host: host.to_string(), port: 8883, tls: Some(tls.unwrap_or_default()) },
+            (Some(port), tls) => Endpoint { host: host.to_string(), port, tls },
+        }
+    }
+}
+
+/// Opens a TCP (and, if configured, TLS) connection to `endpoint` within `timeout`.
+pub async fn dial(endpoint: &Endpoint, timeout: Duration) -> Result<BoxStream> {
+    let fut = async {
+        let addr = format!("{}:{}", bracket(&endpoint.host), endpoint.port);
+        let tcp = TcpStream::connect(&addr).await.map_err(|e| {
+            Error::new(ErrorKind::Disconnected, format!("cannot connect to {addr}: {e}")).with_source(e)
+        })?;
+        let _ = tcp.set_nodelay(true);
+        match &endpoint.tls {
+            None => Ok(Box::new(tcp) as BoxStream),
+            Some(tls) => tls_connect(tcp, &endpoint.host, tls).await,
+        }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!("connecting to {}:{} took longer than {timeout:?}", endpoint.host, endpoint.port),
+        )),
+    }
+}
+
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+#[cfg(feature = "tls")]
+async fn tls_connect(tcp: TcpStream, host: &str, opts: &TlsOptions) -> Result<BoxStream> {
+    use std::sync::Arc;
+    let config = client_tls_config(opts)?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|_| Error::invalid(format!("'{host}' is not a valid TLS server name")))?;
+    let conn = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| {
+            let kind = if e.kind() == std::io::ErrorKind::InvalidData { ErrorKind::Unauthorized } else { ErrorKind::Disconnected };
+            Error::new(kind, format!("TLS handshake with {host} failed: {e}")).with_source(e)
+        })?;
+    Ok(Box::new(conn))
+}
+
+#[cfg(not(feature = "tls"))]
+async fn tls_connect(_tcp: TcpStream, host: &str, _opts: &TlsOptions) -> Result<BoxStream> {
+    Err(Error::invalid(format!("TLS to {host} requested but hubmsg was built without the `tls` feature")))
+}
+
+/// Builds a rustls client configuration trusting `opts.ca_file` (or the web PKI roots).
+#[cfg(feature = "tls")]
+pub fn client_tls_config(opts: &TlsOptions) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &opts.ca_file {
+        Some(path) => {
+            for cert in load_certs(path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| Error::invalid(format!("CA file {}: unusable certificate: {e}", path.display())))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Reads every certificate from a PEM file.
+#[cfg(feature = "tls")]
+pub fn load_certs(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let data = std::fs::read(path).map_err(|e| Error::invalid(format!("cannot read {}: {e}", path.display())))?;
+    let certs: std::result::Result<Vec<_>, _> = rustls_pemfile::certs(&mut data.as_slice()).collect();
+    let certs = certs.map_err(|e| Error::invalid(format!("{}: not a PEM certificate file: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::invalid(format!("{}: no certificate found", path.display())));
+    }
+    Ok(certs)
+}
+
+/// A listener address with the kind of traffic it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// Bound address (port 0 is replaced by the real port once bound).
+    pub addr: SocketAddr,
+    /// Whether the listener speaks TLS.
+    pub tls: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::mqttbytes::QoS;
+
+    #[tokio::test]
+    async fn reader_reassembles_packets_split_anywhere() {
+        let mut wire = BytesMut::new();
+        let p1 = Packet::Publish(v4::Publish::new("devices/d/messages/events/", QoS::AtLeastOnce, vec![7u8; 3000]));
+        let mut p1b = p1.clone();
+        if let Packet::Publish(p) = &mut p1b {
+            p.pkid = 9;
+        }
+        encode(&p1b, &mut wire).unwrap();
+        encode(&Packet::PingReq, &mut wire).unwrap();
+        // Feed the bytes one at a time through a duplex pipe.
+        let (mut a, b) = tokio::io::duplex(1);
+        let bytes = wire.to_vec();
+        tokio::spawn(async move {
+            for chunk in bytes.chunks(1) {
+                a.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut r = PacketReader::new(b, MAX_PACKET_SIZE);
+        assert_eq!(r.next().await.unwrap(), Some(p1b));
+        assert_eq!(r.next().await.unwrap(), Some(Packet::PingReq));
+        assert_eq!(r.next().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn oversize_and_garbage_are_errors() {
+        let mut wire = BytesMut::new();
+        let mut p = v4::Publish::new("t", QoS::AtLeastOnce, vec![0u8; 5000]);
+        p.pkid = 1;
+        encode(&Packet::Publish(p), &mut wire).unwrap();
+        let mut r = PacketReader::new(&wire[..], 1000);
+        assert_eq!(r.next().await.unwrap_err().kind(), ErrorKind::MessageTooLarge);
+
+        let garbage = [0xffu8, 0xff, 0xff, 0xff, 0xff, 0x01];
+        let mut r = PacketReader::new(&garbage[..], MAX_PACKET_SIZE);
+        assert!(r.next().await.is_err());
+    }
+
+    #[test]
+    fn host_name_port_rules() {
+        let e = Endpoint::from_host_name("h.azure-devices.net", None, None);
+        assert_eq!((e.port, e.tls.is_some()), (8883, true));
+        let e = Endpoint::from_host_name("127.0.0.1", Some(18830), None);
+        assert_eq!((e.port, e.tls.is_some()), (18830, false));
+        let e = Endpoint::from_host_name("localhost", Some(18831), Some(TlsOptions::default()));
+        assert_eq!((e.port, e.tls.is_some()), (18831, true));
+    }
+}
+
+/// Reader and writer halves of an established client connection.
+pub type ClientHalves = (PacketReader<tokio::io::ReadHalf<BoxStream>>, PacketWriter<tokio::io::WriteHalf<BoxStream>>);
+
+/// What a client puts in CONNECT.
+#[derive(Debug, Clone)]
+pub struct ConnectParams {
+    /// MQTT client id.
+    pub client_id: String,
+    /// User name.
+    pub username: String,
+    /// Password (a SAS token).
+    pub password: String,
+    /// Keep-alive in seconds.
+    pub keep_alive_secs: u16,
+    /// Clean session flag (IoT Hub devices use `false`).
+    pub clean_session: bool,
+}
+
+/// Dials `endpoint`, sends CONNECT, and waits for an accepting CONNACK, all within `timeout`.
+/// Returns the halves and the CONNACK session-present flag. A refusing CONNACK maps to
+/// `Unauthorized` (codes 4, 5), `InvalidArgument` (1, 2) or `Disconnected` (3, server busy).
+pub async fn client_connect(endpoint: &Endpoint, params: &ConnectParams, timeout: Duration) -> Result<(ClientHalves, bool)> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = dial(endpoint, timeout).await?;
+    let (rd, wr) = tokio::io::split(stream);
+    let mut reader = PacketReader::new(rd, MAX_PACKET_SIZE);
+    let mut writer = PacketWriter::new(wr);
+    let mut connect = v4::Connect::new(params.client_id.clone());
+    connect.keep_alive = params.keep_alive_secs;
+    connect.clean_session = params.clean_session;
+    connect.set_login(params.username.clone(), params.password.clone());
+    writer.send(&Packet::Connect(connect)).await?;
+    let ack = match tokio::time::timeout_at(deadline, reader.next()).await {
+        Err(_) => return Err(Error::new(ErrorKind::Timeout, format!("no CONNACK from {}:{} within {timeout:?}", endpoint.host, endpoint.port))),
+        Ok(Ok(Some(Packet::ConnAck(ack)))) => ack,
+        Ok(Ok(Some(other))) => return Err(Error::protocol(format!("expected CONNACK, got {other:?}"))),
+        Ok(Ok(None)) => return Err(Error::new(ErrorKind::Disconnected, "the hub closed the connection before CONNACK")),
+        Ok(Err(e)) => return Err(e),
+    };
+    use v4::ConnectReturnCode as C;
+    match ack.code {
+        C::Success => Ok(((reader, writer), ack.session_present)),
+        C::NotAuthorized => Err(Error::new(ErrorKind::Unauthorized, "the hub refused the credentials (CONNACK 5, not authorized): check the key, the token's expiry and that the device exists and is enabled")),
+        C::BadUserNamePassword => Err(Error::new(ErrorKind::Unauthorized, "the hub refused the user name or password format (CONNACK 4)")),
+        C::BadClientId => Err(Error::invalid("the hub rejected the client id (CONNACK 2): it must equal the device id")),
+        C::RefusedProtocolVersion => Err(Error::invalid("the hub does not speak MQTT 3.1.1 (CONNACK 1)")),
+        C::ServiceUnavailable => Err(Error::new(ErrorKind::Disconnected, "the hub is busy (CONNACK 3); retrying later")),
+    }
+}
