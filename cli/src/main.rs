@@ -1,5 +1,389 @@
 //! `hubmsg`: run a hub, manage device identities, send and monitor messages.
 
-fn main() {
-    println!("hubmsg");
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use hubmsg_core::hub::{Hub, HubConfig, TlsFiles};
+use hubmsg_core::outbox::OutboxOptions;
+use hubmsg_core::proto::StartPosition;
+use hubmsg_core::service::{ServiceClient, ServiceOptions};
+use hubmsg_core::store::Durability;
+use hubmsg_core::transport::TlsOptions;
+use hubmsg_core::{DeviceClient, DeviceOptions, Error, Message, Overflow};
+
+#[derive(Parser)]
+#[command(name = "hubmsg", version, about = "Reliable device <-> cloud messaging in the style of Azure IoT Hub")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a hub (prints the iothubowner connection string on start).
+    Hub(HubArgs),
+    /// Manage device identities.
+    DeviceIdentity {
+        #[command(subcommand)]
+        action: IdentityAction,
+    },
+    /// Act as a device.
+    Device {
+        #[command(subcommand)]
+        action: DeviceAction,
+    },
+    /// Print D2C events as they arrive, one line each.
+    MonitorEvents(MonitorArgs),
+}
+
+#[derive(Args)]
+struct HubArgs {
+    /// Data directory (registry, event log, checkpoints, generated TLS files).
+    #[arg(long)]
+    data: PathBuf,
+    /// Plain MQTT listener address.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// MQTT over TLS listener address (a self-signed certificate is generated without --cert/--key).
+    #[arg(long)]
+    mqtts: Option<SocketAddr>,
+    /// Certificate chain PEM for --mqtts.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key PEM for --mqtts.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// D2C partitions (fixed when the data directory is created).
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Store durability: always, interval[:250ms], never.
+    #[arg(long, default_value = "always")]
+    durability: String,
+    /// Host name to print in connection strings.
+    #[arg(long, default_value = "127.0.0.1")]
+    host_name: String,
+}
+
+#[derive(Args, Clone)]
+struct HubConn {
+    /// Service (policy) connection string.
+    #[arg(long, env = "HUBMSG_HUB_CONNECTION_STRING", hide_env_values = true)]
+    hub_connection_string: String,
+    /// CA certificate to trust (turns TLS on).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum IdentityAction {
+    /// Register a device.
+    Create(IdArgs),
+    /// Show a device identity as JSON.
+    Show(IdArgs),
+    /// List device identities as JSON lines.
+    List(HubConn),
+    /// Delete a device.
+    Delete(IdArgs),
+    /// Print a device's connection string.
+    ConnectionString(IdArgs),
+}
+
+#[derive(Args)]
+struct IdArgs {
+    /// Device id.
+    #[arg(long)]
+    device_id: String,
+    #[command(flatten)]
+    hub: HubConn,
+}
+
+#[derive(Subcommand)]
+enum DeviceAction {
+    /// Send D2C messages and wait for delivery.
+    Send(SendArgs),
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// Device connection string.
+    #[arg(long, env = "HUBMSG_DEVICE_CONNECTION_STRING", hide_env_values = true)]
+    connection_string: String,
+    /// Message body (`{i}` is replaced by the message number).
+    #[arg(long)]
+    data: String,
+    /// How many messages.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// Number of the first message (for `{i}` and message ids).
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Application property `name=value` (repeatable).
+    #[arg(long = "prop", value_parser = parse_prop)]
+    props: Vec<(String, String)>,
+    /// Durable outbox directory (default: in memory).
+    #[arg(long)]
+    outbox: Option<PathBuf>,
+    /// Outbox durability: always, interval[:250ms], never.
+    #[arg(long, default_value = "always")]
+    durability: String,
+    /// Overflow policy: reject or drop_oldest.
+    #[arg(long, default_value = "reject")]
+    overflow: String,
+    /// Message id prefix (message i gets `{prefix}{i}`; default: random UUIDs).
+    #[arg(long)]
+    message_id_prefix: Option<String>,
+    /// Print `accepted <message-id>` once each message is durable in the outbox.
+    #[arg(long)]
+    print_accepted: bool,
+    /// Messages queued per durability wait.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// How long to wait for delivery before exiting (messages stay in a durable outbox).
+    #[arg(long, default_value = "60")]
+    flush_timeout_secs: u64,
+    /// CA certificate to trust (turns TLS on).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct MonitorArgs {
+    /// Consumer group.
+    #[arg(long, default_value = "$Default")]
+    consumer_group: String,
+    /// Where to start: checkpoint, earliest, latest, seq:N, time:MS.
+    #[arg(long, default_value = "checkpoint")]
+    from: String,
+    /// Exit after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Exit after this many seconds without an event.
+    #[arg(long)]
+    idle_timeout_secs: Option<u64>,
+    /// Print full JSON lines (default: compact text).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    hub: HubConn,
+}
+
+fn parse_prop(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("'{s}' is not name=value"))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HUBMSG_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hubmsg: error [{}]: {e}", e.kind());
+            ExitCode::from(match e.kind() {
+                hubmsg_core::ErrorKind::InvalidArgument | hubmsg_core::ErrorKind::Usage => 2,
+                _ => 1,
+            })
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Hub(a) => run_hub(a).await,
+        Command::DeviceIdentity { action } => identity(action).await,
+        Command::Device { action: DeviceAction::Send(a) } => send(a).await,
+        Command::MonitorEvents(a) => monitor(a).await,
+    }
+}
+
+async fn run_hub(a: HubArgs) -> Result<(), Error> {
+    let mut config = HubConfig::new(&a.data);
+    config.mqtt = Some(a.mqtt);
+    config.mqtts = a.mqtts;
+    config.tls = a.cert.zip(a.key).map(|(cert, key)| TlsFiles { cert, key });
+    config.partitions = a.partitions;
+    config.durability = a.durability.parse()?;
+    config.host_name = a.host_name;
+    let hub = Hub::start(config).await?;
+    if let Some(addr) = hub.mqtt_addr() {
+        println!("mqtt listening on {addr}");
+    }
+    if let Some(addr) = hub.mqtts_addr() {
+        println!("mqtts listening on {addr} (CA file: {})", hub.ca_file().map(|p| p.display().to_string()).unwrap_or_default());
+    }
+    println!("HUBMSG_HUB_CONNECTION_STRING={}", hub.service_connection_string());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::new(hubmsg_core::ErrorKind::Internal, format!("signal handler: {e}")))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("hubmsg: shutting down");
+    hub.shutdown().await
+}
+
+async fn service(hub: &HubConn) -> Result<ServiceClient, Error> {
+    let mut opts = ServiceOptions::from_connection_string(&hub.hub_connection_string)?;
+    opts.tls = hub.ca.clone().map(|ca| TlsOptions { ca_file: Some(ca) });
+    opts.retry = hubmsg_core::retry::RetryPolicy { max_elapsed: Some(Duration::from_secs(30)), ..Default::default() };
+    ServiceClient::connect(opts).await
+}
+
+async fn identity(action: IdentityAction) -> Result<(), Error> {
+    match action {
+        IdentityAction::Create(a) => print(&service(&a.hub).await?.create_device(&a.device_id).await?),
+        IdentityAction::Show(a) => print(&service(&a.hub).await?.get_device(&a.device_id).await?),
+        IdentityAction::List(hub) => {
+            for d in service(&hub).await?.list_devices().await? {
+                print(&d);
+            }
+        }
+        IdentityAction::Delete(a) => {
+            service(&a.hub).await?.delete_device(&a.device_id).await?;
+            println!("deleted {}", a.device_id);
+        }
+        IdentityAction::ConnectionString(a) => {
+            let svc = service(&a.hub).await?;
+            let d = svc.get_device(&a.device_id).await?;
+            println!("{}", svc.device_connection_string(&d));
+        }
+    }
+    Ok(())
+}
+
+fn print<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string(v).expect("serializes"));
+}
+
+async fn send(a: SendArgs) -> Result<(), Error> {
+    let mut opts = DeviceOptions::from_connection_string(&a.connection_string)?;
+    opts.tls = a.ca.clone().map(|ca| TlsOptions { ca_file: Some(ca) });
+    opts.outbox = OutboxOptions {
+        dir: a.outbox.clone(),
+        durability: a.durability.parse::<Durability>()?,
+        overflow: a.overflow.parse::<Overflow>()?,
+        ..OutboxOptions::default()
+    };
+    let client = DeviceClient::connect(opts).await?;
+    let mut i = a.start;
+    let end = a.start + a.count;
+    while i < end {
+        let n = (a.batch.max(1) as u64).min(end - i);
+        let msgs: Vec<Message> = (i..i + n)
+            .map(|k| {
+                let mut m = Message::new(a.data.replace("{i}", &k.to_string()));
+                if let Some(p) = &a.message_id_prefix {
+                    m.message_id = Some(format!("{p}{k}"));
+                }
+                m.properties.extend(a.props.iter().cloned());
+                m
+            })
+            .collect();
+        let deliveries = client.send_batch(msgs).await?;
+        if a.print_accepted {
+            let mut out = String::new();
+            for d in &deliveries {
+                out.push_str("accepted ");
+                out.push_str(&d.message_id);
+                out.push('\n');
+            }
+            use std::io::Write;
+            let mut so = std::io::stdout().lock();
+            let _ = so.write_all(out.as_bytes());
+            let _ = so.flush();
+        }
+        i += n;
+    }
+    let flushed = client.flush(Duration::from_secs(a.flush_timeout_secs)).await;
+    let stats = client.stats();
+    client.close().await?;
+    flushed?;
+    eprintln!(
+        "sent {} messages: delivered {}, expired {}, dropped {}, pending {}",
+        a.count, stats.outbox.delivered, stats.outbox.expired, stats.outbox.dropped, stats.outbox.depth
+    );
+    Ok(())
+}
+
+async fn monitor(a: MonitorArgs) -> Result<(), Error> {
+    let from: StartPosition = a.from.parse()?;
+    let svc = service(&a.hub).await?;
+    let mut events = svc.events(&a.consumer_group, from).await?;
+    let mut seen = 0u64;
+    let idle = a.idle_timeout_secs.map(Duration::from_secs).unwrap_or(Duration::from_secs(u64::MAX / 4));
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    while a.count.is_none_or(|c| seen < c) {
+        let Some(ev) = events.next_timeout(idle).await? else { break };
+        let line = if a.json {
+            event_json(&ev).to_string()
+        } else {
+            format!(
+                "{} [p{} #{}] {}",
+                ev.device_id(),
+                ev.partition,
+                ev.sequence_number,
+                String::from_utf8_lossy(&ev.message.body)
+            )
+        };
+        {
+            let mut so = stdout.lock();
+            let _ = writeln!(so, "{line}");
+            let _ = so.flush();
+        }
+        ev.ack();
+        seen += 1;
+    }
+    events.checkpoint().await?;
+    events.close().await;
+    Ok(())
+}
+
+fn event_json(ev: &hubmsg_core::service::Event) -> serde_json::Value {
+    let m = &ev.message;
+    let body = match std::str::from_utf8(&m.body) {
+        Ok(s) => serde_json::Value::String(s.to_string()),
+        Err(_) => serde_json::json!({ "base64": base64_encode(&m.body) }),
+    };
+    let mut sys = serde_json::Map::new();
+    for (k, v) in [
+        ("messageId", &m.message_id),
+        ("correlationId", &m.correlation_id),
+        ("userId", &m.user_id),
+        ("contentType", &m.content_type),
+        ("contentEncoding", &m.content_encoding),
+    ] {
+        if let Some(v) = v {
+            sys.insert(k.into(), v.clone().into());
+        }
+    }
+    if let Some(t) = m.creation_time_ms {
+        sys.insert("creationTimeUtc".into(), hubmsg_core::wire::format_time_ms(t).into());
+    }
+    for (k, v) in &m.system {
+        sys.insert(k.clone(), v.clone().into());
+    }
+    let props: serde_json::Map<String, serde_json::Value> = m.properties.iter().map(|(k, v)| (k.clone(), v.clone().into())).collect();
+    serde_json::json!({
+        "deviceId": ev.device_id(),
+        "partition": ev.partition,
+        "sequenceNumber": ev.sequence_number,
+        "enqueuedTimeMs": ev.enqueued_time_ms(),
+        "body": body,
+        "properties": props,
+        "systemProperties": sys,
+    })
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
 }

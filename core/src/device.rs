@@ -272,6 +272,14 @@ impl DeviceClient {
         Ok(Delivery { seq, message_id, rx })
     }
 
+    /// Queues several messages in order and returns once all are durable (they share one
+    /// fsync). Validation errors reject the whole batch before anything is queued.
+    pub async fn send_batch(&self, mut msgs: Vec<Message>) -> Result<Vec<Delivery>> {
+        let ids = msgs.iter_mut().map(prepare).collect::<Result<Vec<_>>>()?;
+        let accepted = self.shared.outbox.push_batch(&msgs).await?;
+        Ok(accepted.into_iter().zip(ids).map(|((seq, rx), message_id)| Delivery { seq, message_id, rx }).collect())
+    }
+
     /// Blocking form of [`DeviceClient::send`] for threads outside the runtime.
     pub fn send_blocking(&self, mut msg: Message) -> Result<Delivery> {
         let message_id = prepare(&mut msg)?;

@@ -36,3 +36,4 @@ pub use outbox::{Outcome, Overflow};
 pub mod proto;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod service;

@@ -191,6 +191,28 @@ impl Outbox {
         Ok((seq, rx))
     }
 
+    /// Adds several messages in order with one durability wait (one group commit); returns once
+    /// all are durable. On an error the batch counts as not accepted, but messages before the
+    /// failing one may already be queued and are still delivered; sending the batch again can
+    /// only duplicate them (same message ids), never lose them.
+    pub async fn push_batch(&self, msgs: &[Message]) -> Result<Vec<(u64, oneshot::Receiver<Outcome>)>> {
+        let mut out = Vec::with_capacity(msgs.len());
+        let mut last_log = None;
+        for m in msgs {
+            let (seq, rx, log) = self.append(m)?;
+            last_log = log.map(|l| (l, seq));
+            out.push((seq, rx));
+        }
+        if let Some((log, seq)) = last_log {
+            if let Err(e) = log.wait_durable(seq).await {
+                self.reload_after_failure(&e);
+                return Err(e);
+            }
+        }
+        self.wake.notify_one();
+        Ok(out)
+    }
+
     /// Blocking form of [`Outbox::push`] (not on a runtime thread).
     pub fn push_blocking(&self, msg: &Message) -> Result<(u64, oneshot::Receiver<Outcome>)> {
         let (seq, rx, log) = self.append(msg)?;

@@ -473,6 +473,11 @@ impl ServiceSession<'_> {
                     checkpoint.map_or(1, |s| s + 1)
                 }
             };
+            if from != proto::StartPosition::Checkpoint && next > 1 {
+                // An explicit start position moves the group's checkpoint, so a reconnect or a
+                // takeover resumes from there rather than from an older checkpoint.
+                self.shared.groups.advance(&c.group, p, self.member, next - 1);
+            }
             c.parts.insert(p, PartState { next, in_flight: VecDeque::new() });
         }
     }

@@ -1,0 +1,538 @@
+//! `ServiceClient`: the back end's side — read D2C events by consumer group with checkpoints,
+//! and manage device identities — over the hubmsg service contract (`docs/protocol.md`).
+//!
+//! Shape: like the device client, cheap `Clone` handles talk to one driver task per connection.
+//! Requests are re-sent after a reconnect until answered (at-least-once) or until their timeout.
+//! Each [`EventStream`] has its own connection (one consumer group per connection); acking an
+//! event sends its PUBACK, which advances the group's checkpoint at the hub; events not acked
+//! when a connection drops are redelivered.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish, Subscribe};
+use rumqttc::mqttbytes::QoS;
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::auth::{self, ConnectionString};
+use crate::device::{split_host_port, ConnectionStatus};
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{now_ms, Message};
+use crate::proto::{self, ConsumeRequest, CreateDevice, DeviceIdentity, DeviceRef, DeviceStatus, StartPosition, UpdateDevice};
+use crate::retry::{self, Backoff, RetryPolicy};
+use crate::transport::{self, ConnectParams, Endpoint, TlsOptions};
+
+/// Everything a [`ServiceClient`] needs.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// `HostName` as in the connection string (`:port` selects plain TCP to a local hub).
+    pub host_name: String,
+    /// Policy name (`SharedAccessKeyName`).
+    pub policy: String,
+    /// Policy key (base64).
+    pub key: String,
+    /// TLS settings (e.g. a CA file); forces TLS even with an explicit port.
+    pub tls: Option<TlsOptions>,
+    /// Reconnect pacing.
+    pub retry: RetryPolicy,
+    /// MQTT keep-alive. Default 30 s.
+    pub keep_alive: Duration,
+    /// Lifetime of generated tokens. Default 1 h.
+    pub token_ttl: Duration,
+    /// Limit for TCP + TLS + CONNACK. Default 30 s.
+    pub connect_timeout: Duration,
+    /// Limit for one request, across reconnects. Default 30 s.
+    pub request_timeout: Duration,
+}
+
+impl ServiceOptions {
+    /// Options from a policy connection string
+    /// (`HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`).
+    pub fn from_connection_string(cs: &str) -> Result<ServiceOptions> {
+        let cs = ConnectionString::parse(cs)?;
+        let (Some(policy), Some(key)) = (cs.shared_access_key_name.clone(), cs.shared_access_key.clone()) else {
+            return Err(Error::invalid("a service connection string needs SharedAccessKeyName and SharedAccessKey (this looks like a device string)"));
+        };
+        Ok(ServiceOptions {
+            host_name: cs.host_name,
+            policy,
+            key,
+            tls: None,
+            retry: RetryPolicy::default(),
+            keep_alive: Duration::from_secs(30),
+            token_ttl: Duration::from_secs(3600),
+            connect_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+        })
+    }
+
+    fn endpoint(&self) -> Result<Endpoint> {
+        let (host, port) = split_host_port(&self.host_name)?;
+        Ok(Endpoint::from_host_name(&host, port, self.tls.clone()))
+    }
+}
+
+enum Cmd {
+    Request { op: String, body: Vec<u8>, deadline: Instant, tx: oneshot::Sender<Result<serde_json::Value>> },
+    Ack { generation: u64, pkid: u16 },
+    Close(oneshot::Sender<()>),
+}
+
+/// A back-end connection to a hub. Cheap to clone.
+#[derive(Clone)]
+pub struct ServiceClient {
+    opts: Arc<ServiceOptions>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    status: watch::Receiver<ConnectionStatus>,
+}
+
+impl ServiceClient {
+    /// Starts the driver (connecting in the background). Must run within a tokio runtime.
+    pub async fn connect(opts: ServiceOptions) -> Result<ServiceClient> {
+        auth::sign(&opts.key, b"probe")?;
+        let (cmd, status, _) = Driver::spawn(opts.clone(), None)?;
+        Ok(ServiceClient { opts: Arc::new(opts), cmd, status })
+    }
+
+    /// Connects with a policy connection string and default options.
+    pub async fn from_connection_string(cs: &str) -> Result<ServiceClient> {
+        ServiceClient::connect(ServiceOptions::from_connection_string(cs)?).await
+    }
+
+    /// The current connection status.
+    pub fn status(&self) -> ConnectionStatus {
+        self.status.borrow().clone()
+    }
+
+    async fn call<T: DeserializeOwned>(&self, op: &str, body: &impl serde::Serialize) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        let body = serde_json::to_vec(body).expect("request serializes");
+        let deadline = Instant::now() + self.opts.request_timeout;
+        self.cmd.send(Cmd::Request { op: op.into(), body, deadline, tx }).map_err(|_| Error::closed("service client"))?;
+        let v = rx.await.map_err(|_| Error::closed("service client"))??;
+        serde_json::from_value(v).map_err(|e| Error::protocol(format!("unexpected '{op}' response: {e}")))
+    }
+
+    /// Registers a device with generated keys. `AlreadyExists` if the id is taken.
+    pub async fn create_device(&self, device_id: &str) -> Result<DeviceIdentity> {
+        self.call("devices.create", &CreateDevice { device_id: device_id.into(), ..Default::default() }).await
+    }
+
+    /// Registers a device with explicit settings.
+    pub async fn create_device_with(&self, req: CreateDevice) -> Result<DeviceIdentity> {
+        self.call("devices.create", &req).await
+    }
+
+    /// A device's identity. `NotFound` if absent.
+    pub async fn get_device(&self, device_id: &str) -> Result<DeviceIdentity> {
+        self.call("devices.get", &DeviceRef { device_id: device_id.into() }).await
+    }
+
+    /// Every device, ordered by id.
+    pub async fn list_devices(&self) -> Result<Vec<DeviceIdentity>> {
+        self.call("devices.list", &serde_json::json!({})).await
+    }
+
+    /// Deletes a device (its connection is dropped). `NotFound` if absent.
+    pub async fn delete_device(&self, device_id: &str) -> Result<()> {
+        let _: serde_json::Value = self.call("devices.delete", &DeviceRef { device_id: device_id.into() }).await?;
+        Ok(())
+    }
+
+    /// Enables or disables a device (a disabled device is disconnected and refused).
+    pub async fn set_device_status(&self, device_id: &str, status: DeviceStatus) -> Result<DeviceIdentity> {
+        self.call("devices.update", &UpdateDevice { device_id: device_id.into(), status: Some(status), regenerate: None }).await
+    }
+
+    /// Regenerates `primary`, `secondary` or `both` keys (the device is disconnected).
+    pub async fn regenerate_keys(&self, device_id: &str, which: &str) -> Result<DeviceIdentity> {
+        self.call("devices.update", &UpdateDevice { device_id: device_id.into(), status: None, regenerate: Some(which.into()) }).await
+    }
+
+    /// A device connection string for `identity` on this client's hub (primary key).
+    pub fn device_connection_string(&self, identity: &DeviceIdentity) -> String {
+        ConnectionString {
+            host_name: self.opts.host_name.clone(),
+            device_id: Some(identity.device_id.clone()),
+            shared_access_key: Some(identity.primary_key.clone()),
+            ..Default::default()
+        }
+        .to_string()
+    }
+
+    /// Opens a consumer of `group` starting at `from` (which only applies to the first
+    /// assignment; after a reconnect or a takeover reading resumes at the checkpoint).
+    pub async fn events(&self, group: &str, from: StartPosition) -> Result<EventStream> {
+        EventStream::open((*self.opts).clone(), ConsumeRequest { group: group.into(), from, window: 1000 }).await
+    }
+
+    /// Stops the driver. Pending requests fail with `Closed`.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// One D2C event delivered to a consumer.
+#[derive(Debug)]
+pub struct Event {
+    /// Partition it came from.
+    pub partition: u32,
+    /// Sequence number within the partition.
+    pub sequence_number: u64,
+    /// The message with the hub-stamped system properties.
+    pub message: Message,
+    generation: u64,
+    pkid: u16,
+    cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+impl Event {
+    /// The sending device (`iothub-connection-device-id`).
+    pub fn device_id(&self) -> &str {
+        self.message.system_property("iothub-connection-device-id").unwrap_or("")
+    }
+
+    /// When the hub stored it (ms since the Unix epoch).
+    pub fn enqueued_time_ms(&self) -> u64 {
+        self.message.system_property("iothub-enqueuedtime").and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
+    /// Acknowledges the event: the group's checkpoint moves past it once every earlier event of
+    /// the partition is acknowledged too. Acking after the connection dropped does nothing (the
+    /// event is redelivered).
+    pub fn ack(&self) {
+        let _ = self.cmd.send(Cmd::Ack { generation: self.generation, pkid: self.pkid });
+    }
+}
+
+/// A consumer group reader. Events arrive in partition order.
+pub struct EventStream {
+    rx: mpsc::UnboundedReceiver<Result<Event>>,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    status: watch::Receiver<ConnectionStatus>,
+}
+
+impl EventStream {
+    async fn open(opts: ServiceOptions, req: ConsumeRequest) -> Result<EventStream> {
+        auth::sign(&opts.key, b"probe")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (cmd, status, _) = Driver::spawn(opts, Some((req, tx)))?;
+        Ok(EventStream { rx, cmd, status })
+    }
+
+    /// The next event; `None` once closed. An `Err` is permanent (e.g. unauthorized).
+    pub async fn next(&mut self) -> Option<Result<Event>> {
+        self.rx.recv().await
+    }
+
+    /// The next event within `timeout` (`Ok(None)` on timeout).
+    pub async fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Event>> {
+        match tokio::time::timeout(timeout, self.rx.recv()).await {
+            Err(_) => Ok(None),
+            Ok(None) => Err(Error::closed("event stream")),
+            Ok(Some(r)) => r.map(Some),
+        }
+    }
+
+    /// Asks the hub to persist the group's checkpoints now and waits until they are durable.
+    pub async fn checkpoint(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let body = b"{}".to_vec();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        self.cmd.send(Cmd::Request { op: "checkpoint".into(), body, deadline, tx }).map_err(|_| Error::closed("event stream"))?;
+        rx.await.map_err(|_| Error::closed("event stream"))?.map(|_| ())
+    }
+
+    /// The connection status.
+    pub fn status(&self) -> ConnectionStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Leaves the group (its partitions move to the other members) and stops.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Close(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct Pending {
+    op: String,
+    body: Vec<u8>,
+    deadline: Instant,
+    tx: oneshot::Sender<Result<serde_json::Value>>,
+}
+
+type Consume = (ConsumeRequest, mpsc::UnboundedSender<Result<Event>>);
+
+struct Driver {
+    opts: ServiceOptions,
+    endpoint: Endpoint,
+    cmd_tx: mpsc::UnboundedSender<Cmd>,
+    cmd: mpsc::UnboundedReceiver<Cmd>,
+    status: watch::Sender<ConnectionStatus>,
+    pending: HashMap<u64, Pending>,
+    next_rid: u64,
+    consume: Option<Consume>,
+    generation: u64,
+}
+
+/// Request id the driver uses for its own `consume` request.
+const CONSUME_RID: u64 = 0;
+
+enum End {
+    Closed(Option<oneshot::Sender<()>>),
+    Failed(Error),
+}
+
+impl Driver {
+    fn spawn(opts: ServiceOptions, consume: Option<Consume>) -> Result<(mpsc::UnboundedSender<Cmd>, watch::Receiver<ConnectionStatus>, ())> {
+        let endpoint = opts.endpoint()?;
+        let (cmd_tx, cmd) = mpsc::unbounded_channel();
+        let (status, status_rx) = watch::channel(ConnectionStatus::Connecting);
+        let d = Driver { opts, endpoint, cmd_tx: cmd_tx.clone(), cmd, status, pending: HashMap::new(), next_rid: 1, consume, generation: 0 };
+        tokio::spawn(d.run());
+        Ok((cmd_tx, status_rx, ()))
+    }
+
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(self.opts.retry.clone());
+        let epoch = Instant::now();
+        let closer = 'outer: loop {
+            self.status.send_replace(ConnectionStatus::Connecting);
+            let err = match self.connect_once().await {
+                Ok(halves) => {
+                    backoff.connected(epoch.elapsed());
+                    self.generation += 1;
+                    self.status.send_replace(ConnectionStatus::Connected);
+                    match self.serve(halves).await {
+                        End::Closed(c) => break c,
+                        End::Failed(e) => {
+                            self.status.send_replace(ConnectionStatus::Disconnected { reason: e.to_string() });
+                            e
+                        }
+                    }
+                }
+                Err(e) => e,
+            };
+            self.expire_requests();
+            let delay = match retry::classify(&err) {
+                retry::Retry::Permanent => None,
+                retry::Retry::Transient => backoff.failed(epoch.elapsed(), fastrand::f64()),
+            };
+            let Some(delay) = delay else {
+                self.status.send_replace(ConnectionStatus::Failed { kind: err.kind(), reason: err.to_string() });
+                self.fail_all(&err);
+                // Keep answering commands so callers get the error instead of hanging.
+                loop {
+                    match self.cmd.recv().await {
+                        Some(Cmd::Request { tx, .. }) => {
+                            let _ = tx.send(Err(err.clone()));
+                        }
+                        Some(Cmd::Ack { .. }) => {}
+                        Some(Cmd::Close(tx)) => break 'outer Some(tx),
+                        None => break 'outer None,
+                    }
+                }
+            };
+            self.status.send_replace(ConnectionStatus::Retrying { attempt: backoff.attempt(), delay });
+            let sleep = tokio::time::sleep(delay);
+            tokio::pin!(sleep);
+            let closed = loop {
+                tokio::select! {
+                    _ = &mut sleep => break None,
+                    cmd = self.cmd.recv() => match cmd {
+                        Some(Cmd::Request { op, body, deadline, tx }) => {
+                            self.queue_request(op, body, deadline, tx);
+                        }
+                        Some(Cmd::Ack { .. }) => {}
+                        Some(Cmd::Close(tx)) => break Some(Some(tx)),
+                        None => break Some(None),
+                    },
+                }
+            };
+            if let Some(c) = closed {
+                break c;
+            }
+        };
+        self.fail_all(&Error::closed("service client"));
+        self.status.send_replace(ConnectionStatus::Closed);
+        if let Some(tx) = closer {
+            let _ = tx.send(());
+        }
+    }
+
+    fn fail_all(&mut self, err: &Error) {
+        for (_, p) in self.pending.drain() {
+            let _ = p.tx.send(Err(err.clone()));
+        }
+        if let Some((_, tx)) = self.consume.take() {
+            if err.kind() != ErrorKind::Closed {
+                let _ = tx.send(Err(err.clone()));
+            }
+        }
+    }
+
+    fn expire_requests(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| *k).collect();
+        for rid in expired {
+            if let Some(p) = self.pending.remove(&rid) {
+                let _ = p.tx.send(Err(Error::new(ErrorKind::Timeout, format!("request '{}' got no answer in time", p.op))));
+            }
+        }
+    }
+
+    fn queue_request(&mut self, op: String, body: Vec<u8>, deadline: Instant, tx: oneshot::Sender<Result<serde_json::Value>>) -> u64 {
+        let rid = self.next_rid;
+        self.next_rid += 1;
+        self.pending.insert(rid, Pending { op, body, deadline, tx });
+        rid
+    }
+
+    async fn connect_once(&self) -> Result<transport::ClientHalves> {
+        let expiry = now_ms() / 1000 + self.opts.token_ttl.as_secs().max(60);
+        let token = auth::generate_sas_token(&self.opts.host_name, &self.opts.key, expiry, Some(&self.opts.policy))?;
+        let params = ConnectParams {
+            client_id: format!("{}/{}", proto::SERVICE_MARKER, uuid::Uuid::new_v4()),
+            username: format!("{}/{}/?api-version={}", self.opts.host_name, proto::SERVICE_MARKER, crate::wire::API_VERSION),
+            password: token,
+            keep_alive_secs: self.opts.keep_alive.as_secs().clamp(1, 1177) as u16,
+            clean_session: true,
+        };
+        let (halves, _) = transport::client_connect(&self.endpoint, &params, self.opts.connect_timeout).await?;
+        Ok(halves)
+    }
+
+    async fn serve(&mut self, (mut reader, mut writer): transport::ClientHalves) -> End {
+        let keep_alive = self.opts.keep_alive.max(Duration::from_secs(1));
+        let renew_at = Instant::now() + self.opts.token_ttl.mul_f64(0.8);
+        let mut next_pkid: u16 = 1;
+        let mut publish = |topic: String, body: Vec<u8>, writer: &mut transport::PacketWriter<_>| -> Result<()> {
+            let mut p = Publish::new(topic, QoS::AtLeastOnce, body);
+            p.pkid = next_pkid;
+            next_pkid = if next_pkid == u16::MAX { 1 } else { next_pkid + 1 };
+            writer.queue(&Packet::Publish(p))
+        };
+        let mut sub = Subscribe::new(format!("{}#", proto::RES_PREFIX), QoS::AtMostOnce);
+        sub.pkid = u16::MAX;
+        if let Err(e) = writer.queue(&Packet::Subscribe(sub)) {
+            return End::Failed(e);
+        }
+        if let Some((req, _)) = &self.consume {
+            let body = serde_json::to_vec(req).expect("consume serializes");
+            if let Err(e) = publish(proto::request_topic("consume", CONSUME_RID), body, &mut writer) {
+                return End::Failed(e);
+            }
+        }
+        for (rid, p) in &self.pending {
+            if let Err(e) = publish(proto::request_topic(&p.op, *rid), p.body.clone(), &mut writer) {
+                return End::Failed(e);
+            }
+        }
+        let mut last_tx = Instant::now();
+        let mut last_rx = Instant::now();
+        loop {
+            if writer.pending() > 0 {
+                if let Err(e) = writer.flush().await {
+                    return End::Failed(e);
+                }
+                last_tx = Instant::now();
+            }
+            tokio::select! {
+                biased;
+                pkt = reader.next() => {
+                    last_rx = Instant::now();
+                    match pkt {
+                        Ok(Some(Packet::Publish(p))) => {
+                            if let Err(e) = self.incoming(p) {
+                                return End::Failed(e);
+                            }
+                        }
+                        Ok(Some(Packet::PubAck(_) | Packet::SubAck(_) | Packet::PingResp)) => {}
+                        Ok(Some(other)) => return End::Failed(Error::protocol(format!("unexpected packet from hub: {other:?}"))),
+                        Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
+                        Err(e) => return End::Failed(e),
+                    }
+                }
+                cmd = self.cmd.recv() => match cmd {
+                    Some(Cmd::Request { op, body, deadline, tx }) => {
+                        let topic_op = op.clone();
+                        let b = body.clone();
+                        let rid = self.queue_request(op, body, deadline, tx);
+                        if let Err(e) = publish(proto::request_topic(&topic_op, rid), b, &mut writer) {
+                            return End::Failed(e);
+                        }
+                    }
+                    Some(Cmd::Ack { generation, pkid }) => {
+                        if generation == self.generation {
+                            if let Err(e) = writer.queue(&Packet::PubAck(PubAck::new(pkid))) {
+                                return End::Failed(e);
+                            }
+                        }
+                    }
+                    Some(Cmd::Close(tx)) => {
+                        let _ = writer.send(&Packet::Disconnect).await;
+                        writer.shutdown().await;
+                        return End::Closed(Some(tx));
+                    }
+                    None => {
+                        let _ = writer.send(&Packet::Disconnect).await;
+                        return End::Closed(None);
+                    }
+                },
+                _ = tokio::time::sleep_until(last_tx + keep_alive) => {
+                    if let Err(e) = writer.queue(&Packet::PingReq) {
+                        return End::Failed(e);
+                    }
+                }
+                _ = tokio::time::sleep_until(last_rx + keep_alive.mul_f64(1.5)) => {
+                    return End::Failed(Error::new(ErrorKind::Timeout, "no traffic from the hub within keep-alive"));
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)), if !self.pending.is_empty() => self.expire_requests(),
+                _ = tokio::time::sleep_until(renew_at) => {
+                    // Token renewal over MQTT 3.1.1 = reconnect; unacked events are redelivered.
+                    let _ = writer.send(&Packet::Disconnect).await;
+                    return End::Failed(Error::new(ErrorKind::Disconnected, "renewing the SAS token"));
+                }
+            }
+        }
+    }
+
+    fn incoming(&mut self, p: Publish) -> Result<()> {
+        if let Some(rid) = p.topic.strip_prefix(proto::RES_PREFIX) {
+            let rid: u64 = rid.parse().map_err(|_| Error::protocol(format!("bad response topic '{}'", p.topic)))?;
+            let resp: proto::Response =
+                serde_json::from_slice(&p.payload).map_err(|e| Error::protocol(format!("bad response body: {e}")))?;
+            if rid == CONSUME_RID {
+                if let Err(e) = resp.into_result() {
+                    // The consumer cannot start: report it and stop retrying.
+                    return Err(Error::new(e.kind(), format!("consume refused: {}", e.message())));
+                }
+                // Later reconnects and takeovers resume at the checkpoint.
+                if let Some((req, _)) = &mut self.consume {
+                    req.from = StartPosition::Checkpoint;
+                }
+            } else if let Some(pending) = self.pending.remove(&rid) {
+                let _ = pending.tx.send(resp.into_result());
+            }
+            return Ok(());
+        }
+        if let Some((_, partition, seq)) = proto::parse_event_topic(&p.topic) {
+            let Some((_, tx)) = &self.consume else { return Ok(()) };
+            let message = Message::decode(&Bytes::clone(&p.payload))?;
+            let ev = Event { partition, sequence_number: seq, message, generation: self.generation, pkid: p.pkid, cmd: self.cmd_tx.clone() };
+            let _ = tx.send(Ok(ev));
+            return Ok(());
+        }
+        Err(Error::protocol(format!("unexpected publish on '{}'", p.topic)))
+    }
+}
