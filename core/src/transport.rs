@@ -103,6 +103,18 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     }
 }
 
+impl<R> std::fmt::Debug for PacketReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketReader").field("buffered", &self.buf.len()).finish_non_exhaustive()
+    }
+}
+
+impl<W> std::fmt::Debug for PacketWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketWriter").field("pending", &self.buf.len()).finish_non_exhaustive()
+    }
+}
+
 /// Writes packets through a buffer; [`PacketWriter::flush`] sends everything queued in one write.
 pub struct PacketWriter<W> {
     inner: W,

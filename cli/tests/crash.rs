@@ -1,0 +1,200 @@
+//! Crash tests with real processes killed by SIGKILL: a device process in the middle of sending
+//! 10,000 messages, and the hub process in the middle of a stream. Every message whose `send()`
+//! returned (printed as `accepted <id>` by `hubmsg device send --print-accepted`) must reach a
+//! consumer at least once; duplicates are counted and reported.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use hubmsg_core::proto::StartPosition;
+use hubmsg_core::retry::RetryPolicy;
+use hubmsg_core::service::{ServiceClient, ServiceOptions};
+use parking_lot::Mutex;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hubmsg");
+const TOTAL: u64 = 10_000;
+
+struct HubProc {
+    child: Child,
+    cs: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn_hub(data: &Path, port: u16) -> HubProc {
+    let mut child = Command::new(BIN)
+        .args(["hub", "--data", data.to_str().unwrap(), "--mqtt", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn hub");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "hub did not start");
+        let line = lines.next().expect("hub printed its connection string").unwrap();
+        if let Some(cs) = line.strip_prefix("HUBMSG_HUB_CONNECTION_STRING=") {
+            // Keep draining stdout so the hub never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return HubProc { child, cs: cs.to_string() };
+        }
+    }
+}
+
+/// Spawns `hubmsg device send`; returns the child and a channel of accepted message numbers.
+fn spawn_sender(cs: &str, outbox: &Path, start: u64, count: u64) -> (Child, mpsc::Receiver<u64>) {
+    let mut child = Command::new(BIN)
+        .args(["device", "send", "--data", "m{i}", "--message-id-prefix", "m-", "--print-accepted", "--batch", "50"])
+        .args(["--outbox", outbox.to_str().unwrap(), "--start", &start.to_string(), "--count", &count.to_string()])
+        .args(["--flush-timeout-secs", "120"])
+        .env("HUBMSG_DEVICE_CONNECTION_STRING", cs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn device");
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if let Some(n) = line.strip_prefix("accepted m-").and_then(|n| n.parse().ok()) {
+                let _ = tx.send(n);
+            }
+        }
+    });
+    (child, rx)
+}
+
+fn retry() -> RetryPolicy {
+    RetryPolicy {
+        initial_delay: Duration::from_millis(100),
+        max_delay: Duration::from_millis(500),
+        jitter: Duration::from_millis(50),
+        ..RetryPolicy::default()
+    }
+}
+
+/// A consumer that records how often each message number arrived.
+fn consume(rt: &tokio::runtime::Runtime, cs: &str) -> Arc<Mutex<HashMap<u64, u32>>> {
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let mut opts = ServiceOptions::from_connection_string(cs).unwrap();
+    opts.retry = retry();
+    let s = seen.clone();
+    rt.spawn(async move {
+        let svc = ServiceClient::connect(opts).await.unwrap();
+        let mut events = svc.events("$Default", StartPosition::Earliest).await.unwrap();
+        while let Some(Ok(ev)) = events.next().await {
+            if let Some(n) = ev.message.message_id.as_deref().and_then(|m| m.strip_prefix("m-")).and_then(|n| n.parse().ok()) {
+                *s.lock().entry(n).or_insert(0) += 1;
+            }
+            ev.ack();
+        }
+    });
+    seen
+}
+
+fn create_device(rt: &tokio::runtime::Runtime, cs: &str, id: &str) -> String {
+    rt.block_on(async {
+        let mut opts = ServiceOptions::from_connection_string(cs).unwrap();
+        opts.retry = retry();
+        let svc = ServiceClient::connect(opts).await.unwrap();
+        let d = svc.create_device(id).await.unwrap();
+        let cs = svc.device_connection_string(&d);
+        svc.close().await;
+        cs
+    })
+}
+
+fn wait_all(seen: &Mutex<HashMap<u64, u32>>, expected: &[u64], limit: Duration) -> (usize, u64) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (missing, dups) = {
+            let s = seen.lock();
+            (expected.iter().filter(|n| !s.contains_key(n)).count(), s.values().map(|c| (*c as u64).saturating_sub(1)).sum())
+        };
+        if missing == 0 || Instant::now() >= deadline {
+            return (missing, dups);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn device_sigkilled_mid_stream_loses_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = spawn_hub(&dir.path().join("hub"), free_port());
+    let dev_cs = create_device(&rt, &hub.cs, "crashy");
+    let seen = consume(&rt, &hub.cs);
+    let outbox = dir.path().join("outbox");
+
+    let (mut child, rx) = spawn_sender(&dev_cs, &outbox, 0, TOTAL);
+    let mut accepted = Vec::new();
+    while accepted.len() < 3000 {
+        accepted.push(rx.recv_timeout(Duration::from_secs(60)).expect("device keeps accepting"));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    accepted.extend(rx.iter()); // lines printed before the kill
+    let resume = accepted.iter().max().unwrap() + 1;
+    assert!(resume < TOTAL, "the kill happened mid-stream");
+    let delivered_before_restart = seen.lock().len();
+
+    let (mut child, rx) = spawn_sender(&dev_cs, &outbox, resume, TOTAL - resume);
+    assert!(child.wait().unwrap().success(), "restarted sender delivers and exits cleanly");
+    accepted.extend(rx.iter());
+    let (missing, dups) = wait_all(&seen, &accepted, Duration::from_secs(60));
+    eprintln!(
+        "device kill: accepted {} (killed after {}, {} delivered before restart), lost {missing}, duplicates {dups}",
+        accepted.len(),
+        resume,
+        delivered_before_restart
+    );
+    assert_eq!(missing, 0, "every accepted message reaches the consumer");
+    let all: Vec<u64> = (0..TOTAL).collect();
+    assert_eq!(wait_all(&seen, &all, Duration::from_secs(5)).0, 0, "all 10,000 arrive");
+    hub.child.kill().unwrap();
+    let _ = hub.child.wait();
+}
+
+#[test]
+fn hub_sigkilled_mid_stream_loses_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("hub");
+    let mut hub = spawn_hub(&data, port);
+    let dev_cs = create_device(&rt, &hub.cs, "steady");
+    let seen = consume(&rt, &hub.cs);
+
+    let (mut child, rx) = spawn_sender(&dev_cs, &dir.path().join("outbox"), 0, TOTAL);
+    let mut accepted = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.lock().len() < 2000 {
+        assert!(Instant::now() < deadline, "stream started");
+        while let Ok(n) = rx.try_recv() {
+            accepted.push(n);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    hub.child.kill().unwrap(); // SIGKILL mid-stream
+    hub.child.wait().unwrap();
+    let at_kill = seen.lock().len();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut hub = spawn_hub(&data, port);
+
+    assert!(child.wait().unwrap().success(), "sender delivers everything after the hub returns");
+    accepted.extend(rx.iter());
+    let (missing, dups) = wait_all(&seen, &accepted, Duration::from_secs(60));
+    eprintln!("hub kill: accepted {}, consumed {at_kill} before the kill, lost {missing}, duplicates {dups}", accepted.len());
+    assert_eq!(accepted.len() as u64, TOTAL);
+    assert_eq!(missing, 0, "every accepted message reaches the consumer");
+    hub.child.kill().unwrap();
+    let _ = hub.child.wait();
+}

@@ -1,0 +1,60 @@
+//! Shared helpers for the integration tests: an in-process hub on 127.0.0.1:0 in a temp dir.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use hubmsg_core::hub::{Hub, HubConfig};
+use hubmsg_core::outbox::OutboxOptions;
+use hubmsg_core::retry::RetryPolicy;
+use hubmsg_core::service::{ServiceClient, ServiceOptions};
+use hubmsg_core::{DeviceClient, DeviceOptions};
+
+pub struct TestHub {
+    pub hub: Hub,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn start_hub() -> TestHub {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(HubConfig::new(dir.path())).await.unwrap();
+    TestHub { hub, dir }
+}
+
+/// Fast retry for tests: 50 ms → 500 ms.
+pub fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        initial_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(500),
+        jitter: Duration::from_millis(20),
+        healthy_after: Duration::from_millis(200),
+        ..RetryPolicy::default()
+    }
+}
+
+pub async fn device(hub: &Hub, id: &str) -> DeviceClient {
+    if hub.registry().device(id).is_none() {
+        hub.create_device(id).await.unwrap();
+    }
+    let mut opts = DeviceOptions::from_connection_string(&hub.device_connection_string(id).unwrap()).unwrap();
+    opts.retry = fast_retry();
+    opts.outbox = OutboxOptions::default();
+    DeviceClient::connect(opts).await.unwrap()
+}
+
+pub async fn service(hub: &Hub) -> ServiceClient {
+    let mut opts = ServiceOptions::from_connection_string(&hub.service_connection_string()).unwrap();
+    opts.retry = fast_retry();
+    ServiceClient::connect(opts).await.unwrap()
+}
+
+/// Waits for `cond` up to `limit`, polling every 10 ms. Returns whether it became true.
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
