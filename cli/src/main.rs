@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+mod demo;
 use hubmsg_core::hub::{Hub, HubConfig, TlsFiles};
 use hubmsg_core::outbox::OutboxOptions;
 use hubmsg_core::proto::StartPosition;
@@ -37,6 +39,8 @@ enum Command {
     },
     /// Print D2C events as they arrive, one line each.
     MonitorEvents(MonitorArgs),
+    /// Show D2C end to end: a hub, simulated devices and a consumer, with an accounting table.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -199,6 +203,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::DeviceIdentity { action } => identity(action).await,
         Command::Device { action: DeviceAction::Send(a) } => send(a).await,
         Command::MonitorEvents(a) => monitor(a).await,
+        Command::Demo(a) => demo::run(a).await,
     }
 }
 
