@@ -11,6 +11,7 @@
 //! partition; a misbehaving connection is closed without affecting any other; one connection per
 //! device identity (a new one drops the old).
 
+pub mod c2d;
 pub mod events;
 pub mod registry;
 mod session;

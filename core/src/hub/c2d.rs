@@ -1,0 +1,650 @@
+//! Cloud-to-device queues and delivery feedback: the pure state machine (no I/O, no clock — time
+//! is passed in), event-sourced on a [`StateLog`] by [`C2d`].
+//!
+//! Lifecycle per message (reference §6): Enqueued → Invisible (delivered, locked) → Completed |
+//! Enqueued again (abandon, lock expiry) | Dead-lettered (reject, expiry, max delivery count).
+//! Delivery count (2026 semantics, `docs/protocol.md`): only an explicit abandon increments it;
+//! a lock expiry or a disconnect re-enqueues without incrementing.
+//!
+//! Invariants:
+//! - every state change that must survive a crash is an event appended before it is
+//!   acknowledged; locks are volatile (a restart or disconnect makes locked messages Enqueued);
+//! - a queue never holds more than `max_queue` messages; order is FIFO by sequence number;
+//! - each terminal outcome produces exactly one feedback record when the message's `iothub-ack`
+//!   asks for it, and each record ends up in exactly one batch, which stays until acknowledged.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::MAX_C2D_SIZE;
+use crate::store::Machine;
+use crate::wire;
+
+/// Which outcomes the sender wants feedback for (`iothub-ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// No feedback.
+    #[default]
+    None,
+    /// Feedback on completion.
+    Positive,
+    /// Feedback on dead-lettering (expired, delivery count exceeded, rejected) and purge.
+    Negative,
+    /// Both.
+    Full,
+}
+
+impl AckMode {
+    /// The wire value (`none`, `positive`, `negative`, `full`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckMode::None => "none",
+            AckMode::Positive => "positive",
+            AckMode::Negative => "negative",
+            AckMode::Full => "full",
+        }
+    }
+
+    fn wants(self, status: FeedbackStatus) -> bool {
+        match self {
+            AckMode::None => false,
+            AckMode::Full => true,
+            AckMode::Positive => status == FeedbackStatus::Success,
+            AckMode::Negative => status != FeedbackStatus::Success,
+        }
+    }
+}
+
+impl std::str::FromStr for AckMode {
+    type Err = Error;
+    /// Case-insensitive `none`, `positive`, `negative`, `full` (reference §7.1).
+    fn from_str(s: &str) -> Result<AckMode> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "none" => AckMode::None,
+            "positive" => AckMode::Positive,
+            "negative" => AckMode::Negative,
+            "full" => AckMode::Full,
+            _ => return Err(Error::invalid(format!("ack '{s}' is not none, positive, negative or full"))),
+        })
+    }
+}
+
+/// Feedback status codes (reference §7.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FeedbackStatus {
+    /// Completed by the device.
+    Success,
+    /// TTL passed before completion.
+    Expired,
+    /// Abandoned `max_delivery_count` times.
+    DeliveryCountExceeded,
+    /// Rejected by the device.
+    Rejected,
+    /// Removed by a purge.
+    Purged,
+}
+
+impl FeedbackStatus {
+    /// The status name (also used as the description).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedbackStatus::Success => "Success",
+            FeedbackStatus::Expired => "Expired",
+            FeedbackStatus::DeliveryCountExceeded => "DeliveryCountExceeded",
+            FeedbackStatus::Rejected => "Rejected",
+            FeedbackStatus::Purged => "Purged",
+        }
+    }
+}
+
+/// One feedback record, serialized exactly as IoT Hub's JSON (reference §7.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackRecord {
+    /// `message-id` of the C2D message.
+    pub original_message_id: String,
+    /// Target device.
+    pub device_id: String,
+    /// Target device's generation id.
+    pub device_generation_id: String,
+    /// When the outcome happened (ISO-8601 UTC).
+    pub enqueued_time_utc: String,
+    /// Outcome.
+    pub status_code: FeedbackStatus,
+    /// Text for the status (the status name).
+    pub description: String,
+}
+
+/// Limits of the C2D queues (reference §6.2, §9.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct C2dLimits {
+    /// Messages per device queue (50).
+    pub max_queue: usize,
+    /// Abandons before dead-lettering (10; 1–100).
+    pub max_delivery_count: u32,
+    /// Lock (visibility) timeout (60 s).
+    pub lock: Duration,
+    /// TTL when the sender sets none (1 h).
+    pub default_ttl: Duration,
+    /// Longest TTL accepted (48 h).
+    pub max_ttl: Duration,
+    /// Largest message (64 KB).
+    pub max_size: usize,
+    /// Feedback records per batch (64).
+    pub feedback_batch: usize,
+}
+
+impl Default for C2dLimits {
+    fn default() -> Self {
+        C2dLimits {
+            max_queue: 50,
+            max_delivery_count: 10,
+            lock: Duration::from_secs(60),
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(48 * 3600),
+            max_size: MAX_C2D_SIZE,
+            feedback_batch: 64,
+        }
+    }
+}
+
+/// One queued C2D message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Sequence number, unique per device queue.
+    pub seq: u64,
+    /// Message id (feedback correlates on it).
+    pub message_id: String,
+    /// Requested feedback.
+    pub ack: AckMode,
+    /// Enqueue time (ms since the Unix epoch).
+    pub enqueued_ms: u64,
+    /// Absolute expiry (ms since the Unix epoch).
+    pub expiry_ms: u64,
+    /// Explicit abandons so far.
+    pub delivery_count: u32,
+    /// The message record ([`crate::Message::encode`]), base64 in the event log.
+    #[serde(with = "b64")]
+    pub record: Vec<u8>,
+}
+
+mod b64 {
+    use base64::Engine;
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Queue {
+    next_seq: u64,
+    generation_id: String,
+    entries: VecDeque<Entry>,
+}
+
+/// A batch of feedback records awaiting a service's acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Batch id (increasing).
+    pub id: u64,
+    /// When it was formed (ms since the Unix epoch).
+    pub created_ms: u64,
+    /// The records.
+    pub records: Vec<FeedbackRecord>,
+}
+
+/// How a delivered message was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Settle {
+    /// Completed (MQTT PUBACK).
+    Complete,
+    /// Abandoned: back to the queue, delivery count + 1.
+    Abandon,
+    /// Rejected: dead-lettered.
+    Reject,
+    /// The TTL passed: dead-lettered.
+    Expire,
+}
+
+/// Events of the C2D state machine (JSON in the event log).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Event {
+    /// A message was accepted into `device`'s queue.
+    Enqueue { device: String, generation_id: String, entry: Entry },
+    /// A message was settled.
+    Settle { device: String, seq: u64, how: Settle, at_ms: u64 },
+    /// Every message of `device` was removed.
+    Purge { device: String, at_ms: u64 },
+    /// Pending feedback (up to the batch size) became batch `id`.
+    Batch { id: u64, at_ms: u64, max: usize },
+    /// A service acknowledged batch `id`.
+    BatchAck { id: u64 },
+    /// Feedback batch `id` expired unconsumed (counted, then dropped).
+    BatchExpire { id: u64 },
+}
+
+/// The durable C2D state: queues, pending feedback, feedback batches.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    queues: BTreeMap<String, Queue>,
+    pending_feedback: Vec<FeedbackRecord>,
+    batches: BTreeMap<u64, Batch>,
+    next_batch: u64,
+    /// Outcome counters since creation (observability): status name → count.
+    outcomes: BTreeMap<String, u64>,
+    expired_feedback_batches: u64,
+    limits_max_delivery: u32,
+}
+
+impl Machine for State {
+    fn apply(&mut self, event: &[u8]) -> Result<()> {
+        let ev: Event = serde_json::from_slice(event)
+            .map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt C2D event: {e}")))?;
+        self.apply_event(ev);
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("C2D state serializes")
+    }
+
+    fn restore(snapshot: Option<&[u8]>) -> Result<Self> {
+        match snapshot {
+            None => Ok(State::default()),
+            Some(b) => serde_json::from_slice(b).map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt C2D snapshot: {e}"))),
+        }
+    }
+}
+
+/// Encodes an event for the log.
+pub fn encode(ev: &Event) -> Vec<u8> {
+    serde_json::to_vec(ev).expect("C2D event serializes")
+}
+
+impl State {
+    /// Applies one event (deterministic: all times come from the event).
+    pub fn apply_event(&mut self, ev: Event) {
+        match ev {
+            Event::Enqueue { device, generation_id, entry } => {
+                let q = self.queues.entry(device).or_default();
+                q.generation_id = generation_id;
+                q.next_seq = q.next_seq.max(entry.seq + 1);
+                q.entries.push_back(entry);
+            }
+            Event::Settle { device, seq, how, at_ms } => {
+                let max_delivery = self.max_delivery();
+                let Some(q) = self.queues.get_mut(&device) else { return };
+                let Some(i) = q.entries.iter().position(|e| e.seq == seq) else { return };
+                let status = match how {
+                    Settle::Complete => Some(FeedbackStatus::Success),
+                    Settle::Reject => Some(FeedbackStatus::Rejected),
+                    Settle::Expire => Some(FeedbackStatus::Expired),
+                    Settle::Abandon => {
+                        q.entries[i].delivery_count += 1;
+                        (q.entries[i].delivery_count >= max_delivery).then_some(FeedbackStatus::DeliveryCountExceeded)
+                    }
+                };
+                if let Some(status) = status {
+                    let e = q.entries.remove(i).expect("index exists");
+                    let gen = q.generation_id.clone();
+                    self.finish(&device, &gen, &e, status, at_ms);
+                }
+            }
+            Event::Purge { device, at_ms } => {
+                if let Some(q) = self.queues.get_mut(&device) {
+                    let gen = q.generation_id.clone();
+                    let drained: Vec<Entry> = q.entries.drain(..).collect();
+                    for e in drained {
+                        self.finish(&device, &gen, &e, FeedbackStatus::Purged, at_ms);
+                    }
+                }
+            }
+            Event::Batch { id, at_ms, max } => {
+                let n = self.pending_feedback.len().min(max.max(1));
+                let records: Vec<FeedbackRecord> = self.pending_feedback.drain(..n).collect();
+                if !records.is_empty() {
+                    self.batches.insert(id, Batch { id, created_ms: at_ms, records });
+                }
+                self.next_batch = self.next_batch.max(id + 1);
+            }
+            Event::BatchAck { id } => {
+                self.batches.remove(&id);
+            }
+            Event::BatchExpire { id } => {
+                if self.batches.remove(&id).is_some() {
+                    self.expired_feedback_batches += 1;
+                }
+            }
+        }
+    }
+
+    fn max_delivery(&self) -> u32 {
+        if self.limits_max_delivery == 0 {
+            C2dLimits::default().max_delivery_count
+        } else {
+            self.limits_max_delivery
+        }
+    }
+
+    /// Sets the max delivery count used when applying abandons (configuration, not an event).
+    pub fn set_max_delivery(&mut self, n: u32) {
+        self.limits_max_delivery = n;
+    }
+
+    fn finish(&mut self, device: &str, generation_id: &str, e: &Entry, status: FeedbackStatus, at_ms: u64) {
+        *self.outcomes.entry(status.as_str().to_string()).or_default() += 1;
+        if e.ack.wants(status) {
+            self.pending_feedback.push(FeedbackRecord {
+                original_message_id: e.message_id.clone(),
+                device_id: device.to_string(),
+                device_generation_id: generation_id.to_string(),
+                enqueued_time_utc: wire::format_time_ms(at_ms),
+                status_code: status,
+                description: status.as_str().to_string(),
+            });
+        }
+    }
+
+    /// Validates a send and builds its `Enqueue` event.
+    pub fn enqueue(
+        &self,
+        limits: &C2dLimits,
+        device: &str,
+        generation_id: &str,
+        message_id: String,
+        ack: AckMode,
+        ttl: Option<Duration>,
+        record: Vec<u8>,
+        size: usize,
+        now_ms: u64,
+    ) -> Result<Event> {
+        if size > limits.max_size {
+            return Err(Error::new(ErrorKind::MessageTooLarge, format!("C2D message of {size} bytes exceeds {} bytes", limits.max_size)));
+        }
+        let ttl = ttl.unwrap_or(limits.default_ttl);
+        if ttl < Duration::from_secs(1) || ttl > limits.max_ttl {
+            return Err(Error::invalid(format!("TTL {ttl:?} is outside 1 s … {:?}", limits.max_ttl)));
+        }
+        let q = self.queues.get(device);
+        let depth = q.map_or(0, |q| q.entries.len());
+        if depth >= limits.max_queue {
+            return Err(Error::new(
+                ErrorKind::QueueFull,
+                format!("device '{device}' has {depth} pending messages (limit {}); wait for it to complete some or purge its queue (403004)", limits.max_queue),
+            ));
+        }
+        let seq = q.map_or(1, |q| q.next_seq.max(1));
+        Ok(Event::Enqueue {
+            device: device.to_string(),
+            generation_id: generation_id.to_string(),
+            entry: Entry { seq, message_id, ack, enqueued_ms: now_ms, expiry_ms: now_ms + ttl.as_millis() as u64, delivery_count: 0, record },
+        })
+    }
+
+    /// The messages of `device`, in order.
+    pub fn queue(&self, device: &str) -> impl Iterator<Item = &Entry> {
+        self.queues.get(device).into_iter().flat_map(|q| q.entries.iter())
+    }
+
+    /// Number of messages queued for `device` (including locked ones).
+    pub fn depth(&self, device: &str) -> usize {
+        self.queues.get(device).map_or(0, |q| q.entries.len())
+    }
+
+    /// Whether message `seq` is still in `device`'s queue.
+    pub fn contains(&self, device: &str, seq: u64) -> bool {
+        self.queue(device).any(|e| e.seq == seq)
+    }
+
+    /// Every (device, seq) whose TTL passed at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> Vec<(String, u64)> {
+        self.queues
+            .iter()
+            .flat_map(|(d, q)| q.entries.iter().filter(move |e| e.expiry_ms <= now_ms).map(move |e| (d.clone(), e.seq)))
+            .collect()
+    }
+
+    /// Feedback records not yet in a batch.
+    pub fn pending_feedback(&self) -> &[FeedbackRecord] {
+        &self.pending_feedback
+    }
+
+    /// Batches awaiting acknowledgement, oldest first.
+    pub fn batches(&self) -> impl Iterator<Item = &Batch> {
+        self.batches.values()
+    }
+
+    /// The id the next batch gets.
+    pub fn next_batch_id(&self) -> u64 {
+        self.next_batch.max(1)
+    }
+
+    /// Terminal outcome counts since the store was created.
+    pub fn outcomes(&self) -> &BTreeMap<String, u64> {
+        &self.outcomes
+    }
+}
+
+/// Volatile delivery locks (not persisted: a restart or disconnect unlocks everything).
+#[derive(Debug, Default)]
+pub struct Locks {
+    /// (device, seq) → (lock expiry ms, connection id).
+    held: HashMap<(String, u64), (u64, u64)>,
+}
+
+impl Locks {
+    /// Locks (device, seq) for connection `conn` until `until_ms`.
+    pub fn lock(&mut self, device: &str, seq: u64, conn: u64, until_ms: u64) {
+        self.held.insert((device.to_string(), seq), (until_ms, conn));
+    }
+
+    /// Whether (device, seq) is locked at `now_ms`.
+    pub fn is_locked(&self, device: &str, seq: u64, now_ms: u64) -> bool {
+        self.held.get(&(device.to_string(), seq)).is_some_and(|(until, _)| *until > now_ms)
+    }
+
+    /// The holder of a live lock.
+    pub fn holder(&self, device: &str, seq: u64, now_ms: u64) -> Option<u64> {
+        self.held.get(&(device.to_string(), seq)).filter(|(until, _)| *until > now_ms).map(|(_, c)| *c)
+    }
+
+    /// Releases one lock.
+    pub fn unlock(&mut self, device: &str, seq: u64) {
+        self.held.remove(&(device.to_string(), seq));
+    }
+
+    /// Releases every lock held by connection `conn` (on disconnect).
+    pub fn release_conn(&mut self, conn: u64) {
+        self.held.retain(|_, (_, c)| *c != conn);
+    }
+
+    /// Drops expired locks; returns the devices that have messages visible again.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<String> {
+        let mut devices = Vec::new();
+        self.held.retain(|(d, _), (until, _)| {
+            let keep = *until > now_ms;
+            if !keep {
+                devices.push(d.clone());
+            }
+            keep
+        });
+        devices
+    }
+}
+
+/// The first message of `device` that can be delivered now (Enqueued: not locked, not expired),
+/// (messages in flight on a connection are locked, so they are skipped).
+pub fn next_deliverable<'a>(state: &'a State, locks: &Locks, device: &str, now_ms: u64) -> Option<&'a Entry> {
+    state.queue(device).find(|e| e.expiry_ms > now_ms && !locks.is_locked(device, e.seq, now_ms))
+}
+
+/// Base64 of a record (for tests and diagnostics).
+pub fn record_b64(record: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st() -> State {
+        State::default()
+    }
+
+    fn enq(s: &mut State, device: &str, id: &str, ack: AckMode, now: u64) -> u64 {
+        let ev = s.enqueue(&C2dLimits::default(), device, "g1", id.into(), ack, None, vec![1, 2, 3], 3, now).unwrap();
+        let seq = match &ev {
+            Event::Enqueue { entry, .. } => entry.seq,
+            _ => unreachable!(),
+        };
+        // Round-trip through JSON as the log does.
+        s.apply(&encode(&ev)).unwrap();
+        seq
+    }
+
+    fn settle(s: &mut State, device: &str, seq: u64, how: Settle) {
+        s.apply(&encode(&Event::Settle { device: device.into(), seq, how, at_ms: 1_000 })).unwrap();
+    }
+
+    #[test]
+    fn complete_gives_success_feedback_when_asked() {
+        let mut s = st();
+        let a = enq(&mut s, "d", "m1", AckMode::Full, 0);
+        let b = enq(&mut s, "d", "m2", AckMode::None, 0);
+        let c = enq(&mut s, "d", "m3", AckMode::Negative, 0);
+        assert_eq!((a, b, c), (1, 2, 3));
+        for seq in [a, b, c] {
+            settle(&mut s, "d", seq, Settle::Complete);
+        }
+        assert_eq!(s.depth("d"), 0);
+        let fb = s.pending_feedback();
+        assert_eq!(fb.len(), 1);
+        assert_eq!((fb[0].original_message_id.as_str(), fb[0].status_code), ("m1", FeedbackStatus::Success));
+        assert_eq!(fb[0].device_generation_id, "g1");
+        assert_eq!(fb[0].description, "Success");
+        assert_eq!(fb[0].enqueued_time_utc, "1970-01-01T00:00:01.000Z");
+    }
+
+    #[test]
+    fn reject_expire_and_purge_are_negative_outcomes() {
+        let mut s = st();
+        let a = enq(&mut s, "d", "rej", AckMode::Negative, 0);
+        let b = enq(&mut s, "d", "exp", AckMode::Full, 0);
+        let c = enq(&mut s, "d", "pos-only", AckMode::Positive, 0);
+        enq(&mut s, "d", "pur", AckMode::Full, 0);
+        settle(&mut s, "d", a, Settle::Reject);
+        settle(&mut s, "d", b, Settle::Expire);
+        settle(&mut s, "d", c, Settle::Reject);
+        s.apply(&encode(&Event::Purge { device: "d".into(), at_ms: 5 })).unwrap();
+        let got: Vec<_> = s.pending_feedback().iter().map(|r| (r.original_message_id.as_str(), r.status_code)).collect();
+        assert_eq!(
+            got,
+            vec![("rej", FeedbackStatus::Rejected), ("exp", FeedbackStatus::Expired), ("pur", FeedbackStatus::Purged)]
+        );
+        assert_eq!(s.outcomes().get("Rejected"), Some(&2));
+    }
+
+    #[test]
+    fn abandon_counts_and_dead_letters_at_max() {
+        let mut s = st();
+        let a = enq(&mut s, "d", "m", AckMode::Full, 0);
+        for _ in 0..9 {
+            settle(&mut s, "d", a, Settle::Abandon);
+            assert!(s.contains("d", a));
+        }
+        settle(&mut s, "d", a, Settle::Abandon);
+        assert!(!s.contains("d", a));
+        assert_eq!(s.pending_feedback()[0].status_code, FeedbackStatus::DeliveryCountExceeded);
+    }
+
+    #[test]
+    fn queue_limit_ttl_and_size_are_checked() {
+        let mut s = st();
+        let lim = C2dLimits::default();
+        for i in 0..50 {
+            enq(&mut s, "d", &format!("{i}"), AckMode::None, 0);
+        }
+        let e = s.enqueue(&lim, "d", "g", "x".into(), AckMode::None, None, vec![], 0, 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::QueueFull);
+        assert!(e.message().contains("50"));
+        // Other devices are unaffected.
+        assert!(s.enqueue(&lim, "other", "g", "x".into(), AckMode::None, None, vec![], 0, 0).is_ok());
+        let e = s.enqueue(&lim, "o", "g", "x".into(), AckMode::None, Some(Duration::from_secs(49 * 3600)), vec![], 0, 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        let e = s.enqueue(&lim, "o", "g", "x".into(), AckMode::None, None, vec![], 64 * 1024 + 1, 0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::MessageTooLarge);
+    }
+
+    #[test]
+    fn batches_take_at_most_the_batch_size_and_leave_on_ack() {
+        let mut s = st();
+        for i in 0..70 {
+            let seq = enq(&mut s, "d", &format!("m{i}"), AckMode::Positive, 0);
+            settle(&mut s, "d", seq, Settle::Complete);
+        }
+        s.apply_event(Event::Batch { id: s.next_batch_id(), at_ms: 1, max: 64 });
+        s.apply_event(Event::Batch { id: s.next_batch_id(), at_ms: 2, max: 64 });
+        let sizes: Vec<_> = s.batches().map(|b| b.records.len()).collect();
+        assert_eq!(sizes, vec![64, 6]);
+        s.apply_event(Event::BatchAck { id: 1 });
+        assert_eq!(s.batches().count(), 1);
+        // Snapshot + restore keeps everything.
+        let r = State::restore(Some(&s.snapshot())).unwrap();
+        assert_eq!(r.batches().count(), 1);
+        assert_eq!(r.next_batch_id(), 3);
+    }
+
+    #[test]
+    fn locks_hide_messages_until_released_or_expired() {
+        let mut s = st();
+        let a = enq(&mut s, "d", "a", AckMode::None, 0);
+        let b = enq(&mut s, "d", "b", AckMode::None, 0);
+        let mut locks = Locks::default();
+        assert_eq!(next_deliverable(&s, &locks, "d", 10).unwrap().seq, a);
+        locks.lock("d", a, 7, 60_010);
+        assert_eq!(next_deliverable(&s, &locks, "d", 10).unwrap().seq, b);
+        locks.lock("d", b, 7, 60_010);
+        assert!(next_deliverable(&s, &locks, "d", 10).is_none());
+        locks.release_conn(7);
+        assert_eq!(next_deliverable(&s, &locks, "d", 10).unwrap().seq, a);
+        locks.lock("d", a, 8, 100);
+        assert_eq!(locks.expire(200), vec!["d".to_string()]);
+        assert_eq!(next_deliverable(&s, &locks, "d", 200).unwrap().seq, a);
+        // Expired messages are never delivered.
+        assert!(next_deliverable(&s, &locks, "d", 3_600_000).is_none());
+        assert_eq!(s.expired(3_600_000).len(), 2);
+    }
+
+    #[test]
+    fn ack_mode_parses_case_insensitively() {
+        assert_eq!("Full".parse::<AckMode>().unwrap(), AckMode::Full);
+        assert!("sometimes".parse::<AckMode>().is_err());
+    }
+
+    #[test]
+    fn feedback_json_matches_iothub() {
+        let r = FeedbackRecord {
+            original_message_id: "0987654321".into(),
+            device_id: "123".into(),
+            device_generation_id: "abc".into(),
+            enqueued_time_utc: "2015-07-28T16:24:48.789Z".into(),
+            status_code: FeedbackStatus::Success,
+            description: "Success".into(),
+        };
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            j,
+            serde_json::json!({"originalMessageId":"0987654321","deviceId":"123","deviceGenerationId":"abc",
+                "enqueuedTimeUtc":"2015-07-28T16:24:48.789Z","statusCode":"Success","description":"Success"})
+        );
+    }
+}
