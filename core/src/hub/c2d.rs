@@ -14,14 +14,18 @@
 //!   asks for it, and each record ends up in exactly one batch, which stays until acknowledged.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::message::MAX_C2D_SIZE;
-use crate::store::Machine;
+use crate::message::{now_ms, MAX_C2D_SIZE};
+use crate::store::{Durability, Machine, StateLog, StateOptions};
 use crate::wire;
 
 /// Which outcomes the sender wants feedback for (`iothub-ack`).
@@ -220,8 +224,16 @@ pub enum Settle {
 pub enum Event {
     /// A message was accepted into `device`'s queue.
     Enqueue { device: String, generation_id: String, entry: Entry },
-    /// A message was settled.
-    Settle { device: String, seq: u64, how: Settle, at_ms: u64 },
+    /// A message was settled; an abandon dead-letters it once its delivery count reaches
+    /// `max_delivery` (carried in the event so replay does not depend on configuration).
+    Settle {
+        device: String,
+        seq: u64,
+        how: Settle,
+        at_ms: u64,
+        #[serde(default = "default_max_delivery")]
+        max_delivery: u32,
+    },
     /// Every message of `device` was removed.
     Purge { device: String, at_ms: u64 },
     /// Pending feedback (up to the batch size) became batch `id`.
@@ -230,6 +242,10 @@ pub enum Event {
     BatchAck { id: u64 },
     /// Feedback batch `id` expired unconsumed (counted, then dropped).
     BatchExpire { id: u64 },
+}
+
+fn default_max_delivery() -> u32 {
+    C2dLimits::default().max_delivery_count
 }
 
 /// The durable C2D state: queues, pending feedback, feedback batches.
@@ -242,7 +258,6 @@ pub struct State {
     /// Outcome counters since creation (observability): status name → count.
     outcomes: BTreeMap<String, u64>,
     expired_feedback_batches: u64,
-    limits_max_delivery: u32,
 }
 
 impl Machine for State {
@@ -280,8 +295,7 @@ impl State {
                 q.next_seq = q.next_seq.max(entry.seq + 1);
                 q.entries.push_back(entry);
             }
-            Event::Settle { device, seq, how, at_ms } => {
-                let max_delivery = self.max_delivery();
+            Event::Settle { device, seq, how, at_ms, max_delivery } => {
                 let Some(q) = self.queues.get_mut(&device) else { return };
                 let Some(i) = q.entries.iter().position(|e| e.seq == seq) else { return };
                 let status = match how {
@@ -325,19 +339,6 @@ impl State {
                 }
             }
         }
-    }
-
-    fn max_delivery(&self) -> u32 {
-        if self.limits_max_delivery == 0 {
-            C2dLimits::default().max_delivery_count
-        } else {
-            self.limits_max_delivery
-        }
-    }
-
-    /// Sets the max delivery count used when applying abandons (configuration, not an event).
-    pub fn set_max_delivery(&mut self, n: u32) {
-        self.limits_max_delivery = n;
     }
 
     fn finish(&mut self, device: &str, generation_id: &str, e: &Entry, status: FeedbackStatus, at_ms: u64) {
@@ -512,7 +513,7 @@ mod tests {
     }
 
     fn settle(s: &mut State, device: &str, seq: u64, how: Settle) {
-        s.apply(&encode(&Event::Settle { device: device.into(), seq, how, at_ms: 1_000 })).unwrap();
+        s.apply(&encode(&Event::Settle { device: device.into(), seq, how, at_ms: 1_000, max_delivery: 10 })).unwrap();
     }
 
     #[test]
@@ -646,5 +647,246 @@ mod tests {
             serde_json::json!({"originalMessageId":"0987654321","deviceId":"123","deviceGenerationId":"abc",
                 "enqueuedTimeUtc":"2015-07-28T16:24:48.789Z","statusCode":"Success","description":"Success"})
         );
+    }
+}
+
+/// The hub's C2D service: the durable [`State`] on a [`StateLog`], volatile locks, and wake-ups
+/// for the device and service sessions that deliver messages and feedback.
+pub struct C2d {
+    log: StateLog<State>,
+    limits: C2dLimits,
+    locks: Mutex<Locks>,
+    /// Per device: notified when it may have something new to deliver.
+    wake: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Bumped when feedback batches appear or become unlocked.
+    feedback: watch::Sender<u64>,
+    /// Feedback batch id → (connection, lock expiry ms).
+    feedback_locks: Mutex<HashMap<u64, (u64, u64)>>,
+}
+
+/// What a device session sends: the message with its C2D system properties filled in.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Sequence number in the device queue.
+    pub seq: u64,
+    /// The message (`$.to`, `iothub-ack`, sequence number and enqueued time in `system`).
+    pub message: crate::Message,
+}
+
+impl C2d {
+    /// Opens the C2D store in `dir`.
+    pub fn open(dir: &std::path::Path, durability: Durability, limits: C2dLimits) -> Result<Arc<C2d>> {
+        let log = StateLog::<State>::open(dir, StateOptions { durability, ..StateOptions::default() })?;
+        let (feedback, _) = watch::channel(0);
+        Ok(Arc::new(C2d {
+            log,
+            limits,
+            locks: Mutex::new(Locks::default()),
+            wake: Mutex::new(HashMap::new()),
+            feedback,
+            feedback_locks: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &C2dLimits {
+        &self.limits
+    }
+
+    /// Runs `f` on the state.
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        self.log.read(f)
+    }
+
+    /// The wake-up of `device`'s session.
+    pub fn device_notify(&self, device: &str) -> Arc<Notify> {
+        self.wake.lock().entry(device.to_string()).or_default().clone()
+    }
+
+    fn wake_device(&self, device: &str) {
+        if let Some(n) = self.wake.lock().get(device) {
+            n.notify_one();
+        }
+    }
+
+    /// A watch that changes when feedback batches may be deliverable.
+    pub fn feedback_watch(&self) -> watch::Receiver<u64> {
+        self.feedback.subscribe()
+    }
+
+    fn commit(&self, decide: impl FnOnce(&State) -> Result<Event>) -> Result<u64> {
+        let ((), seq) = self.log.commit_with(|s| Ok((encode(&decide(s)?), ())))?;
+        Ok(seq)
+    }
+
+    /// Accepts a message for `device`; returns its sequence number once durable.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send(
+        &self,
+        device: &str,
+        generation_id: &str,
+        message_id: String,
+        ack: AckMode,
+        ttl: Option<Duration>,
+        record: Vec<u8>,
+        size: usize,
+    ) -> Result<u64> {
+        let now = now_ms();
+        let mut seq_out = 0;
+        let seq = self.commit(|s| {
+            let ev = s.enqueue(&self.limits, device, generation_id, message_id, ack, ttl, record, size, now)?;
+            if let Event::Enqueue { entry, .. } = &ev {
+                seq_out = entry.seq;
+            }
+            Ok(ev)
+        })?;
+        self.log.wait_durable(seq).await?;
+        self.wake_device(device);
+        Ok(seq_out)
+    }
+
+    /// Settles message `seq` of `device`. A reject or abandon of a message whose TTL passed is
+    /// recorded as expired. Returns false if the message is no longer queued. Does not wait for
+    /// durability (use [`C2d::sync`]).
+    pub fn settle(&self, device: &str, seq: u64, how: Settle) -> Result<bool> {
+        let now = now_ms();
+        let mut found = false;
+        let r = self.commit(|s| {
+            let Some(e) = s.queue(device).find(|e| e.seq == seq) else {
+                return Err(Error::new(ErrorKind::LockLost, format!("message {seq} of '{device}' is no longer queued")));
+            };
+            found = true;
+            let how = if how != Settle::Complete && e.expiry_ms <= now { Settle::Expire } else { how };
+            Ok(Event::Settle { device: device.to_string(), seq, how, at_ms: now, max_delivery: self.limits.max_delivery_count })
+        });
+        match r {
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::LockLost => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        self.locks.lock().unlock(device, seq);
+        self.wake_device(device);
+        self.feedback.send_modify(|v| *v += 1);
+        Ok(found)
+    }
+
+    /// Removes every message of `device` (feedback `Purged` where requested). Returns the count.
+    pub async fn purge(&self, device: &str) -> Result<usize> {
+        let mut n = 0;
+        let seq = self.commit(|s| {
+            n = s.depth(device);
+            Ok(Event::Purge { device: device.to_string(), at_ms: now_ms() })
+        })?;
+        self.log.wait_durable(seq).await?;
+        self.feedback.send_modify(|v| *v += 1);
+        Ok(n)
+    }
+
+    /// Locks and returns the next deliverable message of `device` for connection `conn`.
+    pub fn take_deliverable(&self, device: &str, conn: u64) -> Option<Delivery> {
+        let now = now_ms();
+        self.log.read(|s| {
+            let mut locks = self.locks.lock();
+            let e = next_deliverable(s, &locks, device, now)?;
+            locks.lock(device, e.seq, conn, now + self.limits.lock.as_millis() as u64);
+            let mut message = match crate::Message::decode(&bytes::Bytes::copy_from_slice(&e.record)) {
+                Ok(m) => m,
+                Err(err) => {
+                    tracing::error!(device, seq = e.seq, error = %err, "undecodable C2D record");
+                    return None;
+                }
+            };
+            message.message_id = Some(e.message_id.clone());
+            message.expiry_time_ms = Some(e.expiry_ms);
+            message.system.retain(|(k, _)| !matches!(k.as_str(), "$.to" | "iothub-ack" | "iothub-sequencenumber" | "iothub-enqueuedtime" | "iothub-deliverycount"));
+            message.system.extend([
+                ("$.to".to_string(), format!("/devices/{device}/messages/devicebound")),
+                ("iothub-ack".to_string(), e.ack.as_str().to_string()),
+                ("iothub-sequencenumber".to_string(), e.seq.to_string()),
+                ("iothub-enqueuedtime".to_string(), e.enqueued_ms.to_string()),
+                ("iothub-deliverycount".to_string(), e.delivery_count.to_string()),
+            ]);
+            Some(Delivery { seq: e.seq, message })
+        })
+    }
+
+    /// Whether connection `conn` holds the lock of (device, seq).
+    pub fn holds_lock(&self, device: &str, seq: u64, conn: u64) -> bool {
+        self.locks.lock().holder(device, seq, now_ms()) == Some(conn)
+    }
+
+    /// Returns every message locked by `conn` to the queue (disconnect).
+    pub fn release_conn(&self, device: &str, conn: u64) {
+        self.locks.lock().release_conn(conn);
+        self.wake_device(device);
+        let mut fl = self.feedback_locks.lock();
+        let before = fl.len();
+        fl.retain(|_, (c, _)| *c != conn);
+        if fl.len() != before {
+            self.feedback.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Periodic work: dead-letter expired messages, release expired locks, form feedback
+    /// batches (by count, or once the oldest record waited `batch_interval`), drop feedback
+    /// batches older than `feedback_ttl`.
+    pub fn sweep(&self, batch_interval: Duration, feedback_ttl: Duration, oldest_pending_ms: &mut Option<u64>) -> Result<()> {
+        let now = now_ms();
+        for (device, seq) in self.log.read(|s| s.expired(now)) {
+            self.settle(&device, seq, Settle::Expire)?;
+        }
+        for device in self.locks.lock().expire(now) {
+            self.wake_device(&device);
+        }
+        let (pending, expired_batches) = self.log.read(|s| {
+            let old: Vec<u64> = s.batches().filter(|b| b.created_ms + feedback_ttl.as_millis() as u64 <= now).map(|b| b.id).collect();
+            (s.pending_feedback().len(), old)
+        });
+        for id in expired_batches {
+            tracing::warn!(batch = id, "feedback batch expired unconsumed");
+            self.commit(|_| Ok(Event::BatchExpire { id }))?;
+        }
+        if pending == 0 {
+            *oldest_pending_ms = None;
+            return Ok(());
+        }
+        let since = *oldest_pending_ms.get_or_insert(now);
+        let mut formed = false;
+        let mut remaining = pending;
+        while remaining >= self.limits.feedback_batch || (remaining > 0 && now >= since + batch_interval.as_millis() as u64) {
+            let max = self.limits.feedback_batch;
+            self.commit(|s| Ok(Event::Batch { id: s.next_batch_id(), at_ms: now, max }))?;
+            remaining = remaining.saturating_sub(max);
+            formed = true;
+        }
+        if formed {
+            *oldest_pending_ms = if remaining > 0 { Some(now) } else { None };
+            self.feedback.send_modify(|v| *v += 1);
+        }
+        Ok(())
+    }
+
+    /// Locks and returns the oldest feedback batch no other connection holds.
+    pub fn take_feedback(&self, conn: u64) -> Option<Batch> {
+        let now = now_ms();
+        let lock_ms = self.limits.lock.as_millis() as u64;
+        self.log.read(|s| {
+            let mut fl = self.feedback_locks.lock();
+            let b = s.batches().find(|b| fl.get(&b.id).is_none_or(|(_, until)| *until <= now))?;
+            fl.insert(b.id, (conn, now + lock_ms));
+            Some(b.clone())
+        })
+    }
+
+    /// Acknowledges feedback batch `id` (it is removed).
+    pub fn ack_feedback(&self, id: u64) -> Result<()> {
+        self.feedback_locks.lock().remove(&id);
+        self.commit(|_| Ok(Event::BatchAck { id }))?;
+        Ok(())
+    }
+
+    /// Flushes and closes the store.
+    pub fn close(&self) -> Result<()> {
+        self.log.close()
     }
 }
