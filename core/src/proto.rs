@@ -241,6 +241,147 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(op: &str, body: &[u8]) -> Resu
     serde_json::from_slice(body).map_err(|e| Error::invalid(format!("request '{op}': malformed body: {e}")))
 }
 
+/// Which outcomes the sender wants feedback for (`iothub-ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// No feedback.
+    #[default]
+    None,
+    /// Feedback on completion.
+    Positive,
+    /// Feedback on dead-lettering (expired, delivery count exceeded, rejected) and purge.
+    Negative,
+    /// Both.
+    Full,
+}
+
+impl AckMode {
+    /// The wire value (`none`, `positive`, `negative`, `full`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckMode::None => "none",
+            AckMode::Positive => "positive",
+            AckMode::Negative => "negative",
+            AckMode::Full => "full",
+        }
+    }
+
+    /// Whether a message with this mode wants feedback for `status`.
+    pub fn wants(self, status: FeedbackStatus) -> bool {
+        match self {
+            AckMode::None => false,
+            AckMode::Full => true,
+            AckMode::Positive => status == FeedbackStatus::Success,
+            AckMode::Negative => status != FeedbackStatus::Success,
+        }
+    }
+}
+
+impl std::str::FromStr for AckMode {
+    type Err = Error;
+    /// Case-insensitive `none`, `positive`, `negative`, `full` (reference §7.1).
+    fn from_str(s: &str) -> Result<AckMode> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "none" => AckMode::None,
+            "positive" => AckMode::Positive,
+            "negative" => AckMode::Negative,
+            "full" => AckMode::Full,
+            _ => return Err(Error::invalid(format!("ack '{s}' is not none, positive, negative or full"))),
+        })
+    }
+}
+
+/// Feedback status codes (reference §7.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FeedbackStatus {
+    /// Completed by the device.
+    Success,
+    /// TTL passed before completion.
+    Expired,
+    /// Abandoned `max_delivery_count` times.
+    DeliveryCountExceeded,
+    /// Rejected by the device.
+    Rejected,
+    /// Removed by a purge.
+    Purged,
+}
+
+impl FeedbackStatus {
+    /// The status name (also used as the description).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedbackStatus::Success => "Success",
+            FeedbackStatus::Expired => "Expired",
+            FeedbackStatus::DeliveryCountExceeded => "DeliveryCountExceeded",
+            FeedbackStatus::Rejected => "Rejected",
+            FeedbackStatus::Purged => "Purged",
+        }
+    }
+}
+
+/// One feedback record, serialized exactly as IoT Hub's JSON (reference §7.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackRecord {
+    /// `message-id` of the C2D message.
+    pub original_message_id: String,
+    /// Target device.
+    pub device_id: String,
+    /// Target device's generation id.
+    pub device_generation_id: String,
+    /// When the outcome happened (ISO-8601 UTC).
+    pub enqueued_time_utc: String,
+    /// Outcome.
+    pub status_code: FeedbackStatus,
+    /// Text for the status (the status name).
+    pub description: String,
+}
+
+
+/// Topic prefix of the hubmsg device extension that settles a C2D message without completing
+/// it: `$hubmsg/c2d/abandon/{sequenceNumber}` or `$hubmsg/c2d/reject/{sequenceNumber}`.
+pub const C2D_SETTLE_PREFIX: &str = "$hubmsg/c2d/";
+
+/// Topic prefix of feedback batch deliveries: `$hubmsg/feedback/{batchId}`.
+pub const FEEDBACK_PREFIX: &str = "$hubmsg/feedback/";
+
+/// `c2d.send` request body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct C2dSend {
+    /// Target device.
+    pub device_id: String,
+    /// Requested feedback.
+    #[serde(default)]
+    pub ack: AckMode,
+    /// Time to live in ms (default 1 h, at most 48 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_ms: Option<u64>,
+    /// The message as a record ([`crate::Message::encode`]), base64.
+    pub record: String,
+}
+
+/// `c2d.send` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct C2dReceipt {
+    /// Message id (the sender's, or one the hub generated).
+    pub message_id: String,
+    /// Sequence number in the device queue.
+    pub sequence_number: u64,
+}
+
+/// `c2d.purge` answer (IoT Hub's purge response shape).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PurgeResult {
+    /// The device.
+    pub device_id: String,
+    /// How many messages were removed.
+    pub total_messages_purged: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

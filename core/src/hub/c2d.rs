@@ -27,102 +27,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, MAX_C2D_SIZE};
 use crate::store::{Durability, Machine, StateLog, StateOptions};
 use crate::wire;
-
-/// Which outcomes the sender wants feedback for (`iothub-ack`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AckMode {
-    /// No feedback.
-    #[default]
-    None,
-    /// Feedback on completion.
-    Positive,
-    /// Feedback on dead-lettering (expired, delivery count exceeded, rejected) and purge.
-    Negative,
-    /// Both.
-    Full,
-}
-
-impl AckMode {
-    /// The wire value (`none`, `positive`, `negative`, `full`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AckMode::None => "none",
-            AckMode::Positive => "positive",
-            AckMode::Negative => "negative",
-            AckMode::Full => "full",
-        }
-    }
-
-    fn wants(self, status: FeedbackStatus) -> bool {
-        match self {
-            AckMode::None => false,
-            AckMode::Full => true,
-            AckMode::Positive => status == FeedbackStatus::Success,
-            AckMode::Negative => status != FeedbackStatus::Success,
-        }
-    }
-}
-
-impl std::str::FromStr for AckMode {
-    type Err = Error;
-    /// Case-insensitive `none`, `positive`, `negative`, `full` (reference §7.1).
-    fn from_str(s: &str) -> Result<AckMode> {
-        Ok(match s.to_ascii_lowercase().as_str() {
-            "none" => AckMode::None,
-            "positive" => AckMode::Positive,
-            "negative" => AckMode::Negative,
-            "full" => AckMode::Full,
-            _ => return Err(Error::invalid(format!("ack '{s}' is not none, positive, negative or full"))),
-        })
-    }
-}
-
-/// Feedback status codes (reference §7.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum FeedbackStatus {
-    /// Completed by the device.
-    Success,
-    /// TTL passed before completion.
-    Expired,
-    /// Abandoned `max_delivery_count` times.
-    DeliveryCountExceeded,
-    /// Rejected by the device.
-    Rejected,
-    /// Removed by a purge.
-    Purged,
-}
-
-impl FeedbackStatus {
-    /// The status name (also used as the description).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FeedbackStatus::Success => "Success",
-            FeedbackStatus::Expired => "Expired",
-            FeedbackStatus::DeliveryCountExceeded => "DeliveryCountExceeded",
-            FeedbackStatus::Rejected => "Rejected",
-            FeedbackStatus::Purged => "Purged",
-        }
-    }
-}
-
-/// One feedback record, serialized exactly as IoT Hub's JSON (reference §7.3).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FeedbackRecord {
-    /// `message-id` of the C2D message.
-    pub original_message_id: String,
-    /// Target device.
-    pub device_id: String,
-    /// Target device's generation id.
-    pub device_generation_id: String,
-    /// When the outcome happened (ISO-8601 UTC).
-    pub enqueued_time_utc: String,
-    /// Outcome.
-    pub status_code: FeedbackStatus,
-    /// Text for the status (the status name).
-    pub description: String,
-}
+pub use crate::proto::{AckMode, FeedbackRecord, FeedbackStatus};
 
 /// Limits of the C2D queues (reference §6.2, §9.4).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,6 +147,8 @@ pub enum Event {
     BatchAck { id: u64 },
     /// Feedback batch `id` expired unconsumed (counted, then dropped).
     BatchExpire { id: u64 },
+    /// `device` has (or no longer has) a persistent C2D subscription (clean session 0).
+    Subscription { device: String, on: bool },
 }
 
 fn default_max_delivery() -> u32 {
@@ -258,6 +165,8 @@ pub struct State {
     /// Outcome counters since creation (observability): status name → count.
     outcomes: BTreeMap<String, u64>,
     expired_feedback_batches: u64,
+    #[serde(default)]
+    subscriptions: std::collections::BTreeSet<String>,
 }
 
 impl Machine for State {
@@ -336,6 +245,13 @@ impl State {
             Event::BatchExpire { id } => {
                 if self.batches.remove(&id).is_some() {
                     self.expired_feedback_batches += 1;
+                }
+            }
+            Event::Subscription { device, on } => {
+                if on {
+                    self.subscriptions.insert(device);
+                } else {
+                    self.subscriptions.remove(&device);
                 }
             }
         }
@@ -427,6 +343,11 @@ impl State {
     /// The id the next batch gets.
     pub fn next_batch_id(&self) -> u64 {
         self.next_batch.max(1)
+    }
+
+    /// Whether `device` has a persistent C2D subscription.
+    pub fn subscribed(&self, device: &str) -> bool {
+        self.subscriptions.contains(device)
     }
 
     /// Terminal outcome counts since the store was created.
@@ -782,6 +703,16 @@ impl C2d {
         Ok(n)
     }
 
+    /// Records whether `device` keeps its C2D subscription across connections (clean session 0
+    /// keeps it; clean session 1 drops it). Durable before it returns.
+    pub async fn set_subscription(&self, device: &str, on: bool) -> Result<()> {
+        if self.log.read(|s| s.subscribed(device)) == on {
+            return Ok(());
+        }
+        let seq = self.commit(|_| Ok(Event::Subscription { device: device.to_string(), on }))?;
+        self.log.wait_durable(seq).await
+    }
+
     /// Locks and returns the next deliverable message of `device` for connection `conn`.
     pub fn take_deliverable(&self, device: &str, conn: u64) -> Option<Delivery> {
         let now = now_ms();
@@ -815,10 +746,14 @@ impl C2d {
         self.locks.lock().holder(device, seq, now_ms()) == Some(conn)
     }
 
-    /// Returns every message locked by `conn` to the queue (disconnect).
+    /// Returns every message locked by device connection `conn` to the queue (disconnect).
     pub fn release_conn(&self, device: &str, conn: u64) {
         self.locks.lock().release_conn(conn);
         self.wake_device(device);
+    }
+
+    /// Releases the feedback batches locked by service connection `conn` (disconnect).
+    pub fn release_feedback(&self, conn: u64) {
         let mut fl = self.feedback_locks.lock();
         let before = fl.len();
         fl.retain(|_, (c, _)| *c != conn);

@@ -66,6 +66,17 @@ pub struct HubConfig {
     pub checkpoint_interval: Duration,
     /// Time a new connection has to send CONNECT. Default 10 s.
     pub connect_timeout: Duration,
+    /// C2D queue limits (50 per device, 60 s lock, max delivery 10, TTL 1 h / 48 h, 64 KB).
+    pub c2d: c2d::C2dLimits,
+    /// Unacknowledged C2D messages in flight to one device connection. Default 10.
+    pub c2d_window: usize,
+    /// A feedback batch forms once its oldest record waited this long (or 64 accumulated).
+    /// Default 15 s (IoT Hub); lower it for fast tests.
+    pub feedback_interval: Duration,
+    /// Feedback batches not acknowledged within this time are dropped (counted). Default 1 h.
+    pub feedback_ttl: Duration,
+    /// How often expiries, lock timeouts and feedback batching are checked. Default 100 ms.
+    pub sweep_interval: Duration,
 }
 
 impl HubConfig {
@@ -85,6 +96,11 @@ impl HubConfig {
             retention_interval: Duration::from_secs(60),
             checkpoint_interval: Duration::from_millis(50),
             connect_timeout: Duration::from_secs(10),
+            c2d: c2d::C2dLimits::default(),
+            c2d_window: 10,
+            feedback_interval: Duration::from_secs(15),
+            feedback_ttl: Duration::from_secs(3600),
+            sweep_interval: Duration::from_millis(100),
         }
     }
 }
@@ -118,6 +134,7 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) events: Arc<events::EventLog>,
     pub(crate) groups: Arc<events::Groups>,
+    pub(crate) c2d: Arc<c2d::C2d>,
     /// device id → (connection id, kick signal) of the one live connection.
     pub(crate) devices: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
     pub(crate) next_conn: AtomicU64,
@@ -174,14 +191,15 @@ impl Hub {
             }
             Err(e) => return Err(Error::storage(format!("read {}", meta_path.display()), e)),
         }
-        let (registry, events, groups) = {
+        let (registry, events, groups, c2d) = {
             let c = config.clone();
             let registry = tokio::task::spawn_blocking(move || Registry::open(&c.data_dir.join("registry"), c.durability))
                 .await
                 .map_err(|e| Error::new(ErrorKind::Internal, format!("registry open task: {e}")))??;
             let events = events::EventLog::open(&dir.join("events"), config.partitions, config.durability, config.segment_bytes)?;
             let groups = events::Groups::open(&dir.join("checkpoints"), config.partitions, config.durability)?;
-            (registry, events, groups)
+            let c2d = c2d::C2d::open(&dir.join("c2d"), config.durability, config.c2d.clone())?;
+            (registry, events, groups, c2d)
         };
         let tls_config = match config.mqtts {
             None => None,
@@ -201,6 +219,7 @@ impl Hub {
             registry,
             events,
             groups,
+            c2d,
             devices: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             shutdown,
@@ -224,6 +243,7 @@ impl Hub {
         }
         tasks.push(tokio::spawn(checkpoint_loop(shared.clone())));
         tasks.push(tokio::spawn(retention_loop(shared.clone())));
+        tasks.push(tokio::spawn(sweep_loop(shared.clone())));
         tracing::info!(?mqtt_addr, ?mqtts_addr, partitions = config.partitions, "hub started");
         Ok(Hub { ca_file: config.tls.as_ref().map(|t| t.cert.clone()), shared, mqtt_addr, mqtts_addr, stop, tasks })
     }
@@ -274,6 +294,11 @@ impl Hub {
             ..Default::default()
         }
         .to_string())
+    }
+
+    /// The C2D queues and feedback (for inspection and in-process use).
+    pub fn c2d(&self) -> &c2d::C2d {
+        &self.shared.c2d
     }
 
     /// Creates a device identity (durable on return).
@@ -329,6 +354,7 @@ impl Hub {
         tokio::task::spawn_blocking(move || -> Result<()> {
             s.events.close()?;
             s.groups.close()?;
+            s.c2d.close()?;
             s.registry.close()
         })
         .await
@@ -388,6 +414,18 @@ async fn checkpoint_loop(shared: Arc<Shared>) {
         tick.tick().await;
         if let Err(e) = shared.groups.flush().await {
             tracing::error!(error = %e, "persisting consumer checkpoints failed; will retry");
+        }
+    }
+}
+
+async fn sweep_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut oldest_pending = None;
+    loop {
+        tick.tick().await;
+        if let Err(e) = shared.c2d.sweep(shared.config.feedback_interval, shared.config.feedback_ttl, &mut oldest_pending) {
+            tracing::error!(error = %e, "C2D sweep failed; will retry");
         }
     }
 }

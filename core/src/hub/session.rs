@@ -19,6 +19,7 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
+use super::c2d;
 use super::registry::Right;
 use super::Shared;
 use crate::auth::{self, SasToken};
@@ -76,8 +77,13 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
                     old.notify_one();
                 }
                 writer.send(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, !connect.clean_session))).await?;
+                if connect.clean_session {
+                    shared.c2d.set_subscription(&id, false).await?;
+                }
                 let mut dev = DeviceSession {
                     shared: &shared,
+                    conn_id,
+                    persistent: !connect.clean_session,
                     id: id.clone(),
                     partition: super::events::partition_for(&id, shared.events.count()),
                     auth_method,
@@ -86,6 +92,7 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
                     kick,
                 };
                 let r = dev.run(&mut reader, &mut writer).await;
+                shared.c2d.release_conn(&id, conn_id);
                 let mut devices = shared.devices.lock();
                 if devices.get(&id).is_some_and(|(c, _)| *c == conn_id) {
                     devices.remove(&id);
@@ -100,6 +107,7 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
                 if let Some(c) = &svc.consumer {
                     shared.groups.leave(&c.group, member);
                 }
+                shared.c2d.release_feedback(member);
                 r
             }
         }
@@ -199,6 +207,8 @@ fn user_module_or_mismatch(c: &Connect, device_id: &str) -> bool {
 
 struct DeviceSession<'a> {
     shared: &'a Shared,
+    conn_id: u64,
+    persistent: bool,
     id: String,
     partition: u32,
     auth_method: &'static str,
@@ -212,8 +222,13 @@ impl DeviceSession<'_> {
         let log = self.shared.events.partition(self.partition).clone();
         let mut durable = log.durable();
         let mut shutdown = self.shared.shutdown.clone();
+        let c2d_wake = self.shared.c2d.device_notify(&self.id);
         // (packet id, partition seq) of QoS 1 publishes awaiting durability, in arrival order.
         let mut pending: VecDeque<(u16, u64)> = VecDeque::new();
+        // C2D deliveries awaiting the device's PUBACK: packet id → queue seq.
+        let mut c2d_in_flight: HashMap<u16, u64> = HashMap::new();
+        let mut next_pkid: u16 = 1;
+        let mut subscribed = self.persistent && self.shared.c2d.read(|s| s.subscribed(&self.id));
         let mut deadline = Instant::now() + self.idle;
         let auth_method = format!(
             "{{\"scope\":\"{}\",\"type\":\"sas\",\"issuer\":\"iothub\",\"acceptingIpFilterRule\":null}}",
@@ -226,6 +241,22 @@ impl DeviceSession<'_> {
                 let (pkid, _) = pending.pop_front().expect("front exists");
                 writer.queue(&Packet::PubAck(PubAck::new(pkid)))?;
             }
+            // Deliver C2D messages while the window has room.
+            while subscribed && c2d_in_flight.len() < self.shared.config.c2d_window {
+                let Some(d) = self.shared.c2d.take_deliverable(&self.id, self.conn_id) else { break };
+                let pkid = loop {
+                    let id = next_pkid;
+                    next_pkid = if id == u16::MAX { 1 } else { id + 1 };
+                    if !c2d_in_flight.contains_key(&id) {
+                        break id;
+                    }
+                };
+                let topic = wire::c2d_topic(&self.id, &wire::c2d_bag(&d.message));
+                let mut p = Publish::from_bytes(topic, QoS::AtLeastOnce, d.message.body.clone());
+                p.pkid = pkid;
+                writer.queue(&Packet::Publish(p))?;
+                c2d_in_flight.insert(pkid, d.seq);
+            }
             writer.flush().await?;
             tokio::select! {
                 biased;
@@ -233,6 +264,12 @@ impl DeviceSession<'_> {
                     deadline = Instant::now() + self.idle;
                     match pkt? {
                         None => return Ok(()),
+                        Some(Packet::Publish(p)) if p.topic.starts_with(proto::C2D_SETTLE_PREFIX) => {
+                            self.settle_extension(&p, &mut c2d_in_flight)?;
+                            if p.qos == QoS::AtLeastOnce {
+                                writer.queue(&Packet::PubAck(PubAck::new(p.pkid)))?;
+                            }
+                        }
                         Some(Packet::Publish(p)) => {
                             if let Some((pkid, seq)) = self.d2c(&log, p, &auth_method)? {
                                 pending.push_back((pkid, seq));
@@ -251,19 +288,56 @@ impl DeviceSession<'_> {
                                 codes.push(SubscribeReasonCode::Success(QoS::AtLeastOnce));
                             }
                             writer.queue(&Packet::SubAck(SubAck::new(s.pkid, codes)))?;
+                            if !subscribed {
+                                subscribed = true;
+                                if self.persistent {
+                                    self.shared.c2d.set_subscription(&self.id, true).await?;
+                                }
+                            }
                         }
                         Some(Packet::Unsubscribe(u)) => writer.queue(&Packet::UnsubAck(UnsubAck::new(u.pkid)))?,
-                        Some(Packet::PubAck(_)) => {}
+                        Some(Packet::PubAck(a)) => {
+                            // PUBACK of a C2D delivery = complete (IoT Hub MQTT semantics).
+                            if let Some(seq) = c2d_in_flight.remove(&a.pkid) {
+                                self.shared.c2d.settle(&self.id, seq, c2d::Settle::Complete)?;
+                            }
+                        }
                         Some(Packet::Disconnect) => return Ok(()),
                         Some(other) => return Err(Error::protocol(format!("unexpected {} from a device", packet_name(&other)))),
                     }
                 }
                 r = durable.changed() => { if r.is_err() { return Err(Error::closed("event log")); } }
+                _ = c2d_wake.notified(), if subscribed => {
+                    // A lock expired or new messages arrived: forget deliveries whose lock this
+                    // connection no longer holds, so they can be delivered again.
+                    c2d_in_flight.retain(|_, seq| self.shared.c2d.holds_lock(&self.id, *seq, self.conn_id));
+                }
                 _ = self.kick.notified() => return Ok(()),
                 _ = tokio::time::sleep_until(deadline) => return Err(Error::new(ErrorKind::Timeout, format!("device '{}' silent for {:?} (keep-alive × 1.5)", self.id, self.idle))),
                 _ = shutdown.changed() => return Ok(()),
             }
         }
+    }
+
+    /// The hubmsg extension: `$hubmsg/c2d/{abandon|reject}/{sequenceNumber}` settles a locked
+    /// message without PUBACK semantics (`docs/protocol.md`).
+    fn settle_extension(&self, p: &Publish, in_flight: &mut HashMap<u16, u64>) -> Result<()> {
+        let rest = &p.topic[proto::C2D_SETTLE_PREFIX.len()..];
+        let (how, seq) = rest.split_once('/').ok_or_else(|| Error::protocol(format!("bad settle topic '{}'", p.topic)))?;
+        let seq: u64 = seq.parse().map_err(|_| Error::protocol(format!("bad settle topic '{}'", p.topic)))?;
+        let how = match how {
+            "abandon" => c2d::Settle::Abandon,
+            "reject" => c2d::Settle::Reject,
+            _ => return Err(Error::protocol(format!("bad settle topic '{}'", p.topic))),
+        };
+        if !self.shared.c2d.holds_lock(&self.id, seq, self.conn_id) {
+            // Lock lost (412002): the message was or will be delivered again; nothing to do.
+            tracing::debug!(device = %self.id, seq, "settle after lock loss ignored");
+            return Ok(());
+        }
+        in_flight.retain(|_, s| *s != seq);
+        self.shared.c2d.settle(&self.id, seq, how)?;
+        Ok(())
     }
 
     fn allowed_filter(&self, f: &str) -> bool {
@@ -323,6 +397,18 @@ struct Consumer {
     parts: HashMap<u32, PartState>,
 }
 
+/// What a hub → service publish carried, by packet id.
+#[derive(Debug, Clone, Copy)]
+enum Outgoing {
+    /// A D2C event (partition, seq).
+    Event(u32, u64),
+    /// A feedback batch.
+    Feedback(u64),
+}
+
+/// Feedback batches in flight to one service connection.
+const FEEDBACK_WINDOW: usize = 4;
+
 struct ServiceSession<'a> {
     shared: &'a Arc<Shared>,
     member: u64,
@@ -330,7 +416,9 @@ struct ServiceSession<'a> {
     rights: Vec<Right>,
     idle: Duration,
     consumer: Option<Consumer>,
-    pkids: HashMap<u16, (u32, u64)>,
+    /// Whether this connection receives feedback batches.
+    feedback: bool,
+    pkids: HashMap<u16, Outgoing>,
     next_pkid: u16,
     responses: (mpsc::UnboundedSender<(u64, Response)>, mpsc::UnboundedReceiver<(u64, Response)>),
 }
@@ -344,6 +432,7 @@ impl<'a> ServiceSession<'a> {
             rights,
             idle,
             consumer: None,
+            feedback: false,
             pkids: HashMap::new(),
             next_pkid: 1,
             responses: mpsc::unbounded_channel(),
@@ -352,10 +441,12 @@ impl<'a> ServiceSession<'a> {
 
     async fn run(&mut self, reader: &mut Reader, writer: &mut Writer) -> Result<()> {
         let mut version = self.shared.events.subscribe();
+        let mut feedback = self.shared.c2d.feedback_watch();
         let mut shutdown = self.shared.shutdown.clone();
         let mut deadline = Instant::now() + self.idle;
         loop {
             let more = self.fill(writer)?;
+            self.fill_feedback(writer)?;
             writer.flush().await?;
             let consuming = self.consumer.is_some();
             let assignment_changed = async {
@@ -395,6 +486,7 @@ impl<'a> ServiceSession<'a> {
                 }
                 r = assignment_changed => { if r.is_ok() { self.reassign(); } }
                 _ = version.changed(), if consuming && !more => {}
+                _ = feedback.changed(), if self.feedback => {}
                 _ = tokio::task::yield_now(), if more => {}
                 _ = tokio::time::sleep_until(deadline) => return Err(Error::new(ErrorKind::Timeout, "service connection silent past keep-alive")),
                 _ = shutdown.changed() => return Ok(()),
@@ -410,12 +502,16 @@ impl ServiceSession<'_> {
         let (op, rid) = proto::parse_request_topic(&p.topic)
             .ok_or_else(|| Error::new(ErrorKind::Unauthorized, format!("services may only publish requests, not to '{}'", p.topic)))?;
         let tx = self.responses.0.clone();
-        if op == "consume" {
-            let resp = match self.start_consume(&p.payload) {
-                Ok(v) => Response::ok(v),
-                Err(e) => Response::err(&e),
+        if op == "consume" || op == "feedback.subscribe" {
+            let r = if op == "consume" {
+                self.start_consume(&p.payload)
+            } else {
+                need(&self.rights, Right::ServiceConnect, op).map(|()| {
+                    self.feedback = true;
+                    serde_json::json!({})
+                })
             };
-            let _ = tx.send((rid, resp));
+            let _ = tx.send((rid, r.map_or_else(|e| Response::err(&e), Response::ok)));
             return Ok(());
         }
         let (op, shared, rights, policy) = (op.to_string(), self.shared.clone(), self.rights.clone(), self.policy.clone());
@@ -458,7 +554,7 @@ impl ServiceSession<'_> {
         let Some(c) = &mut self.consumer else { return };
         let assigned: Vec<u32> = c.assignment.borrow_and_update().clone();
         c.parts.retain(|p, _| assigned.contains(p));
-        self.pkids.retain(|_, (p, _)| assigned.contains(p));
+        self.pkids.retain(|_, o| !matches!(o, Outgoing::Event(p, _) if !assigned.contains(p)));
         let from = if c.first_assignment { c.from } else { proto::StartPosition::Checkpoint };
         c.first_assignment = false;
         for p in assigned {
@@ -499,17 +595,11 @@ impl ServiceSession<'_> {
             }
             let records = log.read(st.next, room.min(512), 1024 * 1024)?;
             for r in records {
-                let pkid = loop {
-                    let id = self.next_pkid;
-                    self.next_pkid = if id == u16::MAX { 1 } else { id + 1 };
-                    if !self.pkids.contains_key(&id) {
-                        break id;
-                    }
-                };
+                let pkid = next_free_pkid(&mut self.next_pkid, &self.pkids);
                 let mut publish = Publish::from_bytes(proto::event_topic(&c.group, p, r.seq), QoS::AtLeastOnce, r.payload);
                 publish.pkid = pkid;
                 writer.queue(&Packet::Publish(publish))?;
-                self.pkids.insert(pkid, (p, r.seq));
+                self.pkids.insert(pkid, Outgoing::Event(p, r.seq));
                 st.in_flight.push_back((r.seq, false));
                 st.next = r.seq + 1;
                 self.shared.stats.events_delivered.fetch_add(1, Ordering::Relaxed);
@@ -519,8 +609,37 @@ impl ServiceSession<'_> {
         Ok(more)
     }
 
+    /// Sends feedback batches while this connection wants them and has fewer than
+    /// [`FEEDBACK_WINDOW`] unacknowledged.
+    fn fill_feedback(&mut self, writer: &mut Writer) -> Result<()> {
+        if !self.feedback {
+            return Ok(());
+        }
+        let mut in_flight = self.pkids.values().filter(|o| matches!(o, Outgoing::Feedback(_))).count();
+        while in_flight < FEEDBACK_WINDOW {
+            let Some(batch) = self.shared.c2d.take_feedback(self.member) else { break };
+            let pkid = next_free_pkid(&mut self.next_pkid, &self.pkids);
+            let body = serde_json::to_vec(&batch.records).expect("feedback serializes");
+            let mut p = Publish::new(format!("{}{}", proto::FEEDBACK_PREFIX, batch.id), QoS::AtLeastOnce, body);
+            p.pkid = pkid;
+            writer.queue(&Packet::Publish(p))?;
+            self.pkids.insert(pkid, Outgoing::Feedback(batch.id));
+            in_flight += 1;
+        }
+        Ok(())
+    }
+
     fn acked(&mut self, pkid: u16) {
-        let Some((p, seq)) = self.pkids.remove(&pkid) else { return };
+        let (p, seq) = match self.pkids.remove(&pkid) {
+            None => return,
+            Some(Outgoing::Feedback(id)) => {
+                if let Err(e) = self.shared.c2d.ack_feedback(id) {
+                    tracing::error!(batch = id, error = %e, "recording a feedback acknowledgement failed; it will be delivered again");
+                }
+                return;
+            }
+            Some(Outgoing::Event(p, seq)) => (p, seq),
+        };
         let Some(c) = &mut self.consumer else { return };
         let Some(st) = c.parts.get_mut(&p) else { return };
         if let Some(e) = st.in_flight.iter_mut().find(|e| e.0 == seq) {
@@ -532,6 +651,16 @@ impl ServiceSession<'_> {
         }
         if let Some(s) = last {
             self.shared.groups.advance(&c.group, p, self.member, s);
+        }
+    }
+}
+
+fn next_free_pkid(next: &mut u16, used: &HashMap<u16, Outgoing>) -> u16 {
+    loop {
+        let id = *next;
+        *next = if id == u16::MAX { 1 } else { id + 1 };
+        if !used.contains_key(&id) {
+            return id;
         }
     }
 }
@@ -579,6 +708,33 @@ async fn handle(shared: &Arc<Shared>, rights: &[Right], op: &str, body: &[u8]) -
                 shared.kick(&req.device_id);
             }
             Ok(to_json(&d))
+        }
+        "c2d.send" => {
+            need(rights, Right::ServiceConnect, op)?;
+            let req: proto::C2dSend = proto::parse_body(op, body)?;
+            let dev = shared
+                .registry
+                .device(&req.device_id)
+                .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("device '{}' is not registered", req.device_id)))?;
+            use base64::Engine;
+            let record = base64::engine::general_purpose::STANDARD
+                .decode(&req.record)
+                .map_err(|e| Error::invalid(format!("c2d.send: record is not base64: {e}")))?;
+            let msg = Message::decode(&bytes::Bytes::from(record.clone())).map_err(|e| Error::invalid(format!("c2d.send: {e}")))?;
+            let message_id = msg.message_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let ttl = req.ttl_ms.map(Duration::from_millis);
+            let size = msg.iothub_size();
+            let seq = shared.c2d.send(&dev.device_id, &dev.generation_id, message_id.clone(), req.ack, ttl, record, size).await?;
+            Ok(to_json(&proto::C2dReceipt { message_id, sequence_number: seq }))
+        }
+        "c2d.purge" => {
+            need(rights, Right::ServiceConnect, op)?;
+            let req: proto::DeviceRef = proto::parse_body(op, body)?;
+            if shared.registry.device(&req.device_id).is_none() {
+                return Err(Error::new(ErrorKind::NotFound, format!("device '{}' is not registered", req.device_id)));
+            }
+            let n = shared.c2d.purge(&req.device_id).await?;
+            Ok(to_json(&proto::PurgeResult { device_id: req.device_id, total_messages_purged: n as u64 }))
         }
         "checkpoint" => {
             need(rights, Right::ServiceConnect, op)?;
