@@ -15,12 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish};
+use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish, Subscribe};
 use rumqttc::mqttbytes::QoS;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::auth::{self, ConnectionString};
+use crate::dedupe::Completed;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, Message, MAX_D2C_SIZE};
 use crate::outbox::{Outbox, OutboxOptions, OutboxStats, Outcome};
@@ -112,6 +113,16 @@ impl DeviceOptions {
         Ok(DeviceOptions::new(cs.host_name.clone(), device_id, credential))
     }
 
+    /// Where completed C2D ids are remembered: beside the outbox (`{outbox}.c2d-completed`), or
+    /// in memory with an in-memory outbox.
+    fn completed_dir(&self) -> Option<std::path::PathBuf> {
+        self.outbox.dir.as_ref().map(|d| {
+            let mut name = d.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+            name.push(".c2d-completed");
+            d.with_file_name(name)
+        })
+    }
+
     fn endpoint(&self) -> Result<Endpoint> {
         let (host, port) = split_host_port(&self.host_name)?;
         Ok(Endpoint::from_host_name(&host, port, self.tls.clone()))
@@ -176,6 +187,12 @@ pub struct DeviceStats {
     pub connects: u64,
     /// Failed connection attempts / drops that led to a retry.
     pub retries: u64,
+    /// C2D messages handed to the application.
+    pub c2d_received: u64,
+    /// C2D redeliveries of already completed messages, completed again without the application.
+    pub c2d_duplicates: u64,
+    /// C2D messages that arrived expired and were not handed to the application.
+    pub c2d_expired: u64,
     /// Token renewals performed.
     pub renewals: u64,
     /// The last error, if any.
@@ -203,11 +220,110 @@ impl Delivery {
 enum Command {
     Close(oneshot::Sender<()>),
     Reconnect,
+    Subscribe,
+    Settle { generation: u64, pkid: u16, seq: u64, message_id: Option<String>, how: SettleHow },
+    PubAckNow { generation: u64, pkid: u16 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SettleHow {
+    Complete,
+    Abandon,
+    Reject,
+}
+
+/// A cloud-to-device message handed to the application. Settle it with exactly one of
+/// [`C2dMessage::complete`], [`C2dMessage::abandon`], [`C2dMessage::reject`]; dropping it
+/// unsettled leaves it locked at the hub until the lock times out, then it is delivered again.
+#[derive(Debug)]
+pub struct C2dMessage {
+    /// The message (`$.to`, `iothub-ack`, sequence number … in `system`).
+    pub message: Message,
+    /// Sequence number in the device queue (0 when the hub does not send it, e.g. Azure IoT Hub).
+    pub sequence_number: u64,
+    generation: u64,
+    pkid: u16,
+    cmd: mpsc::UnboundedSender<Command>,
+}
+
+impl C2dMessage {
+    fn settle(self, how: SettleHow) -> Result<()> {
+        if how != SettleHow::Complete && self.sequence_number == 0 {
+            return Err(Error::new(
+                ErrorKind::Usage,
+                "abandon and reject over MQTT need a hubmsg hub (IoT Hub's MQTT only completes); complete the message or let its lock expire",
+            ));
+        }
+        let cmd = Command::Settle {
+            generation: self.generation,
+            pkid: self.pkid,
+            seq: self.sequence_number,
+            message_id: self.message.message_id.clone(),
+            how,
+        };
+        self.cmd.send(cmd).map_err(|_| Error::closed("device client"))
+    }
+
+    /// Completes the message (the hub removes it; feedback `Success` if requested). The id is
+    /// recorded durably first, so a redelivery of it never reaches the application again.
+    pub fn complete(self) -> Result<()> {
+        self.settle(SettleHow::Complete)
+    }
+
+    /// Returns the message to the queue (delivery count + 1; dead-lettered at the maximum).
+    pub fn abandon(self) -> Result<()> {
+        self.settle(SettleHow::Abandon)
+    }
+
+    /// Dead-letters the message (feedback `Rejected` if requested).
+    pub fn reject(self) -> Result<()> {
+        self.settle(SettleHow::Reject)
+    }
+}
+
+/// The stream of C2D messages of one [`DeviceClient`] (see [`DeviceClient::c2d`]).
+#[derive(Debug)]
+pub struct C2dReceiver {
+    rx: mpsc::UnboundedReceiver<C2dMessage>,
+}
+
+impl C2dReceiver {
+    /// The next message; `None` once the client is closed.
+    pub async fn recv(&mut self) -> Option<C2dMessage> {
+        self.rx.recv().await
+    }
+
+    /// The next message within `timeout` (`Ok(None)` on timeout, `Closed` once closed).
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<C2dMessage>> {
+        match tokio::time::timeout(timeout, self.rx.recv()).await {
+            Err(_) => Ok(None),
+            Ok(None) => Err(Error::closed("device client")),
+            Ok(Some(m)) => Ok(Some(m)),
+        }
+    }
+
+    /// Blocking form of [`C2dReceiver::recv_timeout`] (not on a runtime thread).
+    pub fn recv_blocking(&mut self, timeout: Duration) -> Result<Option<C2dMessage>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.rx.try_recv() {
+                Ok(m) => return Ok(Some(m)),
+                Err(mpsc::error::TryRecvError::Disconnected) => return Err(Error::closed("device client")),
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
 }
 
 struct Shared {
     device_id: String,
     outbox: Outbox,
+    completed: Completed,
+    c2d_rx: Mutex<Option<mpsc::UnboundedReceiver<C2dMessage>>>,
     cmd: mpsc::UnboundedSender<Command>,
     status: watch::Receiver<ConnectionStatus>,
     stats: Arc<Mutex<DeviceStats>>,
@@ -231,9 +347,14 @@ impl DeviceClient {
             auth::sign(k, b"probe")?; // reject a malformed key now, not in the retry loop
         }
         let outbox_opts = opts.outbox.clone();
-        let outbox = tokio::task::spawn_blocking(move || Outbox::open(outbox_opts))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("outbox open task failed: {e}")))??;
+        let completed_dir = opts.completed_dir();
+        let durability = opts.outbox.durability;
+        let (outbox, completed) = tokio::task::spawn_blocking(move || -> Result<_> {
+            Ok((Outbox::open(outbox_opts)?, Completed::open(completed_dir.as_deref(), durability)?))
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("outbox open task failed: {e}")))??;
+        let (c2d_tx, c2d_rx) = mpsc::unbounded_channel();
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(ConnectionStatus::Connecting);
         let stats = Arc::new(Mutex::new(DeviceStats::default()));
@@ -242,6 +363,11 @@ impl DeviceClient {
             opts,
             endpoint,
             outbox: outbox.clone(),
+            completed: completed.clone(),
+            c2d_tx,
+            subscribed: false,
+            generation: 0,
+            cmd_tx: cmd_tx.clone(),
             cmd: cmd_rx,
             status: status_tx,
             stats: stats.clone(),
@@ -251,6 +377,8 @@ impl DeviceClient {
             shared: Arc::new(Shared {
                 device_id,
                 outbox,
+                completed,
+                c2d_rx: Mutex::new(Some(c2d_rx)),
                 cmd: cmd_tx,
                 status: status_rx,
                 stats,
@@ -324,6 +452,16 @@ impl DeviceClient {
         s
     }
 
+    /// Starts receiving C2D messages (subscribes now and after every reconnect) and returns
+    /// their stream. The hub limits how many are in flight, so a slow application holds back
+    /// delivery instead of growing a buffer. Only one receiver exists: a second call is a
+    /// `Usage` error.
+    pub fn c2d(&self) -> Result<C2dReceiver> {
+        let rx = self.shared.c2d_rx.lock().take().ok_or_else(|| Error::new(ErrorKind::Usage, "c2d() was already called on this client"))?;
+        self.shared.cmd.send(Command::Subscribe).map_err(|_| Error::closed("device client"))?;
+        Ok(C2dReceiver { rx })
+    }
+
     /// Asks a client in `Failed` state to try connecting again (e.g. after the device was
     /// re-enabled).
     pub fn reconnect(&self) {
@@ -339,7 +477,8 @@ impl DeviceClient {
             let _ = rx.await;
         }
         let ob = self.shared.outbox.clone();
-        tokio::task::spawn_blocking(move || ob.close())
+        let completed = self.shared.completed.clone();
+        tokio::task::spawn_blocking(move || ob.close().and(completed.close()))
             .await
             .map_err(|e| Error::new(ErrorKind::Internal, format!("close task failed: {e}")))?
     }
@@ -380,6 +519,12 @@ struct Driver {
     opts: DeviceOptions,
     endpoint: Endpoint,
     outbox: Outbox,
+    completed: Completed,
+    c2d_tx: mpsc::UnboundedSender<C2dMessage>,
+    subscribed: bool,
+    /// Connection counter: settles and acks from an earlier connection are ignored.
+    generation: u64,
+    cmd_tx: mpsc::UnboundedSender<Command>,
     cmd: mpsc::UnboundedReceiver<Command>,
     status: watch::Sender<ConnectionStatus>,
     stats: Arc<Mutex<DeviceStats>>,
@@ -395,6 +540,7 @@ impl Driver {
             let failure = match self.connect_once().await {
                 Ok((halves, token_expiry)) => {
                     backoff.connected(epoch.elapsed());
+                    self.generation += 1;
                     self.stats.lock().connects += 1;
                     self.status.send_replace(ConnectionStatus::Connected);
                     let end = self.serve(halves, token_expiry, &mut closer).await;
@@ -432,19 +578,28 @@ impl Driver {
                                 Some(Command::Close(tx)) => { closer = Some(tx); break 'outer }
                                 None => break 'outer,
                                 Some(Command::Reconnect) => break,
+                                Some(Command::Subscribe) => self.subscribed = true,
+                                Some(Command::Settle { .. } | Command::PubAckNow { .. }) => {}
                             },
                         }
                     }
                 }
                 None => {
                     self.status.send_replace(ConnectionStatus::Failed { kind: failure.kind(), reason: failure.to_string() });
-                    match self.cmd.recv().await {
-                        Some(Command::Reconnect) => backoff = Backoff::new(self.opts.retry.clone()),
-                        Some(Command::Close(tx)) => {
-                            closer = Some(tx);
-                            break 'outer;
+                    loop {
+                        match self.cmd.recv().await {
+                            Some(Command::Reconnect) => {
+                                backoff = Backoff::new(self.opts.retry.clone());
+                                break;
+                            }
+                            Some(Command::Close(tx)) => {
+                                closer = Some(tx);
+                                break 'outer;
+                            }
+                            None => break 'outer,
+                            Some(Command::Subscribe) => self.subscribed = true,
+                            Some(Command::Settle { .. } | Command::PubAckNow { .. }) => {}
                         }
-                        None => break 'outer,
                     }
                 }
             }
@@ -498,6 +653,11 @@ impl Driver {
         let mut last_rx = Instant::now();
         let mut draining: Option<(Instant, bool)> = None; // (deadline, is_close)
         let renew_at = renew_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86400));
+        if self.subscribed {
+            if let Err(e) = self.queue_subscribe(&mut writer, &mut next_pkid) {
+                return End::Failed(e);
+            }
+        }
         loop {
             // Fill the window from the outbox.
             if draining.is_none() && in_flight.len() < self.opts.max_in_flight {
@@ -513,9 +673,8 @@ impl Driver {
                         }
                     };
                     let mut publish = publish;
-                    publish.pkid = next_pkid;
-                    in_flight.push_back((next_pkid, seq));
-                    next_pkid = if next_pkid == u16::MAX { 1 } else { next_pkid + 1 };
+                    publish.pkid = take_pkid(&mut next_pkid);
+                    in_flight.push_back((publish.pkid, seq));
                     if let Err(e) = writer.queue(&Packet::Publish(publish)) {
                         return End::Failed(e);
                     }
@@ -552,9 +711,8 @@ impl Driver {
                         }
                         Ok(Some(Packet::PingResp)) => {}
                         Ok(Some(Packet::Publish(p))) => {
-                            // C2D is handled by the C2D receiver; acknowledge unknown QoS 1 so the hub does not stall.
-                            if p.qos == QoS::AtLeastOnce {
-                                let _ = writer.queue(&Packet::PubAck(PubAck::new(p.pkid)));
+                            if let Err(e) = self.on_c2d(p, &mut writer, &mut next_pkid) {
+                                return End::Failed(e);
                             }
                         }
                         Ok(Some(Packet::SubAck(_))) => {}
@@ -580,11 +738,118 @@ impl Driver {
                         draining = Some((Instant::now() + self.opts.drain_timeout, true));
                     }
                     Some(Command::Reconnect) => {}
+                    Some(Command::Subscribe) => {
+                        self.subscribed = true;
+                        if let Err(e) = self.queue_subscribe(&mut writer, &mut next_pkid) {
+                            return End::Failed(e);
+                        }
+                    }
+                    Some(Command::Settle { generation, pkid, seq, message_id, how }) => {
+                        if generation == self.generation {
+                            if let Err(e) = self.settle(&mut writer, &mut next_pkid, pkid, seq, message_id, how) {
+                                return End::Failed(e);
+                            }
+                        }
+                    }
+                    Some(Command::PubAckNow { generation, pkid }) => {
+                        if generation == self.generation {
+                            if let Err(e) = writer.queue(&Packet::PubAck(PubAck::new(pkid))) {
+                                return End::Failed(e);
+                            }
+                        }
+                    }
                     None => draining = Some((Instant::now() + self.opts.drain_timeout, true)),
                 },
             }
         }
     }
+}
+
+impl Driver {
+    fn queue_subscribe(&self, writer: &mut transport::PacketWriter<tokio::io::WriteHalf<transport::BoxStream>>, next_pkid: &mut u16) -> Result<()> {
+        let mut sub = Subscribe::new(wire::c2d_filter(&self.opts.device_id), QoS::AtLeastOnce);
+        sub.pkid = take_pkid(next_pkid);
+        writer.queue(&Packet::Subscribe(sub))
+    }
+
+    /// An incoming PUBLISH: a C2D message to hand over, complete again (duplicate) or refuse
+    /// (expired).
+    fn on_c2d(&mut self, p: Publish, writer: &mut transport::PacketWriter<tokio::io::WriteHalf<transport::BoxStream>>, next_pkid: &mut u16) -> Result<()> {
+        let ack = |w: &mut transport::PacketWriter<_>| if p.qos == QoS::AtLeastOnce { w.queue(&Packet::PubAck(PubAck::new(p.pkid))) } else { Ok(()) };
+        let Some(bag) = wire::parse_c2d_topic(&p.topic) else {
+            tracing::warn!(topic = %p.topic, "ignoring a publish that is not C2D");
+            return ack(writer);
+        };
+        let mut msg = Message::new(p.payload.clone());
+        if let Err(e) = wire::decode_bag(bag).and_then(|b| wire::apply_bag(&mut msg, b)) {
+            tracing::warn!(error = %e, "C2D message with a malformed property bag; completing it so it does not block the queue");
+            return ack(writer);
+        }
+        let seq = msg.system_property("iothub-sequencenumber").and_then(|s| s.parse().ok()).unwrap_or(0);
+        if msg.is_expired(now_ms()) {
+            self.stats.lock().c2d_expired += 1;
+            return if seq > 0 && p.qos == QoS::AtLeastOnce {
+                self.settle(writer, next_pkid, p.pkid, seq, None, SettleHow::Reject)
+            } else {
+                ack(writer)
+            };
+        }
+        if msg.message_id.as_deref().is_some_and(|id| self.completed.contains(id)) {
+            self.stats.lock().c2d_duplicates += 1;
+            return ack(writer);
+        }
+        self.stats.lock().c2d_received += 1;
+        let m = C2dMessage { message: msg, sequence_number: seq, generation: self.generation, pkid: p.pkid, cmd: self.cmd_tx.clone() };
+        // At QoS 0 the pkid is 0 and settling is a no-op.
+        let _ = self.c2d_tx.send(m);
+        Ok(())
+    }
+
+    fn settle(
+        &mut self,
+        writer: &mut transport::PacketWriter<tokio::io::WriteHalf<transport::BoxStream>>,
+        next_pkid: &mut u16,
+        pkid: u16,
+        seq: u64,
+        message_id: Option<String>,
+        how: SettleHow,
+    ) -> Result<()> {
+        if pkid == 0 {
+            return Ok(()); // QoS 0: nothing to acknowledge
+        }
+        match how {
+            SettleHow::Complete => match message_id {
+                Some(id) => {
+                    // Record the id durably before the PUBACK, off the I/O task.
+                    let completed = self.completed.clone();
+                    let cmd = self.cmd_tx.clone();
+                    let generation = self.generation;
+                    tokio::spawn(async move {
+                        match completed.record(&id).await {
+                            Ok(()) => {
+                                let _ = cmd.send(Command::PubAckNow { generation, pkid });
+                            }
+                            Err(e) => tracing::error!(error = %e, "recording a completed C2D id failed; the message will be redelivered"),
+                        }
+                    });
+                    Ok(())
+                }
+                None => writer.queue(&Packet::PubAck(PubAck::new(pkid))),
+            },
+            SettleHow::Abandon | SettleHow::Reject => {
+                let verb = if how == SettleHow::Abandon { "abandon" } else { "reject" };
+                let mut p = Publish::new(format!("{}{verb}/{seq}", crate::proto::C2D_SETTLE_PREFIX), QoS::AtLeastOnce, Vec::new());
+                p.pkid = take_pkid(next_pkid);
+                writer.queue(&Packet::Publish(p))
+            }
+        }
+    }
+}
+
+fn take_pkid(next: &mut u16) -> u16 {
+    let id = *next;
+    *next = if id == u16::MAX { 1 } else { id + 1 };
+    id
 }
 
 fn d2c_publish(device_id: &str, record: &bytes::Bytes) -> Result<Publish> {

@@ -27,6 +27,7 @@ pub mod wire;
 
 pub use error::{Error, ErrorKind, Result};
 pub use message::Message;
+pub mod dedupe;
 pub mod device;
 pub mod outbox;
 pub mod transport;
