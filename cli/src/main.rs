@@ -11,7 +11,8 @@ mod demo;
 use hubmsg_core::hub::{Hub, HubConfig, TlsFiles};
 use hubmsg_core::outbox::OutboxOptions;
 use hubmsg_core::proto::StartPosition;
-use hubmsg_core::service::{ServiceClient, ServiceOptions};
+use hubmsg_core::proto::AckMode;
+use hubmsg_core::service::{C2dOptions, ServiceClient, ServiceOptions};
 use hubmsg_core::store::Durability;
 use hubmsg_core::transport::TlsOptions;
 use hubmsg_core::{DeviceClient, DeviceOptions, Error, Message, Overflow};
@@ -39,6 +40,13 @@ enum Command {
     },
     /// Print D2C events as they arrive, one line each.
     MonitorEvents(MonitorArgs),
+    /// Cloud-to-device messages.
+    C2d {
+        #[command(subcommand)]
+        action: C2dAction,
+    },
+    /// Print feedback records (C2D outcomes) as JSON lines.
+    MonitorFeedback(MonitorFeedbackArgs),
     /// Show D2C end to end: a hub, simulated devices and a consumer, with an accounting table.
     Demo(demo::DemoArgs),
 }
@@ -108,6 +116,83 @@ struct IdArgs {
 enum DeviceAction {
     /// Send D2C messages and wait for delivery.
     Send(SendArgs),
+    /// Receive C2D messages and complete (or reject / abandon) them.
+    Receive(ReceiveArgs),
+}
+
+#[derive(Subcommand)]
+enum C2dAction {
+    /// Send a C2D message to a device.
+    Send(C2dSendArgs),
+    /// Remove every pending C2D message of a device.
+    Purge(IdArgs),
+}
+
+#[derive(Args)]
+struct C2dSendArgs {
+    /// Target device.
+    #[arg(long)]
+    device_id: String,
+    /// Message body.
+    #[arg(long)]
+    data: String,
+    /// Feedback: none, positive, negative, full.
+    #[arg(long, default_value = "none")]
+    ack: String,
+    /// Time to live, e.g. 60s, 5m, 1h (default 1 h, at most 48 h).
+    #[arg(long, value_parser = parse_duration)]
+    ttl: Option<Duration>,
+    /// Application property `name=value` (repeatable).
+    #[arg(long = "prop", value_parser = parse_prop)]
+    props: Vec<(String, String)>,
+    /// Message id (default: a UUID).
+    #[arg(long)]
+    message_id: Option<String>,
+    /// Wait for the feedback outcome and print it (implies --ack full unless given).
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    wait_timeout: Duration,
+    #[command(flatten)]
+    hub: HubConn,
+}
+
+#[derive(Args)]
+struct ReceiveArgs {
+    /// Device connection string.
+    #[arg(long, env = "HUBMSG_DEVICE_CONNECTION_STRING", hide_env_values = true)]
+    connection_string: String,
+    /// Exit after this many messages.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Exit after this long without a message.
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Reject every message instead of completing it.
+    #[arg(long, conflicts_with = "abandon")]
+    reject: bool,
+    /// Abandon every message instead of completing it.
+    #[arg(long)]
+    abandon: bool,
+    /// Durable state directory (outbox and completed-id window).
+    #[arg(long)]
+    outbox: Option<PathBuf>,
+    /// CA certificate to trust (turns TLS on).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct MonitorFeedbackArgs {
+    /// Exit after this many records.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Exit after this long without a batch.
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    #[command(flatten)]
+    hub: HubConn,
 }
 
 #[derive(Args)]
@@ -174,6 +259,19 @@ struct MonitorArgs {
     hub: HubConn,
 }
 
+/// Parses `500ms`, `60s`, `5m`, `1h` (a bare number means seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 500ms, 60s, 5m, 1h"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("'{s}': unit must be ms, s, m or h")),
+    })
+}
+
 fn parse_prop(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("'{s}' is not name=value"))
 }
@@ -202,6 +300,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Hub(a) => run_hub(a).await,
         Command::DeviceIdentity { action } => identity(action).await,
         Command::Device { action: DeviceAction::Send(a) } => send(a).await,
+        Command::Device { action: DeviceAction::Receive(a) } => receive(a).await,
+        Command::C2d { action: C2dAction::Send(a) } => c2d_send(a).await,
+        Command::C2d { action: C2dAction::Purge(a) } => {
+            let n = service(&a.hub).await?.purge_c2d(&a.device_id).await?;
+            print(&serde_json::json!({ "deviceId": a.device_id, "totalMessagesPurged": n }));
+            Ok(())
+        }
+        Command::MonitorFeedback(a) => monitor_feedback(a).await,
         Command::MonitorEvents(a) => monitor(a).await,
         Command::Demo(a) => demo::run(a).await,
     }
@@ -315,6 +421,83 @@ async fn send(a: SendArgs) -> Result<(), Error> {
         "sent {} messages: delivered {}, expired {}, dropped {}, pending {}",
         a.count, stats.outbox.delivered, stats.outbox.expired, stats.outbox.dropped, stats.outbox.depth
     );
+    Ok(())
+}
+
+async fn c2d_send(a: C2dSendArgs) -> Result<(), Error> {
+    let svc = service(&a.hub).await?;
+    let mut m = Message::new(a.data.clone());
+    m.message_id = a.message_id.clone();
+    m.properties.extend(a.props.iter().cloned());
+    let mut ack: AckMode = a.ack.parse()?;
+    if a.wait {
+        if ack == AckMode::None {
+            ack = AckMode::Full;
+        }
+        let id = m.message_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
+        let outcome = svc.await_outcome(&id)?;
+        let receipt = svc.send_c2d_with(&a.device_id, m, C2dOptions { ack, ttl: a.ttl }).await?;
+        eprintln!("queued {} as #{}; waiting for feedback", receipt.message_id, receipt.sequence_number);
+        let record = tokio::time::timeout(a.wait_timeout, outcome)
+            .await
+            .map_err(|_| Error::new(hubmsg_core::ErrorKind::Timeout, format!("no feedback within {:?}", a.wait_timeout)))?
+            .map_err(|_| Error::closed("service client"))?;
+        print(&record);
+    } else {
+        let receipt = svc.send_c2d_with(&a.device_id, m, C2dOptions { ack, ttl: a.ttl }).await?;
+        print(&receipt);
+    }
+    svc.close().await;
+    Ok(())
+}
+
+async fn receive(a: ReceiveArgs) -> Result<(), Error> {
+    let mut opts = DeviceOptions::from_connection_string(&a.connection_string)?;
+    opts.tls = a.ca.clone().map(|ca| TlsOptions { ca_file: Some(ca) });
+    opts.outbox.dir = a.outbox.clone();
+    let client = DeviceClient::connect(opts).await?;
+    let mut rx = client.c2d()?;
+    let idle = a.idle_timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
+    let mut n = 0u64;
+    while a.count.is_none_or(|c| n < c) {
+        let Some(m) = rx.recv_timeout(idle).await? else { break };
+        let line = serde_json::json!({
+            "messageId": m.message.message_id,
+            "sequenceNumber": m.sequence_number,
+            "body": String::from_utf8_lossy(&m.message.body),
+            "properties": m.message.properties.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "systemProperties": m.message.system.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        });
+        println!("{line}");
+        if a.reject {
+            m.reject()?;
+        } else if a.abandon {
+            m.abandon()?;
+        } else {
+            m.complete()?;
+        }
+        n += 1;
+    }
+    // Give settles a moment to reach the hub before closing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.close().await
+}
+
+async fn monitor_feedback(a: MonitorFeedbackArgs) -> Result<(), Error> {
+    let svc = service(&a.hub).await?;
+    let mut fb = svc.feedback()?;
+    let idle = a.idle_timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
+    let mut n = 0u64;
+    while a.count.is_none_or(|c| n < c) {
+        let Some(batch) = fb.next_timeout(idle).await? else { break };
+        for r in &batch.records {
+            print(r);
+            n += 1;
+        }
+        batch.ack();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    svc.close().await;
     Ok(())
 }
 

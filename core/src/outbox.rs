@@ -79,6 +79,9 @@ pub enum Outcome {
     Expired,
     /// The overflow policy `drop_oldest` removed it.
     Dropped,
+    /// The receiver answered with a refusal (e.g. a C2D send to a full device queue); the error
+    /// itself goes to the sender.
+    Rejected,
 }
 
 /// Outbox counters.
@@ -96,6 +99,8 @@ pub struct OutboxStats {
     pub dropped: u64,
     /// Messages expired before sending since open.
     pub expired: u64,
+    /// Messages the receiver refused since open.
+    pub rejected: u64,
     /// Messages recovered from disk at open (sent again).
     pub recovered: u64,
 }
@@ -337,14 +342,20 @@ impl Outbox {
 
     /// Records the hub's acknowledgement of `seq`.
     pub fn acked(&self, seq: u64) {
+        self.settle(seq, Outcome::Delivered)
+    }
+
+    /// Records that the receiver refused `seq` (it will not be sent again).
+    pub fn rejected(&self, seq: u64) {
+        self.settle(seq, Outcome::Rejected)
+    }
+
+    fn settle(&self, seq: u64, outcome: Outcome) {
         let mut g = self.inner.lock();
         let inner = &mut *g;
         if let Some(i) = inner.index_of(seq) {
-            if inner.entries[i].state == State::Sent {
-                inner.in_flight -= 1;
-            }
             if inner.entries[i].state != State::Done {
-                inner.finish(i, Outcome::Delivered);
+                inner.finish(i, outcome);
             }
         }
         inner.pop_done_front();
@@ -425,7 +436,7 @@ impl Inner {
     fn finish(&mut self, i: usize, outcome: Outcome) {
         let e = &mut self.entries[i];
         debug_assert!(e.state != State::Done);
-        if e.state == State::Sent && outcome != Outcome::Delivered {
+        if e.state == State::Sent {
             self.in_flight -= 1;
         }
         e.state = State::Done;
@@ -435,6 +446,7 @@ impl Inner {
             Outcome::Delivered => self.stats.delivered += 1,
             Outcome::Expired => self.stats.expired += 1,
             Outcome::Dropped => self.stats.dropped += 1,
+            Outcome::Rejected => self.stats.rejected += 1,
         }
         if let Some(w) = self.waiters.remove(&e.seq) {
             let _ = w.send(outcome);

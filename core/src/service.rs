@@ -15,6 +15,7 @@ use bytes::Bytes;
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish, Subscribe};
 use rumqttc::mqttbytes::QoS;
 use serde::de::DeserializeOwned;
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -22,7 +23,11 @@ use crate::auth::{self, ConnectionString};
 use crate::device::{split_host_port, ConnectionStatus};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, Message};
-use crate::proto::{self, ConsumeRequest, CreateDevice, DeviceIdentity, DeviceRef, DeviceStatus, StartPosition, UpdateDevice};
+use crate::outbox::{Outbox, OutboxOptions, OutboxStats};
+use crate::proto::{
+    self, AckMode, C2dReceipt, ConsumeRequest, CreateDevice, DeviceIdentity, DeviceRef, DeviceStatus, FeedbackRecord, StartPosition,
+    UpdateDevice,
+};
 use crate::retry::{self, Backoff, RetryPolicy};
 use crate::transport::{self, ConnectParams, Endpoint, TlsOptions};
 
@@ -47,6 +52,11 @@ pub struct ServiceOptions {
     pub connect_timeout: Duration,
     /// Limit for one request, across reconnects. Default 30 s.
     pub request_timeout: Duration,
+    /// The outbox C2D sends go through (in memory by default; give a directory to survive
+    /// restarts of the service process).
+    pub outbox: OutboxOptions,
+    /// Most C2D sends in flight. Default 100.
+    pub max_in_flight: usize,
 }
 
 impl ServiceOptions {
@@ -67,6 +77,8 @@ impl ServiceOptions {
             token_ttl: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
+            outbox: OutboxOptions::default(),
+            max_in_flight: 100,
         })
     }
 
@@ -79,7 +91,70 @@ impl ServiceOptions {
 enum Cmd {
     Request { op: String, body: Vec<u8>, deadline: Instant, tx: oneshot::Sender<Result<serde_json::Value>> },
     Ack { generation: u64, pkid: u16 },
+    /// Start receiving feedback; batches go to `tx` when given (else they are acknowledged once
+    /// waiters saw them).
+    Feedback { tx: Option<mpsc::UnboundedSender<FeedbackBatch>> },
     Close(oneshot::Sender<()>),
+}
+
+/// Options of one C2D send.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct C2dOptions {
+    /// Requested feedback (`iothub-ack`).
+    pub ack: AckMode,
+    /// Time to live (default: the message's expiry time if set, else the hub's 1 h).
+    pub ttl: Option<Duration>,
+}
+
+/// State shared by a [`ServiceClient`]'s handles and its driver.
+#[derive(Default)]
+struct C2dShared {
+    /// Outbox seq → the sender waiting for the hub's answer.
+    waiting: HashMap<u64, oneshot::Sender<Result<C2dReceipt>>>,
+    /// Answers that arrived before their sender registered.
+    early: HashMap<u64, Result<C2dReceipt>>,
+    /// Message id → senders waiting for its feedback record.
+    outcomes: HashMap<String, Vec<oneshot::Sender<FeedbackRecord>>>,
+}
+
+/// One batch of feedback records; acknowledge it once processed, or it is delivered again.
+#[derive(Debug)]
+pub struct FeedbackBatch {
+    /// Batch id.
+    pub id: u64,
+    /// The records (IoT Hub's JSON shape).
+    pub records: Vec<FeedbackRecord>,
+    generation: u64,
+    pkid: u16,
+    cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+impl FeedbackBatch {
+    /// Acknowledges the batch (the hub deletes it).
+    pub fn ack(&self) {
+        let _ = self.cmd.send(Cmd::Ack { generation: self.generation, pkid: self.pkid });
+    }
+}
+
+/// The feedback batches of a [`ServiceClient`] (see [`ServiceClient::feedback`]).
+pub struct FeedbackStream {
+    rx: mpsc::UnboundedReceiver<FeedbackBatch>,
+}
+
+impl FeedbackStream {
+    /// The next batch; `None` once the client is closed.
+    pub async fn next(&mut self) -> Option<FeedbackBatch> {
+        self.rx.recv().await
+    }
+
+    /// The next batch within `timeout` (`Ok(None)` on timeout).
+    pub async fn next_timeout(&mut self, timeout: Duration) -> Result<Option<FeedbackBatch>> {
+        match tokio::time::timeout(timeout, self.rx.recv()).await {
+            Err(_) => Ok(None),
+            Ok(None) => Err(Error::closed("feedback stream")),
+            Ok(Some(b)) => Ok(Some(b)),
+        }
+    }
 }
 
 /// A back-end connection to a hub. Cheap to clone.
@@ -88,14 +163,21 @@ pub struct ServiceClient {
     opts: Arc<ServiceOptions>,
     cmd: mpsc::UnboundedSender<Cmd>,
     status: watch::Receiver<ConnectionStatus>,
+    outbox: Outbox,
+    c2d: Arc<Mutex<C2dShared>>,
 }
 
 impl ServiceClient {
     /// Starts the driver (connecting in the background). Must run within a tokio runtime.
     pub async fn connect(opts: ServiceOptions) -> Result<ServiceClient> {
         auth::sign(&opts.key, b"probe")?;
-        let (cmd, status, _) = Driver::spawn(opts.clone(), None)?;
-        Ok(ServiceClient { opts: Arc::new(opts), cmd, status })
+        let ob = opts.outbox.clone();
+        let outbox = tokio::task::spawn_blocking(move || Outbox::open(ob))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("outbox open task failed: {e}")))??;
+        let c2d = Arc::new(Mutex::new(C2dShared::default()));
+        let (cmd, status) = Driver::spawn(opts.clone(), None, Some((outbox.clone(), c2d.clone())))?;
+        Ok(ServiceClient { opts: Arc::new(opts), cmd, status, outbox, c2d })
     }
 
     /// Connects with a policy connection string and default options.
@@ -164,6 +246,86 @@ impl ServiceClient {
         .to_string()
     }
 
+    /// Sends a C2D message to `device_id` with the given feedback request; resolves once the hub
+    /// holds it durably. The send goes through the client's outbox and is re-sent after
+    /// reconnects until the hub answers (at-least-once; a duplicate carries the same message
+    /// id, which hubmsg devices de-duplicate). Errors: `NotFound` (unknown device), `QueueFull`
+    /// (the device has 50 pending), `MessageTooLarge` (> 64 KB), `InvalidArgument` (TTL outside
+    /// 1 s – 48 h), `Unauthorized`.
+    pub async fn send_c2d(&self, device_id: &str, message: Message, ack: AckMode) -> Result<C2dReceipt> {
+        self.send_c2d_with(device_id, message, C2dOptions { ack, ttl: None }).await
+    }
+
+    /// [`ServiceClient::send_c2d`] with a TTL.
+    pub async fn send_c2d_with(&self, device_id: &str, mut message: Message, opts: C2dOptions) -> Result<C2dReceipt> {
+        let now = now_ms();
+        let ttl = opts.ttl.or_else(|| message.expiry_time_ms.map(|e| Duration::from_millis(e.saturating_sub(now))));
+        let message_id = message.message_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
+        use base64::Engine;
+        let req = proto::C2dSend {
+            device_id: device_id.to_string(),
+            ack: opts.ack,
+            ttl_ms: ttl.map(|t| t.as_millis() as u64),
+            record: base64::engine::general_purpose::STANDARD.encode(message.to_bytes()),
+        };
+        let envelope = Message::new(serde_json::to_vec(&req).expect("c2d.send serializes")).with_message_id(message_id);
+        let (seq, _) = self.outbox.push(&envelope).await?;
+        let rx = {
+            let mut g = self.c2d.lock();
+            if let Some(r) = g.early.remove(&seq) {
+                return r;
+            }
+            let (tx, rx) = oneshot::channel();
+            g.waiting.insert(seq, tx);
+            rx
+        };
+        rx.await.map_err(|_| Error::closed("service client"))?
+    }
+
+    /// Sends a C2D message asking for feedback (`ack`, `Full` if `None`) and waits up to
+    /// `timeout` for its outcome: the feedback record (`Success`, `Rejected`, `Expired`,
+    /// `DeliveryCountExceeded`, `Purged`). Feedback must reach this client: when several service
+    /// instances receive feedback, a record may go to another one.
+    pub async fn send_c2d_and_wait(&self, device_id: &str, message: Message, ack: AckMode, timeout: Duration) -> Result<FeedbackRecord> {
+        let ack = if ack == AckMode::None { AckMode::Full } else { ack };
+        let mut message = message;
+        let id = message.message_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
+        let rx = self.await_outcome(&id)?;
+        self.send_c2d(device_id, message, ack).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => Err(Error::closed("service client")),
+            Err(_) => Err(Error::new(ErrorKind::Timeout, format!("no feedback for message '{id}' within {timeout:?}"))),
+        }
+    }
+
+    /// Registers interest in the feedback record of `message_id` (send the message after this).
+    pub fn await_outcome(&self, message_id: &str) -> Result<oneshot::Receiver<FeedbackRecord>> {
+        let (tx, rx) = oneshot::channel();
+        self.c2d.lock().outcomes.entry(message_id.to_string()).or_default().push(tx);
+        self.cmd.send(Cmd::Feedback { tx: None }).map_err(|_| Error::closed("service client"))?;
+        Ok(rx)
+    }
+
+    /// Removes every pending C2D message of `device_id`; returns how many.
+    pub async fn purge_c2d(&self, device_id: &str) -> Result<u64> {
+        let r: proto::PurgeResult = self.call("c2d.purge", &DeviceRef { device_id: device_id.into() }).await?;
+        Ok(r.total_messages_purged)
+    }
+
+    /// The stream of feedback batches (one stream per client; a second call replaces it).
+    /// Acknowledge each batch with [`FeedbackBatch::ack`].
+    pub fn feedback(&self) -> Result<FeedbackStream> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.cmd.send(Cmd::Feedback { tx: Some(tx) }).map_err(|_| Error::closed("service client"))?;
+        Ok(FeedbackStream { rx })
+    }
+
+    /// Outbox counters of C2D sends.
+    pub fn c2d_stats(&self) -> OutboxStats {
+        self.outbox.stats()
+    }
+
     /// Opens a consumer of `group` starting at `from` (which only applies to the first
     /// assignment; after a reconnect or a takeover reading resumes at the checkpoint).
     pub async fn events(&self, group: &str, from: StartPosition) -> Result<EventStream> {
@@ -223,7 +385,7 @@ impl EventStream {
     async fn open(opts: ServiceOptions, req: ConsumeRequest) -> Result<EventStream> {
         auth::sign(&opts.key, b"probe")?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let (cmd, status, _) = Driver::spawn(opts, Some((req, tx)))?;
+        let (cmd, status) = Driver::spawn(opts, Some((req, tx)), None)?;
         Ok(EventStream { rx, cmd, status })
     }
 
@@ -283,10 +445,20 @@ struct Driver {
     next_rid: u64,
     consume: Option<Consume>,
     generation: u64,
+    /// C2D sends (outbox + answer routing), on a client's main connection.
+    c2d: Option<(Outbox, Arc<Mutex<C2dShared>>)>,
+    /// In-flight C2D sends: request id → outbox seq.
+    c2d_in_flight: HashMap<u64, u64>,
+    /// Feedback wanted, and where batches go.
+    feedback: Option<Option<mpsc::UnboundedSender<FeedbackBatch>>>,
 }
 
 /// Request id the driver uses for its own `consume` request.
 const CONSUME_RID: u64 = 0;
+/// Request id of the driver's own `feedback.subscribe`.
+const FEEDBACK_RID: u64 = 1 << 62;
+/// C2D sends use request ids from here on (base + outbox seq).
+const C2D_RID_BASE: u64 = 1 << 63;
 
 enum End {
     Closed(Option<oneshot::Sender<()>>),
@@ -294,13 +466,30 @@ enum End {
 }
 
 impl Driver {
-    fn spawn(opts: ServiceOptions, consume: Option<Consume>) -> Result<(mpsc::UnboundedSender<Cmd>, watch::Receiver<ConnectionStatus>, ())> {
+    fn spawn(
+        opts: ServiceOptions,
+        consume: Option<Consume>,
+        c2d: Option<(Outbox, Arc<Mutex<C2dShared>>)>,
+    ) -> Result<(mpsc::UnboundedSender<Cmd>, watch::Receiver<ConnectionStatus>)> {
         let endpoint = opts.endpoint()?;
         let (cmd_tx, cmd) = mpsc::unbounded_channel();
         let (status, status_rx) = watch::channel(ConnectionStatus::Connecting);
-        let d = Driver { opts, endpoint, cmd_tx: cmd_tx.clone(), cmd, status, pending: HashMap::new(), next_rid: 1, consume, generation: 0 };
+        let d = Driver {
+            opts,
+            endpoint,
+            cmd_tx: cmd_tx.clone(),
+            cmd,
+            status,
+            pending: HashMap::new(),
+            next_rid: 1,
+            consume,
+            generation: 0,
+            c2d,
+            c2d_in_flight: HashMap::new(),
+            feedback: None,
+        };
         tokio::spawn(d.run());
-        Ok((cmd_tx, status_rx, ()))
+        Ok((cmd_tx, status_rx))
     }
 
     async fn run(mut self) {
@@ -338,6 +527,7 @@ impl Driver {
                             let _ = tx.send(Err(err.clone()));
                         }
                         Some(Cmd::Ack { .. }) => {}
+                        Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
                         Some(Cmd::Close(tx)) => break 'outer Some(tx),
                         None => break 'outer None,
                     }
@@ -354,6 +544,7 @@ impl Driver {
                             self.queue_request(op, body, deadline, tx);
                         }
                         Some(Cmd::Ack { .. }) => {}
+                        Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
                         Some(Cmd::Close(tx)) => break Some(Some(tx)),
                         None => break Some(None),
                     },
@@ -370,9 +561,22 @@ impl Driver {
         }
     }
 
+    fn want_feedback(&mut self, tx: Option<mpsc::UnboundedSender<FeedbackBatch>>) {
+        match (&mut self.feedback, tx) {
+            (Some(slot), Some(tx)) => *slot = Some(tx),
+            (Some(_), None) => {}
+            (none, tx) => *none = Some(tx),
+        }
+    }
+
     fn fail_all(&mut self, err: &Error) {
         for (_, p) in self.pending.drain() {
             let _ = p.tx.send(Err(err.clone()));
+        }
+        if let Some((_, shared)) = &self.c2d {
+            for (_, w) in shared.lock().waiting.drain() {
+                let _ = w.send(Err(err.clone()));
+            }
         }
         if let Some((_, tx)) = self.consume.take() {
             if err.kind() != ErrorKind::Closed {
@@ -438,9 +642,40 @@ impl Driver {
                 return End::Failed(e);
             }
         }
+        let mut feedback_subscribed = false;
+        self.c2d_in_flight.clear();
+        if let Some((outbox, _)) = &self.c2d {
+            outbox.rewind();
+        }
         let mut last_tx = Instant::now();
         let mut last_rx = Instant::now();
         loop {
+            if self.feedback.is_some() && !feedback_subscribed {
+                feedback_subscribed = true;
+                if let Err(e) = publish(proto::request_topic("feedback.subscribe", FEEDBACK_RID), b"{}".to_vec(), &mut writer) {
+                    return End::Failed(e);
+                }
+            }
+            if let Some((outbox, _)) = &self.c2d {
+                let room = self.opts.max_in_flight.saturating_sub(self.c2d_in_flight.len());
+                if room > 0 {
+                    for (seq, record) in outbox.take_sendable(room) {
+                        let body = match Message::decode(&record) {
+                            Ok(m) => m.body.to_vec(),
+                            Err(e) => {
+                                tracing::error!(seq, error = %e, "dropping an unreadable C2D outbox record");
+                                outbox.rejected(seq);
+                                continue;
+                            }
+                        };
+                        let rid = C2D_RID_BASE + seq;
+                        self.c2d_in_flight.insert(rid, seq);
+                        if let Err(e) = publish(proto::request_topic("c2d.send", rid), body, &mut writer) {
+                            return End::Failed(e);
+                        }
+                    }
+                }
+            }
             if writer.pending() > 0 {
                 if let Err(e) = writer.flush().await {
                     return End::Failed(e);
@@ -479,6 +714,7 @@ impl Driver {
                             }
                         }
                     }
+                    Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
                     Some(Cmd::Close(tx)) => {
                         let _ = writer.send(&Packet::Disconnect).await;
                         writer.shutdown().await;
@@ -498,6 +734,7 @@ impl Driver {
                     return End::Failed(Error::new(ErrorKind::Timeout, "no traffic from the hub within keep-alive"));
                 }
                 _ = tokio::time::sleep(Duration::from_millis(500)), if !self.pending.is_empty() => self.expire_requests(),
+                _ = outbox_changed(&self.c2d), if self.c2d_in_flight.len() < self.opts.max_in_flight => {}
                 _ = tokio::time::sleep_until(renew_at) => {
                     // Token renewal over MQTT 3.1.1 = reconnect; unacked events are redelivered.
                     let _ = writer.send(&Packet::Disconnect).await;
@@ -512,6 +749,33 @@ impl Driver {
             let rid: u64 = rid.parse().map_err(|_| Error::protocol(format!("bad response topic '{}'", p.topic)))?;
             let resp: proto::Response =
                 serde_json::from_slice(&p.payload).map_err(|e| Error::protocol(format!("bad response body: {e}")))?;
+            if rid >= C2D_RID_BASE {
+                let Some(seq) = self.c2d_in_flight.remove(&rid) else { return Ok(()) };
+                let Some((outbox, shared)) = &self.c2d else { return Ok(()) };
+                let result = resp.into_result().and_then(|v| {
+                    serde_json::from_value::<C2dReceipt>(v).map_err(|e| Error::protocol(format!("bad c2d.send answer: {e}")))
+                });
+                match &result {
+                    Ok(_) => outbox.acked(seq),
+                    Err(_) => outbox.rejected(seq),
+                }
+                let mut g = shared.lock();
+                match g.waiting.remove(&seq) {
+                    Some(w) => {
+                        let _ = w.send(result);
+                    }
+                    None => {
+                        g.early.insert(seq, result);
+                    }
+                }
+                return Ok(());
+            }
+            if rid == FEEDBACK_RID {
+                if let Err(e) = resp.into_result() {
+                    return Err(Error::new(e.kind(), format!("feedback subscription refused: {}", e.message())));
+                }
+                return Ok(());
+            }
             if rid == CONSUME_RID {
                 if let Err(e) = resp.into_result() {
                     // The consumer cannot start: report it and stop retrying.
@@ -533,6 +797,36 @@ impl Driver {
             let _ = tx.send(Ok(ev));
             return Ok(());
         }
+        if let Some(id) = p.topic.strip_prefix(proto::FEEDBACK_PREFIX) {
+            let id: u64 = id.parse().map_err(|_| Error::protocol(format!("bad feedback topic '{}'", p.topic)))?;
+            let records: Vec<FeedbackRecord> =
+                serde_json::from_slice(&p.payload).map_err(|e| Error::protocol(format!("bad feedback batch: {e}")))?;
+            if let Some((_, shared)) = &self.c2d {
+                let mut g = shared.lock();
+                for r in &records {
+                    if let Some(ws) = g.outcomes.remove(&r.original_message_id) {
+                        for w in ws {
+                            let _ = w.send(r.clone());
+                        }
+                    }
+                }
+            }
+            let batch = FeedbackBatch { id, records, generation: self.generation, pkid: p.pkid, cmd: self.cmd_tx.clone() };
+            match self.feedback.as_ref().and_then(|f| f.as_ref()) {
+                Some(tx) if tx.send(batch).is_ok() => {}
+                _ => {
+                    let _ = self.cmd_tx.send(Cmd::Ack { generation: self.generation, pkid: p.pkid });
+                }
+            }
+            return Ok(());
+        }
         Err(Error::protocol(format!("unexpected publish on '{}'", p.topic)))
+    }
+}
+
+async fn outbox_changed(c2d: &Option<(Outbox, Arc<Mutex<C2dShared>>)>) {
+    match c2d {
+        Some((outbox, _)) => outbox.changed().await,
+        None => std::future::pending().await,
     }
 }
