@@ -198,3 +198,100 @@ fn hub_sigkilled_mid_stream_loses_nothing() {
     hub.child.kill().unwrap();
     let _ = hub.child.wait();
 }
+
+#[test]
+fn hub_sigkilled_with_c2d_in_flight_loses_and_doubles_nothing() {
+    use hubmsg_core::proto::{AckMode, FeedbackStatus};
+    use hubmsg_core::{DeviceClient, DeviceOptions, ErrorKind, Message};
+    const N: usize = 1000;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("hub");
+    let mut hub = spawn_hub(&data, port);
+    let dev_cs = create_device(&rt, &hub.cs, "actuator");
+
+    // The device app: completes everything, counting how often it saw each message.
+    let app_seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let mut dopts = DeviceOptions::from_connection_string(&dev_cs).unwrap();
+    dopts.retry = retry();
+    dopts.outbox.dir = Some(dir.path().join("device-state"));
+    let seen = app_seen.clone();
+    rt.spawn(async move {
+        let dev = DeviceClient::connect(dopts).await.unwrap();
+        let mut rx = dev.c2d().unwrap();
+        while let Some(m) = rx.recv().await {
+            *seen.lock().entry(m.message.message_id.clone().unwrap()).or_default() += 1;
+            m.complete().unwrap();
+        }
+    });
+
+    // The service: sends N with ack=full (waiting while the device queue is full) and collects
+    // feedback.
+    let feedback: Arc<Mutex<HashMap<String, FeedbackStatus>>> = Arc::default();
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut sopts = ServiceOptions::from_connection_string(&hub.cs).unwrap();
+    sopts.retry = retry();
+    let (fbm, sent2) = (feedback.clone(), sent.clone());
+    rt.spawn(async move {
+        let svc = ServiceClient::connect(sopts).await.unwrap();
+        let mut fb = svc.feedback().unwrap();
+        tokio::spawn(async move {
+            while let Some(b) = fb.next().await {
+                for r in &b.records {
+                    fbm.lock().insert(r.original_message_id.clone(), r.status_code);
+                }
+                b.ack();
+            }
+        });
+        for i in 0..N {
+            loop {
+                match svc.send_c2d("actuator", Message::new(format!("cmd {i}")).with_message_id(format!("c-{i}")), AckMode::Full).await {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == ErrorKind::QueueFull => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(e) => panic!("send {i}: {e}"),
+                }
+            }
+            sent2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while app_seen.lock().len() < 300 {
+        assert!(Instant::now() < deadline, "C2D flowing");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    hub.child.kill().unwrap(); // SIGKILL with C2D messages in flight
+    hub.child.wait().unwrap();
+    let at_kill = app_seen.lock().len();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut hub = spawn_hub(&data, port);
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = app_seen.lock().len() == N && feedback.lock().len() == N;
+        if done || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = app_seen.lock();
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).map(|(k, _)| k.clone()).collect();
+    let fb = feedback.lock();
+    let success = fb.values().filter(|s| **s == FeedbackStatus::Success).count();
+    eprintln!(
+        "c2d hub kill: sent {}, app completed {} ({} before the kill), completed twice {}, feedback {} ({} Success)",
+        sent.load(std::sync::atomic::Ordering::SeqCst),
+        seen.len(),
+        at_kill,
+        twice.len(),
+        fb.len(),
+        success
+    );
+    assert_eq!(seen.len(), N, "every message reached the app");
+    assert!(twice.is_empty(), "no message completed twice by the app: {twice:?}");
+    assert_eq!(fb.len(), N, "feedback accounts for every message");
+    assert_eq!(success, N);
+    hub.child.kill().unwrap();
+    let _ = hub.child.wait();
+}

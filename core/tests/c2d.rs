@@ -1,0 +1,237 @@
+//! C2D end to end through an in-process hub: each lifecycle path with its feedback, offline
+//! delivery, queue limits, and a plain MQTT client that knows nothing of hubmsg.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hubmsg_core::hub::{Hub, HubConfig};
+use hubmsg_core::proto::{AckMode, FeedbackStatus};
+use hubmsg_core::service::{C2dOptions, ServiceClient};
+use hubmsg_core::{ErrorKind, Message};
+
+const T: Duration = Duration::from_secs(20);
+
+async fn fast_hub() -> (Hub, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = HubConfig::new(dir.path());
+    cfg.feedback_interval = Duration::from_millis(50);
+    (Hub::start(cfg).await.unwrap(), dir)
+}
+
+async fn outcome(svc: &ServiceClient, dev: &str, body: &str, ack: AckMode) -> (String, tokio::sync::oneshot::Receiver<hubmsg_core::proto::FeedbackRecord>) {
+    let id = format!("{dev}-{body}");
+    let rx = svc.await_outcome(&id).unwrap();
+    svc.send_c2d(dev, Message::new(body.to_string()).with_message_id(id.clone()), ack).await.unwrap();
+    (id, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_lifecycle_path_reports_its_feedback() {
+    let (hub, _dir) = fast_hub().await;
+    let svc = service(&hub).await;
+    let dev = device(&hub, "valve").await;
+    let mut rx = dev.c2d().unwrap();
+
+    // complete → Success
+    let (_, fb) = outcome(&svc, "valve", "open", AckMode::Full).await;
+    let m = rx.recv_timeout(T).await.unwrap().unwrap();
+    assert_eq!(m.message.body, "open");
+    assert_eq!(m.message.system_property("iothub-ack"), Some("full"));
+    assert_eq!(m.message.system_property("$.to"), Some("/devices/valve/messages/devicebound"));
+    m.complete().unwrap();
+    assert_eq!(tokio::time::timeout(T, fb).await.unwrap().unwrap().status_code, FeedbackStatus::Success);
+
+    // reject → Rejected
+    let (_, fb) = outcome(&svc, "valve", "bad", AckMode::Negative).await;
+    rx.recv_timeout(T).await.unwrap().unwrap().reject().unwrap();
+    assert_eq!(tokio::time::timeout(T, fb).await.unwrap().unwrap().status_code, FeedbackStatus::Rejected);
+
+    // abandon 10× → DeliveryCountExceeded
+    let (_, fb) = outcome(&svc, "valve", "flaky", AckMode::Full).await;
+    for i in 0..10 {
+        let m = rx.recv_timeout(T).await.unwrap().unwrap_or_else(|| panic!("delivery {i}"));
+        assert_eq!(m.message.body, "flaky");
+        assert_eq!(m.message.system_property("iothub-deliverycount"), Some(i.to_string().as_str()));
+        m.abandon().unwrap();
+    }
+    let r = tokio::time::timeout(T, fb).await.unwrap().unwrap();
+    assert_eq!(r.status_code, FeedbackStatus::DeliveryCountExceeded);
+    assert_eq!(r.device_id, "valve");
+    assert!(!r.device_generation_id.is_empty());
+    dev.close().await.unwrap();
+
+    // TTL passes while offline → Expired
+    let id = "valve-short".to_string();
+    let fb = svc.await_outcome(&id).unwrap();
+    svc.send_c2d_with("valve", Message::new("short").with_message_id(id), C2dOptions { ack: AckMode::Full, ttl: Some(Duration::from_secs(1)) })
+        .await
+        .unwrap();
+    assert_eq!(tokio::time::timeout(T, fb).await.unwrap().unwrap().status_code, FeedbackStatus::Expired);
+
+    // purge → Purged (and the count)
+    let (_, fb1) = outcome(&svc, "valve", "p1", AckMode::Full).await;
+    let (_, fb2) = outcome(&svc, "valve", "p2", AckMode::None).await;
+    assert_eq!(svc.purge_c2d("valve").await.unwrap(), 2);
+    assert_eq!(tokio::time::timeout(T, fb1).await.unwrap().unwrap().status_code, FeedbackStatus::Purged);
+    drop(fb2);
+    let stats = hub.c2d().read(|s| s.outcomes().clone());
+    assert_eq!(stats.get("Purged"), Some(&2));
+    hub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_errors_have_specific_kinds_and_lose_nothing() {
+    let (hub, _dir) = fast_hub().await;
+    let svc = service(&hub).await;
+    assert_eq!(svc.send_c2d("nobody", Message::new("x"), AckMode::None).await.unwrap_err().kind(), ErrorKind::NotFound);
+    hub.create_device("full").await.unwrap();
+    for i in 0..50 {
+        svc.send_c2d("full", Message::new(format!("{i}")), AckMode::None).await.unwrap();
+    }
+    let e = svc.send_c2d("full", Message::new("51"), AckMode::None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::QueueFull, "{e}");
+    let e = svc.send_c2d("full", Message::new(vec![0u8; 64 * 1024 + 1]), AckMode::None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::MessageTooLarge);
+    let e = svc
+        .send_c2d_with("full", Message::new("x"), C2dOptions { ack: AckMode::None, ttl: Some(Duration::from_secs(49 * 3600)) })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    // The 50 queued ones are all still there and arrive in order.
+    let dev = device(&hub, "full").await;
+    let mut rx = dev.c2d().unwrap();
+    for i in 0..50 {
+        let m = rx.recv_timeout(T).await.unwrap().expect("queued message");
+        assert_eq!(m.message.body, format!("{i}"));
+        m.complete().unwrap();
+    }
+    // A policy without ServiceConnect cannot send.
+    let mut o = hubmsg_core::service::ServiceOptions::from_connection_string(&hub.policy_connection_string("registryRead").unwrap()).unwrap();
+    o.retry = fast_retry();
+    let ro = ServiceClient::connect(o).await.unwrap();
+    assert_eq!(ro.send_c2d("full", Message::new("x"), AckMode::None).await.unwrap_err().kind(), ErrorKind::Unauthorized);
+    hub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_while_offline_arrive_in_order_after_reconnect() {
+    let (hub, _dir) = fast_hub().await;
+    let svc = service(&hub).await;
+    // The device subscribes once (persistent session), then goes offline.
+    let dev = device(&hub, "sleepy").await;
+    let _rx = dev.c2d().unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    dev.close().await.unwrap();
+    for i in 0..50 {
+        svc.send_c2d("sleepy", Message::new(format!("{i}")), AckMode::Positive).await.unwrap();
+    }
+    let dev = device(&hub, "sleepy").await;
+    let mut rx = dev.c2d().unwrap();
+    for i in 0..50 {
+        let m = rx.recv_timeout(T).await.unwrap().expect("offline message");
+        assert_eq!(m.message.body, format!("{i}"));
+        m.complete().unwrap();
+    }
+    // Positive feedback for all 50 eventually.
+    let mut fb = svc.feedback().unwrap();
+    let mut n = 0;
+    while n < 50 {
+        let b = fb.next_timeout(T).await.unwrap().expect("feedback batch");
+        n += b.records.iter().filter(|r| r.status_code == FeedbackStatus::Success).count();
+        b.ack();
+    }
+    hub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_returns_locked_messages_and_completed_ones_are_not_redelivered_to_the_app() {
+    let (hub, dir) = fast_hub().await;
+    let svc = service(&hub).await;
+    hub.create_device("dd").await.unwrap();
+    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("dd").unwrap()).unwrap();
+    o.retry = fast_retry();
+    o.outbox.dir = Some(dir.path().join("dd-outbox"));
+    let dev = hubmsg_core::DeviceClient::connect(o.clone()).await.unwrap();
+    let mut rx = dev.c2d().unwrap();
+    svc.send_c2d("dd", Message::new("a").with_message_id("A"), AckMode::None).await.unwrap();
+    svc.send_c2d("dd", Message::new("b").with_message_id("B"), AckMode::None).await.unwrap();
+    let a = rx.recv_timeout(T).await.unwrap().unwrap();
+    let _b = rx.recv_timeout(T).await.unwrap().unwrap(); // never settled
+    a.complete().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    dev.close().await.unwrap();
+    // The same message id sent again (an at-least-once duplicate) is completed by the device
+    // without reaching the app; B comes back because its lock died with the connection.
+    svc.send_c2d("dd", Message::new("a again").with_message_id("A"), AckMode::None).await.unwrap();
+    let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
+    let mut rx = dev.c2d().unwrap();
+    let m = rx.recv_timeout(T).await.unwrap().unwrap();
+    assert_eq!(m.message.message_id.as_deref(), Some("B"));
+    m.complete().unwrap();
+    assert!(rx.recv_timeout(Duration::from_millis(500)).await.unwrap().is_none());
+    assert!(eventually(T, || dev.stats().c2d_duplicates == 1).await);
+    assert!(eventually(T, || hub.c2d().read(|s| s.depth("dd")) == 0).await);
+    hub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_mqtt_client_with_puback_only_receives_and_completes() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let (hub, _dir) = fast_hub().await;
+    let svc = service(&hub).await;
+    hub.create_device("sdk-dev").await.unwrap();
+    let key = hub.registry().device("sdk-dev").unwrap().primary_key;
+    let host = hub.host_name();
+    let addr = hub.mqtt_addr().unwrap();
+    // An IoT-Hub-SDK-style client: rumqttc, IoT Hub user name and SAS password, clean session
+    // false, subscribe to the devicebound filter, automatic PUBACKs.
+    let mut mo = MqttOptions::new("sdk-dev", addr.ip().to_string(), addr.port());
+    let token = hubmsg_core::auth::generate_sas_token(
+        &hubmsg_core::auth::device_resource_uri(&host, "sdk-dev"),
+        &key,
+        hubmsg_core::message::now_ms() / 1000 + 3600,
+        None,
+    )
+    .unwrap();
+    mo.set_credentials(format!("{host}/sdk-dev/?api-version=2021-04-12"), token);
+    mo.set_clean_session(false);
+    mo.set_keep_alive(Duration::from_secs(30));
+    let (client, mut el) = AsyncClient::new(mo, 10);
+    client.subscribe("devices/sdk-dev/messages/devicebound/#", QoS::AtLeastOnce).await.unwrap();
+    let fb = svc.await_outcome("sdk-1").unwrap();
+    let sender = svc.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sender
+            .send_c2d("sdk-dev", Message::new("hello sdk").with_message_id("sdk-1").with_property("k", "v w"), AckMode::Full)
+            .await
+            .unwrap();
+    });
+    let publish = tokio::time::timeout(T, async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = el.poll().await.unwrap() {
+                break p;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&publish.payload[..], b"hello sdk");
+    assert!(publish.topic.starts_with("devices/sdk-dev/messages/devicebound/"), "{}", publish.topic);
+    assert!(publish.topic.contains("%24.mid=sdk-1"), "{}", publish.topic);
+    assert!(publish.topic.contains("k=v%20w"), "{}", publish.topic);
+    // Keep polling so rumqttc sends its PUBACK.
+    let poller = tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                break;
+            }
+        }
+    });
+    let r = tokio::time::timeout(T, fb).await.unwrap().unwrap();
+    assert_eq!(r.status_code, FeedbackStatus::Success);
+    poller.abort();
+    hub.shutdown().await.unwrap();
+}
