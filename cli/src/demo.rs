@@ -86,9 +86,10 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         delivered += st.outbox.delivered;
     }
     let _ = tokio::time::timeout(Duration::from_secs(60), consumer).await;
-    let seen = seen.lock();
-    let received = seen.len();
-    let duplicates: u64 = seen.values().map(|c| u64::from(c.saturating_sub(1))).sum();
+    let (received, duplicates) = {
+        let seen = seen.lock();
+        (seen.len(), seen.values().map(|c| u64::from(c.saturating_sub(1))).sum::<u64>())
+    };
     let lost = sent.saturating_sub(received);
     let secs = started.elapsed().as_secs_f64();
     println!();

@@ -23,6 +23,14 @@ struct HubProc {
     cs: String,
 }
 
+impl Drop for HubProc {
+    /// A failing test must not leave a hub process behind.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -9,11 +9,15 @@ use hubmsg_core::retry::RetryPolicy;
 use hubmsg_core::service::{ServiceClient, ServiceOptions};
 use hubmsg_core::{DeviceClient, DeviceOptions};
 
+/// A hub and the directory it lives in (removed on drop).
 pub struct TestHub {
+    /// The hub.
     pub hub: Hub,
+    /// Its data directory.
     pub dir: tempfile::TempDir,
 }
 
+/// Starts a hub on 127.0.0.1:0 in a new temporary directory.
 pub async fn start_hub() -> TestHub {
     let dir = tempfile::tempdir().unwrap();
     let hub = Hub::start(HubConfig::new(dir.path())).await.unwrap();
@@ -31,6 +35,7 @@ pub fn fast_retry() -> RetryPolicy {
     }
 }
 
+/// Registers `id` if needed and connects a device client with fast retries.
 pub async fn device(hub: &Hub, id: &str) -> DeviceClient {
     if hub.registry().device(id).is_none() {
         hub.create_device(id).await.unwrap();
@@ -41,6 +46,7 @@ pub async fn device(hub: &Hub, id: &str) -> DeviceClient {
     DeviceClient::connect(opts).await.unwrap()
 }
 
+/// Connects an iothubowner service client with fast retries.
 pub async fn service(hub: &Hub) -> ServiceClient {
     let mut opts = ServiceOptions::from_connection_string(&hub.service_connection_string()).unwrap();
     opts.retry = fast_retry();

@@ -124,7 +124,9 @@ pub enum Settle {
     Expire,
 }
 
-/// Events of the C2D state machine (JSON in the event log).
+/// Events of the C2D state machine (JSON in the event log). Each variant's doc describes its
+/// fields.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Event {
     /// A message was accepted into `device`'s queue.
@@ -272,6 +274,7 @@ impl State {
     }
 
     /// Validates a send and builds its `Enqueue` event.
+    #[allow(clippy::too_many_arguments)]
     pub fn enqueue(
         &self,
         limits: &C2dLimits,

@@ -420,8 +420,11 @@ struct ServiceSession<'a> {
     feedback: bool,
     pkids: HashMap<u16, Outgoing>,
     next_pkid: u16,
-    responses: (mpsc::UnboundedSender<(u64, Response)>, mpsc::UnboundedReceiver<(u64, Response)>),
+    responses: (mpsc::UnboundedSender<(u64, Response)>, Responses),
 }
+
+/// Answers of spawned request handlers: (request id, response).
+type Responses = mpsc::UnboundedReceiver<(u64, Response)>;
 
 impl<'a> ServiceSession<'a> {
     fn new(shared: &'a Arc<Shared>, member: u64, policy: String, rights: Vec<Right>, idle: Duration) -> Self {
