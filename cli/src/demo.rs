@@ -1,18 +1,26 @@
-//! `hubmsg demo`: D2C end to end in one command — an in-process hub in a temporary directory,
-//! simulated devices with durable outboxes, and a consumer group reader — ending with an
-//! accounting table. Exit status 0 only when nothing was lost.
+//! `hubmsg demo`: the whole promise in one command. A hub runs as a child process (so it can be
+//! SIGKILLed and restarted mid-run); simulated devices reach it through a fault-injecting TCP
+//! link (random disconnects and stalls); a service consumes the D2C events with a consumer group
+//! and sends C2D commands with `ack=full` that the devices complete, reject or abandon. At the
+//! end an accounting table shows what was sent, delivered, duplicated and lost in each
+//! direction; the exit status is 0 only when nothing was lost.
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use hubmsg_core::hub::{Hub, HubConfig};
 use hubmsg_core::outbox::OutboxOptions;
-use hubmsg_core::proto::StartPosition;
-use hubmsg_core::service::{ServiceClient, ServiceOptions};
+use hubmsg_core::proto::{AckMode, FeedbackStatus, StartPosition};
+use hubmsg_core::retry::RetryPolicy;
+use hubmsg_core::service::{C2dOptions, ServiceClient, ServiceOptions};
 use hubmsg_core::{DeviceClient, DeviceOptions, Error, ErrorKind, Message};
 use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Options of `hubmsg demo`.
 #[derive(Args)]
@@ -20,89 +28,393 @@ pub struct DemoArgs {
     /// Simulated devices.
     #[arg(long, default_value_t = 20)]
     devices: usize,
-    /// Messages per device.
-    #[arg(long, default_value_t = 500)]
-    messages: usize,
+    /// How long devices and the service send (draining afterwards takes a few seconds more).
+    #[arg(long, default_value = "30s", value_parser = crate::parse_duration)]
+    duration: Duration,
+    /// Seed of the chaos (disconnects, stalls, device decisions); random when not given.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// D2C messages per device per second.
+    #[arg(long, default_value_t = 50)]
+    rate: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    d2c_sent: AtomicU64,
+    /// Ids of every D2C message whose send returned (durable in an outbox).
+    d2c_ids: Mutex<Vec<String>>,
+    c2d_sent: AtomicU64,
+    c2d_completed: AtomicU64,
+    c2d_rejected: AtomicU64,
+    c2d_abandoned: AtomicU64,
+    cuts: AtomicU64,
+    stalls: AtomicU64,
+}
+
+/// The hub child process.
+struct HubChild {
+    child: Child,
+    cs: String,
+}
+
+impl Drop for HubChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_hub(data: &std::path::Path, port: u16) -> Result<HubChild, Error> {
+    let exe = std::env::current_exe().map_err(|e| Error::new(ErrorKind::Internal, format!("own executable: {e}")))?;
+    let mut child = Command::new(exe)
+        .args(["hub", "--data", &data.display().to_string(), "--mqtt", &format!("127.0.0.1:{port}"), "--feedback-interval", "200ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("cannot start the hub process: {e}")))?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+    for line in lines.by_ref() {
+        let line = line.map_err(|e| Error::new(ErrorKind::Internal, format!("hub output: {e}")))?;
+        if let Some(cs) = line.strip_prefix("HUBMSG_HUB_CONNECTION_STRING=") {
+            std::thread::spawn(move || for _ in lines {});
+            return Ok(HubChild { child, cs: cs.to_string() });
+        }
+    }
+    Err(Error::new(ErrorKind::Internal, "the hub process exited before printing its connection string"))
+}
+
+/// A small deterministic generator (splitmix64) so `--seed` reproduces the chaos.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The fault-injecting link: forwards device connections to the hub, cutting each one after a
+/// random 1–6 s and stalling it now and then.
+async fn chaos_proxy(listener: TcpListener, hub_port: u16, seed: u64, stop: Arc<AtomicBool>, c: Arc<Counters>) {
+    let mut conn_no = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((inbound, _)) = listener.accept().await else { continue };
+        conn_no += 1;
+        let mut rng = Rng(seed ^ conn_no.wrapping_mul(0xA24B_AED4_963E_E407));
+        let c = c.clone();
+        tokio::spawn(async move {
+            let Ok(outbound) = TcpStream::connect(("127.0.0.1", hub_port)).await else { return };
+            let life = Duration::from_millis(1000 + rng.below(5000));
+            let stall_at = Duration::from_millis(rng.below(life.as_millis() as u64));
+            let stall_for = Duration::from_millis(100 + rng.below(900));
+            let stall = rng.below(2) == 0;
+            let (mut ir, mut iw) = inbound.into_split();
+            let (mut or, mut ow) = outbound.into_split();
+            let started = tokio::time::Instant::now();
+            let up = async {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut stalled = !stall;
+                loop {
+                    if !stalled && started.elapsed() >= stall_at {
+                        stalled = true;
+                        c.stalls.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(stall_for).await;
+                    }
+                    let n = match ir.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if ow.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let down = async {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match or.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if iw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = up => {}
+                _ = down => {}
+                _ = tokio::time::sleep(life) => { c.cuts.fetch_add(1, Ordering::Relaxed); }
+            }
+        });
+    }
+}
+
+fn retry() -> RetryPolicy {
+    RetryPolicy {
+        initial_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(2),
+        jitter: Duration::from_millis(100),
+        healthy_after: Duration::from_secs(2),
+        ..RetryPolicy::default()
+    }
 }
 
 /// Runs the demo.
 pub async fn run(a: DemoArgs) -> Result<(), Error> {
+    let seed = a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
     let dir = tempfile::tempdir().map_err(|e| Error::storage("create a temporary directory", e))?;
-    let hub = Hub::start(HubConfig::new(dir.path().join("hub"))).await?;
-    println!("hub on {} (data in {})", hub.host_name(), dir.path().display());
-    let started = Instant::now();
+    let hub_port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| Error::storage("pick a port", e))?.port();
+    let data = dir.path().join("hub");
+    let mut hub = spawn_hub(&data, hub_port)?;
+    let proxy = TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::storage("bind the chaos link", e))?;
+    let proxy_port = proxy.local_addr().map_err(|e| Error::storage("chaos link address", e))?.port();
+    println!(
+        "hubmsg demo: hub process on 127.0.0.1:{hub_port}, {} devices behind a chaos link on :{proxy_port}, seed {seed}",
+        a.devices
+    );
 
-    let mut svc_opts = ServiceOptions::from_connection_string(&hub.service_connection_string())?;
-    svc_opts.retry = hubmsg_core::retry::RetryPolicy::exponential(Duration::from_millis(100), Duration::from_secs(1));
-    let svc = ServiceClient::connect(svc_opts).await?;
+    let c = Arc::new(Counters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    tokio::spawn(chaos_proxy(proxy, hub_port, seed, stop.clone(), c.clone()));
+
+    let mut sopts = ServiceOptions::from_connection_string(&hub.cs)?;
+    sopts.retry = retry();
+    let svc = ServiceClient::connect(sopts.clone()).await?;
+
+    // Consumer group reader: every D2C message id and how often it arrived.
+    let d2c_seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let mut events = svc.events("$Default", StartPosition::Earliest).await?;
-    let seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let total = a.devices * a.messages;
-    let consumer = {
-        let seen = seen.clone();
+    {
+        let seen = d2c_seen.clone();
         tokio::spawn(async move {
-            while seen.lock().len() < total {
-                match events.next_timeout(Duration::from_secs(30)).await {
-                    Ok(Some(ev)) => {
-                        *seen.lock().entry(ev.message.message_id.clone().unwrap_or_default()).or_default() += 1;
-                        ev.ack();
-                    }
-                    _ => break,
-                }
+            while let Some(Ok(ev)) = events.next().await {
+                *seen.lock().entry(ev.message.message_id.clone().unwrap_or_default()).or_default() += 1;
+                ev.ack();
             }
-            let _ = events.checkpoint().await;
-            events.close().await;
-        })
-    };
+        });
+    }
+    // Feedback: message id → final status.
+    let feedback: Arc<Mutex<HashMap<String, FeedbackStatus>>> = Arc::default();
+    let mut fb = svc.feedback()?;
+    {
+        let feedback = feedback.clone();
+        tokio::spawn(async move {
+            while let Some(b) = fb.next().await {
+                let mut f = feedback.lock();
+                for r in &b.records {
+                    f.insert(r.original_message_id.clone(), r.status_code);
+                }
+                drop(f);
+                b.ack();
+            }
+        });
+    }
 
-    let mut senders = Vec::new();
+    // Devices.
+    let mut devices = Vec::new();
+    let mut tasks = Vec::new();
     for d in 0..a.devices {
         let id = format!("demo-{d:03}");
-        hub.create_device(&id).await?;
-        let mut opts = DeviceOptions::from_connection_string(&hub.device_connection_string(&id)?)?;
-        opts.outbox = OutboxOptions { dir: Some(dir.path().join("outbox").join(&id)), ..OutboxOptions::default() };
-        let client = DeviceClient::connect(opts).await?;
-        let n = a.messages;
-        senders.push(tokio::spawn(async move {
-            let mut sent = 0usize;
-            for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
-                let batch = chunk
-                    .iter()
-                    .map(|i| Message::new(format!("{{\"t\":{}}}", 20 + i % 10)).with_message_id(format!("{id}/{i}")).with_property("kind", "telemetry"))
-                    .collect();
-                sent += client.send_batch(batch).await?.len();
+        let ident = svc.create_device(&id).await?;
+        let cs = svc.device_connection_string(&ident).replace(&format!(":{hub_port}"), &format!(":{proxy_port}"));
+        let mut o = DeviceOptions::from_connection_string(&cs)?;
+        o.retry = retry();
+        o.keep_alive = Duration::from_secs(5);
+        o.outbox = OutboxOptions { dir: Some(dir.path().join("devices").join(&id)), ..OutboxOptions::default() };
+        let dev = DeviceClient::connect(o).await?;
+        // C2D: complete 80 %, reject 10 %, abandon 10 % — decided by the seed.
+        let mut rx = dev.c2d()?;
+        let (c2, mut rng) = (c.clone(), Rng(seed ^ (d as u64 + 1) * 7919));
+        tasks.push(tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                let r = match rng.below(10) {
+                    0 => {
+                        c2.c2d_rejected.fetch_add(1, Ordering::Relaxed);
+                        m.reject()
+                    }
+                    1 => {
+                        c2.c2d_abandoned.fetch_add(1, Ordering::Relaxed);
+                        m.abandon()
+                    }
+                    _ => {
+                        c2.c2d_completed.fetch_add(1, Ordering::Relaxed);
+                        m.complete()
+                    }
+                };
+                if r.is_err() {
+                    break;
+                }
             }
-            client.flush(Duration::from_secs(60)).await?;
-            let stats = client.stats();
-            client.close().await?;
-            Ok::<_, Error>((sent, stats))
+        }));
+        // Telemetry at `rate` per second in batches of 10.
+        let (dev2, c3, stop2, rate) = (dev.clone(), c.clone(), stop.clone(), a.rate.max(1));
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis((10_000 / rate).max(1)));
+            while !stop2.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let batch: Vec<Message> = (i..i + 10)
+                    .map(|k| Message::new(format!("{{\"t\":{}}}", 20 + k % 7)).with_message_id(format!("{id}/{k}")).with_property("kind", "telemetry"))
+                    .collect();
+                match dev2.send_batch(batch).await {
+                    Ok(ds) => {
+                        c3.d2c_sent.fetch_add(ds.len() as u64, Ordering::Relaxed);
+                        c3.d2c_ids.lock().extend(ds.into_iter().map(|d| d.message_id));
+                        i += 10;
+                    }
+                    Err(e) if e.kind() == ErrorKind::QueueFull => {}
+                    Err(e) => {
+                        eprintln!("device {id}: {e}");
+                        break;
+                    }
+                }
+            }
+        }));
+        devices.push(dev);
+    }
+
+    // C2D commands: 20 per second to random devices, ack=full, TTL 20 s.
+    let c2d_ids: Arc<Mutex<Vec<String>>> = Arc::default();
+    {
+        let (svc, c, stop, ids, n) = (svc.clone(), c.clone(), stop.clone(), c2d_ids.clone(), a.devices.max(1) as u64);
+        let mut rng = Rng(seed.rotate_left(17));
+        tasks.push(tokio::spawn(async move {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let target = format!("demo-{:03}", rng.below(n));
+                let id = format!("cmd-{k}");
+                k += 1;
+                let msg = Message::new(format!("{{\"setpoint\":{}}}", rng.below(100))).with_message_id(id.clone());
+                let opts = C2dOptions { ack: AckMode::Full, ttl: Some(Duration::from_secs(20)) };
+                if svc.send_c2d_with(&target, msg, opts).await.is_ok() {
+                    ids.lock().push(id);
+                    c.c2d_sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }));
     }
-    let mut sent = 0;
-    let mut delivered = 0;
-    for s in senders {
-        let (n, st) = s.await.map_err(|e| Error::new(ErrorKind::Internal, e.to_string()))??;
-        sent += n;
-        delivered += st.outbox.delivered;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(60), consumer).await;
-    let (received, duplicates) = {
-        let seen = seen.lock();
-        (seen.len(), seen.values().map(|c| u64::from(c.saturating_sub(1))).sum::<u64>())
+
+    // Live progress; the hub is SIGKILLed and restarted once half-way.
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {elapsed:>3} {msg}").expect("template"));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let started = Instant::now();
+    let mut killed = false;
+    let status = |note: &str| {
+        let fbn = feedback.lock().len();
+        format!(
+            "D2C sent {} delivered {} | C2D sent {} completed {} feedback {} | link cuts {} stalls {} | {note}",
+            c.d2c_sent.load(Ordering::Relaxed),
+            d2c_seen.lock().len(),
+            c.c2d_sent.load(Ordering::Relaxed),
+            c.c2d_completed.load(Ordering::Relaxed),
+            fbn,
+            c.cuts.load(Ordering::Relaxed),
+            c.stalls.load(Ordering::Relaxed),
+        )
     };
-    let lost = sent.saturating_sub(received);
-    let secs = started.elapsed().as_secs_f64();
-    println!();
-    println!("{:<28}{:>12}", "D2C", "messages");
-    println!("{:<28}{:>12}", "sent (durable in outbox)", sent);
-    println!("{:<28}{:>12}", "acknowledged by the hub", delivered);
-    println!("{:<28}{:>12}", "received by the consumer", received);
-    println!("{:<28}{:>12}", "duplicates", duplicates);
-    println!("{:<28}{:>12}", "LOST", lost);
-    println!("{:<28}{:>12.0}", "end-to-end msg/s", sent as f64 / secs);
-    hub.shutdown().await?;
-    if lost > 0 {
-        return Err(Error::new(ErrorKind::Internal, format!("{lost} messages were lost")));
+    while started.elapsed() < a.duration {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if !killed && started.elapsed() >= a.duration / 2 {
+            killed = true;
+            let _ = hub.child.kill(); // SIGKILL
+            let _ = hub.child.wait();
+            bar.println(format!("{:>5.1}s  hub process SIGKILLed; restarting it on the same data", started.elapsed().as_secs_f64()));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            hub = spawn_hub(&data, hub_port)?;
+        }
+        bar.set_message(status("running"));
     }
+
+    // Drain: stop sending (and wait for the senders), deliver what devices hold, wait for the
+    // consumer and the feedback.
+    stop.store(true, Ordering::Relaxed);
+    bar.set_message(status("draining"));
+    for t in tasks.drain(..) {
+        if !t.is_finished() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+    for dev in &devices {
+        let _ = dev.flush(Duration::from_secs(90)).await;
+    }
+    let sent_d2c = c.d2c_sent.load(Ordering::Relaxed) as usize;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
+        let c2d_done = {
+            let f = feedback.lock();
+            c2d_ids.lock().iter().all(|id| f.contains_key(id))
+        };
+        let d2c_done = {
+            let seen = d2c_seen.lock();
+            c.d2c_ids.lock().iter().all(|id| seen.contains_key(id))
+        };
+        if d2c_done && c2d_done {
+            break;
+        }
+        bar.set_message(status("draining"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bar.finish_and_clear();
+
+    let (received, duplicates, d2c_lost) = {
+        let s = d2c_seen.lock();
+        let ids = c.d2c_ids.lock();
+        let missing: Vec<&String> = ids.iter().filter(|id| !s.contains_key(*id)).collect();
+        if !missing.is_empty() {
+            eprintln!("missing D2C ids (first 10): {:?}", &missing[..missing.len().min(10)]);
+        }
+        (ids.len() - missing.len(), s.values().map(|c| u64::from(c.saturating_sub(1))).sum::<u64>(), missing.len())
+    };
+    let _ = sent_d2c;
+    let (fb_total, by_status, c2d_lost, c2d_sent) = {
+        let f = feedback.lock();
+        let ids = c2d_ids.lock();
+        let mut by: HashMap<FeedbackStatus, u64> = HashMap::new();
+        for id in ids.iter() {
+            if let Some(s) = f.get(id) {
+                *by.entry(*s).or_default() += 1;
+            }
+        }
+        let lost = ids.iter().filter(|id| !f.contains_key(*id)).count();
+        (ids.len() - lost, by, lost, ids.len())
+    };
+    let n = |s: FeedbackStatus| by_status.get(&s).copied().unwrap_or(0);
+    println!();
+    println!("{:<36}{:>10}", "D2C (device → cloud)", "messages");
+    println!("{:<36}{:>10}", "  sent (durable in device outboxes)", sent_d2c);
+    println!("{:<36}{:>10}", "  delivered to the consumer group", received);
+    println!("{:<36}{:>10}", "  duplicates (same message id)", duplicates);
+    println!("{:<36}{:>10}", "  LOST", d2c_lost);
+    println!("{:<36}{:>10}", "C2D (cloud → device), ack=full", "messages");
+    println!("{:<36}{:>10}", "  sent (durable at the hub)", c2d_sent);
+    println!("{:<36}{:>10}", "  completed (feedback Success)", n(FeedbackStatus::Success));
+    println!("{:<36}{:>10}", "  rejected", n(FeedbackStatus::Rejected));
+    println!("{:<36}{:>10}", "  dead-lettered (count/expired)", n(FeedbackStatus::DeliveryCountExceeded) + n(FeedbackStatus::Expired));
+    println!("{:<36}{:>10}", "  abandons (redelivered)", c.c2d_abandoned.load(Ordering::Relaxed));
+    println!("{:<36}{:>10}", "  feedback received", fb_total);
+    println!("{:<36}{:>10}", "  LOST", c2d_lost);
+    println!("{:<36}{:>10}", "chaos", "");
+    println!("{:<36}{:>10}", "  link cuts", c.cuts.load(Ordering::Relaxed));
+    println!("{:<36}{:>10}", "  link stalls", c.stalls.load(Ordering::Relaxed));
+    println!("{:<36}{:>10}", "  hub SIGKILL + restart", 1);
+    for dev in &devices {
+        let _ = dev.close().await;
+    }
+    svc.close().await;
+    drop(hub);
+    if d2c_lost + c2d_lost > 0 {
+        return Err(Error::new(ErrorKind::Internal, format!("{d2c_lost} D2C and {c2d_lost} C2D messages were lost (seed {seed})")));
+    }
+    println!("nothing lost.");
     Ok(())
 }

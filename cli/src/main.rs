@@ -77,6 +77,9 @@ struct HubArgs {
     /// Host name to print in connection strings.
     #[arg(long, default_value = "127.0.0.1")]
     host_name: String,
+    /// C2D feedback batches form once the oldest record waited this long (or 64 accumulated).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    feedback_interval: Duration,
 }
 
 #[derive(Args, Clone)]
@@ -260,7 +263,7 @@ struct MonitorArgs {
 }
 
 /// Parses `500ms`, `60s`, `5m`, `1h` (a bare number means seconds).
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
     let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 500ms, 60s, 5m, 1h"))?;
     Ok(match unit {
@@ -321,6 +324,7 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
     config.partitions = a.partitions;
     config.durability = a.durability.parse()?;
     config.host_name = a.host_name;
+    config.feedback_interval = a.feedback_interval;
     let hub = Hub::start(config).await?;
     if let Some(addr) = hub.mqtt_addr() {
         println!("mqtt listening on {addr}");
