@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::common::{self, Hub};
 use super::plot::PlotData;
-use super::procstat::CpuMeter;
+use super::procstat::Meters;
 use super::stats::Samples;
 use super::{Ctx, Outcome, Row, Scenario, Target};
 
@@ -51,8 +51,7 @@ pub async fn roundtrip(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error
     };
 
     let (mut total, mut accepted, mut to_device) = (Samples::default(), Samples::default(), Samples::default());
-    let hub_cpu = CpuMeter::start(hub.pid());
-    let own_cpu = CpuMeter::start(std::process::id());
+    let meters = Meters::start(hub.pid());
     let started = Instant::now();
     for i in 0..warm + n {
         let mid = format!("c2d-{i}");
@@ -78,7 +77,7 @@ pub async fn roundtrip(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let (server_cpu, client_cpu) = (hub_cpu.finish(), own_cpu.finish());
+    let cpu = meters.finish();
     device_task.abort();
     let _ = dev.close().await;
     svc.close().await;
@@ -106,8 +105,7 @@ pub async fn roundtrip(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error
             "until_hub_accepted": accepted.summary(),
             "until_device_received": to_device.summary(),
             "seconds": elapsed,
-            "hub_cpu": server_cpu,
-            "client_cpu": client_cpu,
+            "cpu": cpu,
         }),
         unavailable: None,
     })

@@ -24,7 +24,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::common::{self, body, Hub, Stamp};
-use super::procstat::{self, CpuMeter};
+use super::procstat::{self, Meters};
 use super::stats::{self, message_id};
 use super::{Ctx, Outcome, Row, Scenario, Target};
 
@@ -222,14 +222,17 @@ pub async fn connections(ctx: &Ctx) -> Result<Outcome, Error> {
     for w in &mut workers {
         w.tell("go").await?;
     }
-    let cpu = CpuMeter::start(hub.pid());
+    let meters = Meters::start(hub.pid());
+    let worker_meters: Vec<procstat::CpuMeter> = workers.iter().filter_map(|w| w.child.id()).map(procstat::CpuMeter::start).collect();
     let mut rss_max = 0;
     let end = Instant::now() + window;
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(500).min(end.saturating_duration_since(Instant::now()))).await;
         rss_max = rss_max.max(procstat::rss_kb(hub.pid()).unwrap_or(0));
     }
-    let hub_cpu = cpu.finish();
+    let cpu = meters.finish();
+    let workers_cores = stats::round(worker_meters.iter().map(|m| m.finish().cores).sum::<f64>());
+    let hub_cpu = cpu.server.clone();
     let rss_end = procstat::rss_kb(hub.pid()).unwrap_or(0);
     let (mut sent, mut delivered, mut errors) = (0, 0, 0);
     for w in &mut workers {
@@ -273,7 +276,8 @@ pub async fn connections(ctx: &Ctx) -> Result<Outcome, Error> {
             "hub_rss_kb": {"idle_registered": rss_idle, "connected_before_sending": rss_connected_idle, "end_of_window": rss_end, "max_in_window": rss_max},
             "hub_open_fds": {"idle": fds_idle, "connected": fds_connected},
             "rss_per_connection_kib": stats::round(per_conn_kb),
-            "hub_cpu": hub_cpu,
+            "cpu": cpu,
+            "worker_processes_cores": workers_cores,
             "messages": {"sent": sent, "acknowledged": delivered},
             "device_clients": "DeviceClient with an in-memory outbox (durability never), 5,000 per worker process",
         }),

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use super::common::{self, body, parse_body, Hub, Stamp};
 use super::plot::PlotData;
-use super::procstat::{self, CpuMeter, CpuUse};
+use super::procstat::{self, CpuSplit, Meters};
 use super::stats::{self, message_id, Counts, IdTracker, Samples, Timeline};
 use super::{fmt_value, Ctx, Outcome, Row, Scenario, Target};
 
@@ -107,10 +107,8 @@ pub struct ThroughputRun {
     pub accepted_seconds: f64,
     /// Id accounting at the consumer.
     pub counts: Counts,
-    /// Broker / hub process CPU over the run.
-    pub server_cpu: CpuUse,
-    /// Bench process CPU (devices + consumer) over the run.
-    pub client_cpu: CpuUse,
+    /// CPU over the run: broker / hub, bench process (devices + consumer), rest of the machine.
+    pub cpu: CpuSplit,
     /// Broker / hub resident memory at the end, KiB.
     pub server_rss_kb: u64,
     /// `(s, msg/s)` received per 100 ms.
@@ -122,15 +120,14 @@ impl ThroughputRun {
     /// The progress line printed after a run.
     pub fn line(&self) -> String {
         format!(
-            "{:<9} {:<40} {:>9} msg/s  ({} msgs in {:.2} s; server CPU {:.2} cores, clients {:.2}; duplicates {})",
+            "{:<9} {:<40} {:>9} msg/s  ({} msgs in {:.2} s; duplicates {}; {})",
             self.system,
             self.label,
             fmt_value(self.msgs_per_sec),
             self.messages,
             self.seconds,
-            self.server_cpu.cores,
-            self.client_cpu.cores,
-            self.counts.duplicates
+            self.counts.duplicates,
+            self.cpu
         )
     }
 }
@@ -183,8 +180,7 @@ async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u
     let rig = Rig::start(ctx, &format!("throughput-{durability}-{devices}"), devices, durability, per, &[]).await?;
     let mut events = common::consumer(&rig.svc, "$Default", StartPosition::Earliest).await?;
     let mut tracker = IdTracker::new(&vec![per; devices]);
-    let hub_cpu = CpuMeter::start(rig.hub.pid());
-    let own_cpu = CpuMeter::start(std::process::id());
+    let meters = Meters::start(rig.hub.pid());
     let t0 = Instant::now();
     let mut senders = JoinSet::new();
     for (d, dev) in rig.devices.iter().enumerate() {
@@ -225,7 +221,7 @@ async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u
         }
     }
     let end = Instant::now();
-    let (server_cpu, client_cpu) = (hub_cpu.finish(), own_cpu.finish());
+    let cpu = meters.finish();
     let server_rss_kb = procstat::rss_kb(rig.hub.pid()).unwrap_or(0);
     while let Some(j) = senders.join_next().await {
         if let Ok(Ok(at)) = j {
@@ -258,8 +254,7 @@ async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u
         msgs_per_sec: total as f64 / seconds,
         accepted_seconds: stats::round((accepted_at - t0).as_secs_f64()),
         counts,
-        server_cpu,
-        client_cpu,
+        cpu,
         server_rss_kb,
         timeline: timeline.rates(),
     })
@@ -308,7 +303,7 @@ struct LatencyPlan {
 /// Scenario 2.
 pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> {
     let plan = LatencyPlan {
-        devices: 10,
+        devices: std::env::var("LATDEV").ok().and_then(|v| v.parse().ok()).unwrap_or(10),
         rate: 10_000,
         warmup: if ctx.quick { Duration::from_millis(500) } else { Duration::from_secs(1) },
         window: if ctx.quick { Duration::from_secs(2) } else { Duration::from_secs(10) },
@@ -319,8 +314,8 @@ pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> 
         let r = latency_run(ctx, &plan, durability).await?;
         let s = &r.from_send;
         println!(
-            "  hubmsg    {durability:<6} p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({} samples; sender lag max {:.2} ms; hub CPU {:.2} cores, clients {:.2})",
-            s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, s.count, r.pacer_lag_max_ms, r.server_cpu.cores, r.client_cpu.cores
+            "  hubmsg    {durability:<6} p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms; from schedule p99 {:.2} ms  ({} samples; pacer lag max {:.2} ms; {})",
+            s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, r.from_schedule.p99_ms, s.count, r.pacer_lag_max_ms, r.cpu
         );
         let what = if durability == "always" { "fsync'd" } else { "durability never" };
         let fsync = durability == "always";
@@ -359,8 +354,7 @@ struct LatencyRun {
     from_send: stats::Summary,
     from_schedule: stats::Summary,
     pacer_lag_max_ms: f64,
-    server_cpu: CpuUse,
-    client_cpu: CpuUse,
+    cpu: CpuSplit,
     #[serde(skip)]
     curve: Vec<(f64, f64)>,
     #[serde(skip)]
@@ -404,38 +398,52 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, durability: &str) -> Result<
         Ok::<_, Error>((tracker, from_send, from_sched, points))
     });
 
-    // Pacer: message i is due at start + i / rate; each send() runs in its own task.
+    // Pacer: message i is due at start + i / rate. It runs on its own thread (so a busy runtime
+    // cannot make it late) and hands each send() to the runtime as a task of its own (so a slow
+    // send never delays the next).
     let errors = Arc::new(AtomicU64::new(0));
-    let hub_cpu = CpuMeter::start(rig.hub.pid());
-    let own_cpu = CpuMeter::start(std::process::id());
+    let meters = Meters::start(rig.hub.pid());
     let start = Instant::now() + Duration::from_millis(20);
     let start_ns = (start - ctx.epoch).as_nanos() as u64;
-    let mut lag_max = Duration::ZERO;
-    let mut i = 0u64;
-    while i < total {
-        let due_at = start + Duration::from_nanos(i * interval_ns);
-        tokio::time::sleep_until(due_at.into()).await;
-        let now = Instant::now();
-        let due = (((now - start).as_nanos() as u64) / interval_ns + 1).min(total);
-        while i < due {
-            let d = (i % devices as u64) as usize;
-            let seq = i / devices as u64;
-            let scheduled_ns = start_ns + i * interval_ns;
-            lag_max = lag_max.max(now.saturating_duration_since(start + Duration::from_nanos(i * interval_ns)));
-            let (dev, errors) = (rig.devices[d].clone(), errors.clone());
-            tokio::spawn(async move {
-                let sent_ns = epoch.elapsed().as_nanos() as u64;
-                let m = Message::new(body(Stamp { sent_ns, device: d as u32, seq, scheduled_ns })).with_message_id(message_id(d, seq));
-                if dev.send(m).await.is_err() {
-                    errors.fetch_add(1, Ordering::Relaxed);
+    let pacer = {
+        let (runtime, devs, errors) = (tokio::runtime::Handle::current(), rig.devices.clone(), errors.clone());
+        std::thread::Builder::new()
+            .name("bench-pacer".into())
+            .spawn(move || {
+                let mut lag_max = Duration::ZERO;
+                let mut i = 0u64;
+                while i < total {
+                    let due_at = start + Duration::from_nanos(i * interval_ns);
+                    let now = Instant::now();
+                    if due_at > now {
+                        std::thread::sleep(due_at - now);
+                    }
+                    let now = Instant::now();
+                    let due = (((now - start).as_nanos() as u64) / interval_ns + 1).min(total);
+                    while i < due {
+                        let d = (i % devices as u64) as usize;
+                        let seq = i / devices as u64;
+                        let scheduled_ns = start_ns + i * interval_ns;
+                        lag_max = lag_max.max(now.saturating_duration_since(start + Duration::from_nanos(i * interval_ns)));
+                        let (dev, errors) = (devs[d].clone(), errors.clone());
+                        runtime.spawn(async move {
+                            let sent_ns = epoch.elapsed().as_nanos() as u64;
+                            let m = Message::new(body(Stamp { sent_ns, device: d as u32, seq, scheduled_ns })).with_message_id(message_id(d, seq));
+                            if dev.send(m).await.is_err() {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
+                        i += 1;
+                    }
                 }
-            });
-            i += 1;
-        }
-    }
+                lag_max
+            })
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("pacer thread: {e}")))?
+    };
     let (tracker, mut from_send, mut from_sched, mut points) =
         receiver.await.map_err(|e| Error::new(ErrorKind::Internal, format!("receiver task: {e}")))??;
-    let (server_cpu, client_cpu) = (hub_cpu.finish(), own_cpu.finish());
+    let cpu = meters.finish();
+    let lag_max = pacer.join().map_err(|_| Error::new(ErrorKind::Internal, "pacer thread panicked"))?;
     rig.close().await;
     let counts = tracker.counts();
     let send_errors = errors.load(Ordering::Relaxed);
@@ -457,8 +465,7 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, durability: &str) -> Result<
         from_send: from_send_summary,
         from_schedule: from_sched.summary(),
         pacer_lag_max_ms: stats::round(lag_max.as_secs_f64() * 1e3),
-        server_cpu,
-        client_cpu,
+        cpu,
         curve,
         points,
     })

@@ -273,7 +273,9 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         machine.kernel,
         machine.memory_mib
     );
+    let load = load_average();
     println!("all runs: 256-byte bodies, QoS 1, 127.0.0.1, every message id counted at the receiver");
+    println!("load average before the run: {load} (other work on this machine lowers every figure; each run reports the CPU of the rest of the machine)");
     println!();
 
     let mut reports = Vec::new();
@@ -296,9 +298,6 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
                 (Status::Unavailable(why), detail)
             }
             Ok(o) => {
-                for r in &o.rows {
-                    println!("  {}", row_line(r));
-                }
                 rows.extend(o.rows);
                 (Status::Ok, o.detail)
             }
@@ -334,6 +333,7 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         "generated_unix_ms": hubmsg_core::message::now_ms(),
         "duration_s": stats::round(started.elapsed().as_secs_f64()),
         "machine": machine,
+        "load_average": {"before": load, "after": load_average()},
         "workload": {"body_bytes": common::BODY_BYTES, "qos": 1, "network": "127.0.0.1"},
         "rows": rows,
         "scenarios": reports,
@@ -410,10 +410,6 @@ fn target_text(r: &Row) -> String {
     }
 }
 
-fn row_line(r: &Row) -> String {
-    format!("{:<54} {:>12} {}", r.figure, fmt_value(r.value), r.unit)
-}
-
 const HEADERS: [&str; 7] = ["scenario", "figure", "value", "unit", "target", "status", "hubmsg / Mosquitto"];
 
 fn cells(r: &Row) -> [String; 7] {
@@ -470,6 +466,11 @@ fn markdown(rows: &[Row], m: &procstat::Machine, quick: bool) -> String {
         s.push_str(&format!("| {} |\n", c.join(" | ")));
     }
     s
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
 }
 
 /// Waits up to `timeout` for `cond`, checking every `every`.

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use super::common::{body, parse_body, Stamp};
 use super::d2c::{throughput_messages, ThroughputRun};
 use super::plot::PlotData;
-use super::procstat::{self, CpuMeter};
+use super::procstat::{self, Meters};
 use super::stats::{self, IdTracker, Timeline};
 use super::{Ctx, Outcome, Row, Scenario};
 
@@ -206,8 +206,7 @@ async fn run(ctx: &Ctx, broker: &Broker, devices: usize, total: u64) -> Result<T
         pubs.push((client, el));
     }
     let mut tracker = IdTracker::new(&vec![per; devices]);
-    let broker_cpu = CpuMeter::start(broker.child.id());
-    let own_cpu = CpuMeter::start(std::process::id());
+    let meters = Meters::start(broker.child.id());
     let t0 = Instant::now();
     let mut tasks = JoinSet::new();
     for (d, (client, mut el)) in pubs.into_iter().enumerate() {
@@ -263,7 +262,7 @@ async fn run(ctx: &Ctx, broker: &Broker, devices: usize, total: u64) -> Result<T
         }
     }
     let end = Instant::now();
-    let (server_cpu, client_cpu) = (broker_cpu.finish(), own_cpu.finish());
+    let cpu = meters.finish();
     let server_rss_kb = procstat::rss_kb(broker.child.id()).unwrap_or(0);
     while let Some(j) = tasks.join_next().await {
         if let Ok(Ok(at)) = j {
@@ -289,8 +288,7 @@ async fn run(ctx: &Ctx, broker: &Broker, devices: usize, total: u64) -> Result<T
         msgs_per_sec: total as f64 / seconds,
         accepted_seconds: stats::round((accepted_at - t0).as_secs_f64()),
         counts,
-        server_cpu,
-        client_cpu,
+        cpu,
         server_rss_kb,
         timeline: timeline.rates(),
     })

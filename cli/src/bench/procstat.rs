@@ -36,7 +36,7 @@ pub fn ticks_per_sec() -> f64 {
 }
 
 /// CPU ticks of `pid` per thread-name group: `hubmsg-log` (store writer threads, where fdatasync
-/// happens), `tokio-runtime-w` (async workers), everything else as `other`.
+/// happens), `tokio-*` and the main thread (async runtime), everything else as `other`.
 pub fn thread_ticks(pid: u32) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
@@ -46,7 +46,7 @@ pub fn thread_ticks(pid: u32) -> BTreeMap<String, u64> {
         let Some(ticks) = std::fs::read_to_string(path.join("stat")).ok().and_then(|s| stat_ticks(&s)) else { continue };
         let group = if name.starts_with("hubmsg-log") {
             "store writer threads"
-        } else if name.starts_with("tokio-runtime") || name == "hubmsg" {
+        } else if name.starts_with("tokio-") || name == "hubmsg" {
             "async runtime threads"
         } else {
             "other threads"
@@ -92,6 +92,60 @@ impl CpuMeter {
             })
             .collect();
         CpuUse { cores: round3(now.saturating_sub(self.ticks) as f64 / tps / secs), by_threads }
+    }
+}
+
+/// Busy clock ticks of the whole machine (all CPUs, `/proc/stat`: everything but idle and
+/// iowait).
+fn machine_busy_ticks() -> u64 {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = s.lines().find(|l| l.starts_with("cpu ")) else { return 0 };
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|n| n.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice (guest is inside user).
+    v.iter().take(8).sum::<u64>() - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
+}
+
+/// Measures, over one window, the CPU of the server process (hub or broker), of this (client)
+/// process, and of the whole machine — the rest being other processes and kernel threads (such
+/// as the file system's journal commits that fsyncs cause).
+pub struct Meters {
+    server: CpuMeter,
+    client: CpuMeter,
+    machine: u64,
+}
+
+/// What [`Meters`] measured, in cores (1.0 = one core busy on average).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CpuSplit {
+    /// The hub or broker process.
+    pub server: CpuUse,
+    /// The bench process (devices, consumers, services).
+    pub client: CpuUse,
+    /// Everything else on the machine: other processes and kernel threads.
+    pub rest_cores: f64,
+    /// The whole machine.
+    pub machine_cores: f64,
+}
+
+impl Meters {
+    /// Starts measuring with `server` as the server process.
+    pub fn start(server: u32) -> Meters {
+        Meters { server: CpuMeter::start(server), client: CpuMeter::start(std::process::id()), machine: machine_busy_ticks() }
+    }
+
+    /// The split since `start`.
+    pub fn finish(&self) -> CpuSplit {
+        let secs = self.client.at.elapsed().as_secs_f64().max(1e-6);
+        let machine_cores = round3(machine_busy_ticks().saturating_sub(self.machine) as f64 / ticks_per_sec() / secs);
+        let (server, client) = (self.server.finish(), self.client.finish());
+        let rest_cores = round3((machine_cores - server.cores - client.cores).max(0.0));
+        CpuSplit { server, client, rest_cores, machine_cores }
+    }
+}
+
+impl std::fmt::Display for CpuSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CPU: server {:.2}, clients {:.2}, rest of machine {:.2} cores", self.server.cores, self.client.cores, self.rest_cores)
     }
 }
 
