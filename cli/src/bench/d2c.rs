@@ -109,6 +109,10 @@ pub struct ThroughputRun {
     pub counts: Counts,
     /// CPU over the run: broker / hub, bench process (devices + consumer), rest of the machine.
     pub cpu: CpuSplit,
+    /// Server CPU time per message, µs.
+    pub server_us_per_msg: f64,
+    /// Client (bench process) CPU time per message, µs.
+    pub client_us_per_msg: f64,
     /// Broker / hub resident memory at the end, KiB.
     pub server_rss_kb: u64,
     /// `(s, msg/s)` received per 100 ms.
@@ -120,15 +124,92 @@ impl ThroughputRun {
     /// The progress line printed after a run.
     pub fn line(&self) -> String {
         format!(
-            "{:<9} {:<40} {:>9} msg/s  ({} msgs in {:.2} s; duplicates {}; {})",
+            "{:<9} {:<40} {:>9} msg/s  ({} msgs in {:.2} s; duplicates {}; {}; CPU per message: server {:.1} µs, clients {:.1} µs)",
             self.system,
             self.label,
             fmt_value(self.msgs_per_sec),
             self.messages,
             self.seconds,
             self.counts.duplicates,
-            self.cpu
+            self.cpu,
+            self.server_us_per_msg,
+            self.client_us_per_msg
         )
+    }
+}
+
+/// The receiving side's bookkeeping of one throughput run: ids, arrivals over time, when the
+/// senders finished, and CPU from the first send to the last arrival.
+pub struct Tally {
+    /// Which ids arrived.
+    pub tracker: IdTracker,
+    timeline: Timeline,
+    t0: Instant,
+    accepted_at: Instant,
+    meters: Meters,
+    server: u32,
+}
+
+/// A sender task's result: when its last send was accepted.
+pub type SenderResult = Result<Result<Instant, Error>, tokio::task::JoinError>;
+
+impl Tally {
+    /// Starts the clocks: `per` messages expected from each of `devices`; `server` is the hub or
+    /// broker process.
+    pub fn start(per: u64, devices: usize, server: u32) -> Tally {
+        let t0 = Instant::now();
+        Tally {
+            tracker: IdTracker::new(&vec![per; devices]),
+            timeline: Timeline::new(t0, Duration::from_millis(100)),
+            t0,
+            accepted_at: t0,
+            meters: Meters::start(server),
+            server,
+        }
+    }
+
+    /// Notes an arrival (`first`: the id had not arrived before).
+    pub fn arrived(&mut self, first: bool) {
+        if first {
+            self.timeline.tick(Instant::now());
+        }
+    }
+
+    /// Notes a finished sender task; its error ends the run.
+    pub fn sender_done(&mut self, r: SenderResult) -> Result<(), Error> {
+        let at = r.map_err(|e| Error::new(ErrorKind::Internal, format!("sender task: {e}")))??;
+        self.accepted_at = self.accepted_at.max(at);
+        Ok(())
+    }
+
+    /// Stops the clocks (call once the last message arrived or the wait gave up), waits for the
+    /// remaining senders and describes the run.
+    pub async fn stop(&mut self, senders: &mut JoinSet<Result<Instant, Error>>, system: &'static str, label: String, durability: String) -> ThroughputRun {
+        let end = Instant::now();
+        let cpu = self.meters.finish();
+        let server_rss_kb = procstat::rss_kb(self.server).unwrap_or(0);
+        while let Some(j) = senders.join_next().await {
+            let _ = self.sender_done(j);
+        }
+        let counts = self.tracker.counts();
+        let seconds = (end - self.t0).as_secs_f64();
+        let per_msg = |cores: f64| stats::round(cores * seconds * 1e6 / counts.expected.max(1) as f64);
+        ThroughputRun {
+            system,
+            label,
+            devices: self.tracker.devices(),
+            durability,
+            messages: counts.expected,
+            seconds: stats::round(seconds),
+            msgs_per_sec: counts.expected as f64 / seconds,
+            accepted_seconds: stats::round((self.accepted_at - self.t0).as_secs_f64()),
+            counts,
+            server_us_per_msg: per_msg(cpu.server.cores),
+            client_us_per_msg: per_msg(cpu.client.cores),
+            cpu,
+            server_rss_kb,
+            timeline: self.timeline.rates(),
+        }
     }
 }
 
@@ -179,9 +260,7 @@ async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u
     let total = per * devices as u64;
     let rig = Rig::start(ctx, &format!("throughput-{durability}-{devices}"), devices, durability, per, &[]).await?;
     let mut events = common::consumer(&rig.svc, "$Default", StartPosition::Earliest).await?;
-    let mut tracker = IdTracker::new(&vec![per; devices]);
-    let meters = Meters::start(rig.hub.pid());
-    let t0 = Instant::now();
+    let mut tally = Tally::start(per, devices, rig.hub.pid());
     let mut senders = JoinSet::new();
     for (d, dev) in rig.devices.iter().enumerate() {
         let (dev, epoch) = (dev.clone(), ctx.epoch);
@@ -199,65 +278,35 @@ async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u
             Ok::<Instant, Error>(Instant::now())
         });
     }
-    let mut timeline = Timeline::new(t0, Duration::from_millis(100));
-    let mut accepted_at = t0;
     let idle = Duration::from_secs(30);
-    while !tracker.complete() {
+    while !tally.tracker.complete() {
         tokio::select! {
             ev = events.next_timeout(idle) => match ev? {
                 Some(ev) if is_prime(&ev) => ev.ack(),
                 Some(ev) => {
-                    if tracker.record_id(ev.message.message_id.as_deref()) {
-                        timeline.tick(Instant::now());
-                    }
+                    let first = tally.tracker.record_id(ev.message.message_id.as_deref());
+                    tally.arrived(first);
                     ev.ack();
                 }
                 None => break,
             },
-            Some(j) = senders.join_next(), if !senders.is_empty() => {
-                let at = j.map_err(|e| Error::new(ErrorKind::Internal, format!("sender task: {e}")))??;
-                accepted_at = accepted_at.max(at);
-            }
+            Some(j) = senders.join_next(), if !senders.is_empty() => tally.sender_done(j)?,
         }
     }
-    let end = Instant::now();
-    let cpu = meters.finish();
-    let server_rss_kb = procstat::rss_kb(rig.hub.pid()).unwrap_or(0);
-    while let Some(j) = senders.join_next().await {
-        if let Ok(Ok(at)) = j {
-            accepted_at = accepted_at.max(at);
-        }
-    }
-    let counts = tracker.counts();
-    if counts.missing > 0 {
-        let why = missing_report(&tracker, &rig.devices);
-        events.close().await;
-        rig.close().await;
-        return Err(Error::new(ErrorKind::Internal, format!("{} of {total} messages never reached the consumer (no event for {idle:?}): {why}", counts.missing)));
-    }
-    events.close().await;
-    rig.close().await;
-    let seconds = (end - t0).as_secs_f64();
     let label = format!(
         "{} device{}, {}",
         devices,
         if devices == 1 { "" } else { "s" },
         if durability == "always" { "outbox + hub log fsync'd" } else { "durability never" }
     );
-    Ok(ThroughputRun {
-        system: "hubmsg",
-        label,
-        devices,
-        durability: durability.to_string(),
-        messages: total,
-        seconds: stats::round(seconds),
-        msgs_per_sec: total as f64 / seconds,
-        accepted_seconds: stats::round((accepted_at - t0).as_secs_f64()),
-        counts,
-        cpu,
-        server_rss_kb,
-        timeline: timeline.rates(),
-    })
+    let run = tally.stop(&mut senders, "hubmsg", label, durability.to_string()).await;
+    let why = (run.counts.missing > 0).then(|| missing_report(&tally.tracker, &rig.devices));
+    events.close().await;
+    rig.close().await;
+    if let Some(why) = why {
+        return Err(Error::new(ErrorKind::Internal, format!("{} of {total} messages never reached the consumer (no event for {idle:?}): {why}", run.counts.missing)));
+    }
+    Ok(run)
 }
 
 /// Whether `ev` is one of the priming messages of [`Rig::start`].
@@ -271,19 +320,19 @@ pub fn missing_report(tracker: &IdTracker, devices: &[DeviceClient]) -> String {
     let mut parts: Vec<String> = by
         .iter()
         .take(5)
-        .map(|&(d, n, first)| {
-            let st = devices.get(d).map(|c| c.stats());
-            match st {
-                Some(s) => format!(
+        .map(|&(d, n, first)| match devices.get(d) {
+            Some(c) => {
+                let s = c.stats();
+                format!(
                     "device {d}: {n} missing from #{first} (client: {:?}, outbox depth {}, in flight {}, delivered {}, connects {})",
-                    devices[d].status(),
+                    c.status(),
                     s.outbox.depth,
                     s.outbox.in_flight,
                     s.outbox.delivered,
                     s.connects
-                ),
-                None => format!("device {d}: {n} missing from #{first}"),
+                )
             }
+            None => format!("device {d}: {n} missing from #{first}"),
         })
         .collect();
     if by.len() > 5 {

@@ -14,10 +14,9 @@ use serde_json::json;
 use tokio::task::JoinSet;
 
 use super::common::{body, parse_body, Stamp};
-use super::d2c::{throughput_messages, ThroughputRun};
+use super::d2c::{throughput_messages, Tally, ThroughputRun};
 use super::plot::PlotData;
-use super::procstat::{self, Meters};
-use super::stats::{self, IdTracker, Timeline};
+use super::stats;
 use super::{Ctx, Outcome, Row, Scenario};
 
 /// Finds the mosquitto binary.
@@ -205,9 +204,7 @@ async fn run(ctx: &Ctx, broker: &Broker, devices: usize, total: u64) -> Result<T
         poll_until(&mut el, |p| matches!(p, Packet::ConnAck(_))).await?;
         pubs.push((client, el));
     }
-    let mut tracker = IdTracker::new(&vec![per; devices]);
-    let meters = Meters::start(broker.child.id());
-    let t0 = Instant::now();
+    let mut tally = Tally::start(per, devices, broker.child.id());
     let mut tasks = JoinSet::new();
     for (d, (client, mut el)) in pubs.into_iter().enumerate() {
         let epoch = ctx.epoch;
@@ -235,61 +232,33 @@ async fn run(ctx: &Ctx, broker: &Broker, devices: usize, total: u64) -> Result<T
             Ok::<Instant, Error>(accepted)
         });
     }
-    let mut timeline = Timeline::new(t0, Duration::from_millis(100));
-    let mut accepted_at = t0;
     let idle = Duration::from_secs(30);
     let mut ack_errors = 0u64;
-    while !tracker.complete() {
+    while !tally.tracker.complete() {
         tokio::select! {
             ev = tokio::time::timeout(idle, sub_el.poll()) => match ev {
                 Err(_) => break,
                 Ok(Err(e)) => return Err(mqtt_err(e)),
                 Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                    let first = parse_body(&p.payload).is_some_and(|s| tracker.record(s.device as usize, s.seq));
-                    if first {
-                        timeline.tick(Instant::now());
-                    }
+                    let first = parse_body(&p.payload).is_some_and(|s| tally.tracker.record(s.device as usize, s.seq));
+                    tally.arrived(first);
                     if sub.try_ack(&p).is_err() {
                         ack_errors += 1;
                     }
                 }
                 Ok(Ok(_)) => {}
             },
-            Some(j) = tasks.join_next(), if !tasks.is_empty() => {
-                let at = j.map_err(|e| Error::new(ErrorKind::Internal, format!("publisher task: {e}")))??;
-                accepted_at = accepted_at.max(at);
-            }
+            Some(j) = tasks.join_next(), if !tasks.is_empty() => tally.sender_done(j)?,
         }
     }
-    let end = Instant::now();
-    let cpu = meters.finish();
-    let server_rss_kb = procstat::rss_kb(broker.child.id()).unwrap_or(0);
-    while let Some(j) = tasks.join_next().await {
-        if let Ok(Ok(at)) = j {
-            accepted_at = accepted_at.max(at);
-        }
-    }
+    let label = format!("{} device{}, persistence true", devices, if devices == 1 { "" } else { "s" });
+    let run = tally.stop(&mut tasks, "Mosquitto", label, "persistence true (periodic snapshot)".into()).await;
     let _ = sub.disconnect().await;
-    let counts = tracker.counts();
-    if counts.missing > 0 || ack_errors > 0 {
+    if run.counts.missing > 0 || ack_errors > 0 {
         return Err(Error::new(
             ErrorKind::Internal,
-            format!("mosquitto baseline: {} of {total} messages never reached the subscriber ({ack_errors} acks not queued)", counts.missing),
+            format!("mosquitto baseline: {} of {total} messages never reached the subscriber ({ack_errors} acks not queued)", run.counts.missing),
         ));
     }
-    let seconds = (end - t0).as_secs_f64();
-    Ok(ThroughputRun {
-        system: "Mosquitto",
-        label: format!("{} device{}, persistence true", devices, if devices == 1 { "" } else { "s" }),
-        devices,
-        durability: "persistence true (periodic snapshot)".into(),
-        messages: total,
-        seconds: stats::round(seconds),
-        msgs_per_sec: total as f64 / seconds,
-        accepted_seconds: stats::round((accepted_at - t0).as_secs_f64()),
-        counts,
-        cpu,
-        server_rss_kb,
-        timeline: timeline.rates(),
-    })
+    Ok(run)
 }

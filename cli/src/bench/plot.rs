@@ -13,6 +13,22 @@ use plotters::style::FontStyle;
 use super::d2c::{ThroughputRun, THROUGHPUT_TARGET};
 use super::fmt_value;
 
+/// Line colors, in order (readable on white).
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+fn color(i: usize) -> RGBColor {
+    COLORS[i % COLORS.len()]
+}
+
 /// Everything the scenarios hand over for plotting.
 #[derive(Default)]
 pub struct PlotData {
@@ -71,7 +87,7 @@ impl PlotData {
             .margin(15)
             .x_label_area_size(40)
             .y_label_area_size(330)
-            .build_cartesian_2d(0f64..max, (0..n).into_segmented())?;
+            .build_cartesian_2d(0f64..max, (0..n - 1).into_segmented())?;
         let labels: Vec<String> = self.throughput.iter().map(|t| t.0.clone()).collect();
         chart
             .configure_mesh()
@@ -124,7 +140,7 @@ impl PlotData {
             .label_style(("sans-serif", 14))
             .draw()?;
         for (i, (label, pts)) in self.timelines.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+            let color = color(i);
             chart
                 .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
                 .label(label.clone())
@@ -163,7 +179,7 @@ impl PlotData {
             .label_style(("sans-serif", 14))
             .draw()?;
         for (i, (label, pts)) in self.latency_curves.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+            let color = color(i);
             chart
                 .draw_series(LineSeries::new(pts.iter().map(|&(p, v)| (to_x(p), v.max(lo))), color.stroke_width(2)))?
                 .label(label.clone())
@@ -201,7 +217,7 @@ impl PlotData {
                 .y_label_formatter(&|v| if *v >= 10.0 { format!("{v:.0}") } else { format!("{v:.2}") })
                 .label_style(("sans-serif", 13))
                 .draw()?;
-            let color = Palette99::pick(i).to_rgba();
+            let color = color(i);
             chart.draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 1, color.filled())))?;
         }
         root.present()?;

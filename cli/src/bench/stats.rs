@@ -51,6 +51,11 @@ impl IdTracker {
         }
     }
 
+    /// Number of devices.
+    pub fn devices(&self) -> usize {
+        self.seen.len()
+    }
+
     /// Whether every expected id arrived.
     pub fn complete(&self) -> bool {
         self.unique == self.expected
