@@ -343,35 +343,41 @@ pub fn missing_report(tracker: &IdTracker, devices: &[DeviceClient]) -> String {
 
 /// Settings of the latency scenario.
 struct LatencyPlan {
-    devices: usize,
     rate: u64,
     warmup: Duration,
     window: Duration,
 }
 
-/// Scenario 2.
+/// The latency target (p99, ms, fsync'd).
+pub const LATENCY_TARGET_MS: f64 = 5.0;
+
+/// Scenario 2: 10,000 msg/s from one device (fsync'd, then `never`), and from ten devices whose
+/// fsync'd outboxes share the machine's disk with the hub (as on a gateway hosting many device
+/// identities).
 pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> {
     let plan = LatencyPlan {
-        devices: std::env::var("LATDEV").ok().and_then(|v| v.parse().ok()).unwrap_or(10),
         rate: 10_000,
         warmup: if ctx.quick { Duration::from_millis(500) } else { Duration::from_secs(1) },
         window: if ctx.quick { Duration::from_secs(2) } else { Duration::from_secs(10) },
     };
     let mut rows = Vec::new();
     let mut runs = Vec::new();
-    for durability in ["always", "never"] {
-        let r = latency_run(ctx, &plan, durability).await?;
+    for (devices, durability) in [(1usize, "always"), (1, "never"), (10, "always")] {
+        let r = latency_run(ctx, &plan, devices, durability).await?;
         let s = &r.from_send;
+        let what = format!(
+            "{devices} device{}, {}",
+            if devices == 1 { "" } else { "s" },
+            if durability == "always" { "fsync'd" } else { "durability never" }
+        );
         println!(
-            "  hubmsg    {durability:<6} p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms; from schedule p99 {:.2} ms  ({} samples; pacer lag max {:.2} ms; {})",
+            "  hubmsg    {what:<26} p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms; from schedule p99 {:.2} ms  ({} samples; pacer lag max {:.2} ms; {})",
             s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, r.from_schedule.p99_ms, s.count, r.pacer_lag_max_ms, r.cpu
         );
-        let what = if durability == "always" { "fsync'd" } else { "durability never" };
-        let fsync = durability == "always";
-        for (name, v, target) in [("p50", s.p50_ms, None), ("p99", s.p99_ms, Some(5.0)), ("p99.9", s.p999_ms, None)] {
+        for (name, v) in [("p50", s.p50_ms), ("p99", s.p99_ms), ("p99.9", s.p999_ms)] {
             let mut row = Row::new(Scenario::D2cLatency, format!("{name} at 10,000 msg/s, {what}"), v, "ms");
-            if let (true, Some(t)) = (fsync, target) {
-                row = row.target(Target::AtMost(t));
+            if name == "p99" && durability == "always" {
+                row = row.target(Target::AtMost(LATENCY_TARGET_MS));
             }
             rows.push(row);
         }
@@ -383,11 +389,10 @@ pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> 
         rows,
         detail: json!({
             "offered_msgs_per_sec": plan.rate,
-            "devices": plan.devices,
             "warmup_s": plan.warmup.as_secs_f64(),
             "window_s": plan.window.as_secs_f64(),
-            "sender": "open loop: a pacer releases each message at its scheduled time (1 ms timer) and calls send() in its own task, so a slow send never delays the next",
-            "latency": "from the send() call (timestamp in the body) to the consumer's receipt; from_schedule also counts any lateness of the sender",
+            "sender": "open loop: a pacer thread releases each message at its scheduled time and calls send() in a task of its own, so a slow send never delays the next; devices take messages round robin",
+            "latency": "from the send() call (timestamp in the body) to the consumer's receipt; from_schedule is from the time the pacer meant to call send(), so it also counts a late pacer or a busy runtime",
             "runs": runs,
         }),
         unavailable: None,
@@ -396,6 +401,7 @@ pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> 
 
 #[derive(serde::Serialize)]
 struct LatencyRun {
+    devices: usize,
     durability: String,
     sent: u64,
     send_errors: u64,
@@ -410,13 +416,12 @@ struct LatencyRun {
     points: Vec<(f64, f64)>,
 }
 
-async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, durability: &str) -> Result<LatencyRun, Error> {
+async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, devices: usize, durability: &str) -> Result<LatencyRun, Error> {
     let total = plan.rate * (plan.warmup + plan.window).as_millis() as u64 / 1000;
-    let devices = plan.devices;
     let per = total / devices as u64;
     let total = per * devices as u64;
     let warm = plan.rate * plan.warmup.as_millis() as u64 / 1000;
-    let rig = Rig::start(ctx, &format!("latency-{durability}"), devices, durability, per, &[]).await?;
+    let rig = Rig::start(ctx, &format!("latency-{durability}-{devices}"), devices, durability, per, &[]).await?;
     let mut events = common::consumer(&rig.svc, "$Default", StartPosition::Earliest).await?;
 
     // Receiver: latency of every message after the warm-up, ids of all.
@@ -507,6 +512,7 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, durability: &str) -> Result<
     let from_send_summary = from_send.summary();
     let curve = from_send.percentile_curve();
     Ok(LatencyRun {
+        devices,
         durability: durability.to_string(),
         sent: total,
         send_errors,

@@ -10,7 +10,7 @@ use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::d2c::{ThroughputRun, THROUGHPUT_TARGET};
+use super::d2c::{ThroughputRun, LATENCY_TARGET_MS, THROUGHPUT_TARGET};
 use super::fmt_value;
 
 /// Line colors, in order (readable on white).
@@ -185,7 +185,7 @@ impl PlotData {
                 .label(label.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
-        for (ms, label) in [(5.0, "D2C p99 target 5 ms"), (10.0, "C2D p99 target 10 ms")] {
+        for (ms, label) in [(LATENCY_TARGET_MS, "D2C p99 target 5 ms"), (10.0, "C2D p99 target 10 ms")] {
             if ms > lo && ms < hi {
                 chart.draw_series(std::iter::once(PathElement::new(vec![(0.0, ms), (5.0, ms)], RED.mix(0.5).stroke_width(1))))?;
                 chart.draw_series(std::iter::once(Text::new(label, (0.05, ms), ("sans-serif", 13).into_font().color(&RED))))?;
