@@ -701,6 +701,11 @@ impl Driver {
                 biased;
                 pkt = reader.next() => {
                     last_rx = Instant::now();
+                    // Handle everything one read brought (e.g. a batch of PUBACKs) before
+                    // refilling the window, so publishes go out in batches.
+                    let mut pkt = pkt;
+                    let mut budget = transport::DRAIN_BATCH;
+                    loop {
                     match pkt {
                         Ok(Some(Packet::PubAck(ack))) => {
                             let pos = if in_flight.front().is_some_and(|f| f.0 == ack.pkid) { Some(0) } else { in_flight.iter().position(|f| f.0 == ack.pkid) };
@@ -719,6 +724,16 @@ impl Driver {
                         Ok(Some(other)) => return End::Failed(Error::protocol(format!("unexpected packet from hub: {other:?}"))),
                         Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
                         Err(e) => return End::Failed(e),
+                    }
+                    budget -= 1;
+                    if budget == 0 {
+                        break;
+                    }
+                    pkt = match reader.try_next() {
+                        Ok(Some(p)) => Ok(Some(p)),
+                        Ok(None) => break,
+                        Err(e) => Err(e),
+                    };
                     }
                 }
                 _ = self.outbox.changed(), if can_send => {}

@@ -406,6 +406,11 @@ impl Log {
         st.next_seq += 1;
         let ts = now_ms();
         let before = st.pending.len();
+        if st.pending.capacity() == 0 {
+            // The writer took the previous buffer: start the next batch with room for many
+            // records instead of regrowing from nothing.
+            st.pending.reserve(64 * 1024);
+        }
         encode_frame(&mut st.pending, seq, ts, payload);
         let flen = st.pending.len() - before;
         st.pending_meta.push((seq, ts, flen));
