@@ -28,6 +28,9 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = HubConfig::new(dir.path().join("hub"));
     cfg.durability = durability;
+    if let Some(b) = std::env::var("SEGMENT_BYTES").ok().and_then(|s| s.parse().ok()) {
+        cfg.segment_bytes = b;
+    }
     let hub = Hub::start(cfg).await.unwrap();
     let svc = ServiceClient::connect(ServiceOptions::from_connection_string(&hub.service_connection_string()).unwrap()).await.unwrap();
     let mut events = svc.events("$Default", StartPosition::Earliest).await.unwrap();
@@ -57,7 +60,20 @@ async fn main() {
     }
     let mut seen = HashSet::with_capacity(per * devices);
     while seen.len() < per * devices {
-        let ev = events.next_timeout(Duration::from_secs(30)).await.unwrap().expect("event within 30 s");
+        let Some(ev) = events.next_timeout(Duration::from_secs(10)).await.unwrap() else {
+            for c in &clients {
+                eprintln!("{}: {:?}", c.device_id(), c.stats());
+            }
+            let st = hub.stats();
+            eprintln!(
+                "hub: d2c {} delivered {} open {}; consumer saw {}",
+                st.d2c_messages.load(std::sync::atomic::Ordering::Relaxed),
+                st.events_delivered.load(std::sync::atomic::Ordering::Relaxed),
+                st.open_connections.load(std::sync::atomic::Ordering::Relaxed),
+                seen.len()
+            );
+            std::process::exit(1);
+        };
         seen.insert(ev.message.message_id.clone().unwrap());
         ev.ack();
     }
