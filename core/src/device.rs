@@ -10,7 +10,7 @@
 //! (status changes are published through a `watch`, outcomes through oneshots), so calling
 //! `send()` from any callback cannot deadlock the I/O.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -223,6 +223,8 @@ enum Command {
     Subscribe,
     Settle { generation: u64, pkid: u16, seq: u64, message_id: Option<String>, how: SettleHow },
     PubAckNow { generation: u64, pkid: u16 },
+    /// The application dropped a C2D message without settling it.
+    Release { message_id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,10 +246,21 @@ pub struct C2dMessage {
     generation: u64,
     pkid: u16,
     cmd: mpsc::UnboundedSender<Command>,
+    settled: bool,
+}
+
+impl Drop for C2dMessage {
+    fn drop(&mut self) {
+        if !self.settled {
+            if let Some(id) = &self.message.message_id {
+                let _ = self.cmd.send(Command::Release { message_id: id.clone() });
+            }
+        }
+    }
 }
 
 impl C2dMessage {
-    fn settle(self, how: SettleHow) -> Result<()> {
+    fn settle(mut self, how: SettleHow) -> Result<()> {
         if how != SettleHow::Complete && self.sequence_number == 0 {
             return Err(Error::new(
                 ErrorKind::Usage,
@@ -261,6 +274,7 @@ impl C2dMessage {
             message_id: self.message.message_id.clone(),
             how,
         };
+        self.settled = true;
         self.cmd.send(cmd).map_err(|_| Error::closed("device client"))
     }
 
@@ -365,6 +379,7 @@ impl DeviceClient {
             outbox: outbox.clone(),
             completed: completed.clone(),
             c2d_tx,
+            held: HashMap::new(),
             subscribed: false,
             generation: 0,
             cmd_tx: cmd_tx.clone(),
@@ -521,6 +536,11 @@ struct Driver {
     outbox: Outbox,
     completed: Completed,
     c2d_tx: mpsc::UnboundedSender<C2dMessage>,
+    /// C2D messages the application holds and has not settled: message id → the latest
+    /// delivery of it (generation, packet id, queue seq). A redelivery of a held id (after a
+    /// reconnect) only updates this, so the application never gets the same message twice, and
+    /// its eventual settle applies to the delivery the hub is waiting on.
+    held: HashMap<String, (u64, u16, u64)>,
     subscribed: bool,
     /// Connection counter: settles and acks from an earlier connection are ignored.
     generation: u64,
@@ -579,7 +599,9 @@ impl Driver {
                                 None => break 'outer,
                                 Some(Command::Reconnect) => break,
                                 Some(Command::Subscribe) => self.subscribed = true,
-                                Some(Command::Settle { .. } | Command::PubAckNow { .. }) => {}
+                                Some(Command::Settle { message_id, how, .. }) => self.settle_offline(message_id, how),
+                                Some(Command::Release { message_id }) => { self.held.remove(&message_id); }
+                                Some(Command::PubAckNow { .. }) => {}
                             },
                         }
                     }
@@ -598,7 +620,11 @@ impl Driver {
                             }
                             None => break 'outer,
                             Some(Command::Subscribe) => self.subscribed = true,
-                            Some(Command::Settle { .. } | Command::PubAckNow { .. }) => {}
+                            Some(Command::Settle { message_id, how, .. }) => self.settle_offline(message_id, how),
+                            Some(Command::Release { message_id }) => {
+                                self.held.remove(&message_id);
+                            }
+                            Some(Command::PubAckNow { .. }) => {}
                         }
                     }
                 }
@@ -759,11 +785,21 @@ impl Driver {
                             return End::Failed(e);
                         }
                     }
+                    Some(Command::Release { message_id }) => {
+                        self.held.remove(&message_id);
+                    }
                     Some(Command::Settle { generation, pkid, seq, message_id, how }) => {
+                        // Settle the latest delivery of the message (a reconnect may have
+                        // redelivered it while the application held the first copy).
+                        let (generation, pkid, seq) =
+                            message_id.as_ref().and_then(|id| self.held.remove(id)).unwrap_or((generation, pkid, seq));
                         if generation == self.generation {
                             if let Err(e) = self.settle(&mut writer, &mut next_pkid, pkid, seq, message_id, how) {
                                 return End::Failed(e);
                             }
+                        } else {
+                            // Settled after the connection it came on ended.
+                            self.settle_offline(message_id, how);
                         }
                     }
                     Some(Command::PubAckNow { generation, pkid }) => {
@@ -785,6 +821,24 @@ impl Driver {
         let mut sub = Subscribe::new(wire::c2d_filter(&self.opts.device_id), QoS::AtLeastOnce);
         sub.pkid = take_pkid(next_pkid);
         writer.queue(&Packet::Subscribe(sub))
+    }
+
+    /// A settle that arrives while its connection is gone. The hub will deliver the message
+    /// again (its lock died with the connection); a completion is still recorded durably, so
+    /// that redelivery is acknowledged as a duplicate and never reaches the application twice.
+    /// Abandon needs nothing (the redelivery is the abandon); a reject cannot be sent, so the
+    /// message comes back and the application sees it again (documented in docs/protocol.md).
+    fn settle_offline(&mut self, message_id: Option<String>, how: SettleHow) {
+        if let Some(id) = &message_id {
+            self.held.remove(id);
+        }
+        let (SettleHow::Complete, Some(id)) = (how, message_id) else { return };
+        let completed = self.completed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = completed.record(&id).await {
+                tracing::error!(error = %e, "recording a completed C2D id failed; the message will reach the app again");
+            }
+        });
     }
 
     /// An incoming PUBLISH: a C2D message to hand over, complete again (duplicate) or refuse
@@ -813,8 +867,27 @@ impl Driver {
             self.stats.lock().c2d_duplicates += 1;
             return ack(writer);
         }
+        if let Some(id) = &msg.message_id {
+            if let Some(held) = self.held.get_mut(id) {
+                // The application still holds this message from an earlier delivery: its settle
+                // will apply to this one.
+                *held = (self.generation, p.pkid, seq);
+                self.stats.lock().c2d_duplicates += 1;
+                return Ok(());
+            }
+            if p.qos == QoS::AtLeastOnce {
+                self.held.insert(id.clone(), (self.generation, p.pkid, seq));
+            }
+        }
         self.stats.lock().c2d_received += 1;
-        let m = C2dMessage { message: msg, sequence_number: seq, generation: self.generation, pkid: p.pkid, cmd: self.cmd_tx.clone() };
+        let m = C2dMessage {
+            message: msg,
+            sequence_number: seq,
+            generation: self.generation,
+            pkid: p.pkid,
+            cmd: self.cmd_tx.clone(),
+            settled: false,
+        };
         // At QoS 0 the pkid is 0 and settling is a no-op.
         let _ = self.c2d_tx.send(m);
         Ok(())
