@@ -10,4 +10,23 @@ status=0
 cargo test --workspace --no-fail-fast 2>&1 | tee target/rust-tests.log || status=$?
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "rust: %d passed, %d failed\n", p, f }' target/rust-tests.log
+
+# Every bench scenario must run and produce numbers (their size is reported, never asserted).
+# The Mosquitto baseline is installed with apt-get when missing (as root); if that is
+# impossible it is reported as skipped, not failed.
+echo "== layer: bench (hubmsg bench --quick) =="
+bench_status=0
+rm -f target/bench-quick.log
+if cargo build --release -p hubmsg-cli 2>&1 | tail -n 1; then
+    target/release/hubmsg bench --quick --out target/bench-quick 2>&1 | tee target/bench-quick.log || bench_status=$?
+else
+    bench_status=1
+fi
+if ! grep -qE '^bench: [0-9]+ passed, [0-9]+ failed' target/bench-quick.log 2>/dev/null; then
+    echo "bench: 0 passed, 1 failed"
+    bench_status=1
+fi
+if [ "$status" -eq 0 ]; then
+    status=$bench_status
+fi
 exit "$status"

@@ -6,8 +6,6 @@
 //! direction; the exit status is 0 only when nothing was lost.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +19,8 @@ use hubmsg_core::{DeviceClient, DeviceOptions, Error, ErrorKind, Message};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::hubproc::{self, HubProcess};
 
 /// Options of `hubmsg demo`.
 #[derive(Args)]
@@ -50,38 +50,6 @@ struct Counters {
     c2d_abandoned: AtomicU64,
     cuts: AtomicU64,
     stalls: AtomicU64,
-}
-
-/// The hub child process.
-struct HubChild {
-    child: Child,
-    cs: String,
-}
-
-impl Drop for HubChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_hub(data: &std::path::Path, port: u16) -> Result<HubChild, Error> {
-    let exe = std::env::current_exe().map_err(|e| Error::new(ErrorKind::Internal, format!("own executable: {e}")))?;
-    let mut child = Command::new(exe)
-        .args(["hub", "--data", &data.display().to_string(), "--mqtt", &format!("127.0.0.1:{port}"), "--feedback-interval", "200ms"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("cannot start the hub process: {e}")))?;
-    let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-    for line in lines.by_ref() {
-        let line = line.map_err(|e| Error::new(ErrorKind::Internal, format!("hub output: {e}")))?;
-        if let Some(cs) = line.strip_prefix("HUBMSG_HUB_CONNECTION_STRING=") {
-            std::thread::spawn(move || for _ in lines {});
-            return Ok(HubChild { child, cs: cs.to_string() });
-        }
-    }
-    Err(Error::new(ErrorKind::Internal, "the hub process exited before printing its connection string"))
 }
 
 /// A small deterministic generator (splitmix64) so `--seed` reproduces the chaos.
@@ -171,9 +139,10 @@ fn retry() -> RetryPolicy {
 pub async fn run(a: DemoArgs) -> Result<(), Error> {
     let seed = a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
     let dir = tempfile::tempdir().map_err(|e| Error::storage("create a temporary directory", e))?;
-    let hub_port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| Error::storage("pick a port", e))?.port();
+    let hub_port = hubproc::free_port()?;
     let data = dir.path().join("hub");
-    let mut hub = spawn_hub(&data, hub_port)?;
+    let hub_args = ["--feedback-interval".to_string(), "200ms".to_string()];
+    let mut hub = HubProcess::start(&data, hub_port, &hub_args, None).await?;
     let proxy = TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::storage("bind the chaos link", e))?;
     let proxy_port = proxy.local_addr().map_err(|e| Error::storage("chaos link address", e))?.port();
     println!(
@@ -326,11 +295,10 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         tokio::time::sleep(Duration::from_millis(200)).await;
         if !killed && started.elapsed() >= a.duration / 2 {
             killed = true;
-            let _ = hub.child.kill(); // SIGKILL
-            let _ = hub.child.wait();
+            hub.kill(); // SIGKILL
             bar.println(format!("{:>5.1}s  hub process SIGKILLed; restarting it on the same data", started.elapsed().as_secs_f64()));
             tokio::time::sleep(Duration::from_millis(500)).await;
-            hub = spawn_hub(&data, hub_port)?;
+            hub = HubProcess::start(&data, hub_port, &hub_args, None).await?;
         }
         bar.set_message(status("running"));
     }

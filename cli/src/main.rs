@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+mod bench;
 mod demo;
+mod hubproc;
 use hubmsg_core::hub::{Hub, HubConfig, TlsFiles};
 use hubmsg_core::outbox::OutboxOptions;
 use hubmsg_core::proto::StartPosition;
@@ -55,6 +57,8 @@ enum Command {
     MonitorFeedback(MonitorFeedbackArgs),
     /// Show D2C end to end: a hub, simulated devices and a consumer, with an accounting table.
     Demo(demo::DemoArgs),
+    /// Measure throughput, latency, connections and recovery against a Mosquitto baseline.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -86,6 +90,10 @@ struct HubArgs {
     /// C2D feedback batches form once the oldest record waited this long (or 64 accumulated).
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     feedback_interval: Duration,
+    /// How often expiries, lock timeouts and feedback batching are checked (feedback batches
+    /// form on these ticks, so this bounds how soon a batch goes out).
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    sweep_interval: Duration,
 }
 
 #[derive(Args, Clone)]
@@ -319,6 +327,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::MonitorFeedback(a) => monitor_feedback(a).await,
         Command::MonitorEvents(a) => monitor(a).await,
         Command::Demo(a) => demo::run(a).await,
+        Command::Bench(a) => bench::run(a).await,
     }
 }
 
@@ -331,6 +340,10 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
     config.durability = a.durability.parse()?;
     config.host_name = a.host_name;
     config.feedback_interval = a.feedback_interval;
+    if a.sweep_interval.is_zero() {
+        return Err(Error::invalid("--sweep-interval must be at least 1ms"));
+    }
+    config.sweep_interval = a.sweep_interval;
     let hub = Hub::start(config).await?;
     if let Some(addr) = hub.mqtt_addr() {
         println!("mqtt listening on {addr}");

@@ -1,0 +1,521 @@
+//! D2C scenarios against a hubmsg hub: throughput to an acknowledging consumer (1 and 100
+//! devices, fsync'd and `never`), and latency at a fixed offered load with a paced open-loop
+//! sender.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hubmsg_core::outbox::OutboxOptions;
+use hubmsg_core::proto::StartPosition;
+use hubmsg_core::service::ServiceClient;
+use hubmsg_core::store::Durability;
+use hubmsg_core::{DeviceClient, Error, ErrorKind, Message, Overflow};
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use super::common::{self, body, parse_body, Hub, Stamp};
+use super::plot::PlotData;
+use super::procstat::{self, CpuSplit, Meters};
+use super::stats::{self, message_id, Counts, IdTracker, Samples, Timeline};
+use super::{fmt_value, Ctx, Outcome, Row, Scenario, Target};
+
+/// Message id prefix of the priming messages (see [`Rig::start`]).
+pub const PRIME: &str = "prime-";
+
+/// The throughput target (messages/s, both sides fsync'd).
+pub const THROUGHPUT_TARGET: f64 = 150_000.0;
+/// hubmsg must reach this multiple of Mosquitto's throughput (both sides fsync'd).
+pub const RATIO_TARGET: f64 = 2.0;
+
+/// A hub plus connected bench devices (with outboxes under the run directory) and a service.
+pub struct Rig {
+    /// The hub process (killed and its data removed on drop).
+    pub hub: Hub,
+    /// Service client (registry, consumer).
+    pub svc: ServiceClient,
+    /// Connected devices `0..n`.
+    pub devices: Vec<DeviceClient>,
+}
+
+impl Rig {
+    /// Starts a hub with `durability` (plus `hub_args`), registers `n` devices and connects them
+    /// with durable outboxes of the same durability, sized to hold `per_device` messages.
+    pub async fn start(ctx: &Ctx, name: &str, n: usize, durability: &str, per_device: u64, hub_args: &[&str]) -> Result<Rig, Error> {
+        let mut args = vec!["--durability", durability];
+        args.extend_from_slice(hub_args);
+        let hub = Hub::start(ctx, name, &args).await?;
+        let svc = common::service(&hub.proc.cs).await?;
+        let ids = common::device_ids("bench", n);
+        common::register(&svc, &ids, &ctx.device_key, 64).await?;
+        let durability: Durability = durability.parse()?;
+        let mut devices = Vec::with_capacity(n);
+        for id in &ids {
+            let outbox = OutboxOptions {
+                dir: Some(hub.run_dir.join("devices").join(id)),
+                durability,
+                max_messages: per_device as usize + 1,
+                max_bytes: 1 << 30,
+                overflow: Overflow::Reject,
+            };
+            devices.push(DeviceClient::connect(common::device_options(&hub.host(), id, &ctx.device_key, outbox)).await?);
+        }
+        for d in &devices {
+            common::connected(d, Duration::from_secs(30)).await?;
+        }
+        // Work around a hub race: while a partition has no written record yet, `Log::first_seq`
+        // answers with the next sequence number to append, and the consumer session moves its
+        // read position to it, so a consumer running while a fresh partition takes its first
+        // records can skip them. Priming every partition before the consumer starts keeps the
+        // measured messages clear of that; the consumers skip the `prime-*` ids.
+        for (d, dev) in devices.iter().enumerate() {
+            dev.send(Message::new(body(Stamp { sent_ns: 0, device: d as u32, seq: 0, scheduled_ns: 0 })).with_message_id(format!("{PRIME}{d}"))).await?;
+        }
+        for dev in &devices {
+            dev.flush(Duration::from_secs(30)).await?;
+        }
+        Ok(Rig { hub, svc, devices })
+    }
+
+    /// Closes the clients (the hub is killed when the rig drops).
+    pub async fn close(self) {
+        for d in &self.devices {
+            let _ = tokio::time::timeout(Duration::from_secs(10), d.close()).await;
+        }
+        self.svc.close().await;
+    }
+}
+
+/// One throughput measurement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ThroughputRun {
+    /// `hubmsg` or `Mosquitto`.
+    pub system: &'static str,
+    /// Table label.
+    pub label: String,
+    /// Publishing devices.
+    pub devices: usize,
+    /// `always`, `never`, or the broker's persistence setting.
+    pub durability: String,
+    /// Messages sent.
+    pub messages: u64,
+    /// First send to the last message received.
+    pub seconds: f64,
+    /// messages / seconds.
+    pub msgs_per_sec: f64,
+    /// First send until every send returned (durable in the outboxes / handed to the client).
+    pub accepted_seconds: f64,
+    /// Id accounting at the consumer.
+    pub counts: Counts,
+    /// CPU over the run: broker / hub, bench process (devices + consumer), rest of the machine.
+    pub cpu: CpuSplit,
+    /// Server CPU time per message, µs.
+    pub server_us_per_msg: f64,
+    /// Client (bench process) CPU time per message, µs.
+    pub client_us_per_msg: f64,
+    /// Broker / hub resident memory at the end, KiB.
+    pub server_rss_kb: u64,
+    /// `(s, msg/s)` received per 100 ms.
+    #[serde(skip)]
+    pub timeline: Vec<(f64, f64)>,
+}
+
+impl ThroughputRun {
+    /// The progress line printed after a run.
+    pub fn line(&self) -> String {
+        format!(
+            "{:<9} {:<40} {:>9} msg/s  ({} msgs in {:.2} s; duplicates {}; {}; CPU per message: server {:.1} µs, clients {:.1} µs)",
+            self.system,
+            self.label,
+            fmt_value(self.msgs_per_sec),
+            self.messages,
+            self.seconds,
+            self.counts.duplicates,
+            self.cpu,
+            self.server_us_per_msg,
+            self.client_us_per_msg
+        )
+    }
+}
+
+/// The receiving side's bookkeeping of one throughput run: ids, arrivals over time, when the
+/// senders finished, and CPU from the first send to the last arrival.
+pub struct Tally {
+    /// Which ids arrived.
+    pub tracker: IdTracker,
+    timeline: Timeline,
+    t0: Instant,
+    accepted_at: Instant,
+    meters: Meters,
+    server: u32,
+}
+
+/// A sender task's result: when its last send was accepted.
+pub type SenderResult = Result<Result<Instant, Error>, tokio::task::JoinError>;
+
+impl Tally {
+    /// Starts the clocks: `per` messages expected from each of `devices`; `server` is the hub or
+    /// broker process.
+    pub fn start(per: u64, devices: usize, server: u32) -> Tally {
+        let t0 = Instant::now();
+        Tally {
+            tracker: IdTracker::new(&vec![per; devices]),
+            timeline: Timeline::new(t0, Duration::from_millis(100)),
+            t0,
+            accepted_at: t0,
+            meters: Meters::start(server),
+            server,
+        }
+    }
+
+    /// Notes an arrival (`first`: the id had not arrived before).
+    pub fn arrived(&mut self, first: bool) {
+        if first {
+            self.timeline.tick(Instant::now());
+        }
+    }
+
+    /// Notes a finished sender task; its error ends the run.
+    pub fn sender_done(&mut self, r: SenderResult) -> Result<(), Error> {
+        let at = r.map_err(|e| Error::new(ErrorKind::Internal, format!("sender task: {e}")))??;
+        self.accepted_at = self.accepted_at.max(at);
+        Ok(())
+    }
+
+    /// Stops the clocks (call once the last message arrived or the wait gave up), waits for the
+    /// remaining senders and describes the run.
+    pub async fn stop(&mut self, senders: &mut JoinSet<Result<Instant, Error>>, system: &'static str, label: String, durability: String) -> ThroughputRun {
+        let end = Instant::now();
+        let cpu = self.meters.finish();
+        let server_rss_kb = procstat::rss_kb(self.server).unwrap_or(0);
+        while let Some(j) = senders.join_next().await {
+            let _ = self.sender_done(j);
+        }
+        let counts = self.tracker.counts();
+        let seconds = (end - self.t0).as_secs_f64();
+        let per_msg = |cores: f64| stats::round(cores * seconds * 1e6 / counts.expected.max(1) as f64);
+        ThroughputRun {
+            system,
+            label,
+            devices: self.tracker.devices(),
+            durability,
+            messages: counts.expected,
+            seconds: stats::round(seconds),
+            msgs_per_sec: counts.expected as f64 / seconds,
+            accepted_seconds: stats::round((self.accepted_at - self.t0).as_secs_f64()),
+            counts,
+            server_us_per_msg: per_msg(cpu.server.cores),
+            client_us_per_msg: per_msg(cpu.client.cores),
+            cpu,
+            server_rss_kb,
+            timeline: self.timeline.rates(),
+        }
+    }
+}
+
+/// Messages per throughput run.
+pub fn throughput_messages(ctx: &Ctx) -> u64 {
+    if ctx.quick {
+        20_000
+    } else {
+        300_000
+    }
+}
+
+/// Scenario 1.
+pub async fn throughput(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> {
+    let total = throughput_messages(ctx);
+    let mut rows = Vec::new();
+    let mut runs = Vec::new();
+    for durability in ["always", "never"] {
+        for devices in [1usize, 100] {
+            let run = hubmsg_throughput(ctx, devices, durability, total).await?;
+            println!("  {}", run.line());
+            let fsync = durability == "always";
+            let mut row = Row::new(Scenario::D2cThroughput, run.label.clone(), stats::round(run.msgs_per_sec), "msg/s")
+                .compare(&format!("d2c-{devices}"), fsync.then_some(RATIO_TARGET));
+            if fsync {
+                row = row.target(Target::AtLeast(THROUGHPUT_TARGET));
+            }
+            rows.push(row);
+            plots.add_throughput(&run);
+            runs.push(run);
+        }
+    }
+    Ok(Outcome {
+        rows,
+        detail: json!({
+            "messages_per_run": total,
+            "hub": "hubmsg hub --durability <d> (4 partitions)",
+            "devices": "DeviceClient with a durable outbox of the same durability; send_batch of up to 1,000 messages, max 1,000 in flight",
+            "consumer": "one consumer-group reader ($Default, from earliest) that acks every event",
+            "runs": runs,
+        }),
+        unavailable: None,
+    })
+}
+
+async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u64) -> Result<ThroughputRun, Error> {
+    let per = total / devices as u64;
+    let total = per * devices as u64;
+    let rig = Rig::start(ctx, &format!("throughput-{durability}-{devices}"), devices, durability, per, &[]).await?;
+    let mut events = common::consumer(&rig.svc, "$Default", StartPosition::Earliest).await?;
+    let mut tally = Tally::start(per, devices, rig.hub.pid());
+    let mut senders = JoinSet::new();
+    for (d, dev) in rig.devices.iter().enumerate() {
+        let (dev, epoch) = (dev.clone(), ctx.epoch);
+        senders.spawn(async move {
+            let mut seq = 0;
+            while seq < per {
+                let n = per.min(seq + 1000) - seq;
+                let sent_ns = epoch.elapsed().as_nanos() as u64;
+                let msgs = (seq..seq + n)
+                    .map(|s| Message::new(body(Stamp { sent_ns, device: d as u32, seq: s, scheduled_ns: 0 })).with_message_id(message_id(d, s)))
+                    .collect();
+                dev.send_batch(msgs).await?;
+                seq += n;
+            }
+            Ok::<Instant, Error>(Instant::now())
+        });
+    }
+    let idle = Duration::from_secs(30);
+    while !tally.tracker.complete() {
+        tokio::select! {
+            ev = events.next_timeout(idle) => match ev? {
+                Some(ev) if is_prime(&ev) => ev.ack(),
+                Some(ev) => {
+                    let first = tally.tracker.record_id(ev.message.message_id.as_deref());
+                    tally.arrived(first);
+                    ev.ack();
+                }
+                None => break,
+            },
+            Some(j) = senders.join_next(), if !senders.is_empty() => tally.sender_done(j)?,
+        }
+    }
+    let label = format!(
+        "{} device{}, {}",
+        devices,
+        if devices == 1 { "" } else { "s" },
+        if durability == "always" { "outbox + hub log fsync'd" } else { "durability never" }
+    );
+    let run = tally.stop(&mut senders, "hubmsg", label, durability.to_string()).await;
+    let why = (run.counts.missing > 0).then(|| missing_report(&tally.tracker, &rig.devices));
+    events.close().await;
+    rig.close().await;
+    if let Some(why) = why {
+        return Err(Error::new(ErrorKind::Internal, format!("{} of {total} messages never reached the consumer (no event for {idle:?}): {why}", run.counts.missing)));
+    }
+    Ok(run)
+}
+
+/// Whether `ev` is one of the priming messages of [`Rig::start`].
+pub fn is_prime(ev: &hubmsg_core::service::Event) -> bool {
+    ev.message.message_id.as_deref().is_some_and(|id| id.starts_with(PRIME))
+}
+
+/// Which devices' messages are missing, with what their clients say.
+pub fn missing_report(tracker: &IdTracker, devices: &[DeviceClient]) -> String {
+    let by = tracker.missing_by_device();
+    let mut parts: Vec<String> = by
+        .iter()
+        .take(5)
+        .map(|&(d, n, first)| match devices.get(d) {
+            Some(c) => {
+                let s = c.stats();
+                format!(
+                    "device {d}: {n} missing from #{first} (client: {:?}, outbox depth {}, in flight {}, delivered {}, connects {})",
+                    c.status(),
+                    s.outbox.depth,
+                    s.outbox.in_flight,
+                    s.outbox.delivered,
+                    s.connects
+                )
+            }
+            None => format!("device {d}: {n} missing from #{first}"),
+        })
+        .collect();
+    if by.len() > 5 {
+        parts.push(format!("… {} devices in all", by.len()));
+    }
+    parts.join("; ")
+}
+
+/// Settings of the latency scenario.
+struct LatencyPlan {
+    devices: usize,
+    rate: u64,
+    warmup: Duration,
+    window: Duration,
+}
+
+/// Scenario 2.
+pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> {
+    let plan = LatencyPlan {
+        devices: std::env::var("LATDEV").ok().and_then(|v| v.parse().ok()).unwrap_or(10),
+        rate: 10_000,
+        warmup: if ctx.quick { Duration::from_millis(500) } else { Duration::from_secs(1) },
+        window: if ctx.quick { Duration::from_secs(2) } else { Duration::from_secs(10) },
+    };
+    let mut rows = Vec::new();
+    let mut runs = Vec::new();
+    for durability in ["always", "never"] {
+        let r = latency_run(ctx, &plan, durability).await?;
+        let s = &r.from_send;
+        println!(
+            "  hubmsg    {durability:<6} p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms; from schedule p99 {:.2} ms  ({} samples; pacer lag max {:.2} ms; {})",
+            s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, r.from_schedule.p99_ms, s.count, r.pacer_lag_max_ms, r.cpu
+        );
+        let what = if durability == "always" { "fsync'd" } else { "durability never" };
+        let fsync = durability == "always";
+        for (name, v, target) in [("p50", s.p50_ms, None), ("p99", s.p99_ms, Some(5.0)), ("p99.9", s.p999_ms, None)] {
+            let mut row = Row::new(Scenario::D2cLatency, format!("{name} at 10,000 msg/s, {what}"), v, "ms");
+            if let (true, Some(t)) = (fsync, target) {
+                row = row.target(Target::AtMost(t));
+            }
+            rows.push(row);
+        }
+        plots.latency_curves.push((format!("D2C, {what}"), r.curve.clone()));
+        plots.latency_points.push((format!("D2C, {what}"), r.points.clone()));
+        runs.push(r);
+    }
+    Ok(Outcome {
+        rows,
+        detail: json!({
+            "offered_msgs_per_sec": plan.rate,
+            "devices": plan.devices,
+            "warmup_s": plan.warmup.as_secs_f64(),
+            "window_s": plan.window.as_secs_f64(),
+            "sender": "open loop: a pacer releases each message at its scheduled time (1 ms timer) and calls send() in its own task, so a slow send never delays the next",
+            "latency": "from the send() call (timestamp in the body) to the consumer's receipt; from_schedule also counts any lateness of the sender",
+            "runs": runs,
+        }),
+        unavailable: None,
+    })
+}
+
+#[derive(serde::Serialize)]
+struct LatencyRun {
+    durability: String,
+    sent: u64,
+    send_errors: u64,
+    counts: Counts,
+    from_send: stats::Summary,
+    from_schedule: stats::Summary,
+    pacer_lag_max_ms: f64,
+    cpu: CpuSplit,
+    #[serde(skip)]
+    curve: Vec<(f64, f64)>,
+    #[serde(skip)]
+    points: Vec<(f64, f64)>,
+}
+
+async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, durability: &str) -> Result<LatencyRun, Error> {
+    let total = plan.rate * (plan.warmup + plan.window).as_millis() as u64 / 1000;
+    let devices = plan.devices;
+    let per = total / devices as u64;
+    let total = per * devices as u64;
+    let warm = plan.rate * plan.warmup.as_millis() as u64 / 1000;
+    let rig = Rig::start(ctx, &format!("latency-{durability}"), devices, durability, per, &[]).await?;
+    let mut events = common::consumer(&rig.svc, "$Default", StartPosition::Earliest).await?;
+
+    // Receiver: latency of every message after the warm-up, ids of all.
+    let epoch = ctx.epoch;
+    let interval_ns = 1_000_000_000 / plan.rate;
+    let receiver = tokio::spawn(async move {
+        let mut tracker = IdTracker::new(&vec![per; devices]);
+        let (mut from_send, mut from_sched) = (Samples::default(), Samples::default());
+        let mut points = Vec::new();
+        while !tracker.complete() {
+            let Some(ev) = events.next_timeout(Duration::from_secs(30)).await? else { break };
+            if is_prime(&ev) {
+                ev.ack();
+                continue;
+            }
+            let now_ns = epoch.elapsed().as_nanos() as u64;
+            let first = tracker.record_id(ev.message.message_id.as_deref());
+            ev.ack();
+            let Some(st) = parse_body(&ev.message.body) else { continue };
+            let index = st.seq * devices as u64 + st.device as u64;
+            if first && index >= warm {
+                from_send.push(Duration::from_nanos(now_ns.saturating_sub(st.sent_ns)));
+                from_sched.push(Duration::from_nanos(now_ns.saturating_sub(st.scheduled_ns)));
+                points.push(((index - warm) as f64 * interval_ns as f64 / 1e9, now_ns.saturating_sub(st.sent_ns) as f64 / 1e6));
+            }
+        }
+        events.close().await;
+        Ok::<_, Error>((tracker, from_send, from_sched, points))
+    });
+
+    // Pacer: message i is due at start + i / rate. It runs on its own thread (so a busy runtime
+    // cannot make it late) and hands each send() to the runtime as a task of its own (so a slow
+    // send never delays the next).
+    let errors = Arc::new(AtomicU64::new(0));
+    let meters = Meters::start(rig.hub.pid());
+    let start = Instant::now() + Duration::from_millis(20);
+    let start_ns = (start - ctx.epoch).as_nanos() as u64;
+    let pacer = {
+        let (runtime, devs, errors) = (tokio::runtime::Handle::current(), rig.devices.clone(), errors.clone());
+        std::thread::Builder::new()
+            .name("bench-pacer".into())
+            .spawn(move || {
+                let mut lag_max = Duration::ZERO;
+                let mut i = 0u64;
+                while i < total {
+                    let due_at = start + Duration::from_nanos(i * interval_ns);
+                    let now = Instant::now();
+                    if due_at > now {
+                        std::thread::sleep(due_at - now);
+                    }
+                    let now = Instant::now();
+                    let due = (((now - start).as_nanos() as u64) / interval_ns + 1).min(total);
+                    while i < due {
+                        let d = (i % devices as u64) as usize;
+                        let seq = i / devices as u64;
+                        let scheduled_ns = start_ns + i * interval_ns;
+                        lag_max = lag_max.max(now.saturating_duration_since(start + Duration::from_nanos(i * interval_ns)));
+                        let (dev, errors) = (devs[d].clone(), errors.clone());
+                        runtime.spawn(async move {
+                            let sent_ns = epoch.elapsed().as_nanos() as u64;
+                            let m = Message::new(body(Stamp { sent_ns, device: d as u32, seq, scheduled_ns })).with_message_id(message_id(d, seq));
+                            if dev.send(m).await.is_err() {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        });
+                        i += 1;
+                    }
+                }
+                lag_max
+            })
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("pacer thread: {e}")))?
+    };
+    let (tracker, mut from_send, mut from_sched, mut points) =
+        receiver.await.map_err(|e| Error::new(ErrorKind::Internal, format!("receiver task: {e}")))??;
+    let cpu = meters.finish();
+    let lag_max = pacer.join().map_err(|_| Error::new(ErrorKind::Internal, "pacer thread panicked"))?;
+    rig.close().await;
+    let counts = tracker.counts();
+    let send_errors = errors.load(Ordering::Relaxed);
+    if counts.missing > 0 || send_errors > 0 {
+        return Err(Error::new(
+            ErrorKind::Internal,
+            format!("{} of {total} messages never reached the consumer ({send_errors} send errors)", counts.missing),
+        ));
+    }
+    let step = (points.len() / 20_000).max(1);
+    points = points.into_iter().step_by(step).collect();
+    let from_send_summary = from_send.summary();
+    let curve = from_send.percentile_curve();
+    Ok(LatencyRun {
+        durability: durability.to_string(),
+        sent: total,
+        send_errors,
+        counts,
+        from_send: from_send_summary,
+        from_schedule: from_sched.summary(),
+        pacer_lag_max_ms: stats::round(lag_max.as_secs_f64() * 1e3),
+        cpu,
+        curve,
+        points,
+    })
+}
