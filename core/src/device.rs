@@ -24,7 +24,7 @@ use crate::auth::{self, ConnectionString};
 use crate::dedupe::Completed;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, Message, MAX_D2C_SIZE};
-use crate::outbox::{Outbox, OutboxOptions, OutboxStats, Outcome};
+use crate::outbox::{Outbox, OutboxOptions, OutboxStats, Outcome, Prepared, Sendable};
 use crate::retry::{self, Backoff, RetryPolicy};
 use crate::transport::{self, ConnectParams, Endpoint, TlsOptions};
 use crate::wire;
@@ -410,23 +410,24 @@ impl DeviceClient {
     /// (a UUID) and the creation time when absent. Errors: `MessageTooLarge` (> 256 KB),
     /// `InvalidArgument` (duplicate or empty property name), `QueueFull`, `Storage`, `Closed`.
     pub async fn send(&self, mut msg: Message) -> Result<Delivery> {
-        let message_id = prepare(&mut msg)?;
-        let (seq, rx) = self.shared.outbox.push(&msg).await?;
+        let (message_id, wire) = prepare(&self.shared.device_id, &mut msg)?;
+        let (seq, rx) = self.shared.outbox.push_batch_prepared(std::slice::from_ref(&msg), vec![wire]).await?.pop().expect("one accepted");
         Ok(Delivery { seq, message_id, rx })
     }
 
     /// Queues several messages in order and returns once all are durable (they share one
     /// fsync). Validation errors reject the whole batch before anything is queued.
     pub async fn send_batch(&self, mut msgs: Vec<Message>) -> Result<Vec<Delivery>> {
-        let ids = msgs.iter_mut().map(prepare).collect::<Result<Vec<_>>>()?;
-        let accepted = self.shared.outbox.push_batch(&msgs).await?;
+        let (ids, wires): (Vec<_>, Vec<_>) =
+            msgs.iter_mut().map(|m| prepare(&self.shared.device_id, m)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
+        let accepted = self.shared.outbox.push_batch_prepared(&msgs, wires).await?;
         Ok(accepted.into_iter().zip(ids).map(|((seq, rx), message_id)| Delivery { seq, message_id, rx }).collect())
     }
 
     /// Blocking form of [`DeviceClient::send`] for threads outside the runtime.
     pub fn send_blocking(&self, mut msg: Message) -> Result<Delivery> {
-        let message_id = prepare(&mut msg)?;
-        let (seq, rx) = self.shared.outbox.push_blocking(&msg)?;
+        let (message_id, wire) = prepare(&self.shared.device_id, &mut msg)?;
+        let (seq, rx) = self.shared.outbox.push_blocking_prepared(&msg, Some(wire))?;
         Ok(Delivery { seq, message_id, rx })
     }
 
@@ -504,7 +505,9 @@ impl DeviceClient {
     }
 }
 
-fn prepare(msg: &mut Message) -> Result<String> {
+/// Validates a message for sending, sets its id and creation time when absent, and encodes
+/// its D2C topic (property bag) once, here, so the driver publishes it without re-encoding.
+fn prepare(device_id: &str, msg: &mut Message) -> Result<(String, Prepared)> {
     let size = msg.iothub_size();
     if size > MAX_D2C_SIZE {
         return Err(Error::new(
@@ -512,12 +515,13 @@ fn prepare(msg: &mut Message) -> Result<String> {
             format!("message is {size} bytes (body + properties); IoT Hub allows at most {MAX_D2C_SIZE}"),
         ));
     }
-    wire::d2c_bag(msg)?; // validates property names now rather than at publish time
     let id = msg.message_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
     if msg.creation_time_ms.is_none() {
         msg.creation_time_ms = Some(now_ms());
     }
-    Ok(id)
+    // Validates property names now rather than at publish time.
+    let topic = wire::d2c_topic(device_id, &wire::d2c_bag(msg)?);
+    Ok((id, Prepared { topic, payload: msg.body.clone() }))
 }
 
 /// Why a connection ended.
@@ -688,8 +692,12 @@ impl Driver {
             // Fill the window from the outbox.
             if draining.is_none() && in_flight.len() < self.opts.max_in_flight {
                 let room = self.opts.max_in_flight - in_flight.len();
-                for (seq, record) in self.outbox.take_sendable(room) {
-                    let publish = match d2c_publish(&self.opts.device_id, &record) {
+                for Sendable { seq, record, prepared } in self.outbox.take_sendable(room) {
+                    let publish = match prepared {
+                        Some(p) => Ok(Publish::from_bytes(p.topic, QoS::AtLeastOnce, p.payload)),
+                        None => d2c_publish(&self.opts.device_id, &record),
+                    };
+                    let publish = match publish {
                         Ok(p) => p,
                         Err(e) => {
                             // A record we cannot encode can never be sent; report it and move on.

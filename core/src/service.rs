@@ -659,7 +659,7 @@ impl Driver {
             if let Some((outbox, _)) = &self.c2d {
                 let room = self.opts.max_in_flight.saturating_sub(self.c2d_in_flight.len());
                 if room > 0 {
-                    for (seq, record) in outbox.take_sendable(room) {
+                    for crate::outbox::Sendable { seq, record, .. } in outbox.take_sendable(room) {
                         let body = match Message::decode(&record) {
                             Ok(m) => m.body.to_vec(),
                             Err(e) => {
