@@ -19,6 +19,12 @@ use hubmsg_core::store::Durability;
 use hubmsg_core::transport::TlsOptions;
 use hubmsg_core::{DeviceClient, DeviceOptions, Error, Message, Overflow};
 
+/// mimalloc instead of the system allocator: the message path allocates many small, short-lived
+/// strings and buffers, and glibc's malloc cost about a quarter more CPU per message in the
+/// D2C loop profile (`core/examples/d2c_loop.rs`, see docs/benchmarks/README.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "hubmsg", version, about = "Reliable device <-> cloud messaging in the style of Azure IoT Hub")]
 struct Cli {

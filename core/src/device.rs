@@ -10,7 +10,7 @@
 //! (status changes are published through a `watch`, outcomes through oneshots), so calling
 //! `send()` from any callback cannot deadlock the I/O.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use crate::auth::{self, ConnectionString};
 use crate::dedupe::Completed;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, Message, MAX_D2C_SIZE};
-use crate::outbox::{Outbox, OutboxOptions, OutboxStats, Outcome};
+use crate::outbox::{Outbox, OutboxOptions, OutboxStats, Outcome, Prepared, Sendable};
 use crate::retry::{self, Backoff, RetryPolicy};
 use crate::transport::{self, ConnectParams, Endpoint, TlsOptions};
 use crate::wire;
@@ -223,6 +223,8 @@ enum Command {
     Subscribe,
     Settle { generation: u64, pkid: u16, seq: u64, message_id: Option<String>, how: SettleHow },
     PubAckNow { generation: u64, pkid: u16 },
+    /// The application dropped a C2D message without settling it.
+    Release { message_id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,10 +246,21 @@ pub struct C2dMessage {
     generation: u64,
     pkid: u16,
     cmd: mpsc::UnboundedSender<Command>,
+    settled: bool,
+}
+
+impl Drop for C2dMessage {
+    fn drop(&mut self) {
+        if !self.settled {
+            if let Some(id) = &self.message.message_id {
+                let _ = self.cmd.send(Command::Release { message_id: id.clone() });
+            }
+        }
+    }
 }
 
 impl C2dMessage {
-    fn settle(self, how: SettleHow) -> Result<()> {
+    fn settle(mut self, how: SettleHow) -> Result<()> {
         if how != SettleHow::Complete && self.sequence_number == 0 {
             return Err(Error::new(
                 ErrorKind::Usage,
@@ -261,6 +274,7 @@ impl C2dMessage {
             message_id: self.message.message_id.clone(),
             how,
         };
+        self.settled = true;
         self.cmd.send(cmd).map_err(|_| Error::closed("device client"))
     }
 
@@ -365,6 +379,7 @@ impl DeviceClient {
             outbox: outbox.clone(),
             completed: completed.clone(),
             c2d_tx,
+            held: HashMap::new(),
             subscribed: false,
             generation: 0,
             cmd_tx: cmd_tx.clone(),
@@ -395,23 +410,24 @@ impl DeviceClient {
     /// (a UUID) and the creation time when absent. Errors: `MessageTooLarge` (> 256 KB),
     /// `InvalidArgument` (duplicate or empty property name), `QueueFull`, `Storage`, `Closed`.
     pub async fn send(&self, mut msg: Message) -> Result<Delivery> {
-        let message_id = prepare(&mut msg)?;
-        let (seq, rx) = self.shared.outbox.push(&msg).await?;
+        let (message_id, wire) = prepare(&self.shared.device_id, &mut msg)?;
+        let (seq, rx) = self.shared.outbox.push_batch_prepared(std::slice::from_ref(&msg), vec![wire]).await?.pop().expect("one accepted");
         Ok(Delivery { seq, message_id, rx })
     }
 
     /// Queues several messages in order and returns once all are durable (they share one
     /// fsync). Validation errors reject the whole batch before anything is queued.
     pub async fn send_batch(&self, mut msgs: Vec<Message>) -> Result<Vec<Delivery>> {
-        let ids = msgs.iter_mut().map(prepare).collect::<Result<Vec<_>>>()?;
-        let accepted = self.shared.outbox.push_batch(&msgs).await?;
+        let (ids, wires): (Vec<_>, Vec<_>) =
+            msgs.iter_mut().map(|m| prepare(&self.shared.device_id, m)).collect::<Result<Vec<_>>>()?.into_iter().unzip();
+        let accepted = self.shared.outbox.push_batch_prepared(&msgs, wires).await?;
         Ok(accepted.into_iter().zip(ids).map(|((seq, rx), message_id)| Delivery { seq, message_id, rx }).collect())
     }
 
     /// Blocking form of [`DeviceClient::send`] for threads outside the runtime.
     pub fn send_blocking(&self, mut msg: Message) -> Result<Delivery> {
-        let message_id = prepare(&mut msg)?;
-        let (seq, rx) = self.shared.outbox.push_blocking(&msg)?;
+        let (message_id, wire) = prepare(&self.shared.device_id, &mut msg)?;
+        let (seq, rx) = self.shared.outbox.push_blocking_prepared(&msg, Some(wire))?;
         Ok(Delivery { seq, message_id, rx })
     }
 
@@ -489,7 +505,9 @@ impl DeviceClient {
     }
 }
 
-fn prepare(msg: &mut Message) -> Result<String> {
+/// Validates a message for sending, sets its id and creation time when absent, and encodes
+/// its D2C topic (property bag) once, here, so the driver publishes it without re-encoding.
+fn prepare(device_id: &str, msg: &mut Message) -> Result<(String, Prepared)> {
     let size = msg.iothub_size();
     if size > MAX_D2C_SIZE {
         return Err(Error::new(
@@ -497,12 +515,13 @@ fn prepare(msg: &mut Message) -> Result<String> {
             format!("message is {size} bytes (body + properties); IoT Hub allows at most {MAX_D2C_SIZE}"),
         ));
     }
-    wire::d2c_bag(msg)?; // validates property names now rather than at publish time
     let id = msg.message_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
     if msg.creation_time_ms.is_none() {
         msg.creation_time_ms = Some(now_ms());
     }
-    Ok(id)
+    // Validates property names now rather than at publish time.
+    let topic = wire::d2c_topic(device_id, &wire::d2c_bag(msg)?);
+    Ok((id, Prepared { topic, payload: msg.body.clone() }))
 }
 
 /// Why a connection ended.
@@ -521,6 +540,11 @@ struct Driver {
     outbox: Outbox,
     completed: Completed,
     c2d_tx: mpsc::UnboundedSender<C2dMessage>,
+    /// C2D messages the application holds and has not settled: message id → the latest
+    /// delivery of it (generation, packet id, queue seq). A redelivery of a held id (after a
+    /// reconnect) only updates this, so the application never gets the same message twice, and
+    /// its eventual settle applies to the delivery the hub is waiting on.
+    held: HashMap<String, (u64, u16, u64)>,
     subscribed: bool,
     /// Connection counter: settles and acks from an earlier connection are ignored.
     generation: u64,
@@ -579,7 +603,9 @@ impl Driver {
                                 None => break 'outer,
                                 Some(Command::Reconnect) => break,
                                 Some(Command::Subscribe) => self.subscribed = true,
-                                Some(Command::Settle { .. } | Command::PubAckNow { .. }) => {}
+                                Some(Command::Settle { message_id, how, .. }) => self.settle_offline(message_id, how),
+                                Some(Command::Release { message_id }) => { self.held.remove(&message_id); }
+                                Some(Command::PubAckNow { .. }) => {}
                             },
                         }
                     }
@@ -598,7 +624,11 @@ impl Driver {
                             }
                             None => break 'outer,
                             Some(Command::Subscribe) => self.subscribed = true,
-                            Some(Command::Settle { .. } | Command::PubAckNow { .. }) => {}
+                            Some(Command::Settle { message_id, how, .. }) => self.settle_offline(message_id, how),
+                            Some(Command::Release { message_id }) => {
+                                self.held.remove(&message_id);
+                            }
+                            Some(Command::PubAckNow { .. }) => {}
                         }
                     }
                 }
@@ -662,8 +692,12 @@ impl Driver {
             // Fill the window from the outbox.
             if draining.is_none() && in_flight.len() < self.opts.max_in_flight {
                 let room = self.opts.max_in_flight - in_flight.len();
-                for (seq, record) in self.outbox.take_sendable(room) {
-                    let publish = match d2c_publish(&self.opts.device_id, &record) {
+                for Sendable { seq, record, prepared } in self.outbox.take_sendable(room) {
+                    let publish = match prepared {
+                        Some(p) => Ok(Publish::from_bytes(p.topic, QoS::AtLeastOnce, p.payload)),
+                        None => d2c_publish(&self.opts.device_id, &record),
+                    };
+                    let publish = match publish {
                         Ok(p) => p,
                         Err(e) => {
                             // A record we cannot encode can never be sent; report it and move on.
@@ -701,6 +735,11 @@ impl Driver {
                 biased;
                 pkt = reader.next() => {
                     last_rx = Instant::now();
+                    // Handle everything one read brought (e.g. a batch of PUBACKs) before
+                    // refilling the window, so publishes go out in batches.
+                    let mut pkt = pkt;
+                    let mut budget = transport::DRAIN_BATCH;
+                    loop {
                     match pkt {
                         Ok(Some(Packet::PubAck(ack))) => {
                             let pos = if in_flight.front().is_some_and(|f| f.0 == ack.pkid) { Some(0) } else { in_flight.iter().position(|f| f.0 == ack.pkid) };
@@ -719,6 +758,16 @@ impl Driver {
                         Ok(Some(other)) => return End::Failed(Error::protocol(format!("unexpected packet from hub: {other:?}"))),
                         Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
                         Err(e) => return End::Failed(e),
+                    }
+                    budget -= 1;
+                    if budget == 0 {
+                        break;
+                    }
+                    pkt = match reader.try_next() {
+                        Ok(Some(p)) => Ok(Some(p)),
+                        Ok(None) => break,
+                        Err(e) => Err(e),
+                    };
                     }
                 }
                 _ = self.outbox.changed(), if can_send => {}
@@ -744,11 +793,21 @@ impl Driver {
                             return End::Failed(e);
                         }
                     }
+                    Some(Command::Release { message_id }) => {
+                        self.held.remove(&message_id);
+                    }
                     Some(Command::Settle { generation, pkid, seq, message_id, how }) => {
+                        // Settle the latest delivery of the message (a reconnect may have
+                        // redelivered it while the application held the first copy).
+                        let (generation, pkid, seq) =
+                            message_id.as_ref().and_then(|id| self.held.remove(id)).unwrap_or((generation, pkid, seq));
                         if generation == self.generation {
                             if let Err(e) = self.settle(&mut writer, &mut next_pkid, pkid, seq, message_id, how) {
                                 return End::Failed(e);
                             }
+                        } else {
+                            // Settled after the connection it came on ended.
+                            self.settle_offline(message_id, how);
                         }
                     }
                     Some(Command::PubAckNow { generation, pkid }) => {
@@ -770,6 +829,24 @@ impl Driver {
         let mut sub = Subscribe::new(wire::c2d_filter(&self.opts.device_id), QoS::AtLeastOnce);
         sub.pkid = take_pkid(next_pkid);
         writer.queue(&Packet::Subscribe(sub))
+    }
+
+    /// A settle that arrives while its connection is gone. The hub will deliver the message
+    /// again (its lock died with the connection); a completion is still recorded durably, so
+    /// that redelivery is acknowledged as a duplicate and never reaches the application twice.
+    /// Abandon needs nothing (the redelivery is the abandon); a reject cannot be sent, so the
+    /// message comes back and the application sees it again (documented in docs/protocol.md).
+    fn settle_offline(&mut self, message_id: Option<String>, how: SettleHow) {
+        if let Some(id) = &message_id {
+            self.held.remove(id);
+        }
+        let (SettleHow::Complete, Some(id)) = (how, message_id) else { return };
+        let completed = self.completed.clone();
+        tokio::spawn(async move {
+            if let Err(e) = completed.record(&id).await {
+                tracing::error!(error = %e, "recording a completed C2D id failed; the message will reach the app again");
+            }
+        });
     }
 
     /// An incoming PUBLISH: a C2D message to hand over, complete again (duplicate) or refuse
@@ -798,8 +875,27 @@ impl Driver {
             self.stats.lock().c2d_duplicates += 1;
             return ack(writer);
         }
+        if let Some(id) = &msg.message_id {
+            if let Some(held) = self.held.get_mut(id) {
+                // The application still holds this message from an earlier delivery: its settle
+                // will apply to this one.
+                *held = (self.generation, p.pkid, seq);
+                self.stats.lock().c2d_duplicates += 1;
+                return Ok(());
+            }
+            if p.qos == QoS::AtLeastOnce {
+                self.held.insert(id.clone(), (self.generation, p.pkid, seq));
+            }
+        }
         self.stats.lock().c2d_received += 1;
-        let m = C2dMessage { message: msg, sequence_number: seq, generation: self.generation, pkid: p.pkid, cmd: self.cmd_tx.clone() };
+        let m = C2dMessage {
+            message: msg,
+            sequence_number: seq,
+            generation: self.generation,
+            pkid: p.pkid,
+            cmd: self.cmd_tx.clone(),
+            settled: false,
+        };
         // At QoS 0 the pkid is 0 and settling is a no-op.
         let _ = self.c2d_tx.send(m);
         Ok(())

@@ -111,6 +111,12 @@ impl Message {
 
     /// Serializes into the compact record format (version byte 1). Inverse of [`Message::decode`].
     pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_with_system(&[], out)
+    }
+
+    /// [`Message::encode`] with `extra` appended to the system properties, without building
+    /// owned strings for them (the hub stamps every D2C message this way).
+    pub fn encode_with_system(&self, extra: &[(&str, &str)], out: &mut BytesMut) {
         out.reserve(self.body.len() + 64);
         out.put_u8(RECORD_VERSION);
         let mut flags = 0u8;
@@ -143,12 +149,15 @@ impl Message {
         if let Some(t) = self.expiry_time_ms {
             out.put_u64_le(t);
         }
-        for list in [&self.properties, &self.system] {
-            out.put_u32_le(list.len() as u32);
-            for (k, v) in list {
-                put_str(out, k);
-                put_str(out, v);
-            }
+        out.put_u32_le(self.properties.len() as u32);
+        for (k, v) in &self.properties {
+            put_str(out, k);
+            put_str(out, v);
+        }
+        out.put_u32_le((self.system.len() + extra.len()) as u32);
+        for (k, v) in self.system.iter().map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().copied()) {
+            put_str(out, k);
+            put_str(out, v);
         }
         out.put_u32_le(self.body.len() as u32);
         out.put_slice(&self.body);
@@ -231,7 +240,9 @@ fn get_str(r: &mut Bytes) -> Option<String> {
     if r.remaining() < n {
         return None;
     }
-    String::from_utf8(r.split_to(n).to_vec()).ok()
+    let s = std::str::from_utf8(&r[..n]).ok()?.to_owned();
+    r.advance(n);
+    Some(s)
 }
 
 /// Milliseconds since the Unix epoch, now (UTC).

@@ -117,6 +117,30 @@ struct Entry {
     record: Bytes,
     expiry_ms: Option<u64>,
     state: State,
+    prepared: Option<Prepared>,
+}
+
+/// The transport form of a message, computed when it was queued (for D2C: the topic with its
+/// property bag, and the body), kept in memory so that sending needs no decoding or
+/// re-encoding. Never persisted: entries recovered from disk have none and are encoded when
+/// they are sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// MQTT topic.
+    pub topic: String,
+    /// MQTT payload.
+    pub payload: Bytes,
+}
+
+/// One message handed to the transport by [`Outbox::take_sendable`].
+#[derive(Debug, Clone)]
+pub struct Sendable {
+    /// Outbox sequence number (settle it with [`Outbox::acked`] / [`Outbox::rejected`]).
+    pub seq: u64,
+    /// The stored record ([`Message::encode`] format).
+    pub record: Bytes,
+    /// The transport form given when it was queued, if any.
+    pub prepared: Option<Prepared>,
 }
 
 enum Backend {
@@ -185,7 +209,7 @@ impl Outbox {
     /// Errors: `QueueFull` (policy reject), `MessageTooLarge` (bigger than `max_bytes`),
     /// `Storage` (the disk refused it: nothing was accepted).
     pub async fn push(&self, msg: &Message) -> Result<(u64, oneshot::Receiver<Outcome>)> {
-        let (seq, rx, log) = self.append(msg)?;
+        let (seq, rx, log) = self.append(msg, None)?;
         if let Some(log) = log {
             if let Err(e) = log.wait_durable(seq).await {
                 self.reload_after_failure(&e);
@@ -201,10 +225,17 @@ impl Outbox {
     /// failing one may already be queued and are still delivered; sending the batch again can
     /// only duplicate them (same message ids), never lose them.
     pub async fn push_batch(&self, msgs: &[Message]) -> Result<Vec<(u64, oneshot::Receiver<Outcome>)>> {
+        self.push_batch_prepared(msgs, Vec::new()).await
+    }
+
+    /// [`Outbox::push_batch`] with the transport form of each message (`prepared[i]` belongs to
+    /// `msgs[i]`; missing ones are encoded at send time).
+    pub async fn push_batch_prepared(&self, msgs: &[Message], prepared: Vec<Prepared>) -> Result<Vec<(u64, oneshot::Receiver<Outcome>)>> {
         let mut out = Vec::with_capacity(msgs.len());
         let mut last_log = None;
+        let mut prepared = prepared.into_iter();
         for m in msgs {
-            let (seq, rx, log) = self.append(m)?;
+            let (seq, rx, log) = self.append(m, prepared.next())?;
             last_log = log.map(|l| (l, seq));
             out.push((seq, rx));
         }
@@ -220,7 +251,12 @@ impl Outbox {
 
     /// Blocking form of [`Outbox::push`] (not on a runtime thread).
     pub fn push_blocking(&self, msg: &Message) -> Result<(u64, oneshot::Receiver<Outcome>)> {
-        let (seq, rx, log) = self.append(msg)?;
+        self.push_blocking_prepared(msg, None)
+    }
+
+    /// [`Outbox::push_blocking`] with the message's transport form.
+    pub fn push_blocking_prepared(&self, msg: &Message, prepared: Option<Prepared>) -> Result<(u64, oneshot::Receiver<Outcome>)> {
+        let (seq, rx, log) = self.append(msg, prepared)?;
         if let Some(log) = log {
             if let Err(e) = log.wait_durable_blocking(seq) {
                 self.reload_after_failure(&e);
@@ -231,8 +267,15 @@ impl Outbox {
         Ok((seq, rx))
     }
 
-    fn append(&self, msg: &Message) -> Result<(u64, oneshot::Receiver<Outcome>, Option<Log>)> {
+    fn append(&self, msg: &Message, prepared: Option<Prepared>) -> Result<(u64, oneshot::Receiver<Outcome>, Option<Log>)> {
         let record = msg.to_bytes();
+        // The record ends with the body: let the transport form share that memory rather than
+        // keep a second copy of every queued body.
+        let prepared = prepared.map(|p| {
+            let tail = record.slice(record.len() - p.payload.len().min(record.len())..);
+            debug_assert_eq!(tail, p.payload);
+            Prepared { payload: tail, ..p }
+        });
         let size = record.len();
         if size > self.opts.max_bytes {
             return Err(Error::new(
@@ -268,7 +311,7 @@ impl Outbox {
                 (s, None)
             }
         };
-        inner.entries.push_back(Entry { seq, record, expiry_ms: msg.expiry_time_ms, state: State::Queued });
+        inner.entries.push_back(Entry { seq, record, expiry_ms: msg.expiry_time_ms, state: State::Queued, prepared });
         inner.bytes += size;
         inner.live += 1;
         let (tx, rx) = oneshot::channel();
@@ -309,7 +352,7 @@ impl Outbox {
 
     /// Takes up to `max` durable, queued messages in order and marks them sent. Expired ones are
     /// finished as [`Outcome::Expired`] and skipped.
-    pub fn take_sendable(&self, max: usize) -> Vec<(u64, Bytes)> {
+    pub fn take_sendable(&self, max: usize) -> Vec<Sendable> {
         let now = now_ms();
         let mut g = self.inner.lock();
         let inner = &mut *g;
@@ -330,7 +373,7 @@ impl Outbox {
                 } else {
                     let e = &mut inner.entries[i];
                     e.state = State::Sent;
-                    out.push((e.seq, e.record.clone()));
+                    out.push(Sendable { seq: e.seq, record: e.record.clone(), prepared: e.prepared.clone() });
                     inner.in_flight += 1;
                 }
             }
@@ -484,7 +527,7 @@ fn load_entries(log: &Log) -> Result<VecDeque<Entry>> {
         from = last.seq + 1;
         for r in batch {
             let expiry_ms = Message::decode(&r.payload)?.expiry_time_ms;
-            entries.push_back(Entry { seq: r.seq, record: r.payload, expiry_ms, state: State::Queued });
+            entries.push_back(Entry { seq: r.seq, record: r.payload, expiry_ms, state: State::Queued, prepared: None });
         }
     }
     Ok(entries)
@@ -507,7 +550,7 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::QueueFull);
         let sent = ob.take_sendable(10);
         assert_eq!(sent.len(), 2);
-        assert_eq!(Message::decode(&sent[0].1).unwrap().body, "a");
+        assert_eq!(Message::decode(&sent[0].record).unwrap().body, "a");
     }
 
     #[tokio::test]
@@ -519,7 +562,7 @@ mod tests {
         assert_eq!(a.await.unwrap(), Outcome::Dropped);
         let st = ob.stats();
         assert_eq!((st.depth, st.dropped), (2, 1));
-        let bodies: Vec<_> = ob.take_sendable(10).into_iter().map(|(_, r)| Message::decode(&r).unwrap().body).collect();
+        let bodies: Vec<_> = ob.take_sendable(10).into_iter().map(|s| Message::decode(&s.record).unwrap().body).collect();
         assert_eq!(bodies, vec!["b", "c"]);
     }
 
@@ -530,12 +573,12 @@ mod tests {
         let (_, o2) = ob.push(&Message::new("2").with_expiry_ms(1)).await.unwrap();
         let (s3, _) = ob.push(&Message::new("3")).await.unwrap();
         let sent = ob.take_sendable(10);
-        assert_eq!(sent.iter().map(|s| s.0).collect::<Vec<_>>(), vec![s1, s3]);
+        assert_eq!(sent.iter().map(|s| s.seq).collect::<Vec<_>>(), vec![s1, s3]);
         assert_eq!(o2.await.unwrap(), Outcome::Expired);
         ob.acked(s1);
         assert_eq!(o1.await.unwrap(), Outcome::Delivered);
         ob.rewind();
-        assert_eq!(ob.take_sendable(10).iter().map(|s| s.0).collect::<Vec<_>>(), vec![s3]);
+        assert_eq!(ob.take_sendable(10).iter().map(|s| s.seq).collect::<Vec<_>>(), vec![s3]);
         ob.acked(s3);
         assert!(ob.is_empty());
         assert_eq!(ob.stats().delivered, 2);
@@ -552,14 +595,14 @@ mod tests {
                 ob.push(&Message::new(format!("{i}"))).await.unwrap();
             }
             let sent = ob.take_sendable(2000);
-            for (s, _) in &sent {
-                ob.acked(*s);
+            for s in &sent {
+                ob.acked(s.seq);
             }
             ob.close().unwrap();
         }
         let ob = Outbox::open(opts).unwrap();
         let rest = ob.take_sendable(10_000);
         assert_eq!(rest.len(), 1000);
-        assert_eq!(Message::decode(&rest[0].1).unwrap().body, "2000");
+        assert_eq!(Message::decode(&rest[0].record).unwrap().body, "2000");
     }
 }

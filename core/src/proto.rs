@@ -39,7 +39,30 @@ pub fn response_topic(rid: u64) -> String {
 
 /// Event delivery topic.
 pub fn event_topic(group: &str, partition: u32, seq: u64) -> String {
-    format!("{EVENTS_PREFIX}{group}/{partition}/{seq}")
+    // Built by hand: this runs for every event delivered.
+    let mut t = String::with_capacity(EVENTS_PREFIX.len() + group.len() + 32);
+    t.push_str(EVENTS_PREFIX);
+    t.push_str(group);
+    t.push('/');
+    push_decimal(&mut t, u64::from(partition));
+    t.push('/');
+    push_decimal(&mut t, seq);
+    t
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[i..]).expect("ASCII digits"));
 }
 
 /// Parses `$hubmsg/events/{group}/{partition}/{seq}` into (group, partition, seq).
@@ -390,6 +413,8 @@ mod tests {
     fn topics_round_trip() {
         assert_eq!(parse_request_topic(&request_topic("devices.create", 42)), Some(("devices.create", 42)));
         assert_eq!(parse_event_topic(&event_topic("$Default", 3, 99)), Some(("$Default", 3, 99)));
+        assert_eq!(event_topic("g", 0, 1_234_567_890), format!("{EVENTS_PREFIX}g/0/1234567890"));
+        assert_eq!(event_topic("g", 12, u64::MAX), format!("{EVENTS_PREFIX}g/12/{}", u64::MAX));
         assert_eq!(parse_event_topic("$hubmsg/events/g/x/1"), None);
         assert_eq!(parse_request_topic("$hubmsg/req/op"), None);
     }

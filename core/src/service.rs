@@ -659,7 +659,7 @@ impl Driver {
             if let Some((outbox, _)) = &self.c2d {
                 let room = self.opts.max_in_flight.saturating_sub(self.c2d_in_flight.len());
                 if room > 0 {
-                    for (seq, record) in outbox.take_sendable(room) {
+                    for crate::outbox::Sendable { seq, record, .. } in outbox.take_sendable(room) {
                         let body = match Message::decode(&record) {
                             Ok(m) => m.body.to_vec(),
                             Err(e) => {
@@ -686,6 +686,10 @@ impl Driver {
                 biased;
                 pkt = reader.next() => {
                     last_rx = Instant::now();
+                    // Handle everything one read brought before writing again.
+                    let mut pkt = pkt;
+                    let mut budget = transport::DRAIN_BATCH;
+                    loop {
                     match pkt {
                         Ok(Some(Packet::Publish(p))) => {
                             if let Err(e) = self.incoming(p) {
@@ -697,8 +701,23 @@ impl Driver {
                         Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
                         Err(e) => return End::Failed(e),
                     }
+                    budget -= 1;
+                    if budget == 0 {
+                        break;
+                    }
+                    pkt = match reader.try_next() {
+                        Ok(Some(p)) => Ok(Some(p)),
+                        Ok(None) => break,
+                        Err(e) => Err(e),
+                    };
+                    }
                 }
-                cmd = self.cmd.recv() => match cmd {
+                cmd = self.cmd.recv() => {
+                    // Take every queued command (e.g. a burst of event acks) before flushing.
+                    let mut cmd = cmd;
+                    let mut budget = transport::DRAIN_BATCH;
+                    loop {
+                    match cmd {
                     Some(Cmd::Request { op, body, deadline, tx }) => {
                         let topic_op = op.clone();
                         let b = body.clone();
@@ -723,6 +742,16 @@ impl Driver {
                     None => {
                         let _ = writer.send(&Packet::Disconnect).await;
                         return End::Closed(None);
+                    }
+                    }
+                    budget -= 1;
+                    if budget == 0 {
+                        break;
+                    }
+                    cmd = match self.cmd.try_recv() {
+                        Ok(c) => Some(c),
+                        Err(_) => break,
+                    };
                     }
                 },
                 _ = tokio::time::sleep_until(last_tx + keep_alive) => {

@@ -22,6 +22,11 @@ use crate::error::{Error, ErrorKind, Result};
 /// bag) and framing. rumqttc's 10 KB default would reject legal IoT Hub messages.
 pub const MAX_PACKET_SIZE: usize = 256 * 1024 + 64 * 1024;
 
+/// Most packets a connection loop handles from one read (via [`PacketReader::try_next`]) before
+/// it writes and looks at its other inputs again: large enough to batch acknowledgements under
+/// load, small enough that one busy peer cannot starve timers and commands.
+pub const DRAIN_BATCH: usize = 256;
+
 /// Any byte stream a connection can run on (TCP or TLS over TCP).
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
@@ -67,20 +72,9 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     /// cancelled call loses no bytes.
     pub async fn next(&mut self) -> Result<Option<Packet>> {
         loop {
-            if !self.buf.is_empty() {
-                match v4::read(&mut self.buf, self.max_size) {
-                    Ok(p) => return Ok(Some(p)),
-                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => {
-                        self.buf.reserve(n.max(4096));
-                    }
-                    Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n)) => {
-                        return Err(Error::new(
-                            ErrorKind::MessageTooLarge,
-                            format!("MQTT packet of {n} bytes exceeds the limit of {} bytes", self.max_size),
-                        ))
-                    }
-                    Err(e) => return Err(Error::protocol(format!("malformed MQTT packet: {e}"))),
-                }
+            match self.parse()? {
+                Ok(p) => return Ok(Some(p)),
+                Err(missing) => self.buf.reserve(missing.max(4096)),
             }
             let n = self
                 .inner
@@ -100,6 +94,30 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     /// Whether a complete packet may already be buffered (so a caller can drain without waiting).
     pub fn has_buffered(&self) -> bool {
         !self.buf.is_empty()
+    }
+
+    /// The next packet if a whole one is already buffered, without any I/O. Loops call this
+    /// after [`PacketReader::next`] to handle everything that arrived in one read before they
+    /// write again, so acknowledgements and refills go out in batches instead of one packet
+    /// per syscall.
+    pub fn try_next(&mut self) -> Result<Option<Packet>> {
+        Ok(self.parse()?.ok())
+    }
+
+    /// One packet from the buffer, or `Err(bytes still missing)` (at least 1).
+    fn parse(&mut self) -> Result<std::result::Result<Packet, usize>> {
+        if self.buf.is_empty() {
+            return Ok(Err(2));
+        }
+        match v4::read(&mut self.buf, self.max_size) {
+            Ok(p) => Ok(Ok(p)),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => Ok(Err(n.max(1))),
+            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n)) => Err(Error::new(
+                ErrorKind::MessageTooLarge,
+                format!("MQTT packet of {n} bytes exceeds the limit of {} bytes", self.max_size),
+            )),
+            Err(e) => Err(Error::protocol(format!("malformed MQTT packet: {e}"))),
+        }
     }
 }
 

@@ -22,14 +22,27 @@ pub fn url_encode(s: &str) -> String {
 /// Appends the sdk-for-c encoding of `s` to `out`.
 fn encode_into(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for &b in s.as_bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0x0F)]));
+    let unreserved = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~');
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len());
+    // Copy runs of unreserved bytes as slices (the common case is one run: the whole text).
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if unreserved(b) {
+            continue;
         }
+        if run < i {
+            // bytes[run..i] are unreserved ASCII, so both ends are char boundaries.
+            out.push_str(&s[run..i]);
+        }
+        out.push('%');
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0x0F)]));
+        run = i + 1;
+    }
+    if run < bytes.len() {
+        // The tail after the last escape is unreserved ASCII.
+        out.push_str(&s[run..]);
     }
 }
 
@@ -37,6 +50,9 @@ fn encode_into(out: &mut String, s: &str) {
 /// results are an `InvalidArgument` error. Error messages never echo the input (it may be a
 /// signature).
 pub fn url_decode(s: &str) -> Result<String> {
+    if !s.contains('%') {
+        return Ok(s.to_string());
+    }
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -64,7 +80,12 @@ pub fn url_decode(s: &str) -> Result<String> {
 }
 
 fn hex_digit(b: u8) -> Option<u8> {
-    char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok())
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
 }
 
 /// Encodes a property bag: `name=value` joined by `&`, both URL-encoded; a `None` value emits
@@ -137,7 +158,12 @@ pub fn decode_bag(bag: &str) -> Result<Vec<(String, Option<String>)>> {
 
 /// `devices/{device}/messages/events/` + bag (device id raw, not encoded).
 pub fn d2c_topic(device_id: &str, bag: &str) -> String {
-    format!("devices/{device_id}/messages/events/{bag}")
+    let mut t = String::with_capacity(8 + device_id.len() + 17 + bag.len());
+    t.push_str("devices/");
+    t.push_str(device_id);
+    t.push_str("/messages/events/");
+    t.push_str(bag);
+    t
 }
 
 /// A parsed D2C topic.
@@ -288,7 +314,26 @@ pub fn format_time_ms(ms: u64) -> String {
     let (days, ms_of_day) = (ms / MS_PER_DAY, ms % MS_PER_DAY);
     let (year, month, day) = civil_from_days(days);
     let (secs, millis) = (ms_of_day / 1000, ms_of_day % 1000);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    if year > 9999 {
+        // Not a wire time (senders refuse these); keep the general formatter for the text.
+        return format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", secs / 3600, secs / 60 % 60, secs % 60);
+    }
+    // Hot path (every D2C publish): fixed layout, digits written directly.
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, secs / 3600);
+    put(14, 2, secs / 60 % 60);
+    put(17, 2, secs % 60);
+    put(20, 3, millis);
+    String::from_utf8(b.to_vec()).expect("ASCII digits")
 }
 
 /// Parses ISO-8601 UTC (`Z` suffix, 0–9 fractional digits, e.g. `3237-07-19T23:06:40.0000000Z`)
@@ -384,7 +429,7 @@ fn wire_time(name: &str, ms: u64) -> Result<String> {
 pub fn d2c_bag(msg: &Message) -> Result<String> {
     let creation = msg.creation_time_ms.map(|ms| wire_time("the creation time", ms)).transpose()?;
     let expiry = msg.expiry_time_ms.map(|ms| wire_time("the expiry time", ms)).transpose()?;
-    let mut bag = String::new();
+    let mut bag = String::with_capacity(128);
     for (name, value) in [
         ("$.mid", msg.message_id.as_deref()),
         ("$.cid", msg.correlation_id.as_deref()),
@@ -398,12 +443,17 @@ pub fn d2c_bag(msg: &Message) -> Result<String> {
             push_pair(&mut bag, name, Some(value));
         }
     }
-    let mut seen = std::collections::HashSet::new();
-    for (name, value) in &msg.properties {
+    // Messages usually carry a handful of properties: a scan beats building a set per message.
+    let mut seen = (msg.properties.len() > 16).then(std::collections::HashSet::new);
+    for (i, (name, value)) in msg.properties.iter().enumerate() {
         if name.is_empty() {
             return Err(Error::invalid("an application property has an empty name; give every property a name"));
         }
-        if !seen.insert(name.as_str()) {
+        let repeated = match &mut seen {
+            Some(set) => !set.insert(name.as_str()),
+            None => msg.properties[..i].iter().any(|(n, _)| n == name),
+        };
+        if repeated {
             return Err(Error::invalid(format!(
                 "application property `{name}` is set twice; IoT Hub keeps only one, so set each name once"
             )));

@@ -177,6 +177,52 @@ async fn a_disconnect_returns_locked_messages_and_completed_ones_are_not_redeliv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_held_across_a_hub_restart_reaches_the_app_once_and_its_late_settle_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |port: u16| {
+        let mut c = HubConfig::new(dir.path());
+        c.feedback_interval = Duration::from_millis(50);
+        c.mqtt = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        c
+    };
+    let hub = Hub::start(config(0)).await.unwrap();
+    let port = hub.mqtt_addr().unwrap().port(); // restarts reuse it
+    let svc = service(&hub).await;
+    let dev = device(&hub, "held").await;
+    let mut rx = dev.c2d().unwrap();
+    svc.send_c2d("held", Message::new("one").with_message_id("H1"), AckMode::Full).await.unwrap();
+    let first = rx.recv_timeout(T).await.unwrap().unwrap();
+
+    // The hub goes away while the application still holds H1; after the restart the lock is
+    // gone and the hub delivers H1 again. The device recognises it and keeps it from the app.
+    hub.shutdown().await.unwrap();
+    let hub = Hub::start(config(port)).await.unwrap();
+    assert!(eventually(T, || dev.stats().c2d_duplicates == 1).await, "the redelivery of a held message is recognised");
+
+    // The settle made on the old connection completes the delivery the hub is waiting on.
+    let svc = service(&hub).await;
+    let mut fb = svc.feedback().unwrap();
+    first.complete().unwrap();
+    let batch = tokio::time::timeout(T, fb.next()).await.unwrap().unwrap();
+    assert_eq!(batch.records.len(), 1);
+    assert_eq!((batch.records[0].original_message_id.as_str(), batch.records[0].status_code), ("H1", FeedbackStatus::Success));
+    batch.ack();
+    assert!(eventually(T, || hub.c2d().read(|s| s.depth("held")) == 0).await);
+    assert!(rx.recv_timeout(Duration::from_millis(300)).await.unwrap().is_none(), "the app saw H1 once");
+
+    // Dropping a message unsettled releases it: its redelivery does reach the application.
+    svc.send_c2d("held", Message::new("two").with_message_id("H2"), AckMode::None).await.unwrap();
+    drop(rx.recv_timeout(T).await.unwrap().unwrap());
+    hub.shutdown().await.unwrap();
+    let hub = Hub::start(config(port)).await.unwrap();
+    let again = rx.recv_timeout(T).await.unwrap().expect("H2 comes back after it was released");
+    assert_eq!(again.message.message_id.as_deref(), Some("H2"));
+    again.complete().unwrap();
+    assert!(eventually(T, || hub.c2d().read(|s| s.depth("held")) == 0).await);
+    hub.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_mqtt_client_with_puback_only_receives_and_completes() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let (hub, _dir) = fast_hub().await;

@@ -26,7 +26,7 @@ use crate::auth::{self, SasToken};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, Message, MAX_D2C_SIZE};
 use crate::proto::{self, ConsumeRequest, DeviceStatus, Response};
-use crate::transport::{BoxStream, PacketReader, PacketWriter, MAX_PACKET_SIZE};
+use crate::transport::{BoxStream, PacketReader, PacketWriter, DRAIN_BATCH, MAX_PACKET_SIZE};
 use crate::wire;
 
 type Reader = PacketReader<ReadHalf<BoxStream>>;
@@ -228,6 +228,7 @@ impl DeviceSession<'_> {
         // C2D deliveries awaiting the device's PUBACK: packet id → queue seq.
         let mut c2d_in_flight: HashMap<u16, u64> = HashMap::new();
         let mut next_pkid: u16 = 1;
+        let mut scratch = bytes::BytesMut::with_capacity(4096);
         let mut subscribed = self.persistent && self.shared.c2d.read(|s| s.subscribed(&self.id));
         let mut deadline = Instant::now() + self.idle;
         let auth_method = format!(
@@ -262,7 +263,14 @@ impl DeviceSession<'_> {
                 biased;
                 pkt = reader.next() => {
                     deadline = Instant::now() + self.idle;
-                    match pkt? {
+                    // Handle everything one read brought before writing again (batched PUBACKs).
+                    let mut pkt = pkt?;
+                    if pkt.is_none() {
+                        return Ok(());
+                    }
+                    let mut budget = DRAIN_BATCH;
+                    while let Some(packet) = pkt.take() {
+                    match Some(packet) {
                         None => return Ok(()),
                         Some(Packet::Publish(p)) if p.topic.starts_with(proto::C2D_SETTLE_PREFIX) => {
                             self.settle_extension(&p, &mut c2d_in_flight)?;
@@ -271,7 +279,7 @@ impl DeviceSession<'_> {
                             }
                         }
                         Some(Packet::Publish(p)) => {
-                            if let Some((pkid, seq)) = self.d2c(&log, p, &auth_method)? {
+                            if let Some((pkid, seq)) = self.d2c(&log, p, &auth_method, &mut scratch)? {
                                 pending.push_back((pkid, seq));
                             }
                         }
@@ -304,6 +312,11 @@ impl DeviceSession<'_> {
                         }
                         Some(Packet::Disconnect) => return Ok(()),
                         Some(other) => return Err(Error::protocol(format!("unexpected {} from a device", packet_name(&other)))),
+                    }
+                    budget -= 1;
+                    if budget > 0 {
+                        pkt = reader.try_next()?;
+                    }
                     }
                 }
                 r = durable.changed() => { if r.is_err() { return Err(Error::closed("event log")); } }
@@ -345,7 +358,7 @@ impl DeviceSession<'_> {
     }
 
     /// Validates, stamps and appends one D2C publish; returns what to PUBACK once durable.
-    fn d2c(&self, log: &crate::store::Log, p: Publish, auth_method: &str) -> Result<Option<(u16, u64)>> {
+    fn d2c(&self, log: &crate::store::Log, p: Publish, auth_method: &str, scratch: &mut bytes::BytesMut) -> Result<Option<(u16, u64)>> {
         if p.qos == QoS::ExactlyOnce {
             return Err(Error::protocol("QoS 2 is not supported (IoT Hub closes the connection)"));
         }
@@ -363,19 +376,21 @@ impl DeviceSession<'_> {
         if size > MAX_D2C_SIZE {
             return Err(Error::new(ErrorKind::MessageTooLarge, format!("D2C message of {size} bytes exceeds {MAX_D2C_SIZE}")));
         }
-        let enqueued = now_ms();
-        msg.system.extend([
-            ("iothub-connection-device-id".to_string(), self.id.clone()),
-            ("iothub-connection-auth-generation-id".to_string(), self.generation_id.clone()),
-            ("iothub-connection-auth-method".to_string(), auth_method.to_string()),
-            ("iothub-enqueuedtime".to_string(), enqueued.to_string()),
-            ("iothub-message-source".to_string(), "Telemetry".to_string()),
-        ]);
+        let enqueued = now_ms().to_string();
+        let stamps = [
+            ("iothub-connection-device-id", self.id.as_str()),
+            ("iothub-connection-auth-generation-id", self.generation_id.as_str()),
+            ("iothub-connection-auth-method", auth_method),
+            ("iothub-enqueuedtime", enqueued.as_str()),
+            ("iothub-message-source", "Telemetry"),
+        ];
         if p.retain {
             msg.properties.push(("mqtt-retain".into(), "true".into()));
         }
         let bytes = msg.body.len() as u64;
-        let seq = log.append(&msg.to_bytes())?;
+        scratch.clear();
+        msg.encode_with_system(&stamps, scratch);
+        let seq = log.append(scratch)?;
         self.shared.stats.d2c_messages.fetch_add(1, Ordering::Relaxed);
         self.shared.stats.d2c_bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok((p.qos == QoS::AtLeastOnce).then_some((p.pkid, seq)))
@@ -462,7 +477,15 @@ impl<'a> ServiceSession<'a> {
                 biased;
                 pkt = reader.next() => {
                     deadline = Instant::now() + self.idle;
-                    match pkt? {
+                    // Handle every buffered packet (e.g. a burst of consumer PUBACKs) before
+                    // refilling and writing, so refills go out in batches.
+                    let mut pkt = pkt?;
+                    if pkt.is_none() {
+                        return Ok(());
+                    }
+                    let mut budget = DRAIN_BATCH;
+                    while let Some(packet) = pkt.take() {
+                    match Some(packet) {
                         None | Some(Packet::Disconnect) => return Ok(()),
                         Some(Packet::Publish(p)) => {
                             if p.qos == QoS::ExactlyOnce {
@@ -481,6 +504,11 @@ impl<'a> ServiceSession<'a> {
                         }
                         Some(Packet::Unsubscribe(u)) => writer.queue(&Packet::UnsubAck(UnsubAck::new(u.pkid)))?,
                         Some(other) => return Err(Error::protocol(format!("unexpected {} from a service", packet_name(&other)))),
+                    }
+                    budget -= 1;
+                    if budget > 0 {
+                        pkt = reader.try_next()?;
+                    }
                     }
                 }
                 Some((rid, resp)) = self.responses.1.recv() => {

@@ -406,6 +406,11 @@ impl Log {
         st.next_seq += 1;
         let ts = now_ms();
         let before = st.pending.len();
+        if st.pending.capacity() == 0 {
+            // The writer took the previous buffer: start the next batch with room for many
+            // records instead of regrowing from nothing.
+            st.pending.reserve(64 * 1024);
+        }
         encode_frame(&mut st.pending, seq, ts, payload);
         let flen = st.pending.len() - before;
         st.pending_meta.push((seq, ts, flen));
@@ -511,7 +516,10 @@ impl Log {
     /// The first sequence number still stored (after deletions); `last_seq() + 1` when empty.
     pub fn first_seq(&self) -> u64 {
         let st = self.shared().state.lock();
-        st.segments.iter().find(|s| !s.offsets.is_empty()).map_or(st.next_seq, |s| s.first_seq)
+        // With nothing written yet, records appended but still pending come next: the answer is
+        // the first of them (durable + 1), not `next_seq`, or a reader positioned here would
+        // skip every record that was in flight to the writer.
+        st.segments.iter().find(|s| !s.offsets.is_empty()).map_or(st.durable + 1, |s| s.first_seq)
     }
 
     /// The last sequence number appended (0 when nothing was ever appended).
@@ -519,12 +527,14 @@ impl Log {
         self.shared().state.lock().next_seq - 1
     }
 
-    /// The first sequence number whose timestamp is `>= ms` (`last_seq() + 1` if none).
+    /// The first sequence number whose timestamp is `>= ms`; if no stored record is that
+    /// recent, the first one not yet readable (`durable + 1`), so records still on their way
+    /// to disk are not skipped.
     pub fn seek_time(&self, ms: u64) -> Result<u64> {
         let (candidate, next) = {
             let st = self.shared().state.lock();
             let seg = st.segments.iter().find(|s| !s.offsets.is_empty() && s.last_ts >= ms);
-            (seg.map(|s| (s.first_seq, s.last_seq())), st.next_seq)
+            (seg.map(|s| (s.first_seq, s.last_seq())), st.durable + 1)
         };
         let Some((mut from, last)) = candidate else { return Ok(next) };
         while from <= last {
@@ -982,6 +992,26 @@ mod tests {
         assert_eq!(log.wait_durable(99).await.unwrap_err().kind(), ErrorKind::InvalidArgument);
         assert_eq!("interval:250ms".parse::<Durability>().unwrap(), Durability::Interval(Duration::from_millis(250)));
         assert!("sometimes".parse::<Durability>().is_err());
+    }
+
+    #[test]
+    fn positions_never_skip_records_still_pending() {
+        // A reader positioned at "earliest" or "from now" while appends are still on their way
+        // to disk must start at the first of them, not after them.
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), opts(1 << 20, Durability::Always)).unwrap();
+        let t0 = now_ms();
+        let mut last = 0;
+        for i in 0..2000 {
+            last = log.append(format!("record {i}").as_bytes()).unwrap();
+        }
+        let first = log.first_seq();
+        let from_time = log.seek_time(t0).unwrap();
+        assert_eq!(first, 1, "first_seq while records are pending");
+        assert_eq!(from_time, 1, "seek_time while records are pending");
+        log.wait_durable_blocking(last).unwrap();
+        assert_eq!((log.first_seq(), log.seek_time(t0).unwrap()), (1, 1));
+        assert_eq!(log.seek_time(now_ms() + 60_000).unwrap(), last + 1);
     }
 
     #[test]
