@@ -50,6 +50,31 @@ pub fn parse_body(b: &[u8]) -> Option<Stamp> {
     Some(Stamp { sent_ns: u64_at(0), device: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")), seq: u64_at(12), scheduled_ns: u64_at(20) })
 }
 
+/// Most messages the bench keeps in all device outboxes of a run together (queued + in flight);
+/// senders wait for deliveries beyond it, as an application would, so a run measures delivery
+/// rather than how fast an outbox can grow in memory.
+pub const OUTBOX_BUDGET: usize = 20_000;
+
+/// Sends messages `0..count` of device `d` with `send_batch` (up to 1,000 per batch, one group
+/// commit each), keeping at most `limit` messages in its outbox. Returns when the last batch was
+/// accepted (durable in the outbox).
+pub async fn send_all(dev: &DeviceClient, d: usize, count: u64, limit: usize, epoch: std::time::Instant) -> Result<std::time::Instant, Error> {
+    let mut seq = 0;
+    while seq < count {
+        let n = count.min(seq + 1000) - seq;
+        while dev.stats().outbox.depth + n as usize > limit.max(n as usize) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let sent_ns = epoch.elapsed().as_nanos() as u64;
+        let msgs = (seq..seq + n)
+            .map(|s| hubmsg_core::Message::new(body(Stamp { sent_ns, device: d as u32, seq: s, scheduled_ns: 0 })).with_message_id(super::stats::message_id(d, s)))
+            .collect();
+        dev.send_batch(msgs).await?;
+        seq += n;
+    }
+    Ok(std::time::Instant::now())
+}
+
 /// Reconnect quickly: the hub is local and restarts are part of some scenarios.
 pub fn fast_retry() -> RetryPolicy {
     RetryPolicy {

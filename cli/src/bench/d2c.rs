@@ -247,7 +247,7 @@ pub async fn throughput(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Erro
         detail: json!({
             "messages_per_run": total,
             "hub": "hubmsg hub --durability <d> (4 partitions)",
-            "devices": "DeviceClient with a durable outbox of the same durability; send_batch of up to 1,000 messages, max 1,000 in flight",
+            "devices": "DeviceClient with a durable outbox of the same durability; send_batch of up to 1,000 messages while the outbox holds at most max(20,000 / devices, 2,000); 1,000 in flight (default)",
             "consumer": "one consumer-group reader ($Default, from earliest) that acks every event",
             "runs": runs,
         }),
@@ -262,21 +262,10 @@ async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u
     let mut events = common::consumer(&rig.svc, "$Default", StartPosition::Earliest).await?;
     let mut tally = Tally::start(per, devices, rig.hub.pid());
     let mut senders = JoinSet::new();
+    let limit = (common::OUTBOX_BUDGET / devices).max(2000);
     for (d, dev) in rig.devices.iter().enumerate() {
         let (dev, epoch) = (dev.clone(), ctx.epoch);
-        senders.spawn(async move {
-            let mut seq = 0;
-            while seq < per {
-                let n = per.min(seq + 1000) - seq;
-                let sent_ns = epoch.elapsed().as_nanos() as u64;
-                let msgs = (seq..seq + n)
-                    .map(|s| Message::new(body(Stamp { sent_ns, device: d as u32, seq: s, scheduled_ns: 0 })).with_message_id(message_id(d, s)))
-                    .collect();
-                dev.send_batch(msgs).await?;
-                seq += n;
-            }
-            Ok::<Instant, Error>(Instant::now())
-        });
+        senders.spawn(async move { common::send_all(&dev, d, per, limit, epoch).await });
     }
     let idle = Duration::from_secs(30);
     while !tally.tracker.complete() {

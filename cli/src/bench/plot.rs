@@ -29,6 +29,9 @@ fn color(i: usize) -> RGBColor {
     COLORS[i % COLORS.len()]
 }
 
+/// What drawing one chart returns.
+type Drawn = Result<(), Box<dyn std::error::Error>>;
+
 /// Everything the scenarios hand over for plotting.
 #[derive(Default)]
 pub struct PlotData {
@@ -58,7 +61,7 @@ impl PlotData {
             let _ = plotters::style::register_font("sans-serif", FontStyle::Bold, dejavu::sans::bold());
         });
         let mut written = Vec::new();
-        let mut go = |name: &str, draw: &dyn Fn(&Path) -> Result<(), Box<dyn std::error::Error>>| -> Result<(), Error> {
+        let mut go = |name: &str, draw: &dyn Fn(&Path) -> Drawn| -> Result<(), Error> {
             let p = out.join(name);
             draw(&p).map_err(|e| Error::new(ErrorKind::Internal, format!("plot {}: {e}", p.display())))?;
             written.push(p);
@@ -77,7 +80,7 @@ impl PlotData {
         Ok(written)
     }
 
-    fn throughput_bars(&self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    fn throughput_bars(&self, path: &Path) -> Drawn {
         let n = self.throughput.len() as i32;
         let root = BitMapBackend::new(path, (1100, 120 + 50 * n as u32)).into_drawing_area();
         root.fill(&WHITE)?;
@@ -121,7 +124,7 @@ impl PlotData {
         Ok(())
     }
 
-    fn throughput_timeline(&self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    fn throughput_timeline(&self, path: &Path) -> Drawn {
         let root = BitMapBackend::new(path, (1100, 600)).into_drawing_area();
         root.fill(&WHITE)?;
         let max_x = self.timelines.iter().flat_map(|t| t.1.iter().map(|p| p.0)).fold(0.1, f64::max);
@@ -151,7 +154,7 @@ impl PlotData {
         Ok(())
     }
 
-    fn latency_distribution(&self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    fn latency_distribution(&self, path: &Path) -> Drawn {
         // x = -log10(1 - p): 1 → 90 %, 2 → 99 %, 3 → 99.9 % …; the maximum is drawn at 5.
         let to_x = |p: f64| if p >= 100.0 { 5.0 } else { (-(1.0 - p / 100.0).log10()).min(5.0) };
         let all = self.latency_curves.iter().flat_map(|c| c.1.iter().map(|p| p.1));
@@ -175,6 +178,7 @@ impl PlotData {
             })
             .x_desc("percentile")
             .y_desc("milliseconds (log scale)")
+            .y_labels(10)
             .y_label_formatter(&|v| if *v >= 10.0 { format!("{v:.0}") } else { format!("{v:.2}") })
             .label_style(("sans-serif", 14))
             .draw()?;
@@ -196,7 +200,7 @@ impl PlotData {
         Ok(())
     }
 
-    fn latency_timeline(&self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    fn latency_timeline(&self, path: &Path) -> Drawn {
         let n = self.latency_points.len() as u32;
         let root = BitMapBackend::new(path, (1100, 320 * n.max(1))).into_drawing_area();
         root.fill(&WHITE)?;
@@ -214,6 +218,7 @@ impl PlotData {
                 .configure_mesh()
                 .x_desc("seconds into the measured window")
                 .y_desc("ms (log scale)")
+                .y_labels(6)
                 .y_label_formatter(&|v| if *v >= 10.0 { format!("{v:.0}") } else { format!("{v:.2}") })
                 .label_style(("sans-serif", 13))
                 .draw()?;

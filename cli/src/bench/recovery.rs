@@ -8,13 +8,13 @@ use hubmsg_core::outbox::OutboxOptions;
 use hubmsg_core::proto::StartPosition;
 use hubmsg_core::store::Durability;
 use hubmsg_core::transport::{self, ConnectParams, Endpoint};
-use hubmsg_core::{DeviceClient, Error, ErrorKind, Message, Overflow};
+use hubmsg_core::{DeviceClient, Error, ErrorKind, Overflow};
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use super::common::{self, body, Hub, Stamp};
+use super::common::{self, Hub};
 use super::procstat;
-use super::stats::{self, message_id};
+use super::stats;
 use super::{Ctx, Outcome, Row, Scenario, Target};
 use crate::hubproc::HubProcess;
 
@@ -53,15 +53,10 @@ pub async fn recovery(ctx: &Ctx) -> Result<Outcome, Error> {
     }
     let t = Instant::now();
     let mut set = JoinSet::new();
+    let (limit, epoch) = ((common::OUTBOX_BUDGET / devices).max(2000), ctx.epoch);
     for (k, dev) in devs.iter().cloned().enumerate() {
         set.spawn(async move {
-            let mut seq = 0;
-            while seq < per {
-                let n = per.min(seq + 1000) - seq;
-                let msgs = (seq..seq + n).map(|s| Message::new(body(Stamp { sent_ns: 0, device: k as u32, seq: s, scheduled_ns: 0 })).with_message_id(message_id(k, s))).collect();
-                dev.send_batch(msgs).await?;
-                seq += n;
-            }
+            common::send_all(&dev, k, per, limit, epoch).await?;
             dev.flush(Duration::from_secs(600)).await?;
             Ok::<u64, Error>(dev.stats().outbox.delivered)
         });
