@@ -168,7 +168,7 @@ pub fn raise_nofile() -> u64 {
             }
         }
     }
-    u64::from(lim.rlim_cur)
+    lim.rlim_cur
 }
 
 /// The machine the figures come from.
