@@ -233,6 +233,7 @@ pub async fn throughput(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Erro
             println!("  {}", run.line());
             let fsync = durability == "always";
             let mut row = Row::new(Scenario::D2cThroughput, run.label.clone(), stats::round(run.msgs_per_sec), "msg/s")
+                .other_cpu(run.cpu.rest_cores)
                 .compare(&format!("d2c-{devices}"), fsync.then_some(RATIO_TARGET));
             if fsync {
                 row = row.target(Target::AtLeast(THROUGHPUT_TARGET));
@@ -364,7 +365,7 @@ pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> 
             s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, r.from_schedule.p99_ms, s.count, r.pacer_lag_max_ms, r.cpu
         );
         for (name, v) in [("p50", s.p50_ms), ("p99", s.p99_ms), ("p99.9", s.p999_ms)] {
-            let mut row = Row::new(Scenario::D2cLatency, format!("{name} at 10,000 msg/s, {what}"), v, "ms");
+            let mut row = Row::new(Scenario::D2cLatency, format!("{name} at 10,000 msg/s, {what}"), v, "ms").other_cpu(r.cpu.rest_cores);
             if name == "p99" && durability == "always" {
                 row = row.target(Target::AtMost(LATENCY_TARGET_MS));
             }

@@ -157,6 +157,9 @@ pub struct Row {
     pub ratio_target: Option<f64>,
     /// `met`, `missed`, or `-` without a target.
     pub status: String,
+    /// Cores busy outside the server and bench processes during the measurement (kernel work
+    /// they cause, and anything else running on the machine).
+    pub other_cpu: Option<f64>,
     /// Key other rows compare against (baseline rows).
     #[serde(skip)]
     pub key: Option<String>,
@@ -175,8 +178,15 @@ impl Row {
             vs_mosquitto: None,
             ratio_target: None,
             status: "-".into(),
+            other_cpu: None,
             key: None,
         }
+    }
+
+    /// Notes how busy the rest of the machine was while this figure was measured.
+    pub fn other_cpu(mut self, cores: f64) -> Row {
+        self.other_cpu = Some(cores);
+        self
     }
 
     /// Sets the target.
@@ -320,6 +330,7 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
     }
     let table = table_text(&rows);
     println!("{table}");
+    println!("other CPU: cores busy outside the server and bench processes during that measurement (kernel work they cause, and any other load)");
 
     let passed = reports.iter().filter(|r| matches!(r.status, Status::Ok)).count();
     let failed = reports.iter().filter(|r| matches!(r.status, Status::Failed(_))).count();
@@ -410,9 +421,9 @@ fn target_text(r: &Row) -> String {
     }
 }
 
-const HEADERS: [&str; 7] = ["scenario", "figure", "value", "unit", "target", "status", "hubmsg / Mosquitto"];
+const HEADERS: [&str; 8] = ["scenario", "figure", "value", "unit", "target", "status", "hubmsg / Mosquitto", "other CPU"];
 
-fn cells(r: &Row) -> [String; 7] {
+fn cells(r: &Row) -> [String; 8] {
     [
         r.scenario.to_string(),
         r.figure.clone(),
@@ -421,11 +432,12 @@ fn cells(r: &Row) -> [String; 7] {
         target_text(r),
         r.status.clone(),
         r.vs_mosquitto.map_or_else(|| if r.compare.is_some() { "n/a".into() } else { "-".into() }, |v| format!("{v:.2}x")),
+        r.other_cpu.map_or_else(|| "-".into(), |c| format!("{c:.2}")),
     ]
 }
 
 fn table_text(rows: &[Row]) -> String {
-    let all: Vec<[String; 7]> = rows.iter().map(cells).collect();
+    let all: Vec<[String; 8]> = rows.iter().map(cells).collect();
     let mut w = HEADERS.map(|h| h.chars().count());
     for c in &all {
         for (i, s) in c.iter().enumerate() {
@@ -465,6 +477,7 @@ fn markdown(rows: &[Row], m: &procstat::Machine, quick: bool) -> String {
         let c = cells(r);
         s.push_str(&format!("| {} |\n", c.join(" | ")));
     }
+    s.push_str("\n*other CPU*: cores busy outside the server (hub or broker) and bench processes during that measurement, from `/proc/stat`: kernel work they cause (loopback TCP, journal commits) and any other load on the machine.\n");
     s
 }
 
