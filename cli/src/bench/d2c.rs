@@ -20,9 +20,6 @@ use super::procstat::{self, CpuSplit, Meters};
 use super::stats::{self, message_id, Counts, IdTracker, Samples, Timeline};
 use super::{fmt_value, Ctx, Outcome, Row, Scenario, Target};
 
-/// Message id prefix of the priming messages (see [`Rig::start`]).
-pub const PRIME: &str = "prime-";
-
 /// The throughput target (messages/s, both sides fsync'd).
 pub const THROUGHPUT_TARGET: f64 = 150_000.0;
 /// hubmsg must reach this multiple of Mosquitto's throughput (both sides fsync'd).
@@ -62,17 +59,6 @@ impl Rig {
         }
         for d in &devices {
             common::connected(d, Duration::from_secs(30)).await?;
-        }
-        // Work around a hub race: while a partition has no written record yet, `Log::first_seq`
-        // answers with the next sequence number to append, and the consumer session moves its
-        // read position to it, so a consumer running while a fresh partition takes its first
-        // records can skip them. Priming every partition before the consumer starts keeps the
-        // measured messages clear of that; the consumers skip the `prime-*` ids.
-        for (d, dev) in devices.iter().enumerate() {
-            dev.send(Message::new(body(Stamp { sent_ns: 0, device: d as u32, seq: 0, scheduled_ns: 0 })).with_message_id(format!("{PRIME}{d}"))).await?;
-        }
-        for dev in &devices {
-            dev.flush(Duration::from_secs(30)).await?;
         }
         Ok(Rig { hub, svc, devices })
     }
@@ -272,7 +258,6 @@ async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u
     while !tally.tracker.complete() {
         tokio::select! {
             ev = events.next_timeout(idle) => match ev? {
-                Some(ev) if is_prime(&ev) => ev.ack(),
                 Some(ev) => {
                     let first = tally.tracker.record_id(ev.message.message_id.as_deref());
                     tally.arrived(first);
@@ -297,11 +282,6 @@ async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u
         return Err(Error::new(ErrorKind::Internal, format!("{} of {total} messages never reached the consumer (no event for {idle:?}): {why}", run.counts.missing)));
     }
     Ok(run)
-}
-
-/// Whether `ev` is one of the priming messages of [`Rig::start`].
-pub fn is_prime(ev: &hubmsg_core::service::Event) -> bool {
-    ev.message.message_id.as_deref().is_some_and(|id| id.starts_with(PRIME))
 }
 
 /// Which devices' messages are missing, with what their clients say.
@@ -423,10 +403,6 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, devices: usize, durability: 
         let mut points = Vec::new();
         while !tracker.complete() {
             let Some(ev) = events.next_timeout(Duration::from_secs(30)).await? else { break };
-            if is_prime(&ev) {
-                ev.ack();
-                continue;
-            }
             let now_ns = epoch.elapsed().as_nanos() as u64;
             let first = tracker.record_id(ev.message.message_id.as_deref());
             ev.ack();
