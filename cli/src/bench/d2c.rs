@@ -36,12 +36,10 @@ pub struct Rig {
 }
 
 impl Rig {
-    /// Starts a hub with `durability` (plus `hub_args`), registers `n` devices and connects them
-    /// with durable outboxes of the same durability, sized to hold `per_device` messages.
-    pub async fn start(ctx: &Ctx, name: &str, n: usize, durability: &str, per_device: u64, hub_args: &[&str]) -> Result<Rig, Error> {
-        let mut args = vec!["--durability", durability];
-        args.extend_from_slice(hub_args);
-        let hub = Hub::start(ctx, name, &args).await?;
+    /// Starts a hub with `durability`, registers `n` devices and connects them with durable
+    /// outboxes of the same durability, big enough for `per_device` messages.
+    pub async fn start(ctx: &Ctx, name: &str, n: usize, durability: &str, per_device: u64) -> Result<Rig, Error> {
+        let hub = Hub::start(ctx, name, &["--durability", durability]).await?;
         let svc = common::service(&hub.proc.cs).await?;
         let ids = common::device_ids("bench", n);
         common::register(&svc, &ids, &ctx.device_key, 64).await?;
@@ -245,7 +243,7 @@ pub async fn throughput(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Erro
 async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u64) -> Result<ThroughputRun, Error> {
     let per = total / devices as u64;
     let total = per * devices as u64;
-    let rig = Rig::start(ctx, &format!("throughput-{durability}-{devices}"), devices, durability, per, &[]).await?;
+    let rig = Rig::start(ctx, &format!("throughput-{durability}-{devices}"), devices, durability, per).await?;
     let mut events = common::consumer(&rig.svc, "$Default", StartPosition::Earliest).await?;
     let mut tally = Tally::start(per, devices, rig.hub.pid());
     let mut senders = JoinSet::new();
@@ -391,7 +389,7 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, devices: usize, durability: 
     let per = total / devices as u64;
     let total = per * devices as u64;
     let warm = plan.rate * plan.warmup.as_millis() as u64 / 1000;
-    let rig = Rig::start(ctx, &format!("latency-{durability}-{devices}"), devices, durability, per, &[]).await?;
+    let rig = Rig::start(ctx, &format!("latency-{durability}-{devices}"), devices, durability, per).await?;
     let mut events = common::consumer(&rig.svc, "$Default", StartPosition::Earliest).await?;
 
     // Receiver: latency of every message after the warm-up, ids of all.
