@@ -499,3 +499,43 @@ pub async fn wait_until(timeout: Duration, every: Duration, mut cond: impl FnMut
         tokio::time::sleep(every).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_read_well() {
+        assert_eq!(fmt_value(1_234_567.4), "1,234,567");
+        assert_eq!(fmt_value(150_000.0), "150,000");
+        assert_eq!(fmt_value(418.9), "419");
+        assert_eq!(fmt_value(12.34), "12.3");
+        assert_eq!(fmt_value(0.5), "0.50");
+    }
+
+    #[test]
+    fn verdicts() {
+        let mut r = Row::new(Scenario::D2cLatency, "p99", 4.0, "ms").target(Target::AtMost(5.0));
+        r.evaluate();
+        assert_eq!(r.status, "met");
+        let mut r = Row::new(Scenario::D2cThroughput, "x", 200_000.0, "msg/s").target(Target::AtLeast(150_000.0)).compare("d2c-1", Some(2.0));
+        r.evaluate();
+        assert_eq!(r.status, "n/a", "a ratio target without a baseline is not met or missed");
+        r.vs_mosquitto = Some(1.5);
+        r.evaluate();
+        assert_eq!(r.status, "missed");
+        r.vs_mosquitto = Some(2.5);
+        r.evaluate();
+        assert_eq!(r.status, "met");
+    }
+
+    #[test]
+    fn table_lines_up() {
+        let rows = vec![Row::new(Scenario::Recovery, "first event", 0.25, "s").target(Target::AtMost(1.0))];
+        let t = table_text(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[2].starts_with("recovery"));
+        assert!(lines[2].contains("<= 1.00"));
+    }
+}
