@@ -15,7 +15,7 @@ use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::{JoinHandle, ThreadId};
+use std::thread::JoinHandle;
 
 use hubmsg_core::{Error, ErrorKind, Result};
 use parking_lot::Mutex;
@@ -71,14 +71,13 @@ pub(crate) struct Dispatcher {
     name: &'static str,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    thread_id: Mutex<Option<ThreadId>>,
     closed: Arc<AtomicBool>,
 }
 
 impl Dispatcher {
     /// A dispatcher whose thread (started on demand) is called `name`.
     pub(crate) fn new(name: &'static str) -> Arc<Dispatcher> {
-        Arc::new(Dispatcher { name, tx: Mutex::new(None), thread: Mutex::new(None), thread_id: Mutex::new(None), closed: Arc::new(AtomicBool::new(false)) })
+        Arc::new(Dispatcher { name, tx: Mutex::new(None), thread: Mutex::new(None), closed: Arc::new(AtomicBool::new(false)) })
     }
 
     /// Starts the thread if needed (so registration errors show up at registration).
@@ -104,7 +103,6 @@ impl Dispatcher {
                 }
             })
             .map_err(|e| Error::new(ErrorKind::Internal, format!("cannot start the callback thread: {e}")))?;
-        *self.thread_id.lock() = Some(handle.thread().id());
         *self.thread.lock() = Some(handle);
         *tx = Some(sender);
         Ok(())
@@ -118,11 +116,6 @@ impl Dispatcher {
         if let Some(tx) = self.tx.lock().as_ref() {
             let _ = tx.send(Box::new(job));
         }
-    }
-
-    /// Whether the caller is this dispatcher's callback thread.
-    pub(crate) fn is_current(&self) -> bool {
-        *self.thread_id.lock() == Some(std::thread::current().id())
     }
 
     /// Stops calling callbacks (jobs already queued are dropped unrun).

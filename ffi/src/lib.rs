@@ -22,11 +22,26 @@
 mod args;
 pub mod callback;
 pub mod device;
+pub mod hub;
 mod inbox;
+pub mod log;
 pub mod message;
 pub mod result;
 pub mod runtime;
+pub mod service;
 
 pub use device::*;
+pub use hub::*;
+pub use log::*;
 pub use message::*;
 pub use result::*;
+pub use service::*;
+
+/// The library version, e.g. `"0.1.0"`.
+///
+/// @return A static NUL-terminated string (never NULL; do not free).
+#[no_mangle]
+pub extern "C" fn hubmsg_version() -> *const std::ffi::c_char {
+    const V: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+    V.as_ptr().cast()
+}
