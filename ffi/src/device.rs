@@ -405,20 +405,63 @@ pub struct hubmsg_device {
     c2d: Inbox<C2dSource>,
     dispatcher: Arc<Dispatcher>,
     status_task: Mutex<Option<JoinHandle<()>>>,
+    outcomes: Arc<Tracker>,
     rt: Rt,
 }
 
 impl hubmsg_device {
+    /// Closes the client; on return no callback runs any more and, unless called on the
+    /// callback thread, every callback reference is gone (so every `drop` ran).
     fn close(self: Box<Self>) {
-        self.dispatcher.close();
-        self.c2d.stop();
-        if let Some(t) = self.status_task.lock().take() {
+        let hubmsg_device { client, c2d, dispatcher, status_task, outcomes, rt } = *self;
+        dispatcher.close();
+        c2d.stop(&rt);
+        if let Some(t) = status_task.lock().take() {
             t.abort();
+            let _ = rt.block_on(t);
         }
-        if let Err(e) = self.rt.block_on(self.client.close()) {
+        if let Err(e) = rt.block_on(client.close()) {
             tracing::warn!(error = %e, "closing the device client failed");
         }
-        self.dispatcher.shutdown();
+        // Releasing the outbox ends every outcome task still waiting (with HUBMSG_CLOSED).
+        drop((client, c2d));
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), outcomes.idle()).await }).ok();
+        dispatcher.shutdown();
+    }
+}
+
+/// Counts running tasks that hold user callbacks, so that closing can wait for them.
+#[derive(Default)]
+struct Tracker {
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Held by a tracked task; its drop counts the task out.
+struct Tracked(Arc<Tracker>);
+
+impl Tracker {
+    fn track(self: &Arc<Self>) -> Tracked {
+        self.running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Tracked(self.clone())
+    }
+
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.running.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -436,6 +479,7 @@ fn connect(opts: DeviceOptions) -> Result<hubmsg_device> {
         c2d: Inbox::lazy("C2D messages", move || Ok(C2dSource(c.c2d()?))),
         dispatcher: Dispatcher::new("hubmsg-device-cb"),
         status_task: Mutex::new(None),
+        outcomes: Arc::default(),
         rt,
     })
 }
@@ -570,7 +614,9 @@ pub unsafe extern "C" fn hubmsg_device_send(
             out.put(hubmsg_delivery { slot: slot.clone(), message_id: id.clone() });
         }
         let dispatcher = d.dispatcher.clone();
+        let tracked = d.outcomes.track();
         d.rt.spawn(async move {
+            let _tracked = tracked;
             let guard = SlotGuard(slot);
             let r = delivery.outcome().await;
             if let (Ok(o), Some(cb)) = (&r, cb) {

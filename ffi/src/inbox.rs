@@ -93,7 +93,7 @@ impl<S: Source> Inbox<S> {
         self.start_pull(rt)?;
         let mut state = self.state.lock();
         let State::Pull(rx) = &mut *state else { unreachable!("start_pull set pull mode") };
-        match block_on(rt, self.what, tokio::time::timeout(timeout, rx.recv()))? {
+        match block_on(rt, self.what, async { tokio::time::timeout(timeout, rx.recv()).await })? {
             Err(_) => Ok(None),
             Ok(None) => Err(Error::closed(self.what)),
             Ok(Some(item)) => item.map(Some),
@@ -123,10 +123,13 @@ impl<S: Source> Inbox<S> {
         Ok(())
     }
 
-    /// Stops the pump (items not yet delivered are dropped).
-    pub(crate) fn stop(&self) {
-        if let Some(t) = self.pump.lock().take() {
+    /// Stops the pump and waits until it is gone (items not yet delivered are dropped, and with
+    /// them the callback's references). Not on a runtime thread.
+    pub(crate) fn stop(&self, rt: &Rt) {
+        let pump = self.pump.lock().take();
+        if let Some(t) = pump {
             t.abort();
+            let _ = rt.block_on(t);
         }
     }
 }

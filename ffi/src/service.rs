@@ -350,7 +350,7 @@ pub unsafe extern "C" fn hubmsg_service_free(svc: *mut hubmsg_service) {
         if let Some(s) = unsafe { free_box(svc) } {
             dispose(move || {
                 s.dispatcher.close();
-                s.feedback.stop();
+                s.feedback.stop(&s.rt);
                 s.rt.block_on(s.client.close());
                 s.dispatcher.shutdown();
             });
@@ -901,9 +901,9 @@ pub unsafe extern "C" fn hubmsg_events_free(events: *mut hubmsg_events) {
                 e.dispatcher.close();
                 let (tx, rx) = oneshot::channel();
                 if e.ctl.send(Ctl::Close(tx)).is_ok() {
-                    let _ = e.rt.block_on(tokio::time::timeout(Duration::from_secs(10), rx));
+                    let _ = e.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), rx).await });
                 }
-                e.inbox.stop();
+                e.inbox.stop(&e.rt);
                 e.dispatcher.shutdown();
             });
         }
