@@ -66,8 +66,18 @@ impl<F: Copy> Drop for Closure<F> {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+thread_local! {
+    /// The id of the dispatcher whose callback thread this is (0 on other threads). Compared
+    /// instead of `std::thread::current()`, which would allocate a handle for the application's
+    /// main thread that is never freed.
+    static CURRENT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// A client's callback thread, started by the first job.
 pub(crate) struct Dispatcher {
+    id: u64,
     name: &'static str,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -77,7 +87,7 @@ pub(crate) struct Dispatcher {
 impl Dispatcher {
     /// A dispatcher whose thread (started on demand) is called `name`.
     pub(crate) fn new(name: &'static str) -> Arc<Dispatcher> {
-        Arc::new(Dispatcher { name, tx: Mutex::new(None), thread: Mutex::new(None), closed: Arc::new(AtomicBool::new(false)) })
+        Arc::new(Dispatcher { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), name, tx: Mutex::new(None), thread: Mutex::new(None), closed: Arc::new(AtomicBool::new(false)) })
     }
 
     /// Starts the thread if needed (so registration errors show up at registration).
@@ -91,9 +101,11 @@ impl Dispatcher {
         }
         let (sender, rx) = mpsc::channel::<Job>();
         let closed = self.closed.clone();
+        let id = self.id;
         let handle = std::thread::Builder::new()
             .name(self.name.into())
             .spawn(move || {
+                CURRENT.with(|c| c.set(id));
                 while let Ok(job) = rx.recv() {
                     if closed.load(Ordering::SeqCst) {
                         drop(job);
@@ -129,7 +141,7 @@ impl Dispatcher {
         drop(self.tx.lock().take());
         let handle = self.thread.lock().take();
         if let Some(h) = handle {
-            if h.thread().id() != std::thread::current().id() {
+            if CURRENT.with(|c| c.get()) != self.id {
                 let _ = h.join();
             }
         }

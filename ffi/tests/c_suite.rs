@@ -118,6 +118,9 @@ fn run(exe: &Path, args: &[&str], valgrind: bool, limit: Duration) -> Run {
     let passed = status.is_some_and(|s| s.success());
     if !passed {
         writeln!(log, "FAIL {prefix}{name}/(exit)").unwrap();
+    } else if ok.is_empty() {
+        // An example: the whole program is one case.
+        writeln!(log, "ok {prefix}{name}").unwrap();
     }
     assert!(
         passed,
