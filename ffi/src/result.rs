@@ -194,6 +194,19 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_inside_an_export_becomes_internal_with_a_message() {
+        assert_eq!(guard(|| panic!("boom")), HUBMSG_INTERNAL);
+        // SAFETY: the last error is a valid C string.
+        let msg = unsafe { CStr::from_ptr(hubmsg_last_error_message()) }.to_str().unwrap().to_string();
+        assert!(msg.contains("panicked") && msg.contains("boom"), "{msg}");
+        assert_eq!(guard_or(7, || -> Result<i32, Error> { panic!("again") }), 7);
+        assert_eq!(guard(|| Err(Error::new(ErrorKind::QueueFull, "full"))), HUBMSG_QUEUE_FULL);
+        // SAFETY: as above.
+        let msg = unsafe { CStr::from_ptr(hubmsg_last_error_message()) }.to_str().unwrap().to_string();
+        assert_eq!(msg, "QUEUE_FULL: full");
+    }
+
+    #[test]
     fn cstrings_are_cut_at_nul() {
         assert_eq!(to_cstring("ab\0cd").as_bytes(), b"ab");
         assert_eq!(to_cstring("").as_bytes(), b"");
