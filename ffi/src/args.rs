@@ -138,6 +138,19 @@ pub(crate) unsafe fn free_box<T>(p: *mut T) -> Option<Box<T>> {
     (!p.is_null()).then(|| unsafe { Box::from_raw(p) })
 }
 
+/// The body of every plain `_free` export: frees a handle made by [`Out::put`]; NULL is a
+/// no-op; a panic in a destructor is caught.
+///
+/// # Safety
+/// As [`free_box`].
+pub(crate) unsafe fn free_handle<T>(p: *mut T) {
+    crate::result::guard_or((), || {
+        // SAFETY: the caller's contract.
+        drop(unsafe { free_box(p) });
+        Ok(())
+    })
+}
+
 /// An optional C string field as a pointer (NULL when absent).
 pub(crate) fn c_ptr(s: &Option<CString>) -> *const c_char {
     s.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())

@@ -52,6 +52,14 @@ impl<F: Copy> Closure<F> {
     pub(crate) fn invoke(&self, f: impl FnOnce(F, *mut c_void)) {
         call_user(self.what, || f(self.call, self.context));
     }
+
+    /// Lends `value` to the user function for the duration of the call (`f` gets the function,
+    /// the context and a pointer to it) and returns it afterwards.
+    pub(crate) fn lend<U>(&self, mut value: U, f: impl FnOnce(F, *mut c_void, *mut U)) -> U {
+        let p: *mut U = &mut value;
+        self.invoke(|call, ctx| f(call, ctx, p));
+        value
+    }
 }
 
 impl<F: Copy> Drop for Closure<F> {

@@ -19,11 +19,11 @@ use hubmsg_core::{ConnectionStatus, Credential, DeviceClient, DeviceOptions, Err
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use crate::args::{arg_enum, arg_mut, arg_ref, arg_str, free_box, ms, opt_str, Out};
+use crate::args::{arg_enum, arg_mut, arg_ref, arg_str, free_box, free_handle, ms, opt_str, Out};
 use crate::callback::{Closure, Dispatcher};
 use crate::inbox::{Inbox, Source};
 use crate::message::hubmsg_message;
-use crate::result::{code_of, guard, guard_or, hubmsg_result, to_cstring, HUBMSG_EMPTY, HUBMSG_OK, HUBMSG_PENDING};
+use crate::result::{code_of, guard, guard_or, hubmsg_result, to_cstring, HUBMSG_OK, HUBMSG_PENDING};
 use crate::runtime::{block_on, dispose, ensure_may_block, runtime, Rt};
 
 /// Outbox overflow policy: refuse the new message with HUBMSG_QUEUE_FULL (default).
@@ -150,7 +150,7 @@ pub unsafe extern "C" fn hubmsg_device_options_from_connection_string(connection
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_device_options_free(opts: *mut hubmsg_device_options) {
     // SAFETY: the C API contract for `opts`.
-    guard_or((), || Ok(drop(unsafe { free_box(opts) })))
+    unsafe { free_handle(opts) }
 }
 
 unsafe fn with_options(opts: *mut hubmsg_device_options, f: impl FnOnce(&mut hubmsg_device_options) -> Result<()>) -> hubmsg_result {
@@ -412,8 +412,8 @@ pub struct hubmsg_device {
 impl hubmsg_device {
     /// Closes the client; on return no callback runs any more and, unless called on the
     /// callback thread, every callback reference is gone (so every `drop` ran).
-    fn close(self: Box<Self>) {
-        let hubmsg_device { client, c2d, dispatcher, status_task, outcomes, rt } = *self;
+    fn close(self) {
+        let hubmsg_device { client, c2d, dispatcher, status_task, outcomes, rt } = self;
         dispatcher.close();
         c2d.stop(&rt);
         if let Some(t) = status_task.lock().take() {
@@ -531,7 +531,7 @@ pub unsafe extern "C" fn hubmsg_device_free(dev: *mut hubmsg_device) {
     guard_or((), || {
         // SAFETY: the C API contract for `dev`.
         if let Some(d) = unsafe { free_box(dev) } {
-            dispose(move || d.close());
+            dispose(move || (*d).close());
         }
         Ok(())
     })
@@ -679,7 +679,7 @@ pub unsafe extern "C" fn hubmsg_delivery_message_id(delivery: *const hubmsg_deli
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_delivery_free(delivery: *mut hubmsg_delivery) {
     // SAFETY: the C API contract for `delivery`.
-    guard_or((), || Ok(drop(unsafe { free_box(delivery) })))
+    unsafe { free_handle(delivery) }
 }
 
 /// Waits until every queued message reached an outcome.
@@ -885,13 +885,7 @@ pub unsafe extern "C" fn hubmsg_device_recv(dev: *mut hubmsg_device, timeout_ms:
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, d) = unsafe { (Out::new(out, "out")?, device(dev)?) };
-        Ok(match d.c2d.recv(&d.rt, ms(timeout_ms))? {
-            Some(m) => {
-                out.put(hubmsg_c2d::new(m));
-                HUBMSG_OK
-            }
-            None => HUBMSG_EMPTY,
-        })
+        d.c2d.recv_into(&d.rt, timeout_ms, out, hubmsg_c2d::new)
     })
 }
 
@@ -908,10 +902,8 @@ pub unsafe extern "C" fn hubmsg_device_on_c2d(dev: *mut hubmsg_device, callback:
         let (d, cb) = unsafe { (device(dev)?, arg_ref(callback, "callback")?) };
         let cb = Closure::<C2dFn>::new("C2D callback", cb.context, cb.call, cb.drop)?;
         d.c2d.set_callback(&d.rt, &d.dispatcher, move |m| {
-            let mut c2d = hubmsg_c2d::new(m);
-            let p: *mut hubmsg_c2d = &mut c2d;
-            // SAFETY: the user's callback with its own context; `p` lives until after the call.
-            cb.invoke(|f: C2dFn, ctx| unsafe { f(ctx, p) });
+            // SAFETY: the user's callback with its own context; the message lives during the call.
+            let mut c2d = cb.lend(hubmsg_c2d::new(m), |f: C2dFn, ctx, p| unsafe { f(ctx, p) });
             if let Some(m) = c2d.settle.take() {
                 let _ = if m.sequence_number > 0 { m.abandon() } else { Ok(()) };
             }
@@ -993,5 +985,5 @@ pub unsafe extern "C" fn hubmsg_c2d_reject(c2d: *mut hubmsg_c2d) -> hubmsg_resul
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_c2d_free(c2d: *mut hubmsg_c2d) {
     // SAFETY: the C API contract for `c2d`.
-    guard_or((), || Ok(drop(unsafe { free_box(c2d) })))
+    unsafe { free_handle(c2d) }
 }

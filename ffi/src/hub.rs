@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use hubmsg_core::ErrorKind;
 use hubmsg_core::{store::Durability, Error, Result};
 
-use crate::args::{arg_mut, arg_ref, arg_str, free_box, ms, Out};
+use crate::args::{arg_mut, arg_ref, arg_str, free_box, free_handle, ms, Out};
 use crate::result::{guard, guard_or, hubmsg_result, HUBMSG_OK};
 use crate::runtime::{dispose, Rt};
 
@@ -47,7 +47,7 @@ pub unsafe extern "C" fn hubmsg_hub_options_new(data_dir: *const c_char, out: *m
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_hub_options_free(opts: *mut hubmsg_hub_options) {
     // SAFETY: the C API contract for `opts`.
-    guard_or((), || Ok(drop(unsafe { free_box(opts) })))
+    unsafe { free_handle(opts) }
 }
 
 fn parse_listen(addr: &str) -> Result<std::net::SocketAddr> {

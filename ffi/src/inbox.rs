@@ -16,7 +16,9 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::args::Out;
 use crate::callback::Dispatcher;
+use crate::result::{hubmsg_result, HUBMSG_EMPTY, HUBMSG_OK};
 use crate::runtime::{block_on, Rt};
 
 /// A core stream as the pump sees it.
@@ -98,6 +100,18 @@ impl<S: Source> Inbox<S> {
             Ok(None) => Err(Error::closed(self.what)),
             Ok(Some(item)) => item.map(Some),
         }
+    }
+
+    /// [`Inbox::recv`] for an export: the item, converted, goes to `out` (`HUBMSG_OK`), or
+    /// `HUBMSG_EMPTY` on timeout.
+    pub(crate) fn recv_into<U>(&self, rt: &Rt, timeout_ms: u32, out: Out<U>, convert: impl FnOnce(S::Item) -> U) -> Result<hubmsg_result> {
+        Ok(match self.recv(rt, crate::args::ms(timeout_ms))? {
+            Some(item) => {
+                out.put(convert(item));
+                HUBMSG_OK
+            }
+            None => HUBMSG_EMPTY,
+        })
     }
 
     /// Switches to callback mode: every item becomes a job on `dispatcher` that runs `deliver`.

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use hubmsg_core::{Error, Message};
 
-use crate::args::{arg_bytes, arg_mut, arg_ref, arg_str, c_ptr, free_box, opt_str, Out};
+use crate::args::{arg_bytes, arg_mut, arg_ref, arg_str, c_ptr, free_handle, opt_str, Out};
 use crate::result::{guard, guard_or, hubmsg_result, to_cstring, HUBMSG_OK};
 
 /// An owned message. Create with hubmsg_message_new(), free with hubmsg_message_free().
@@ -160,7 +160,7 @@ pub unsafe extern "C" fn hubmsg_message_clone(msg: *const hubmsg_message, out: *
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_message_free(msg: *mut hubmsg_message) {
     // SAFETY: the C API contract for `msg`.
-    guard_or((), || Ok(drop(unsafe { free_box(msg) })))
+    unsafe { free_handle(msg) }
 }
 
 /// Sets the message id (`$.mid`; a UUID is generated on send when unset).
@@ -333,7 +333,7 @@ pub unsafe extern "C" fn hubmsg_message_creation_time(msg: *const hubmsg_message
     guard_or(0, || Ok(unsafe { arg_ref(msg, "msg") }?.msg.creation_time_ms.unwrap_or(0)))
 }
 
-fn find<'a>(list: &'a [(CString, CString)], name: &str) -> *const c_char {
+fn find(list: &[(CString, CString)], name: &str) -> *const c_char {
     list.iter().find(|(k, _)| k.as_bytes() == name.as_bytes()).map_or(std::ptr::null(), |(_, v)| v.as_ptr())
 }
 

@@ -180,7 +180,7 @@ mod tests {
         for (i, a) in RESULTS.iter().enumerate() {
             for b in &RESULTS[i + 1..] {
                 assert_ne!(a.0, b.0, "{} and {} share a code", a.1, b.1);
-                assert_ne!(a.2.is_some() && a.2 == b.2, true, "{} and {} map the same kind", a.1, b.1);
+                assert!(!(a.2.is_some() && a.2 == b.2), "{} and {} map the same kind", a.1, b.1);
             }
             match a.2 {
                 Some(kind) => {

@@ -16,11 +16,11 @@ use hubmsg_core::transport::TlsOptions;
 use hubmsg_core::{Error, ErrorKind, Result};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::args::{arg_enum, arg_mut, arg_ref, arg_str, free_box, ms, opt_str, put_opt, Out};
+use crate::args::{arg_enum, arg_mut, arg_ref, arg_str, free_box, free_handle, ms, opt_str, put_opt, Out};
 use crate::callback::{Closure, Dispatcher};
 use crate::inbox::{Inbox, Source};
 use crate::message::hubmsg_message;
-use crate::result::{guard, guard_or, hubmsg_result, to_cstring, HUBMSG_EMPTY, HUBMSG_OK};
+use crate::result::{guard, guard_or, hubmsg_result, to_cstring, HUBMSG_OK};
 use crate::runtime::{block_on, dispose, runtime, Rt};
 
 /// C2D feedback request: none (default).
@@ -156,7 +156,7 @@ pub unsafe extern "C" fn hubmsg_feedback_get_info(feedback: *const hubmsg_feedba
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_feedback_free(feedback: *mut hubmsg_feedback) {
     // SAFETY: the C API contract for `feedback`.
-    guard_or((), || Ok(drop(unsafe { free_box(feedback) })))
+    unsafe { free_handle(feedback) }
 }
 
 /// A device identity from the registry. Read it with hubmsg_device_identity_get_info().
@@ -229,7 +229,7 @@ pub unsafe extern "C" fn hubmsg_device_identity_get_info(identity: *const hubmsg
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_device_identity_free(identity: *mut hubmsg_device_identity) {
     // SAFETY: the C API contract for `identity`.
-    guard_or((), || Ok(drop(unsafe { free_box(identity) })))
+    unsafe { free_handle(identity) }
 }
 
 /// A list of device identities (from hubmsg_service_list_devices()).
@@ -268,7 +268,7 @@ pub unsafe extern "C" fn hubmsg_device_list_at(list: *const hubmsg_device_list, 
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_device_list_free(list: *mut hubmsg_device_list) {
     // SAFETY: the C API contract for `list`.
-    guard_or((), || Ok(drop(unsafe { free_box(list) })))
+    unsafe { free_handle(list) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -493,13 +493,7 @@ pub unsafe extern "C" fn hubmsg_service_feedback_next(svc: *mut hubmsg_service, 
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, s) = unsafe { (Out::new(out, "out")?, service(svc)?) };
-        Ok(match s.feedback.recv(&s.rt, ms(timeout_ms))? {
-            Some(b) => {
-                out.put(b.into());
-                HUBMSG_OK
-            }
-            None => HUBMSG_EMPTY,
-        })
+        s.feedback.recv_into(&s.rt, timeout_ms, out, hubmsg_feedback_batch::from)
     })
 }
 
@@ -516,10 +510,8 @@ pub unsafe extern "C" fn hubmsg_service_on_feedback(svc: *mut hubmsg_service, ca
         let (s, cb) = unsafe { (service(svc)?, arg_ref(callback, "callback")?) };
         let cb = Closure::<FeedbackFn>::new("feedback callback", cb.context, cb.call, cb.drop)?;
         s.feedback.set_callback(&s.rt, &s.dispatcher, move |b| {
-            let mut batch = hubmsg_feedback_batch::from(b);
-            let p: *mut hubmsg_feedback_batch = &mut batch;
-            // SAFETY: the user's callback with its own context; `p` lives until after the call.
-            cb.invoke(|f: FeedbackFn, ctx| unsafe { f(ctx, p) });
+            // SAFETY: the user's callback with its own context; the batch lives during the call.
+            cb.lend(hubmsg_feedback_batch::from(b), |f: FeedbackFn, ctx, p| unsafe { f(ctx, p) });
         })?;
         Ok(HUBMSG_OK)
     })
@@ -569,7 +561,7 @@ pub unsafe extern "C" fn hubmsg_feedback_batch_ack(batch: *mut hubmsg_feedback_b
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_feedback_batch_free(batch: *mut hubmsg_feedback_batch) {
     // SAFETY: the C API contract for `batch`.
-    guard_or((), || Ok(drop(unsafe { free_box(batch) })))
+    unsafe { free_handle(batch) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -831,10 +823,8 @@ pub unsafe extern "C" fn hubmsg_service_events_open(
         match cb {
             None => events.inbox.start_pull(&events.rt)?,
             Some(cb) => events.inbox.set_callback(&events.rt, &events.dispatcher, move |e| {
-                let mut ev = hubmsg_event::from(e);
-                let p: *mut hubmsg_event = &mut ev;
-                // SAFETY: the user's callback with its own context; `p` lives until after the call.
-                cb.invoke(|f: EventFn, ctx| unsafe { f(ctx, p) });
+                // SAFETY: the user's callback with its own context; the event lives during the call.
+                cb.lend(hubmsg_event::from(e), |f: EventFn, ctx, p| unsafe { f(ctx, p) });
             })?,
         }
         out.put(events);
@@ -861,13 +851,7 @@ pub unsafe extern "C" fn hubmsg_events_next(events: *mut hubmsg_events, timeout_
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, e) = unsafe { (Out::new(out, "out")?, self::events(events)?) };
-        Ok(match e.inbox.recv(&e.rt, ms(timeout_ms))? {
-            Some(ev) => {
-                out.put(ev.into());
-                HUBMSG_OK
-            }
-            None => HUBMSG_EMPTY,
-        })
+        e.inbox.recv_into(&e.rt, timeout_ms, out, hubmsg_event::from)
     })
 }
 
@@ -967,5 +951,5 @@ pub unsafe extern "C" fn hubmsg_event_ack(event: *mut hubmsg_event) -> hubmsg_re
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_event_free(event: *mut hubmsg_event) {
     // SAFETY: the C API contract for `event`.
-    guard_or((), || Ok(drop(unsafe { free_box(event) })))
+    unsafe { free_handle(event) }
 }

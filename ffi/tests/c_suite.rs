@@ -203,17 +203,51 @@ fn offline_buffering_loses_nothing() {
     assert!(r.stdout.contains("sent 300 while the hub was down, received 300 distinct, lost 0"), "{}", r.stdout);
 }
 
+/// `ffi/pkgconfig.sh` produces a hubmsg.pc that a firmware build can use as is:
+/// `cc … $(pkg-config --cflags --libs hubmsg)` builds and runs an example.
+#[test]
+fn pkg_config_file_builds_an_example() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new(repo().join("ffi/pkgconfig.sh")).arg(lib_dir()).arg(out.path()).status().expect("run ffi/pkgconfig.sh");
+    assert!(status.success());
+    let pc = std::fs::read_to_string(out.path().join("hubmsg.pc")).unwrap();
+    assert!(pc.contains(&format!("includedir={}", repo().join("include").display())), "{pc}");
+    assert!(pc.contains(&format!("libdir={}", lib_dir().display())), "{pc}");
+    assert!(pc.contains(&format!("Version: {}", env!("CARGO_PKG_VERSION"))), "{pc}");
+    let flags = match Command::new("pkg-config").args(["--cflags", "--libs", "hubmsg"]).env("PKG_CONFIG_PATH", out.path()).output() {
+        Ok(o) if o.status.success() => String::from_utf8(o.stdout).unwrap(),
+        Ok(o) => panic!("pkg-config cannot use the file: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(_) => {
+            println!("skipped the pkg-config build: pkg-config is not installed (the file was checked)");
+            return;
+        }
+    };
+    let exe = out.path().join("send_telemetry");
+    let cc = Command::new("sh")
+        .arg("-c")
+        .arg(format!("gcc -std=c11 -Wall -Wextra -Werror -pedantic -o {} {} {flags}", exe.display(), repo().join("examples/c/send_telemetry.c").display()))
+        .output()
+        .unwrap();
+    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    let r = run(&exe, &["3"], false, Duration::from_secs(60));
+    assert!(r.stdout.contains("delivered 3 of 3"), "{}", r.stdout);
+}
+
 /// The whole C suite under valgrind: in CI (`CI=true`) or with `HUBMSG_VALGRIND=1`.
 #[test]
 fn c_suite_is_valgrind_clean() {
     let wanted = std::env::var("CI").is_ok_and(|v| v == "true") || std::env::var("HUBMSG_VALGRIND").is_ok_and(|v| v == "1");
+    let skip = |why: &str| {
+        println!("skipped: {why}");
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(results_log()).unwrap();
+        writeln!(log, "SKIP valgrind: {why}").unwrap();
+    };
     if !wanted {
-        println!("skipped: valgrind runs only with CI=true or HUBMSG_VALGRIND=1");
-        return;
+        return skip("valgrind runs only with CI=true or HUBMSG_VALGRIND=1");
     }
     if Command::new("valgrind").arg("--version").output().map_or(true, |o| !o.status.success()) {
-        println!("skipped: valgrind is not installed (apt-get install valgrind)");
-        return;
+        return skip("valgrind is not installed (apt-get install valgrind)");
     }
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let limit = Duration::from_secs(600);
