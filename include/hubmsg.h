@@ -206,7 +206,8 @@
 #define HUBMSG_DEVICE_DISABLED 1
 
 /**
- * A received cloud-to-device message with its settlement. Not thread-safe.
+ * A received cloud-to-device message with its settlement. Not thread-safe (one thread at a
+ * time); one lent to a callback is valid only during the call.
  */
 typedef struct hubmsg_c2d hubmsg_c2d;
 
@@ -216,18 +217,22 @@ typedef struct hubmsg_c2d hubmsg_c2d;
 typedef struct hubmsg_delivery hubmsg_delivery;
 
 /**
- * A device client. Thread-safe. Callbacks run on the client's callback thread (see the file
- * comment); free it with hubmsg_device_free(), also from inside its own callbacks.
+ * A device client. Thread-safe: any thread may send, flush, receive or read stats concurrently.
+ * Its callbacks (status, C2D, per-message outcomes) run on the client's own callback thread, one
+ * at a time and never on a runtime thread; they may call any hubmsg function, including
+ * hubmsg_device_free() on this client.
  */
 typedef struct hubmsg_device hubmsg_device;
 
 /**
- * A device identity from the registry. Read it with hubmsg_device_identity_get_info().
+ * A device identity from the registry. Read it with hubmsg_device_identity_get_info(). Plain
+ * data: not thread-safe (one thread at a time), no callbacks.
  */
 typedef struct hubmsg_device_identity hubmsg_device_identity;
 
 /**
- * A list of device identities (from hubmsg_service_list_devices()).
+ * A list of device identities (from hubmsg_service_list_devices()). Plain data: not
+ * thread-safe (one thread at a time), no callbacks.
  */
 typedef struct hubmsg_device_list hubmsg_device_list;
 
@@ -237,33 +242,38 @@ typedef struct hubmsg_device_list hubmsg_device_list;
 typedef struct hubmsg_device_options hubmsg_device_options;
 
 /**
- * One D2C event.
+ * One D2C event. Not thread-safe (one thread at a time); an event lent to a callback is valid
+ * only during the call.
  */
 typedef struct hubmsg_event hubmsg_event;
 
 /**
- * A consumer-group reader of D2C events. Thread-safe; its callback runs on its own callback
- * thread.
+ * A consumer-group reader of D2C events. Thread-safe. Its event callback runs on the stream's
+ * own callback thread (never a runtime thread), which may call any hubmsg function, including
+ * hubmsg_events_free() on this stream.
  */
 typedef struct hubmsg_events hubmsg_events;
 
 /**
- * One C2D feedback record. Read it with hubmsg_feedback_get_info().
+ * One C2D feedback record. Read it with hubmsg_feedback_get_info(). Plain data: not
+ * thread-safe (one thread at a time), no callbacks.
  */
 typedef struct hubmsg_feedback hubmsg_feedback;
 
 /**
- * A batch of feedback records, to acknowledge once processed.
+ * A batch of feedback records, to acknowledge once processed. Not thread-safe (one thread at a
+ * time); a batch lent to a callback is valid only during the call.
  */
 typedef struct hubmsg_feedback_batch hubmsg_feedback_batch;
 
 /**
- * A running embedded hub. Thread-safe; freeing it shuts it down.
+ * A running embedded hub. Thread-safe; it has no callbacks (it runs on the shared runtime).
+ * Freeing it shuts it down.
  */
 typedef struct hubmsg_hub hubmsg_hub;
 
 /**
- * Embedded hub settings. Not thread-safe.
+ * Embedded hub settings. Not thread-safe (one thread at a time).
  */
 typedef struct hubmsg_hub_options hubmsg_hub_options;
 
@@ -275,7 +285,9 @@ typedef struct hubmsg_hub_options hubmsg_hub_options;
 typedef struct hubmsg_message hubmsg_message;
 
 /**
- * A service (back-end) client. Thread-safe; callbacks run on its callback thread.
+ * A service (back-end) client. Thread-safe: any thread may call it concurrently. Its feedback
+ * callback runs on the client's own callback thread (never a runtime thread), which may call any
+ * hubmsg function, including hubmsg_service_free() on this client.
  */
 typedef struct hubmsg_service hubmsg_service;
 

@@ -397,8 +397,10 @@ impl Source for C2dSource {
     }
 }
 
-/// A device client. Thread-safe. Callbacks run on the client's callback thread (see the file
-/// comment); free it with hubmsg_device_free(), also from inside its own callbacks.
+/// A device client. Thread-safe: any thread may send, flush, receive or read stats concurrently.
+/// Its callbacks (status, C2D, per-message outcomes) run on the client's own callback thread, one
+/// at a time and never on a runtime thread; they may call any hubmsg function, including
+/// hubmsg_device_free() on this client.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_device {
     client: DeviceClient,
@@ -857,7 +859,8 @@ pub unsafe extern "C" fn hubmsg_device_get_stats(dev: *mut hubmsg_device, out: *
 // ---------------------------------------------------------------------------------------------
 // C2D
 
-/// A received cloud-to-device message with its settlement. Not thread-safe.
+/// A received cloud-to-device message with its settlement. Not thread-safe (one thread at a
+/// time); one lent to a callback is valid only during the call.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_c2d {
     message: hubmsg_message,

@@ -16,7 +16,7 @@ use crate::args::{arg_mut, arg_ref, arg_str, free_box, free_handle, ms, Out};
 use crate::result::{guard, guard_or, hubmsg_result, HUBMSG_OK};
 use crate::runtime::{dispose, Rt};
 
-/// Embedded hub settings. Not thread-safe.
+/// Embedded hub settings. Not thread-safe (one thread at a time).
 #[allow(non_camel_case_types)]
 pub struct hubmsg_hub_options {
     data_dir: PathBuf,
@@ -105,7 +105,8 @@ pub unsafe extern "C" fn hubmsg_hub_options_set_durability(opts: *mut hubmsg_hub
     })
 }
 
-/// A running embedded hub. Thread-safe; freeing it shuts it down.
+/// A running embedded hub. Thread-safe; it has no callbacks (it runs on the shared runtime).
+/// Freeing it shuts it down.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_hub {
     #[cfg(feature = "hub")]

@@ -87,7 +87,8 @@ fn device_status_code(s: DeviceStatus) -> i32 {
 // ---------------------------------------------------------------------------------------------
 // Records
 
-/// One C2D feedback record. Read it with hubmsg_feedback_get_info().
+/// One C2D feedback record. Read it with hubmsg_feedback_get_info(). Plain data: not
+/// thread-safe (one thread at a time), no callbacks.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_feedback {
     strings: [CString; 5],
@@ -159,7 +160,8 @@ pub unsafe extern "C" fn hubmsg_feedback_free(feedback: *mut hubmsg_feedback) {
     unsafe { free_handle(feedback) }
 }
 
-/// A device identity from the registry. Read it with hubmsg_device_identity_get_info().
+/// A device identity from the registry. Read it with hubmsg_device_identity_get_info(). Plain
+/// data: not thread-safe (one thread at a time), no callbacks.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_device_identity {
     strings: [CString; 4],
@@ -232,7 +234,8 @@ pub unsafe extern "C" fn hubmsg_device_identity_free(identity: *mut hubmsg_devic
     unsafe { free_handle(identity) }
 }
 
-/// A list of device identities (from hubmsg_service_list_devices()).
+/// A list of device identities (from hubmsg_service_list_devices()). Plain data: not
+/// thread-safe (one thread at a time), no callbacks.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_device_list {
     items: Vec<hubmsg_device_identity>,
@@ -298,7 +301,9 @@ impl Source for FeedbackSource {
     }
 }
 
-/// A service (back-end) client. Thread-safe; callbacks run on its callback thread.
+/// A service (back-end) client. Thread-safe: any thread may call it concurrently. Its feedback
+/// callback runs on the client's own callback thread (never a runtime thread), which may call any
+/// hubmsg function, including hubmsg_service_free() on this client.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_service {
     client: ServiceClient,
@@ -465,7 +470,8 @@ pub unsafe extern "C" fn hubmsg_service_purge_c2d(svc: *mut hubmsg_service, devi
     })
 }
 
-/// A batch of feedback records, to acknowledge once processed.
+/// A batch of feedback records, to acknowledge once processed. Not thread-safe (one thread at a
+/// time); a batch lent to a callback is valid only during the call.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_feedback_batch {
     batch: FeedbackBatch,
@@ -732,8 +738,9 @@ impl Source for EventsSource {
     }
 }
 
-/// A consumer-group reader of D2C events. Thread-safe; its callback runs on its own callback
-/// thread.
+/// A consumer-group reader of D2C events. Thread-safe. Its event callback runs on the stream's
+/// own callback thread (never a runtime thread), which may call any hubmsg function, including
+/// hubmsg_events_free() on this stream.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_events {
     inbox: Inbox<EventsSource>,
@@ -742,7 +749,8 @@ pub struct hubmsg_events {
     rt: Rt,
 }
 
-/// One D2C event.
+/// One D2C event. Not thread-safe (one thread at a time); an event lent to a callback is valid
+/// only during the call.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_event {
     message: hubmsg_message,
