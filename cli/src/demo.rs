@@ -70,19 +70,22 @@ impl Rng {
 
 /// The fault-injecting link: forwards device connections to the hub, cutting each one after a
 /// random 1–6 s and stalling it now and then.
-async fn chaos_proxy(listener: TcpListener, hub_port: u16, seed: u64, stop: Arc<AtomicBool>, c: Arc<Counters>) {
+/// Once `calm` is set (the drain phase) new connections are forwarded without cuts or stalls;
+/// the link itself keeps accepting until the demo ends, so devices can always come back.
+async fn chaos_proxy(listener: TcpListener, hub_port: u16, seed: u64, calm: Arc<AtomicBool>, c: Arc<Counters>) {
     let mut conn_no = 0u64;
-    while !stop.load(Ordering::Relaxed) {
+    loop {
         let Ok((inbound, _)) = listener.accept().await else { continue };
+        let calm = calm.load(Ordering::Relaxed);
         conn_no += 1;
         let mut rng = Rng(seed ^ conn_no.wrapping_mul(0xA24B_AED4_963E_E407));
         let c = c.clone();
         tokio::spawn(async move {
             let Ok(outbound) = TcpStream::connect(("127.0.0.1", hub_port)).await else { return };
-            let life = Duration::from_millis(1000 + rng.below(5000));
+            let life = if calm { Duration::from_secs(24 * 3600) } else { Duration::from_millis(1000 + rng.below(5000)) };
             let stall_at = Duration::from_millis(rng.below(life.as_millis() as u64));
             let stall_for = Duration::from_millis(100 + rng.below(900));
-            let stall = rng.below(2) == 0;
+            let stall = !calm && rng.below(2) == 0;
             let (mut ir, mut iw) = inbound.into_split();
             let (mut or, mut ow) = outbound.into_split();
             let started = tokio::time::Instant::now();
@@ -135,6 +138,12 @@ fn retry() -> RetryPolicy {
     }
 }
 
+/// Connections the devices made beyond their first one (each a recovery from a cut, a stall
+/// past keep-alive, or the hub restart).
+fn reconnects(devices: &[DeviceClient]) -> u64 {
+    devices.iter().map(|d| d.stats().connects.saturating_sub(1)).sum()
+}
+
 /// Runs the demo.
 pub async fn run(a: DemoArgs) -> Result<(), Error> {
     let seed = a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
@@ -152,7 +161,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
 
     let c = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
-    tokio::spawn(chaos_proxy(proxy, hub_port, seed, stop.clone(), c.clone()));
+    let link = tokio::spawn(chaos_proxy(proxy, hub_port, seed, stop.clone(), c.clone()));
 
     let mut sopts = ServiceOptions::from_connection_string(&hub.cs)?;
     sopts.retry = retry();
@@ -189,7 +198,9 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
 
     // Devices.
     let mut devices = Vec::new();
+    // Senders (telemetry, C2D commands) stop at the drain; receivers run to the end.
     let mut tasks = Vec::new();
+    let mut receivers = Vec::new();
     for d in 0..a.devices {
         let id = format!("demo-{d:03}");
         let ident = svc.create_device(&id).await?;
@@ -202,7 +213,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         // C2D: complete 80 %, reject 10 %, abandon 10 % — decided by the seed.
         let mut rx = dev.c2d()?;
         let (c2, mut rng) = (c.clone(), Rng(seed ^ (d as u64 + 1) * 7919));
-        tasks.push(tokio::spawn(async move {
+        receivers.push(tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
                 let r = match rng.below(10) {
                     0 => {
@@ -281,12 +292,13 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     let status = |note: &str| {
         let fbn = feedback.lock().len();
         format!(
-            "D2C sent {} delivered {} | C2D sent {} completed {} feedback {} | link cuts {} stalls {} | {note}",
+            "D2C sent {} delivered {} | C2D sent {} completed {} feedback {} | reconnects {} | link cuts {} stalls {} | {note}",
             c.d2c_sent.load(Ordering::Relaxed),
             d2c_seen.lock().len(),
             c.c2d_sent.load(Ordering::Relaxed),
             c.c2d_completed.load(Ordering::Relaxed),
             fbn,
+            reconnects(&devices),
             c.cuts.load(Ordering::Relaxed),
             c.stalls.load(Ordering::Relaxed),
         )
@@ -312,11 +324,17 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
     }
-    for dev in &devices {
-        let _ = dev.flush(Duration::from_secs(90)).await;
+    // Every device flushes at once, under one deadline.
+    let flushes: Vec<_> = devices.iter().map(|d| {
+        let d = d.clone();
+        tokio::spawn(async move { d.flush(Duration::from_secs(60)).await })
+    }).collect();
+    while !flushes.iter().all(|f| f.is_finished()) {
+        bar.set_message(status("draining: devices flushing their outboxes"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let sent_d2c = c.d2c_sent.load(Ordering::Relaxed) as usize;
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
         let c2d_done = {
             let f = feedback.lock();
@@ -340,10 +358,16 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         let missing: Vec<&String> = ids.iter().filter(|id| !s.contains_key(*id)).collect();
         if !missing.is_empty() {
             eprintln!("missing D2C ids (first 10): {:?}", &missing[..missing.len().min(10)]);
+            for dev in devices.iter().filter(|d| d.stats().outbox.depth != 0 || missing.iter().any(|m| m.starts_with(&format!("{}/", d.device_id())))) {
+                eprintln!("  {}: status {:?}, {:?}", dev.device_id(), dev.status(), dev.stats());
+            }
         }
         (ids.len() - missing.len(), s.values().map(|c| u64::from(c.saturating_sub(1))).sum::<u64>(), missing.len())
     };
-    let _ = sent_d2c;
+    // A message still in a device outbox is not lost (it is durable and will be delivered), but
+    // it was not delivered before the deadline: both make the demo fail.
+    let d2c_queued: usize = devices.iter().map(|d| d.stats().outbox.depth).sum();
+    let d2c_lost = d2c_lost.saturating_sub(d2c_queued);
     let (fb_total, by_status, c2d_lost, c2d_sent) = {
         let f = feedback.lock();
         let ids = c2d_ids.lock();
@@ -362,6 +386,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     println!("{:<36}{:>10}", "  sent (durable in device outboxes)", sent_d2c);
     println!("{:<36}{:>10}", "  delivered to the consumer group", received);
     println!("{:<36}{:>10}", "  duplicates (same message id)", duplicates);
+    println!("{:<36}{:>10}", "  still queued in outboxes (late)", d2c_queued);
     println!("{:<36}{:>10}", "  LOST", d2c_lost);
     println!("{:<36}{:>10}", "C2D (cloud → device), ack=full", "messages");
     println!("{:<36}{:>10}", "  sent (durable at the hub)", c2d_sent);
@@ -372,6 +397,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     println!("{:<36}{:>10}", "  feedback received", fb_total);
     println!("{:<36}{:>10}", "  LOST", c2d_lost);
     println!("{:<36}{:>10}", "chaos", "");
+    println!("{:<36}{:>10}", "  device reconnects", reconnects(&devices));
     println!("{:<36}{:>10}", "  link cuts", c.cuts.load(Ordering::Relaxed));
     println!("{:<36}{:>10}", "  link stalls", c.stalls.load(Ordering::Relaxed));
     println!("{:<36}{:>10}", "  hub SIGKILL + restart", 1);
@@ -379,9 +405,19 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         let _ = dev.close().await;
     }
     svc.close().await;
+    link.abort();
+    for r in receivers {
+        r.abort();
+    }
     drop(hub);
     if d2c_lost + c2d_lost > 0 {
         return Err(Error::new(ErrorKind::Internal, format!("{d2c_lost} D2C and {c2d_lost} C2D messages were lost (seed {seed})")));
+    }
+    if d2c_queued > 0 {
+        return Err(Error::new(
+            ErrorKind::Timeout,
+            format!("nothing was lost, but {d2c_queued} D2C messages were still queued in device outboxes at the end of the drain (seed {seed})"),
+        ));
     }
     println!("nothing lost.");
     Ok(())

@@ -319,7 +319,9 @@ impl DeviceSession<'_> {
                     }
                     }
                 }
-                r = durable.changed() => { if r.is_err() { return Err(Error::closed("event log")); } }
+                // Only a session waiting to PUBACK cares: with thousands of idle devices per
+                // partition, waking every session on every group commit would cost a core.
+                r = durable.changed(), if !pending.is_empty() => { if r.is_err() { return Err(Error::closed("event log")); } }
                 _ = c2d_wake.notified(), if subscribed => {
                     // A lock expired or new messages arrived: forget deliveries whose lock this
                     // connection no longer holds, so they can be delivered again.
