@@ -93,7 +93,8 @@ pub struct Hub {
     pub port: u16,
     /// Its data directory.
     pub data: PathBuf,
-    /// The run's scratch directory (hub data, device outboxes); removed on drop.
+    /// The run's scratch directory (hub data, device outboxes); removed with the bench's
+    /// scratch space at the end, not here (see [`Ctx::dir`]).
     pub run_dir: PathBuf,
     /// The arguments it was started with (after `--data` and `--mqtt`).
     pub args: Vec<String>,
@@ -124,7 +125,6 @@ impl Hub {
 impl Drop for Hub {
     fn drop(&mut self) {
         self.proc.kill();
-        let _ = std::fs::remove_dir_all(&self.run_dir);
     }
 }
 

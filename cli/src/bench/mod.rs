@@ -105,8 +105,14 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// A fresh directory under the scratch space.
+    /// A fresh directory under the scratch space for the run `name`, with the disk quiet: what
+    /// earlier runs left unwritten in the page cache is flushed first (`sync`), so background
+    /// writeback does not compete with this run's fsyncs. Earlier runs' files stay until the
+    /// bench ends, because deleting them makes the file system discard their blocks while the
+    /// next run measures.
     pub fn dir(&self, name: &str) -> Result<PathBuf, Error> {
+        // SAFETY: sync(2) takes no arguments and has no memory effects.
+        unsafe { libc::sync() };
         let d = self.tmp.path().join(name);
         if d.exists() {
             std::fs::remove_dir_all(&d).map_err(|e| Error::storage(format!("clear {}", d.display()), e))?;

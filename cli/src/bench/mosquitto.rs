@@ -171,7 +171,6 @@ pub async fn baseline(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error>
         version = broker.version.clone();
         let run = run(ctx, &broker, devices, total).await;
         drop(broker);
-        let _ = std::fs::remove_dir_all(&dir);
         let run = run?;
         println!("  {}", run.line());
         rows.push(Row::new(Scenario::Baseline, format!("Mosquitto, {}", run.label), stats::round(run.msgs_per_sec), "msg/s").key(&format!("d2c-{devices}")).other_cpu(run.cpu.rest_cores));
