@@ -391,7 +391,8 @@ typedef struct {
    */
   uint64_t c2d_received;
   /**
-   * C2D redeliveries of already completed messages (completed again without the application).
+   * C2D redeliveries kept from the application: of messages it already completed (completed
+   * again without it) or still holds unsettled (its settle applies to the redelivery).
    */
   uint64_t c2d_duplicates;
   /**

@@ -189,7 +189,8 @@ pub struct DeviceStats {
     pub retries: u64,
     /// C2D messages handed to the application.
     pub c2d_received: u64,
-    /// C2D redeliveries of already completed messages, completed again without the application.
+    /// C2D redeliveries kept from the application: of messages it already completed (completed
+    /// again without it) or of messages it still holds (its settle applies to the redelivery).
     pub c2d_duplicates: u64,
     /// C2D messages that arrived expired and were not handed to the application.
     pub c2d_expired: u64,

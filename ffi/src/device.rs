@@ -795,7 +795,8 @@ pub struct hubmsg_device_stats {
     pub retries: u64,
     /// C2D messages handed to the application.
     pub c2d_received: u64,
-    /// C2D redeliveries of already completed messages (completed again without the application).
+    /// C2D redeliveries kept from the application: of messages it already completed (completed
+    /// again without it) or still holds unsettled (its settle applies to the redelivery).
     pub c2d_duplicates: u64,
     /// C2D messages that arrived expired (not handed to the application).
     pub c2d_expired: u64,
