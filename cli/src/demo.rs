@@ -212,7 +212,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         let dev = DeviceClient::connect(o).await?;
         // C2D: complete 80 %, reject 10 %, abandon 10 % — decided by the seed.
         let mut rx = dev.c2d()?;
-        let (c2, mut rng) = (c.clone(), Rng(seed ^ (d as u64 + 1) * 7919));
+        let (c2, mut rng) = (c.clone(), Rng(seed ^ ((d as u64 + 1) * 7919)));
         receivers.push(tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
                 let r = match rng.below(10) {

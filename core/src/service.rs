@@ -688,7 +688,7 @@ impl Driver {
                     last_rx = Instant::now();
                     // Handle everything one read brought before writing again.
                     let mut pkt = pkt;
-                    let mut budget = transport::DRAIN_BATCH;
+                    let mut drain = transport::Drain::new();
                     loop {
                     match pkt {
                         Ok(Some(Packet::Publish(p))) => {
@@ -701,14 +701,9 @@ impl Driver {
                         Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
                         Err(e) => return End::Failed(e),
                     }
-                    budget -= 1;
-                    if budget == 0 {
-                        break;
-                    }
-                    pkt = match reader.try_next() {
-                        Ok(Some(p)) => Ok(Some(p)),
+                    pkt = match drain.next(&mut reader) {
                         Ok(None) => break,
-                        Err(e) => Err(e),
+                        next => next,
                     };
                     }
                 }

@@ -27,6 +27,35 @@ pub const MAX_PACKET_SIZE: usize = 256 * 1024 + 64 * 1024;
 /// load, small enough that one busy peer cannot starve timers and commands.
 pub const DRAIN_BATCH: usize = 256;
 
+/// Hands out the packets already buffered behind the one a connection loop woke up for, at
+/// most [`DRAIN_BATCH`] per wake-up in all (see [`PacketReader::try_next`]).
+#[derive(Debug)]
+pub struct Drain {
+    left: usize,
+}
+
+impl Drain {
+    /// A fresh batch (the packet the loop woke up for counts as the first).
+    pub fn new() -> Drain {
+        Drain { left: DRAIN_BATCH - 1 }
+    }
+
+    /// The next buffered packet; `Ok(None)` when none is buffered or the batch is used up.
+    pub fn next<R: AsyncRead + Unpin>(&mut self, reader: &mut PacketReader<R>) -> Result<Option<Packet>> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        reader.try_next()
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain::new()
+    }
+}
+
 /// Any byte stream a connection can run on (TCP or TLS over TCP).
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}

@@ -26,7 +26,7 @@ use crate::auth::{self, SasToken};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, Message, MAX_D2C_SIZE};
 use crate::proto::{self, ConsumeRequest, DeviceStatus, Response};
-use crate::transport::{BoxStream, PacketReader, PacketWriter, DRAIN_BATCH, MAX_PACKET_SIZE};
+use crate::transport::{BoxStream, Drain, PacketReader, PacketWriter, MAX_PACKET_SIZE};
 use crate::wire;
 
 type Reader = PacketReader<ReadHalf<BoxStream>>;
@@ -268,7 +268,7 @@ impl DeviceSession<'_> {
                     if pkt.is_none() {
                         return Ok(());
                     }
-                    let mut budget = DRAIN_BATCH;
+                    let mut drain = Drain::new();
                     while let Some(packet) = pkt.take() {
                     match Some(packet) {
                         None => return Ok(()),
@@ -313,10 +313,7 @@ impl DeviceSession<'_> {
                         Some(Packet::Disconnect) => return Ok(()),
                         Some(other) => return Err(Error::protocol(format!("unexpected {} from a device", packet_name(&other)))),
                     }
-                    budget -= 1;
-                    if budget > 0 {
-                        pkt = reader.try_next()?;
-                    }
+                    pkt = drain.next(reader)?;
                     }
                 }
                 // Only a session waiting to PUBACK cares: with thousands of idle devices per
@@ -485,7 +482,7 @@ impl<'a> ServiceSession<'a> {
                     if pkt.is_none() {
                         return Ok(());
                     }
-                    let mut budget = DRAIN_BATCH;
+                    let mut drain = Drain::new();
                     while let Some(packet) = pkt.take() {
                     match Some(packet) {
                         None | Some(Packet::Disconnect) => return Ok(()),
@@ -507,10 +504,7 @@ impl<'a> ServiceSession<'a> {
                         Some(Packet::Unsubscribe(u)) => writer.queue(&Packet::UnsubAck(UnsubAck::new(u.pkid)))?,
                         Some(other) => return Err(Error::protocol(format!("unexpected {} from a service", packet_name(&other)))),
                     }
-                    budget -= 1;
-                    if budget > 0 {
-                        pkt = reader.try_next()?;
-                    }
+                    pkt = drain.next(reader)?;
                     }
                 }
                 Some((rid, resp)) = self.responses.1.recv() => {
