@@ -741,29 +741,29 @@ impl Driver {
                     let mut pkt = pkt;
                     let mut drain = transport::Drain::new();
                     loop {
-                    match pkt {
-                        Ok(Some(Packet::PubAck(ack))) => {
-                            let pos = if in_flight.front().is_some_and(|f| f.0 == ack.pkid) { Some(0) } else { in_flight.iter().position(|f| f.0 == ack.pkid) };
-                            if let Some(pos) = pos {
-                                let (_, seq) = in_flight.remove(pos).expect("position exists");
-                                self.outbox.acked(seq);
+                        match pkt {
+                            Ok(Some(Packet::PubAck(ack))) => {
+                                let pos = if in_flight.front().is_some_and(|f| f.0 == ack.pkid) { Some(0) } else { in_flight.iter().position(|f| f.0 == ack.pkid) };
+                                if let Some(pos) = pos {
+                                    let (_, seq) = in_flight.remove(pos).expect("position exists");
+                                    self.outbox.acked(seq);
+                                }
                             }
-                        }
-                        Ok(Some(Packet::PingResp)) => {}
-                        Ok(Some(Packet::Publish(p))) => {
-                            if let Err(e) = self.on_c2d(p, &mut writer, &mut next_pkid) {
-                                return End::Failed(e);
+                            Ok(Some(Packet::PingResp)) => {}
+                            Ok(Some(Packet::Publish(p))) => {
+                                if let Err(e) = self.on_c2d(p, &mut writer, &mut next_pkid) {
+                                    return End::Failed(e);
+                                }
                             }
+                            Ok(Some(Packet::SubAck(_))) => {}
+                            Ok(Some(other)) => return End::Failed(Error::protocol(format!("unexpected packet from hub: {other:?}"))),
+                            Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
+                            Err(e) => return End::Failed(e),
                         }
-                        Ok(Some(Packet::SubAck(_))) => {}
-                        Ok(Some(other)) => return End::Failed(Error::protocol(format!("unexpected packet from hub: {other:?}"))),
-                        Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
-                        Err(e) => return End::Failed(e),
-                    }
-                    pkt = match drain.next(&mut reader) {
-                        Ok(None) => break,
-                        next => next,
-                    };
+                        pkt = match drain.next(&mut reader) {
+                            Ok(None) => break,
+                            next => next,
+                        };
                     }
                 }
                 _ = self.outbox.changed(), if can_send => {}

@@ -690,21 +690,21 @@ impl Driver {
                     let mut pkt = pkt;
                     let mut drain = transport::Drain::new();
                     loop {
-                    match pkt {
-                        Ok(Some(Packet::Publish(p))) => {
-                            if let Err(e) = self.incoming(p) {
-                                return End::Failed(e);
+                        match pkt {
+                            Ok(Some(Packet::Publish(p))) => {
+                                if let Err(e) = self.incoming(p) {
+                                    return End::Failed(e);
+                                }
                             }
+                            Ok(Some(Packet::PubAck(_) | Packet::SubAck(_) | Packet::PingResp)) => {}
+                            Ok(Some(other)) => return End::Failed(Error::protocol(format!("unexpected packet from hub: {other:?}"))),
+                            Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
+                            Err(e) => return End::Failed(e),
                         }
-                        Ok(Some(Packet::PubAck(_) | Packet::SubAck(_) | Packet::PingResp)) => {}
-                        Ok(Some(other)) => return End::Failed(Error::protocol(format!("unexpected packet from hub: {other:?}"))),
-                        Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
-                        Err(e) => return End::Failed(e),
-                    }
-                    pkt = match drain.next(&mut reader) {
-                        Ok(None) => break,
-                        next => next,
-                    };
+                        pkt = match drain.next(&mut reader) {
+                            Ok(None) => break,
+                            next => next,
+                        };
                     }
                 }
                 cmd = self.cmd.recv() => {
@@ -712,41 +712,41 @@ impl Driver {
                     let mut cmd = cmd;
                     let mut budget = transport::DRAIN_BATCH;
                     loop {
-                    match cmd {
-                    Some(Cmd::Request { op, body, deadline, tx }) => {
-                        let topic_op = op.clone();
-                        let b = body.clone();
-                        let rid = self.queue_request(op, body, deadline, tx);
-                        if let Err(e) = publish(proto::request_topic(&topic_op, rid), b, &mut writer) {
-                            return End::Failed(e);
-                        }
-                    }
-                    Some(Cmd::Ack { generation, pkid }) => {
-                        if generation == self.generation {
-                            if let Err(e) = writer.queue(&Packet::PubAck(PubAck::new(pkid))) {
-                                return End::Failed(e);
+                        match cmd {
+                            Some(Cmd::Request { op, body, deadline, tx }) => {
+                                let topic_op = op.clone();
+                                let b = body.clone();
+                                let rid = self.queue_request(op, body, deadline, tx);
+                                if let Err(e) = publish(proto::request_topic(&topic_op, rid), b, &mut writer) {
+                                    return End::Failed(e);
+                                }
+                            }
+                            Some(Cmd::Ack { generation, pkid }) => {
+                                if generation == self.generation {
+                                    if let Err(e) = writer.queue(&Packet::PubAck(PubAck::new(pkid))) {
+                                        return End::Failed(e);
+                                    }
+                                }
+                            }
+                            Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
+                            Some(Cmd::Close(tx)) => {
+                                let _ = writer.send(&Packet::Disconnect).await;
+                                writer.shutdown().await;
+                                return End::Closed(Some(tx));
+                            }
+                            None => {
+                                let _ = writer.send(&Packet::Disconnect).await;
+                                return End::Closed(None);
                             }
                         }
-                    }
-                    Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
-                    Some(Cmd::Close(tx)) => {
-                        let _ = writer.send(&Packet::Disconnect).await;
-                        writer.shutdown().await;
-                        return End::Closed(Some(tx));
-                    }
-                    None => {
-                        let _ = writer.send(&Packet::Disconnect).await;
-                        return End::Closed(None);
-                    }
-                    }
-                    budget -= 1;
-                    if budget == 0 {
-                        break;
-                    }
-                    cmd = match self.cmd.try_recv() {
-                        Ok(c) => Some(c),
-                        Err(_) => break,
-                    };
+                        budget -= 1;
+                        if budget == 0 {
+                            break;
+                        }
+                        cmd = match self.cmd.try_recv() {
+                            Ok(c) => Some(c),
+                            Err(_) => break,
+                        };
                     }
                 },
                 _ = tokio::time::sleep_until(last_tx + keep_alive) => {

@@ -270,50 +270,49 @@ impl DeviceSession<'_> {
                     }
                     let mut drain = Drain::new();
                     while let Some(packet) = pkt.take() {
-                    match Some(packet) {
-                        None => return Ok(()),
-                        Some(Packet::Publish(p)) if p.topic.starts_with(proto::C2D_SETTLE_PREFIX) => {
-                            self.settle_extension(&p, &mut c2d_in_flight)?;
-                            if p.qos == QoS::AtLeastOnce {
-                                writer.queue(&Packet::PubAck(PubAck::new(p.pkid)))?;
-                            }
-                        }
-                        Some(Packet::Publish(p)) => {
-                            if let Some((pkid, seq)) = self.d2c(&log, p, &auth_method, &mut scratch)? {
-                                pending.push_back((pkid, seq));
-                            }
-                        }
-                        Some(Packet::PingReq) => writer.queue(&Packet::PingResp)?,
-                        Some(Packet::Subscribe(s)) => {
-                            if s.filters.len() > 5 {
-                                return Err(Error::protocol("more than 5 subscriptions"));
-                            }
-                            let mut codes = Vec::new();
-                            for f in &s.filters {
-                                if !self.allowed_filter(&f.path) {
-                                    return Err(Error::new(ErrorKind::Unauthorized, format!("device '{}' may not subscribe to '{}'", self.id, f.path)));
-                                }
-                                codes.push(SubscribeReasonCode::Success(QoS::AtLeastOnce));
-                            }
-                            writer.queue(&Packet::SubAck(SubAck::new(s.pkid, codes)))?;
-                            if !subscribed {
-                                subscribed = true;
-                                if self.persistent {
-                                    self.shared.c2d.set_subscription(&self.id, true).await?;
+                        match packet {
+                            Packet::Publish(p) if p.topic.starts_with(proto::C2D_SETTLE_PREFIX) => {
+                                self.settle_extension(&p, &mut c2d_in_flight)?;
+                                if p.qos == QoS::AtLeastOnce {
+                                    writer.queue(&Packet::PubAck(PubAck::new(p.pkid)))?;
                                 }
                             }
-                        }
-                        Some(Packet::Unsubscribe(u)) => writer.queue(&Packet::UnsubAck(UnsubAck::new(u.pkid)))?,
-                        Some(Packet::PubAck(a)) => {
-                            // PUBACK of a C2D delivery = complete (IoT Hub MQTT semantics).
-                            if let Some(seq) = c2d_in_flight.remove(&a.pkid) {
-                                self.shared.c2d.settle(&self.id, seq, c2d::Settle::Complete)?;
+                            Packet::Publish(p) => {
+                                if let Some((pkid, seq)) = self.d2c(&log, p, &auth_method, &mut scratch)? {
+                                    pending.push_back((pkid, seq));
+                                }
                             }
+                            Packet::PingReq => writer.queue(&Packet::PingResp)?,
+                            Packet::Subscribe(s) => {
+                                if s.filters.len() > 5 {
+                                    return Err(Error::protocol("more than 5 subscriptions"));
+                                }
+                                let mut codes = Vec::new();
+                                for f in &s.filters {
+                                    if !self.allowed_filter(&f.path) {
+                                        return Err(Error::new(ErrorKind::Unauthorized, format!("device '{}' may not subscribe to '{}'", self.id, f.path)));
+                                    }
+                                    codes.push(SubscribeReasonCode::Success(QoS::AtLeastOnce));
+                                }
+                                writer.queue(&Packet::SubAck(SubAck::new(s.pkid, codes)))?;
+                                if !subscribed {
+                                    subscribed = true;
+                                    if self.persistent {
+                                        self.shared.c2d.set_subscription(&self.id, true).await?;
+                                    }
+                                }
+                            }
+                            Packet::Unsubscribe(u) => writer.queue(&Packet::UnsubAck(UnsubAck::new(u.pkid)))?,
+                            Packet::PubAck(a) => {
+                                // PUBACK of a C2D delivery = complete (IoT Hub MQTT semantics).
+                                if let Some(seq) = c2d_in_flight.remove(&a.pkid) {
+                                    self.shared.c2d.settle(&self.id, seq, c2d::Settle::Complete)?;
+                                }
+                            }
+                            Packet::Disconnect => return Ok(()),
+                            other => return Err(Error::protocol(format!("unexpected {} from a device", packet_name(&other)))),
                         }
-                        Some(Packet::Disconnect) => return Ok(()),
-                        Some(other) => return Err(Error::protocol(format!("unexpected {} from a device", packet_name(&other)))),
-                    }
-                    pkt = drain.next(reader)?;
+                        pkt = drain.next(reader)?;
                     }
                 }
                 // Only a session waiting to PUBACK cares: with thousands of idle devices per
@@ -484,27 +483,27 @@ impl<'a> ServiceSession<'a> {
                     }
                     let mut drain = Drain::new();
                     while let Some(packet) = pkt.take() {
-                    match Some(packet) {
-                        None | Some(Packet::Disconnect) => return Ok(()),
-                        Some(Packet::Publish(p)) => {
-                            if p.qos == QoS::ExactlyOnce {
-                                return Err(Error::protocol("QoS 2 is not supported"));
+                        match packet {
+                            Packet::Disconnect => return Ok(()),
+                            Packet::Publish(p) => {
+                                if p.qos == QoS::ExactlyOnce {
+                                    return Err(Error::protocol("QoS 2 is not supported"));
+                                }
+                                if p.qos == QoS::AtLeastOnce {
+                                    writer.queue(&Packet::PubAck(PubAck::new(p.pkid)))?;
+                                }
+                                self.request(p)?;
                             }
-                            if p.qos == QoS::AtLeastOnce {
-                                writer.queue(&Packet::PubAck(PubAck::new(p.pkid)))?;
+                            Packet::PubAck(a) => self.acked(a.pkid),
+                            Packet::PingReq => writer.queue(&Packet::PingResp)?,
+                            Packet::Subscribe(s) => {
+                                let codes = s.filters.iter().map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce)).collect();
+                                writer.queue(&Packet::SubAck(SubAck::new(s.pkid, codes)))?;
                             }
-                            self.request(p)?;
+                            Packet::Unsubscribe(u) => writer.queue(&Packet::UnsubAck(UnsubAck::new(u.pkid)))?,
+                            other => return Err(Error::protocol(format!("unexpected {} from a service", packet_name(&other)))),
                         }
-                        Some(Packet::PubAck(a)) => self.acked(a.pkid),
-                        Some(Packet::PingReq) => writer.queue(&Packet::PingResp)?,
-                        Some(Packet::Subscribe(s)) => {
-                            let codes = s.filters.iter().map(|_| SubscribeReasonCode::Success(QoS::AtLeastOnce)).collect();
-                            writer.queue(&Packet::SubAck(SubAck::new(s.pkid, codes)))?;
-                        }
-                        Some(Packet::Unsubscribe(u)) => writer.queue(&Packet::UnsubAck(UnsubAck::new(u.pkid)))?,
-                        Some(other) => return Err(Error::protocol(format!("unexpected {} from a service", packet_name(&other)))),
-                    }
-                    pkt = drain.next(reader)?;
+                        pkt = drain.next(reader)?;
                     }
                 }
                 Some((rid, resp)) = self.responses.1.recv() => {
