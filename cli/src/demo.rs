@@ -146,7 +146,8 @@ fn reconnects(devices: &[DeviceClient]) -> u64 {
 
 /// Runs the demo.
 pub async fn run(a: DemoArgs) -> Result<(), Error> {
-    let seed = a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
+    let seed =
+        a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
     let dir = tempfile::tempdir().map_err(|e| Error::storage("create a temporary directory", e))?;
     let hub_port = hubproc::free_port()?;
     let data = dir.path().join("hub");
@@ -154,10 +155,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     let mut hub = HubProcess::start(&data, hub_port, &hub_args, None).await?;
     let proxy = TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::storage("bind the chaos link", e))?;
     let proxy_port = proxy.local_addr().map_err(|e| Error::storage("chaos link address", e))?.port();
-    println!(
-        "hubmsg demo: hub process on 127.0.0.1:{hub_port}, {} devices behind a chaos link on :{proxy_port}, seed {seed}",
-        a.devices
-    );
+    println!("hubmsg demo: hub process on 127.0.0.1:{hub_port}, {} devices behind a chaos link on :{proxy_port}, seed {seed}", a.devices);
 
     let c = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -242,7 +240,11 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
             while !stop2.load(Ordering::Relaxed) {
                 tick.tick().await;
                 let batch: Vec<Message> = (i..i + 10)
-                    .map(|k| Message::new(format!("{{\"t\":{}}}", 20 + k % 7)).with_message_id(format!("{id}/{k}")).with_property("kind", "telemetry"))
+                    .map(|k| {
+                        Message::new(format!("{{\"t\":{}}}", 20 + k % 7))
+                            .with_message_id(format!("{id}/{k}"))
+                            .with_property("kind", "telemetry")
+                    })
                     .collect();
                 match dev2.send_batch(batch).await {
                     Ok(ds) => {
@@ -325,10 +327,13 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         }
     }
     // Every device flushes at once, under one deadline.
-    let flushes: Vec<_> = devices.iter().map(|d| {
-        let d = d.clone();
-        tokio::spawn(async move { d.flush(Duration::from_secs(60)).await })
-    }).collect();
+    let flushes: Vec<_> = devices
+        .iter()
+        .map(|d| {
+            let d = d.clone();
+            tokio::spawn(async move { d.flush(Duration::from_secs(60)).await })
+        })
+        .collect();
     while !flushes.iter().all(|f| f.is_finished()) {
         bar.set_message(status("draining: devices flushing their outboxes"));
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -358,7 +363,10 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         let missing: Vec<&String> = ids.iter().filter(|id| !s.contains_key(*id)).collect();
         if !missing.is_empty() {
             eprintln!("missing D2C ids (first 10): {:?}", &missing[..missing.len().min(10)]);
-            for dev in devices.iter().filter(|d| d.stats().outbox.depth != 0 || missing.iter().any(|m| m.starts_with(&format!("{}/", d.device_id())))) {
+            for dev in devices
+                .iter()
+                .filter(|d| d.stats().outbox.depth != 0 || missing.iter().any(|m| m.starts_with(&format!("{}/", d.device_id()))))
+            {
                 eprintln!("  {}: status {:?}, {:?}", dev.device_id(), dev.status(), dev.stats());
             }
         }

@@ -38,7 +38,11 @@ impl HubProcess {
         let exe = std::env::current_exe().map_err(|e| Error::new(ErrorKind::Internal, format!("own executable: {e}")))?;
         let stderr = match stderr_log {
             Some(p) => Stdio::from(
-                std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| Error::storage(format!("open {}", p.display()), e))?,
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| Error::storage(format!("open {}", p.display()), e))?,
             ),
             None => Stdio::null(),
         };
@@ -81,7 +85,9 @@ impl HubProcess {
             let (cs, at) = match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(v)) => v,
                 Ok(Err(_)) => return Err(Error::new(ErrorKind::Internal, "the hub process exited before printing its connection string")),
-                Err(_) => return Err(Error::new(ErrorKind::Timeout, format!("the hub process printed no connection string within {timeout:?}"))),
+                Err(_) => {
+                    return Err(Error::new(ErrorKind::Timeout, format!("the hub process printed no connection string within {timeout:?}")))
+                }
             };
             self.cs = cs;
             self.ready_at = Some(at);

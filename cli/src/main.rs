@@ -12,8 +12,8 @@ mod demo;
 mod hubproc;
 use hubmsg_core::hub::{Hub, HubConfig, TlsFiles};
 use hubmsg_core::outbox::OutboxOptions;
-use hubmsg_core::proto::StartPosition;
 use hubmsg_core::proto::AckMode;
+use hubmsg_core::proto::StartPosition;
 use hubmsg_core::service::{C2dOptions, ServiceClient, ServiceOptions};
 use hubmsg_core::store::Durability;
 use hubmsg_core::transport::TlsOptions;
@@ -537,13 +537,7 @@ async fn monitor(a: MonitorArgs) -> Result<(), Error> {
         let line = if a.json {
             event_json(&ev).to_string()
         } else {
-            format!(
-                "{} [p{} #{}] {}",
-                ev.device_id(),
-                ev.partition,
-                ev.sequence_number,
-                String::from_utf8_lossy(&ev.message.body)
-            )
+            format!("{} [p{} #{}] {}", ev.device_id(), ev.partition, ev.sequence_number, String::from_utf8_lossy(&ev.message.body))
         };
         {
             let mut so = stdout.lock();

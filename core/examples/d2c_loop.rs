@@ -40,7 +40,13 @@ async fn main() {
         let id = format!("dev-{d}");
         hub.create_device(&id).await.unwrap();
         let mut o = DeviceOptions::from_connection_string(&hub.device_connection_string(&id).unwrap()).unwrap();
-        o.outbox = OutboxOptions { dir: Some(dir.path().join("dev").join(&id)), durability, max_messages: 1_000_000, max_bytes: 1 << 30, ..OutboxOptions::default() };
+        o.outbox = OutboxOptions {
+            dir: Some(dir.path().join("dev").join(&id)),
+            durability,
+            max_messages: 1_000_000,
+            max_bytes: 1 << 30,
+            ..OutboxOptions::default()
+        };
         clients.push(DeviceClient::connect(o).await.unwrap());
     }
     let body = Arc::new(vec![b'x'; 256]);
@@ -52,7 +58,8 @@ async fn main() {
             let mine: Vec<usize> = (0..per).filter(|k| k % senders == t).collect();
             tokio::spawn(async move {
                 for chunk in mine.chunks(100) {
-                    let batch: Vec<Message> = chunk.iter().map(|k| Message::new(body.as_slice().to_vec()).with_message_id(format!("{d}/{k}"))).collect();
+                    let batch: Vec<Message> =
+                        chunk.iter().map(|k| Message::new(body.as_slice().to_vec()).with_message_id(format!("{d}/{k}"))).collect();
                     c.send_batch(batch).await.unwrap();
                 }
             });

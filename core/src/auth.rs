@@ -10,8 +10,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::wire::{format_time_ms, url_decode, url_encode};
 
 const SAS_FORMAT: &str = "expected `SharedAccessSignature sr=…&sig=…&se=…[&skn=…]`";
-const VALID_KEYS: &str =
-    "HostName, DeviceId, ModuleId, SharedAccessKeyName, SharedAccessKey, SharedAccessSignature, GatewayHostName";
+const VALID_KEYS: &str = "HostName, DeviceId, ModuleId, SharedAccessKeyName, SharedAccessKey, SharedAccessSignature, GatewayHostName";
 
 /// A parsed IoT Hub connection string (device or service / policy).
 ///
@@ -49,9 +48,7 @@ impl ConnectionString {
         for (index, part) in s.split(';').enumerate().filter(|(_, part)| !part.is_empty()) {
             let part_number = index + 1;
             let (key, value) = part.split_once('=').ok_or_else(|| {
-                Error::invalid(format!(
-                    "connection string part {part_number} has no `=`; write Key=Value pairs separated by `;`"
-                ))
+                Error::invalid(format!("connection string part {part_number} has no `=`; write Key=Value pairs separated by `;`"))
             })?;
             let slot = match key {
                 "HostName" => &mut host_name,
@@ -76,8 +73,7 @@ impl ConnectionString {
             }
         }
         cs.host_name = host_name.ok_or_else(|| Error::invalid("connection string has no HostName"))?;
-        split_host_port(&cs.host_name)
-            .map_err(|what| Error::invalid(format!("connection string HostName `{}` {what}", cs.host_name)))?;
+        split_host_port(&cs.host_name).map_err(|what| Error::invalid(format!("connection string HostName `{}` {what}", cs.host_name)))?;
         if cs.module_id.is_some() && cs.device_id.is_none() {
             return Err(Error::invalid("connection string has a ModuleId but no DeviceId; add the module's DeviceId"));
         }
@@ -96,8 +92,7 @@ impl ConnectionString {
             decode_key(key)?;
         }
         if let Some(token) = &cs.shared_access_signature {
-            SasToken::parse(token)
-                .map_err(|e| Error::invalid(format!("connection string SharedAccessSignature: {}", e.message())))?;
+            SasToken::parse(token).map_err(|e| Error::invalid(format!("connection string SharedAccessSignature: {}", e.message())))?;
         }
         Ok(cs)
     }
@@ -191,14 +186,13 @@ impl SasToken {
     /// `sr`/`sig`/`se`, unknown, repeated or empty fields, a bad escape in `sig` or `skn`, or a
     /// non-numeric `se` → `InvalidArgument`. Errors never echo the signature.
     pub fn parse(token: &str) -> Result<SasToken> {
-        let fields = token.strip_prefix("SharedAccessSignature ").ok_or_else(|| {
-            Error::invalid(format!("SAS token does not start with `SharedAccessSignature `; {SAS_FORMAT}"))
-        })?;
+        let fields = token
+            .strip_prefix("SharedAccessSignature ")
+            .ok_or_else(|| Error::invalid(format!("SAS token does not start with `SharedAccessSignature `; {SAS_FORMAT}")))?;
         let (mut sr, mut sig, mut se, mut skn) = (None, None, None, None);
         for field in fields.split('&') {
-            let (name, value) = field
-                .split_once('=')
-                .ok_or_else(|| Error::invalid(format!("SAS token has a field without `=`; {SAS_FORMAT}")))?;
+            let (name, value) =
+                field.split_once('=').ok_or_else(|| Error::invalid(format!("SAS token has a field without `=`; {SAS_FORMAT}")))?;
             let slot = match name {
                 "sr" => &mut sr,
                 "sig" => &mut sig,
@@ -217,18 +211,15 @@ impl SasToken {
                 return Err(Error::invalid(format!("SAS token has field `{name}` twice; {SAS_FORMAT}")));
             }
         }
-        let decode = |name: &str, value: &str| {
-            url_decode(value).map_err(|e| Error::invalid(format!("SAS token field `{name}`: {}", e.message())))
-        };
+        let decode =
+            |name: &str, value: &str| url_decode(value).map_err(|e| Error::invalid(format!("SAS token field `{name}`: {}", e.message())));
         let sr_raw = required("sr", sr)?.to_owned();
         let sig = decode("sig", required("sig", sig)?)?;
         let se_raw = required("se", se)?.to_owned();
         let expiry = Some(&se_raw)
             .filter(|se| se.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|se| se.parse::<u64>().ok())
-            .ok_or_else(|| {
-                Error::invalid(format!("SAS token field `se` is `{se_raw}`, not decimal seconds since the Unix epoch"))
-            })?;
+            .ok_or_else(|| Error::invalid(format!("SAS token field `se` is `{se_raw}`, not decimal seconds since the Unix epoch")))?;
         let skn = skn.map(|skn| decode("skn", skn)).transpose()?;
         Ok(SasToken { sr_raw, sig, se_raw, expiry, skn })
     }
@@ -242,12 +233,8 @@ impl SasToken {
     /// and that `expiry > now_secs`. Wrong signature or bad key → `Unauthorized` ("signature does
     /// not match"); expired → `Unauthorized` ("token expired at …"). Constant-time comparison.
     pub fn verify(&self, key_b64: &str, now_secs: u64) -> Result<()> {
-        let mismatch = || {
-            Error::new(
-                ErrorKind::Unauthorized,
-                "SAS token signature does not match; sign the token with the identity's current key",
-            )
-        };
+        let mismatch =
+            || Error::new(ErrorKind::Unauthorized, "SAS token signature does not match; sign the token with the identity's current key");
         let mut mac = hmac_sha256(key_b64).map_err(|_| mismatch())?;
         mac.update(self.sr_raw.as_bytes());
         mac.update(b"\n");
@@ -303,9 +290,9 @@ pub fn sign(key_b64: &str, message: &[u8]) -> Result<String> {
 }
 
 fn decode_key(key_b64: &str) -> Result<Vec<u8>> {
-    let key = STANDARD.decode(key_b64).map_err(|_| {
-        Error::invalid("the shared access key is not valid base64; copy the key exactly as the hub shows it")
-    })?;
+    let key = STANDARD
+        .decode(key_b64)
+        .map_err(|_| Error::invalid("the shared access key is not valid base64; copy the key exactly as the hub shows it"))?;
     if key.is_empty() {
         return Err(Error::invalid("the shared access key is empty; use the key the hub generated"));
     }
@@ -324,8 +311,7 @@ fn hmac_sha256(key_b64: &str) -> Result<Hmac<Sha256>> {
 pub fn scope_covers(scope: &str, target: &str) -> bool {
     let ((scope_host, scope_path), (target_host, target_path)) = (split_uri(scope), split_uri(target));
     scope_host.eq_ignore_ascii_case(target_host)
-        && (scope_path.is_empty()
-            || target_path.strip_prefix(scope_path).is_some_and(|rest| rest.is_empty() || rest.starts_with('/')))
+        && (scope_path.is_empty() || target_path.strip_prefix(scope_path).is_some_and(|rest| rest.is_empty() || rest.starts_with('/')))
 }
 
 /// `(host, path)` of a resource URI, trailing `/`s ignored.
@@ -360,8 +346,7 @@ mod tests {
     const SE: u64 = 1_578_941_692;
     const SAS_DEV: &str = "SharedAccessSignature sr=myiothub.azure-devices.net%2Fdevices%2Fmy_device\
                            &sig=dIMMdDDBGFR8eqAfYkiMxoOphaFMPtMgj7Wg%2FYB1AvU%3D&se=1578941692";
-    const SAS_MOD: &str =
-        "SharedAccessSignature sr=myiothub.azure-devices.net%2Fdevices%2Fmy_device%2Fmodules%2Fmy_module\
+    const SAS_MOD: &str = "SharedAccessSignature sr=myiothub.azure-devices.net%2Fdevices%2Fmy_device%2Fmodules%2Fmy_module\
                            &sig=iAQRxkGTvQpFKsLRYZsj0xf8UcgKBbNZhWDb5pCSK9o%3D&se=1578941692";
     const SAS_SVC: &str = "SharedAccessSignature sr=myiothub.azure-devices.net\
                            &sig=jNLd5fT1OOOh8Q3GOXfi%2BCbnqvMsE7%2BlpEsBASuS%2FKI%3D&se=1578941692&skn=iothubowner";
@@ -389,10 +374,7 @@ mod tests {
     fn string_to_sign_vectors() {
         let cases = [
             ("myiothub.azure-devices.net%2Fdevices%2Fmy_device", "dIMMdDDBGFR8eqAfYkiMxoOphaFMPtMgj7Wg/YB1AvU="),
-            (
-                "myiothub.azure-devices.net%2Fdevices%2Fmy_device%2Fmodules%2Fmy_module",
-                "iAQRxkGTvQpFKsLRYZsj0xf8UcgKBbNZhWDb5pCSK9o=",
-            ),
+            ("myiothub.azure-devices.net%2Fdevices%2Fmy_device%2Fmodules%2Fmy_module", "iAQRxkGTvQpFKsLRYZsj0xf8UcgKBbNZhWDb5pCSK9o="),
             ("myiothub.azure-devices.net", "jNLd5fT1OOOh8Q3GOXfi+CbnqvMsE7+lpEsBASuS/KI="),
         ];
         for (sr, sig) in cases {
@@ -498,10 +480,7 @@ mod tests {
             let err = invalid(SasToken::parse(&token));
             assert!(!err.message().contains(sig) && !err.message().contains("dIMMdDDBGFR8"), "{err}");
         }
-        assert_eq!(
-            SasToken::parse("SharedAccessSignature sr=a&sig=b&se=18446744073709551615").unwrap().expiry,
-            u64::MAX
-        );
+        assert_eq!(SasToken::parse("SharedAccessSignature sr=a&sig=b&se=18446744073709551615").unwrap().expiry, u64::MAX);
         invalid(SasToken::parse("SharedAccessSignature sr=%zz&sig=b&se=1").unwrap().resource_uri());
     }
 

@@ -71,10 +71,7 @@ impl Completed {
     /// Opens the window in `dir`, or in memory when `dir` is `None`.
     pub fn open(dir: Option<&Path>, durability: Durability) -> Result<Completed> {
         match dir {
-            Some(d) => Ok(Completed(Inner::Durable(StateLog::open(
-                d,
-                StateOptions { durability, compact_after_bytes: 256 * 1024 },
-            )?))),
+            Some(d) => Ok(Completed(Inner::Durable(StateLog::open(d, StateOptions { durability, compact_after_bytes: 256 * 1024 })?))),
             None => Ok(Completed(Inner::Memory(std::sync::Arc::new(parking_lot::Mutex::new(Window {
                 capacity: DEFAULT_CAPACITY,
                 ..Window::default()

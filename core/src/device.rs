@@ -101,10 +101,8 @@ impl DeviceOptions {
     /// `…;SharedAccessSignature=…`).
     pub fn from_connection_string(cs: &str) -> Result<DeviceOptions> {
         let cs = ConnectionString::parse(cs)?;
-        let device_id = cs
-            .device_id
-            .clone()
-            .ok_or_else(|| Error::invalid("this is a service connection string; a device needs one with DeviceId"))?;
+        let device_id =
+            cs.device_id.clone().ok_or_else(|| Error::invalid("this is a service connection string; a device needs one with DeviceId"))?;
         let credential = match (&cs.shared_access_key, &cs.shared_access_signature) {
             (Some(k), _) => Credential::SymmetricKey(k.clone()),
             (None, Some(t)) => Credential::SasToken(t.clone()),
@@ -214,7 +212,9 @@ impl Delivery {
     /// Waits for the outcome (delivered, expired or dropped). `Closed` if the client stopped
     /// before an outcome was reached (the message stays in the durable outbox).
     pub async fn outcome(self) -> Result<Outcome> {
-        self.rx.await.map_err(|_| Error::new(ErrorKind::Closed, "client closed before the message reached an outcome; it stays in the outbox"))
+        self.rx
+            .await
+            .map_err(|_| Error::new(ErrorKind::Closed, "client closed before the message reached an outcome; it stays in the outbox"))
     }
 }
 
@@ -222,10 +222,21 @@ enum Command {
     Close(oneshot::Sender<()>),
     Reconnect,
     Subscribe,
-    Settle { generation: u64, pkid: u16, seq: u64, message_id: Option<String>, how: SettleHow },
-    PubAckNow { generation: u64, pkid: u16 },
+    Settle {
+        generation: u64,
+        pkid: u16,
+        seq: u64,
+        message_id: Option<String>,
+        how: SettleHow,
+    },
+    PubAckNow {
+        generation: u64,
+        pkid: u16,
+    },
     /// The application dropped a C2D message without settling it.
-    Release { message_id: String },
+    Release {
+        message_id: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -655,7 +666,10 @@ impl Driver {
             Credential::SasToken(t) => {
                 let tok = auth::SasToken::parse(t)?;
                 if tok.expiry <= now_secs {
-                    return Err(Error::new(ErrorKind::Unauthorized, "the SAS token in the connection string has expired; supply a new one or use a SharedAccessKey"));
+                    return Err(Error::new(
+                        ErrorKind::Unauthorized,
+                        "the SAS token in the connection string has expired; supply a new one or use a SharedAccessKey",
+                    ));
                 }
                 (t.clone(), None)
             }
@@ -821,7 +835,11 @@ impl Driver {
 }
 
 impl Driver {
-    fn queue_subscribe(&self, writer: &mut transport::PacketWriter<tokio::io::WriteHalf<transport::BoxStream>>, next_pkid: &mut u16) -> Result<()> {
+    fn queue_subscribe(
+        &self,
+        writer: &mut transport::PacketWriter<tokio::io::WriteHalf<transport::BoxStream>>,
+        next_pkid: &mut u16,
+    ) -> Result<()> {
         let mut sub = Subscribe::new(wire::c2d_filter(&self.opts.device_id), QoS::AtLeastOnce);
         sub.pkid = take_pkid(next_pkid);
         writer.queue(&Packet::Subscribe(sub))
@@ -847,8 +865,19 @@ impl Driver {
 
     /// An incoming PUBLISH: a C2D message to hand over, complete again (duplicate) or refuse
     /// (expired).
-    fn on_c2d(&mut self, p: Publish, writer: &mut transport::PacketWriter<tokio::io::WriteHalf<transport::BoxStream>>, next_pkid: &mut u16) -> Result<()> {
-        let ack = |w: &mut transport::PacketWriter<_>| if p.qos == QoS::AtLeastOnce { w.queue(&Packet::PubAck(PubAck::new(p.pkid))) } else { Ok(()) };
+    fn on_c2d(
+        &mut self,
+        p: Publish,
+        writer: &mut transport::PacketWriter<tokio::io::WriteHalf<transport::BoxStream>>,
+        next_pkid: &mut u16,
+    ) -> Result<()> {
+        let ack = |w: &mut transport::PacketWriter<_>| {
+            if p.qos == QoS::AtLeastOnce {
+                w.queue(&Packet::PubAck(PubAck::new(p.pkid)))
+            } else {
+                Ok(())
+            }
+        };
         let Some(bag) = wire::parse_c2d_topic(&p.topic) else {
             tracing::warn!(topic = %p.topic, "ignoring a publish that is not C2D");
             return ack(writer);

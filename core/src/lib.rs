@@ -34,7 +34,7 @@ pub mod transport;
 
 pub use device::{ConnectionStatus, Credential, DeviceClient, DeviceOptions};
 pub use outbox::{Outcome, Overflow};
-pub mod proto;
 #[cfg(feature = "hub")]
 pub mod hub;
+pub mod proto;
 pub mod service;

@@ -137,10 +137,7 @@ impl Message {
             }
         }
         out.put_u8(flags);
-        for s in [&self.message_id, &self.correlation_id, &self.user_id, &self.content_type, &self.content_encoding]
-            .into_iter()
-            .flatten()
-        {
+        for s in [&self.message_id, &self.correlation_id, &self.user_id, &self.content_type, &self.content_encoding].into_iter().flatten() {
             put_str(out, s);
         }
         if let Some(t) = self.creation_time_ms {

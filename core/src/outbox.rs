@@ -330,8 +330,7 @@ impl Outbox {
             Ok((new_log, entries)) => {
                 *log = new_log;
                 // Keep outcomes already reached in memory; everything else is queued again.
-                let done: std::collections::HashSet<u64> =
-                    inner.entries.iter().filter(|e| e.state == State::Done).map(|e| e.seq).collect();
+                let done: std::collections::HashSet<u64> = inner.entries.iter().filter(|e| e.state == State::Done).map(|e| e.seq).collect();
                 inner.entries = entries;
                 for e in inner.entries.iter_mut() {
                     if done.contains(&e.seq) {

@@ -361,7 +361,6 @@ pub struct FeedbackRecord {
     pub description: String,
 }
 
-
 /// Topic prefix of the hubmsg device extension that settles a C2D message without completing
 /// it: `$hubmsg/c2d/abandon/{sequenceNumber}` or `$hubmsg/c2d/reject/{sequenceNumber}`.
 pub const C2D_SETTLE_PREFIX: &str = "$hubmsg/c2d/";

@@ -50,13 +50,7 @@ impl RetryPolicy {
 
     /// The same delay every time, no jitter; the other fields as in [`RetryPolicy::default`].
     pub fn fixed(delay: Duration) -> RetryPolicy {
-        RetryPolicy {
-            initial_delay: delay,
-            max_delay: delay,
-            multiplier: 1.0,
-            jitter: Duration::ZERO,
-            ..RetryPolicy::default()
-        }
+        RetryPolicy { initial_delay: delay, max_delay: delay, multiplier: 1.0, jitter: Duration::ZERO, ..RetryPolicy::default() }
     }
 
     /// Never retry (`max_attempts` is 0).
@@ -187,13 +181,7 @@ mod tests {
         );
         assert_eq!(
             RetryPolicy::fixed(secs(3)),
-            RetryPolicy {
-                initial_delay: secs(3),
-                max_delay: secs(3),
-                multiplier: 1.0,
-                jitter: Duration::ZERO,
-                ..default
-            }
+            RetryPolicy { initial_delay: secs(3), max_delay: secs(3), multiplier: 1.0, jitter: Duration::ZERO, ..default }
         );
     }
 
@@ -212,10 +200,7 @@ mod tests {
         let policy = RetryPolicy::default();
         for attempt in [31, 63, 64, 1023, 1024, 1_000_000, u32::MAX - 1, u32::MAX] {
             assert_eq!(policy.delay(attempt, Duration::ZERO, 0.0), Some(secs(60)), "{attempt}");
-            assert_eq!(
-                policy.delay(attempt, Duration::ZERO, 0.999_999),
-                Some(secs(60) + Duration::from_micros(999_999))
-            );
+            assert_eq!(policy.delay(attempt, Duration::ZERO, 0.999_999), Some(secs(60) + Duration::from_micros(999_999)));
         }
         let huge = RetryPolicy { max_delay: Duration::MAX, jitter: Duration::MAX, ..RetryPolicy::default() };
         assert_eq!(huge.delay(u32::MAX, Duration::ZERO, 1.0), Some(Duration::MAX));

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use rumqttc::mqttbytes::v4::{Packet, PubAck, Publish, Subscribe};
 use rumqttc::mqttbytes::QoS;
 use serde::de::DeserializeOwned;
-use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -65,7 +65,9 @@ impl ServiceOptions {
     pub fn from_connection_string(cs: &str) -> Result<ServiceOptions> {
         let cs = ConnectionString::parse(cs)?;
         let (Some(policy), Some(key)) = (cs.shared_access_key_name.clone(), cs.shared_access_key.clone()) else {
-            return Err(Error::invalid("a service connection string needs SharedAccessKeyName and SharedAccessKey (this looks like a device string)"));
+            return Err(Error::invalid(
+                "a service connection string needs SharedAccessKeyName and SharedAccessKey (this looks like a device string)",
+            ));
         };
         Ok(ServiceOptions {
             host_name: cs.host_name,
@@ -89,11 +91,21 @@ impl ServiceOptions {
 }
 
 enum Cmd {
-    Request { op: String, body: Vec<u8>, deadline: Instant, tx: oneshot::Sender<Result<serde_json::Value>> },
-    Ack { generation: u64, pkid: u16 },
+    Request {
+        op: String,
+        body: Vec<u8>,
+        deadline: Instant,
+        tx: oneshot::Sender<Result<serde_json::Value>>,
+    },
+    Ack {
+        generation: u64,
+        pkid: u16,
+    },
     /// Start receiving feedback; batches go to `tx` when given (else they are acknowledged once
     /// waiters saw them).
-    Feedback { tx: Option<mpsc::UnboundedSender<FeedbackBatch>> },
+    Feedback {
+        tx: Option<mpsc::UnboundedSender<FeedbackBatch>>,
+    },
     Close(oneshot::Sender<()>),
 }
 
@@ -817,7 +829,8 @@ impl Driver {
         if let Some((_, partition, seq)) = proto::parse_event_topic(&p.topic) {
             let Some((_, tx)) = &self.consume else { return Ok(()) };
             let message = Message::decode(&Bytes::clone(&p.payload))?;
-            let ev = Event { partition, sequence_number: seq, message, generation: self.generation, pkid: p.pkid, cmd: self.cmd_tx.clone() };
+            let ev =
+                Event { partition, sequence_number: seq, message, generation: self.generation, pkid: p.pkid, cmd: self.cmd_tx.clone() };
             let _ = tx.send(Ok(ev));
             return Ok(());
         }

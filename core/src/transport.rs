@@ -246,9 +246,9 @@ impl Endpoint {
 pub async fn dial(endpoint: &Endpoint, timeout: Duration) -> Result<BoxStream> {
     let fut = async {
         let addr = format!("{}:{}", bracket(&endpoint.host), endpoint.port);
-        let tcp = TcpStream::connect(&addr).await.map_err(|e| {
-            Error::new(ErrorKind::Disconnected, format!("cannot connect to {addr}: {e}")).with_source(e)
-        })?;
+        let tcp = TcpStream::connect(&addr)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Disconnected, format!("cannot connect to {addr}: {e}")).with_source(e))?;
         let _ = tcp.set_nodelay(true);
         match &endpoint.tls {
             None => Ok(Box::new(tcp) as BoxStream),
@@ -257,10 +257,9 @@ pub async fn dial(endpoint: &Endpoint, timeout: Duration) -> Result<BoxStream> {
     };
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
-        Err(_) => Err(Error::new(
-            ErrorKind::Timeout,
-            format!("connecting to {}:{} took longer than {timeout:?}", endpoint.host, endpoint.port),
-        )),
+        Err(_) => {
+            Err(Error::new(ErrorKind::Timeout, format!("connecting to {}:{} took longer than {timeout:?}", endpoint.host, endpoint.port)))
+        }
     }
 }
 
@@ -278,13 +277,10 @@ async fn tls_connect(tcp: TcpStream, host: &str, opts: &TlsOptions) -> Result<Bo
     let config = client_tls_config(opts)?;
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .map_err(|_| Error::invalid(format!("'{host}' is not a valid TLS server name")))?;
-    let conn = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .map_err(|e| {
-            let kind = if e.kind() == std::io::ErrorKind::InvalidData { ErrorKind::Unauthorized } else { ErrorKind::Disconnected };
-            Error::new(kind, format!("TLS handshake with {host} failed: {e}")).with_source(e)
-        })?;
+    let conn = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::InvalidData { ErrorKind::Unauthorized } else { ErrorKind::Disconnected };
+        Error::new(kind, format!("TLS handshake with {host} failed: {e}")).with_source(e)
+    })?;
     Ok(Box::new(conn))
 }
 
@@ -300,9 +296,7 @@ pub fn client_tls_config(opts: &TlsOptions) -> Result<rustls::ClientConfig> {
     match &opts.ca_file {
         Some(path) => {
             for cert in load_certs(path)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| Error::invalid(format!("CA file {}: unusable certificate: {e}", path.display())))?;
+                roots.add(cert).map_err(|e| Error::invalid(format!("CA file {}: unusable certificate: {e}", path.display())))?;
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -423,7 +417,9 @@ pub async fn client_connect(endpoint: &Endpoint, params: &ConnectParams, timeout
     connect.set_login(params.username.clone(), params.password.clone());
     writer.send(&Packet::Connect(connect)).await?;
     let ack = match tokio::time::timeout_at(deadline, reader.next()).await {
-        Err(_) => return Err(Error::new(ErrorKind::Timeout, format!("no CONNACK from {}:{} within {timeout:?}", endpoint.host, endpoint.port))),
+        Err(_) => {
+            return Err(Error::new(ErrorKind::Timeout, format!("no CONNACK from {}:{} within {timeout:?}", endpoint.host, endpoint.port)))
+        }
         Ok(Ok(Some(Packet::ConnAck(ack)))) => ack,
         Ok(Ok(Some(other))) => return Err(Error::protocol(format!("expected CONNACK, got {other:?}"))),
         Ok(Ok(None)) => return Err(Error::new(ErrorKind::Disconnected, "the hub closed the connection before CONNACK")),

@@ -58,15 +58,12 @@ pub fn url_decode(s: &str) -> Result<String> {
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
         if b == b'%' {
-            let byte = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| Some(hex_digit(h[0])? << 4 | hex_digit(h[1])?))
-                .ok_or_else(|| {
-                    Error::invalid(format!(
-                        "malformed percent-escape at byte {i}: `%` must be followed by two hex digits \
+            let byte = bytes.get(i + 1..i + 3).and_then(|h| Some(hex_digit(h[0])? << 4 | hex_digit(h[1])?)).ok_or_else(|| {
+                Error::invalid(format!(
+                    "malformed percent-escape at byte {i}: `%` must be followed by two hex digits \
                          (write a literal `%` as %25)"
-                    ))
-                })?;
+                ))
+            })?;
             out.push(byte);
             i += 3;
         } else {
@@ -74,9 +71,8 @@ pub fn url_decode(s: &str) -> Result<String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| {
-        Error::invalid("percent-escapes decode to invalid UTF-8; percent-encode the UTF-8 bytes of the text")
-    })
+    String::from_utf8(out)
+        .map_err(|_| Error::invalid("percent-escapes decode to invalid UTF-8; percent-encode the UTF-8 bytes of the text"))
 }
 
 fn hex_digit(b: u8) -> Option<u8> {
@@ -144,13 +140,9 @@ pub fn decode_bag(bag: &str) -> Result<Vec<(String, Option<String>)>> {
                 )));
             }
             if value.is_some_and(|v| v.contains('=')) {
-                return Err(Error::invalid(format!(
-                    "property bag entry {index} has a raw `=` in its value; encode it as %3D"
-                )));
+                return Err(Error::invalid(format!("property bag entry {index} has a raw `=` in its value; encode it as %3D")));
             }
-            let decode = |text: &str| {
-                url_decode(text).map_err(|e| Error::invalid(format!("property bag entry {index}: {}", e.message())))
-            };
+            let decode = |text: &str| url_decode(text).map_err(|e| Error::invalid(format!("property bag entry {index}: {}", e.message())));
             Ok((decode(name)?, value.map(decode).transpose()?))
         })
         .collect()
@@ -252,9 +244,7 @@ pub struct Username {
 /// `api-version`, a bad escape) → `InvalidArgument`.
 pub fn parse_username(username: &str) -> Result<Username> {
     let bad = |what: &str| {
-        Error::invalid(format!(
-            "CONNECT user name `{username}` {what}; expected {{host}}/{{device}}[/{{module}}]/?api-version=…"
-        ))
+        Error::invalid(format!("CONNECT user name `{username}` {what}; expected {{host}}/{{device}}[/{{module}}]/?api-version=…"))
     };
     let (host, rest) = username.split_once('/').ok_or_else(|| bad("has no `/`"))?;
     let (device_id, rest) = rest.split_once('/').ok_or_else(|| bad("has no `/` after the device id"))?;
@@ -288,13 +278,7 @@ pub fn parse_username(username: &str) -> Result<Username> {
             options.push((name, value));
         }
     }
-    Ok(Username {
-        host: host.to_owned(),
-        device_id: device_id.to_owned(),
-        module_id: module_id.map(str::to_owned),
-        api_version,
-        options,
-    })
+    Ok(Username { host: host.to_owned(), device_id: device_id.to_owned(), module_id: module_id.map(str::to_owned), api_version, options })
 }
 
 /// Whether a user-name path remainder is the options part (`?…`, legacy `api-version=…`, or
@@ -340,9 +324,7 @@ pub fn format_time_ms(ms: u64) -> String {
 /// into ms since the Unix epoch (extra fractional digits are truncated). Years 1970–9999 only.
 /// Offsets other than `Z`, or malformed text → `InvalidArgument`.
 pub fn parse_time_ms(s: &str) -> Result<u64> {
-    let bad = |what: &str| {
-        Error::invalid(format!("`{s}` is not an ISO-8601 UTC time ({what}); expected e.g. 2021-04-21T11:30:16.123Z"))
-    };
+    let bad = |what: &str| Error::invalid(format!("`{s}` is not an ISO-8601 UTC time ({what}); expected e.g. 2021-04-21T11:30:16.123Z"));
     let body = s.strip_suffix('Z').ok_or_else(|| bad("it must end in `Z`: offsets are not accepted"))?;
     let (main, fraction) = match body.split_once('.') {
         Some((main, fraction)) => (main.as_bytes(), Some(fraction.as_bytes())),
@@ -415,9 +397,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 /// A message time as it goes on the wire; `InvalidArgument` past year 9999.
 fn wire_time(name: &str, ms: u64) -> Result<String> {
     if ms > MAX_TIME_MS {
-        return Err(Error::invalid(format!(
-            "{name} is {ms} ms since the epoch, after year 9999; use a time before 10000-01-01"
-        )));
+        return Err(Error::invalid(format!("{name} is {ms} ms since the epoch, after year 9999; use a time before 10000-01-01")));
     }
     Ok(format_time_ms(ms))
 }
@@ -670,7 +650,8 @@ mod tests {
 
     #[test]
     fn sdk_fixture_c2d_bag_with_value_less_keys_and_seven_digit_expiry() {
-        let topic = "devices/d/messages/devicebound/%24.exp=3237-07-19T23%3A06%3A40.0000000Z&%24.cid&%24.uid&iothub-ack=Full&%24.ct=text%2Fplain";
+        let topic =
+            "devices/d/messages/devicebound/%24.exp=3237-07-19T23%3A06%3A40.0000000Z&%24.cid&%24.uid&iothub-ack=Full&%24.ct=text%2Fplain";
         let bag = decode_bag(parse_c2d_topic(topic).unwrap()).unwrap();
         assert_eq!(bag[1], none("$.cid"));
         assert_eq!(bag[2], none("$.uid"));
@@ -696,10 +677,7 @@ mod tests {
         assert_eq!(parse_c2d_topic("devices/useragent_c/messages/devicebound/x=1"), Some("x=1"));
         // A second marker ends the bag; a capital-B look-alike does not.
         assert_eq!(parse_c2d_topic("devices/d/messages/devicebound/a=b/messages/devicebound/c=d"), Some("a=b"));
-        assert_eq!(
-            parse_c2d_topic("devices/d/messages/devicebound/a=b/messages/deviceBound/c"),
-            Some("a=b/messages/deviceBound/c")
-        );
+        assert_eq!(parse_c2d_topic("devices/d/messages/devicebound/a=b/messages/deviceBound/c"), Some("a=b/messages/deviceBound/c"));
     }
 
     #[test]
@@ -758,10 +736,7 @@ mod tests {
 
     #[test]
     fn device_username_layout() {
-        assert_eq!(
-            device_username("hub.azure-devices.net", "d1", None),
-            format!("hub.azure-devices.net/d1/?api-version={API_VERSION}")
-        );
+        assert_eq!(device_username("hub.azure-devices.net", "d1", None), format!("hub.azure-devices.net/d1/?api-version={API_VERSION}"));
         assert_eq!(
             device_username("127.0.0.1:18830", "d1", Some("hubmsg/0.1 (rust)")),
             format!("127.0.0.1:18830/d1/?api-version={API_VERSION}&DeviceClientType=hubmsg%2F0.1%20%28rust%29")
@@ -791,10 +766,8 @@ mod tests {
         assert_eq!((u.host.as_str(), u.device_id.as_str(), u.module_id), ("hub", "d1", None));
         assert_eq!(u.api_version.as_deref(), Some("2016-11-14"));
 
-        let u = parse_username(
-            "hub/d1/?api-version=2018-06-30&DeviceClientType=iothubclient%2f1.9.0%20(native%3b%20Linux%3b%20aarch64)",
-        )
-        .unwrap();
+        let u = parse_username("hub/d1/?api-version=2018-06-30&DeviceClientType=iothubclient%2f1.9.0%20(native%3b%20Linux%3b%20aarch64)")
+            .unwrap();
         assert_eq!(u.options[0].1, "iothubclient/1.9.0 (native; Linux; aarch64)");
 
         let u = parse_username("hub/d1/").unwrap();
@@ -962,9 +935,7 @@ mod tests {
     #[test]
     fn apply_bag_routes_keys() {
         let mut msg = Message::default();
-        let bag =
-            decode_bag("$.mid=1&%24.to=%2Fdevices%2Fd%2Fmessages%2Fdevicebound&iothub-ack=full&%24.cdid=edge&k&j=2")
-                .unwrap();
+        let bag = decode_bag("$.mid=1&%24.to=%2Fdevices%2Fd%2Fmessages%2Fdevicebound&iothub-ack=full&%24.cdid=edge&k&j=2").unwrap();
         apply_bag(&mut msg, bag).unwrap();
         assert_eq!(msg.message_id.as_deref(), Some("1"));
         assert_eq!(
@@ -1009,8 +980,7 @@ mod tests {
     fn c2d_round_trip_through_the_topic() {
         let mut msg = full_message();
         msg.creation_time_ms = None; // not carried on C2D
-        msg.system =
-            vec![("$.to".into(), "/devices/d/messages/devicebound".into()), ("iothub-ack".into(), "positive".into())];
+        msg.system = vec![("$.to".into(), "/devices/d/messages/devicebound".into()), ("iothub-ack".into(), "positive".into())];
         let topic = c2d_topic("d", &c2d_bag(&msg));
         let mut received = Message::new("body");
         apply_bag(&mut received, decode_bag(parse_c2d_topic(&topic).unwrap()).unwrap()).unwrap();

@@ -20,7 +20,12 @@ async fn fast_hub() -> (Hub, tempfile::TempDir) {
     (Hub::start(cfg).await.unwrap(), dir)
 }
 
-async fn outcome(svc: &ServiceClient, dev: &str, body: &str, ack: AckMode) -> (String, tokio::sync::oneshot::Receiver<hubmsg_core::proto::FeedbackRecord>) {
+async fn outcome(
+    svc: &ServiceClient,
+    dev: &str,
+    body: &str,
+    ack: AckMode,
+) -> (String, tokio::sync::oneshot::Receiver<hubmsg_core::proto::FeedbackRecord>) {
     let id = format!("{dev}-{body}");
     let rx = svc.await_outcome(&id).unwrap();
     svc.send_c2d(dev, Message::new(body.to_string()).with_message_id(id.clone()), ack).await.unwrap();
@@ -65,9 +70,13 @@ async fn every_lifecycle_path_reports_its_feedback() {
     // TTL passes while offline → Expired
     let id = "valve-short".to_string();
     let fb = svc.await_outcome(&id).unwrap();
-    svc.send_c2d_with("valve", Message::new("short").with_message_id(id), C2dOptions { ack: AckMode::Full, ttl: Some(Duration::from_secs(1)) })
-        .await
-        .unwrap();
+    svc.send_c2d_with(
+        "valve",
+        Message::new("short").with_message_id(id),
+        C2dOptions { ack: AckMode::Full, ttl: Some(Duration::from_secs(1)) },
+    )
+    .await
+    .unwrap();
     assert_eq!(tokio::time::timeout(T, fb).await.unwrap().unwrap().status_code, FeedbackStatus::Expired);
 
     // purge → Purged (and the count)
@@ -108,7 +117,8 @@ async fn send_errors_have_specific_kinds_and_lose_nothing() {
         m.complete().unwrap();
     }
     // A policy without ServiceConnect cannot send.
-    let mut o = hubmsg_core::service::ServiceOptions::from_connection_string(&hub.policy_connection_string("registryRead").unwrap()).unwrap();
+    let mut o =
+        hubmsg_core::service::ServiceOptions::from_connection_string(&hub.policy_connection_string("registryRead").unwrap()).unwrap();
     o.retry = fast_retry();
     let ro = ServiceClient::connect(o).await.unwrap();
     assert_eq!(ro.send_c2d("full", Message::new("x"), AckMode::None).await.unwrap_err().kind(), ErrorKind::Unauthorized);

@@ -127,7 +127,8 @@ async fn group_members_share_partitions_and_take_over_when_one_leaves() {
     b.close().await;
     // a takes over b's partitions and receives b's unacknowledged events again.
     let mut again = HashSet::new();
-    let expected: usize = 5 * (0..16).filter(|d| parts_b.contains(&hubmsg_core::hub::events::partition_for(&format!("dev-{d}"), 4))).count();
+    let expected: usize =
+        5 * (0..16).filter(|d| parts_b.contains(&hubmsg_core::hub::events::partition_for(&format!("dev-{d}"), 4))).count();
     while again.len() < expected {
         let e = a.next_timeout(T).await.unwrap().expect("takeover delivers b's events");
         assert!(parts_b.contains(&e.partition));

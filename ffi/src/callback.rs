@@ -95,7 +95,13 @@ pub(crate) struct Dispatcher {
 impl Dispatcher {
     /// A dispatcher whose thread (started on demand) is called `name`.
     pub(crate) fn new(name: &'static str) -> Arc<Dispatcher> {
-        Arc::new(Dispatcher { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), name, tx: Mutex::new(None), thread: Mutex::new(None), closed: Arc::new(AtomicBool::new(false)) })
+        Arc::new(Dispatcher {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            name,
+            tx: Mutex::new(None),
+            thread: Mutex::new(None),
+            closed: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// Starts the thread if needed (so registration errors show up at registration).

@@ -64,8 +64,11 @@ pub const HUBMSG_STATUS_FAILED: i32 = 4;
 /// Connection status: closed by the application.
 pub const HUBMSG_STATUS_CLOSED: i32 = 5;
 
-pub(crate) const DURABILITIES: &[(i32, &str, u8)] =
-    &[(HUBMSG_DURABILITY_ALWAYS, "HUBMSG_DURABILITY_ALWAYS", 0), (HUBMSG_DURABILITY_INTERVAL, "HUBMSG_DURABILITY_INTERVAL", 1), (HUBMSG_DURABILITY_NEVER, "HUBMSG_DURABILITY_NEVER", 2)];
+pub(crate) const DURABILITIES: &[(i32, &str, u8)] = &[
+    (HUBMSG_DURABILITY_ALWAYS, "HUBMSG_DURABILITY_ALWAYS", 0),
+    (HUBMSG_DURABILITY_INTERVAL, "HUBMSG_DURABILITY_INTERVAL", 1),
+    (HUBMSG_DURABILITY_NEVER, "HUBMSG_DURABILITY_NEVER", 2),
+];
 
 /// A durability mode from C.
 pub(crate) fn durability_arg(mode: i32, interval_ms: u32) -> Result<Durability> {
@@ -92,7 +95,9 @@ pub(crate) fn status_parts(s: &ConnectionStatus) -> (i32, hubmsg_result, String)
         ConnectionStatus::Connecting => (HUBMSG_STATUS_CONNECTING, HUBMSG_OK, String::new()),
         ConnectionStatus::Connected => (HUBMSG_STATUS_CONNECTED, HUBMSG_OK, String::new()),
         ConnectionStatus::Disconnected { reason } => (HUBMSG_STATUS_DISCONNECTED, HUBMSG_OK, reason.clone()),
-        ConnectionStatus::Retrying { attempt, delay } => (HUBMSG_STATUS_RETRYING, HUBMSG_OK, format!("attempt {attempt} in {} ms", delay.as_millis())),
+        ConnectionStatus::Retrying { attempt, delay } => {
+            (HUBMSG_STATUS_RETRYING, HUBMSG_OK, format!("attempt {attempt} in {} ms", delay.as_millis()))
+        }
         ConnectionStatus::Failed { kind, reason } => (HUBMSG_STATUS_FAILED, code_of(*kind), reason.clone()),
         ConnectionStatus::Closed => (HUBMSG_STATUS_CLOSED, HUBMSG_OK, String::new()),
     }
@@ -118,11 +123,18 @@ pub struct hubmsg_device_options {
 /// @param out Receives the options (NULL on failure); free with hubmsg_device_options_free().
 /// @return HUBMSG_OK, or HUBMSG_INVALID_ARGUMENT.
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_device_options_new(host_name: *const c_char, device_id: *const c_char, out: *mut *mut hubmsg_device_options) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_device_options_new(
+    host_name: *const c_char,
+    device_id: *const c_char,
+    out: *mut *mut hubmsg_device_options,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for all pointers.
         let (out, host, id) = unsafe { (Out::new(out, "out")?, arg_str(host_name, "host_name")?, arg_str(device_id, "device_id")?) };
-        out.put(hubmsg_device_options { opts: DeviceOptions::new(host, id, Credential::SymmetricKey(String::new())), has_credential: false });
+        out.put(hubmsg_device_options {
+            opts: DeviceOptions::new(host, id, Credential::SymmetricKey(String::new())),
+            has_credential: false,
+        });
         Ok(HUBMSG_OK)
     })
 }
@@ -135,7 +147,10 @@ pub unsafe extern "C" fn hubmsg_device_options_new(host_name: *const c_char, dev
 /// @param out Receives the options (NULL on failure); free with hubmsg_device_options_free().
 /// @return HUBMSG_OK, or HUBMSG_INVALID_ARGUMENT (malformed, or a service connection string).
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_device_options_from_connection_string(connection_string: *const c_char, out: *mut *mut hubmsg_device_options) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_device_options_from_connection_string(
+    connection_string: *const c_char,
+    out: *mut *mut hubmsg_device_options,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, cs) = unsafe { (Out::new(out, "out")?, arg_str(connection_string, "connection_string")?) };
@@ -225,14 +240,22 @@ pub unsafe extern "C" fn hubmsg_device_options_set_outbox_dir(opts: *mut hubmsg_
 /// @param overflow HUBMSG_OVERFLOW_REJECT or HUBMSG_OVERFLOW_DROP_OLDEST.
 /// @return HUBMSG_OK, or HUBMSG_INVALID_ARGUMENT.
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_device_options_set_outbox_limits(opts: *mut hubmsg_device_options, max_messages: u64, max_bytes: u64, overflow: i32) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_device_options_set_outbox_limits(
+    opts: *mut hubmsg_device_options,
+    max_messages: u64,
+    max_bytes: u64,
+    overflow: i32,
+) -> hubmsg_result {
     // SAFETY: forwarded contract.
     unsafe {
         with_options(opts, |o| {
             let overflow = arg_enum(
                 overflow,
                 "overflow",
-                &[(HUBMSG_OVERFLOW_REJECT, "HUBMSG_OVERFLOW_REJECT", Overflow::Reject), (HUBMSG_OVERFLOW_DROP_OLDEST, "HUBMSG_OVERFLOW_DROP_OLDEST", Overflow::DropOldest)],
+                &[
+                    (HUBMSG_OVERFLOW_REJECT, "HUBMSG_OVERFLOW_REJECT", Overflow::Reject),
+                    (HUBMSG_OVERFLOW_DROP_OLDEST, "HUBMSG_OVERFLOW_DROP_OLDEST", Overflow::DropOldest),
+                ],
             )?;
             if max_messages == 0 || max_bytes == 0 {
                 return Err(Error::invalid("outbox limits must be at least 1 message and 1 byte"));
@@ -253,7 +276,11 @@ pub unsafe extern "C" fn hubmsg_device_options_set_outbox_limits(opts: *mut hubm
 ///        otherwise.
 /// @return HUBMSG_OK, or HUBMSG_INVALID_ARGUMENT.
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_device_options_set_durability(opts: *mut hubmsg_device_options, mode: i32, interval_ms: u32) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_device_options_set_durability(
+    opts: *mut hubmsg_device_options,
+    mode: i32,
+    interval_ms: u32,
+) -> hubmsg_result {
     // SAFETY: forwarded contract.
     unsafe {
         with_options(opts, |o| {
@@ -512,7 +539,10 @@ pub unsafe extern "C" fn hubmsg_device_new(opts: *const hubmsg_device_options, o
 /// @param out Receives the client (NULL on failure); free with hubmsg_device_free().
 /// @return HUBMSG_OK, HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE (called on a runtime thread).
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_device_new_from_connection_string(connection_string: *const c_char, out: *mut *mut hubmsg_device) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_device_new_from_connection_string(
+    connection_string: *const c_char,
+    out: *mut *mut hubmsg_device,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, cs) = unsafe { (Out::new(out, "out")?, arg_str(connection_string, "connection_string")?) };
@@ -567,7 +597,8 @@ struct SlotGuard(Arc<Slot>);
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.0.set(Err(Error::new(ErrorKind::Closed, "the client was freed before the message reached an outcome; it stays in the outbox")));
+        self.0
+            .set(Err(Error::new(ErrorKind::Closed, "the client was freed before the message reached an outcome; it stays in the outbox")));
     }
 }
 

@@ -130,7 +130,12 @@ fn start(o: &hubmsg_hub_options) -> Result<hubmsg_hub> {
     let rt = crate::runtime::runtime()?;
     let hub = crate::runtime::block_on(&rt, "hubmsg_hub_start", hubmsg_core::hub::Hub::start(cfg))??;
     let address = hub.mqtt_addr().map(|a| a.to_string()).ok_or_else(|| Error::new(ErrorKind::Internal, "the hub has no plain listener"))?;
-    Ok(hubmsg_hub { address: crate::result::to_cstring(&address), service_cs: crate::result::to_cstring(&hub.service_connection_string()), hub: Some(hub), rt })
+    Ok(hubmsg_hub {
+        address: crate::result::to_cstring(&address),
+        service_cs: crate::result::to_cstring(&hub.service_connection_string()),
+        hub: Some(hub),
+        rt,
+    })
 }
 
 #[cfg(not(feature = "hub"))]
@@ -150,7 +155,8 @@ fn start(_: &hubmsg_hub_options) -> Result<hubmsg_hub> {
 pub unsafe extern "C" fn hubmsg_hub_start(data_dir: *const c_char, listen_addr: *const c_char, out: *mut *mut hubmsg_hub) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for all pointers.
-        let (out, dir, listen) = unsafe { (Out::new(out, "out")?, arg_str(data_dir, "data_dir")?, crate::args::opt_str(listen_addr, "listen_addr")?) };
+        let (out, dir, listen) =
+            unsafe { (Out::new(out, "out")?, arg_str(data_dir, "data_dir")?, crate::args::opt_str(listen_addr, "listen_addr")?) };
         let listen = listen.map(parse_listen).transpose()?.unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
         out.put(start(&hubmsg_hub_options { data_dir: dir.into(), listen, feedback_interval: None, durability: None })?);
         Ok(HUBMSG_OK)
@@ -228,7 +234,11 @@ fn running(h: &hubmsg_hub) -> Result<&hubmsg_core::hub::Hub> {
 ///        free with hubmsg_string_free().
 /// @return HUBMSG_OK, HUBMSG_ALREADY_EXISTS, HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE.
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_hub_create_device(hub: *mut hubmsg_hub, device_id: *const c_char, out_connection_string: *mut *mut c_char) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_hub_create_device(
+    hub: *mut hubmsg_hub,
+    device_id: *const c_char,
+    out_connection_string: *mut *mut c_char,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for all pointers.
         let (out, h, id) = unsafe { (Out::optional(out_connection_string), arg_ref(hub, "hub")?, arg_str(device_id, "device_id")?) };
@@ -244,7 +254,13 @@ pub unsafe extern "C" fn hubmsg_hub_create_device(hub: *mut hubmsg_hub, device_i
         #[cfg(not(feature = "hub"))]
         {
             let _ = (out, h, id);
-            start(&hubmsg_hub_options { data_dir: PathBuf::new(), listen: ([127, 0, 0, 1], 0).into(), feedback_interval: None, durability: None }).map(|_| HUBMSG_OK)
+            start(&hubmsg_hub_options {
+                data_dir: PathBuf::new(),
+                listen: ([127, 0, 0, 1], 0).into(),
+                feedback_interval: None,
+                durability: None,
+            })
+            .map(|_| HUBMSG_OK)
         }
     })
 }
@@ -256,7 +272,11 @@ pub unsafe extern "C" fn hubmsg_hub_create_device(hub: *mut hubmsg_hub, device_i
 /// @param out Receives the string (NULL on failure); free with hubmsg_string_free().
 /// @return HUBMSG_OK, HUBMSG_NOT_FOUND, or HUBMSG_INVALID_ARGUMENT.
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_hub_device_connection_string(hub: *const hubmsg_hub, device_id: *const c_char, out: *mut *mut c_char) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_hub_device_connection_string(
+    hub: *const hubmsg_hub,
+    device_id: *const c_char,
+    out: *mut *mut c_char,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for all pointers.
         let (out, h, id) = unsafe { (Out::new(out, "out")?, arg_ref(hub, "hub")?, arg_str(device_id, "device_id")?) };

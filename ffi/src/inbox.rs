@@ -59,7 +59,11 @@ impl<S: Source> Inbox<S> {
                 *state = other;
                 Err(Error::new(
                     ErrorKind::Usage,
-                    format!("{} are already consumed by {}; use either recv or a callback, once", self.what, if matches!(state, State::Pull(_)) { "recv" } else { "a callback" }),
+                    format!(
+                        "{} are already consumed by {}; use either recv or a callback, once",
+                        self.what,
+                        if matches!(state, State::Pull(_)) { "recv" } else { "a callback" }
+                    ),
                 ))
             }
         }
@@ -115,7 +119,12 @@ impl<S: Source> Inbox<S> {
     }
 
     /// Switches to callback mode: every item becomes a job on `dispatcher` that runs `deliver`.
-    pub(crate) fn set_callback(&self, rt: &Rt, dispatcher: &Arc<Dispatcher>, deliver: impl Fn(S::Item) + Send + Sync + 'static) -> Result<()> {
+    pub(crate) fn set_callback(
+        &self,
+        rt: &Rt,
+        dispatcher: &Arc<Dispatcher>,
+        deliver: impl Fn(S::Item) + Send + Sync + 'static,
+    ) -> Result<()> {
         dispatcher.start()?;
         let mut state = self.state.lock();
         let source = self.open(&mut state)?;

@@ -169,9 +169,13 @@ pub unsafe extern "C" fn hubmsg_set_log_callback(callback: *const hubmsg_log_cal
             let cb = unsafe { arg_ref(callback, "callback") }?;
             Some(Closure::<LogFn>::new("log callback", cb.context, cb.call, cb.drop)?)
         };
-        let installed = *INSTALLED.get_or_init(|| tracing::subscriber::set_global_default(CallbackSubscriber { next_span: AtomicU64::new(1) }).is_ok());
+        let installed =
+            *INSTALLED.get_or_init(|| tracing::subscriber::set_global_default(CallbackSubscriber { next_span: AtomicU64::new(1) }).is_ok());
         if !installed && new.is_some() {
-            return Err(Error::new(ErrorKind::Usage, "another tracing subscriber is already the process default; hubmsg cannot route logs to a callback"));
+            return Err(Error::new(
+                ErrorKind::Usage,
+                "another tracing subscriber is already the process default; hubmsg cannot route logs to a callback",
+            ));
         }
         MAX_LEVEL.store(if new.is_some() { max_level } else { HUBMSG_LOG_OFF }, Ordering::SeqCst);
         let old = std::mem::replace(&mut *CALLBACK.write(), new);

@@ -369,7 +369,12 @@ pub unsafe extern "C" fn hubmsg_message_property_count(msg: *const hubmsg_messag
 /// @param value Receives the value (valid while `msg` lives unchanged; NULL on failure).
 /// @return HUBMSG_OK, or HUBMSG_INVALID_ARGUMENT (NULL pointer, index out of range).
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_message_property_at(msg: *const hubmsg_message, index: usize, name: *mut *const c_char, value: *mut *const c_char) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_message_property_at(
+    msg: *const hubmsg_message,
+    index: usize,
+    name: *mut *const c_char,
+    value: *mut *const c_char,
+) -> hubmsg_result {
     guard(|| {
         if name.is_null() || value.is_null() {
             return Err(crate::args::null(if name.is_null() { "name" } else { "value" }));
@@ -382,7 +387,8 @@ pub unsafe extern "C" fn hubmsg_message_property_at(msg: *const hubmsg_message, 
         // SAFETY: the C API contract for `msg`.
         let m = unsafe { arg_ref(msg, "msg") }?;
         let props = &m.view().properties;
-        let (k, v) = props.get(index).ok_or_else(|| Error::invalid(format!("property index {index} is out of range (count {})", props.len())))?;
+        let (k, v) =
+            props.get(index).ok_or_else(|| Error::invalid(format!("property index {index} is out of range (count {})", props.len())))?;
         // SAFETY: as above.
         unsafe {
             *name = k.as_ptr();

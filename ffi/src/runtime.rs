@@ -27,7 +27,8 @@ pub(crate) fn runtime() -> Result<Rt> {
     if let Some(rt) = slot.upgrade() {
         return Ok(rt);
     }
-    let workers = std::env::var("HUBMSG_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| (1..=64).contains(n)).unwrap_or(2);
+    let workers =
+        std::env::var("HUBMSG_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| (1..=64).contains(n)).unwrap_or(2);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .max_blocking_threads(16)

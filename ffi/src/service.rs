@@ -67,8 +67,10 @@ const ACK_MODES: &[(i32, &str, AckMode)] = &[
     (HUBMSG_ACK_FULL, "HUBMSG_ACK_FULL", AckMode::Full),
 ];
 
-const DEVICE_STATUSES: &[(i32, &str, DeviceStatus)] =
-    &[(HUBMSG_DEVICE_ENABLED, "HUBMSG_DEVICE_ENABLED", DeviceStatus::Enabled), (HUBMSG_DEVICE_DISABLED, "HUBMSG_DEVICE_DISABLED", DeviceStatus::Disabled)];
+const DEVICE_STATUSES: &[(i32, &str, DeviceStatus)] = &[
+    (HUBMSG_DEVICE_ENABLED, "HUBMSG_DEVICE_ENABLED", DeviceStatus::Enabled),
+    (HUBMSG_DEVICE_DISABLED, "HUBMSG_DEVICE_DISABLED", DeviceStatus::Disabled),
+];
 
 fn feedback_code(s: FeedbackStatus) -> i32 {
     match s {
@@ -98,7 +100,8 @@ pub struct hubmsg_feedback {
 impl From<&FeedbackRecord> for hubmsg_feedback {
     fn from(r: &FeedbackRecord) -> hubmsg_feedback {
         hubmsg_feedback {
-            strings: [&r.original_message_id, &r.device_id, &r.device_generation_id, &r.enqueued_time_utc, &r.description].map(|s| to_cstring(s)),
+            strings: [&r.original_message_id, &r.device_id, &r.device_generation_id, &r.enqueued_time_utc, &r.description]
+                .map(|s| to_cstring(s)),
             status: feedback_code(r.status_code),
         }
     }
@@ -203,7 +206,10 @@ pub struct hubmsg_device_identity_info {
 /// @param out Receives the fields (strings valid while the identity lives).
 /// @return HUBMSG_OK or HUBMSG_INVALID_ARGUMENT.
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_device_identity_get_info(identity: *const hubmsg_device_identity, out: *mut hubmsg_device_identity_info) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_device_identity_get_info(
+    identity: *const hubmsg_device_identity,
+    out: *mut hubmsg_device_identity_info,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for `identity`.
         let d = unsafe { arg_ref(identity, "identity") }?;
@@ -261,7 +267,10 @@ pub unsafe extern "C" fn hubmsg_device_list_at(list: *const hubmsg_device_list, 
     guard_or(std::ptr::null(), || {
         // SAFETY: the C API contract for `list`.
         let l = unsafe { arg_ref(list, "list") }?;
-        l.items.get(index).map(|d| d as *const _).ok_or_else(|| Error::invalid(format!("index {index} is out of range (count {})", l.items.len())))
+        l.items
+            .get(index)
+            .map(|d| d as *const _)
+            .ok_or_else(|| Error::invalid(format!("index {index} is out of range (count {})", l.items.len())))
     })
 }
 
@@ -325,10 +334,15 @@ unsafe fn service<'a>(svc: *mut hubmsg_service) -> Result<&'a hubmsg_service> {
 /// @param out Receives the client (NULL on failure); free with hubmsg_service_free().
 /// @return HUBMSG_OK, HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE (runtime thread).
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_service_new(connection_string: *const c_char, ca_file: *const c_char, out: *mut *mut hubmsg_service) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_service_new(
+    connection_string: *const c_char,
+    ca_file: *const c_char,
+    out: *mut *mut hubmsg_service,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for all pointers.
-        let (out, cs, ca) = unsafe { (Out::new(out, "out")?, arg_str(connection_string, "connection_string")?, opt_str(ca_file, "ca_file")?) };
+        let (out, cs, ca) =
+            unsafe { (Out::new(out, "out")?, arg_str(connection_string, "connection_string")?, opt_str(ca_file, "ca_file")?) };
         let mut opts = ServiceOptions::from_connection_string(cs)?;
         opts.tls = ca.map(|f| TlsOptions { ca_file: Some(f.into()) });
         let rt = runtime()?;
@@ -459,7 +473,11 @@ pub unsafe extern "C" fn hubmsg_service_send_c2d_and_wait(
 /// @param out_count Optional (may be NULL): receives how many were removed.
 /// @return HUBMSG_OK, HUBMSG_NOT_FOUND, HUBMSG_INVALID_ARGUMENT, HUBMSG_CLOSED, or HUBMSG_USAGE.
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_service_purge_c2d(svc: *mut hubmsg_service, device_id: *const c_char, out_count: *mut u64) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_service_purge_c2d(
+    svc: *mut hubmsg_service,
+    device_id: *const c_char,
+    out_count: *mut u64,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for all pointers.
         let (s, id) = unsafe { (service(svc)?, arg_str(device_id, "device_id")?) };
@@ -495,7 +513,11 @@ impl From<FeedbackBatch> for hubmsg_feedback_batch {
 /// @return HUBMSG_OK, HUBMSG_EMPTY (timeout), HUBMSG_CLOSED, HUBMSG_INVALID_ARGUMENT, or
 ///         HUBMSG_USAGE (callback registered, or runtime thread).
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_service_feedback_next(svc: *mut hubmsg_service, timeout_ms: u32, out: *mut *mut hubmsg_feedback_batch) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_service_feedback_next(
+    svc: *mut hubmsg_service,
+    timeout_ms: u32,
+    out: *mut *mut hubmsg_feedback_batch,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, s) = unsafe { (Out::new(out, "out")?, service(svc)?) };
@@ -543,7 +565,10 @@ pub unsafe extern "C" fn hubmsg_feedback_batch_at(batch: *const hubmsg_feedback_
     guard_or(std::ptr::null(), || {
         // SAFETY: the C API contract for `batch`.
         let b = unsafe { arg_ref(batch, "batch") }?;
-        b.records.get(index).map(|r| r as *const _).ok_or_else(|| Error::invalid(format!("index {index} is out of range (count {})", b.records.len())))
+        b.records
+            .get(index)
+            .map(|r| r as *const _)
+            .ok_or_else(|| Error::invalid(format!("index {index} is out of range (count {})", b.records.len())))
     })
 }
 
@@ -588,7 +613,11 @@ fn put_identity(out: Option<Out<hubmsg_device_identity>>, d: &DeviceIdentity) {
 /// @return HUBMSG_OK, HUBMSG_ALREADY_EXISTS, HUBMSG_INVALID_ARGUMENT, HUBMSG_UNAUTHORIZED,
 ///         HUBMSG_CLOSED, or HUBMSG_USAGE.
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_service_create_device(svc: *mut hubmsg_service, device_id: *const c_char, out: *mut *mut hubmsg_device_identity) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_service_create_device(
+    svc: *mut hubmsg_service,
+    device_id: *const c_char,
+    out: *mut *mut hubmsg_device_identity,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for all pointers.
         let (out, s, id) = unsafe { (Out::optional(out), service(svc)?, arg_str(device_id, "device_id")?) };
@@ -604,7 +633,11 @@ pub unsafe extern "C" fn hubmsg_service_create_device(svc: *mut hubmsg_service, 
 /// @param out Receives the identity (NULL on failure); free with hubmsg_device_identity_free().
 /// @return HUBMSG_OK, HUBMSG_NOT_FOUND, HUBMSG_INVALID_ARGUMENT, HUBMSG_CLOSED, or HUBMSG_USAGE.
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_service_get_device(svc: *mut hubmsg_service, device_id: *const c_char, out: *mut *mut hubmsg_device_identity) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_service_get_device(
+    svc: *mut hubmsg_service,
+    device_id: *const c_char,
+    out: *mut *mut hubmsg_device_identity,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for all pointers.
         let (out, s, id) = unsafe { (Out::new(out, "out")?, service(svc)?, arg_str(device_id, "device_id")?) };
@@ -674,7 +707,11 @@ pub unsafe extern "C" fn hubmsg_service_set_device_status(
 /// @param out Receives the string (NULL on failure); free with hubmsg_string_free().
 /// @return HUBMSG_OK, HUBMSG_NOT_FOUND, HUBMSG_INVALID_ARGUMENT, HUBMSG_CLOSED, or HUBMSG_USAGE.
 #[no_mangle]
-pub unsafe extern "C" fn hubmsg_service_device_connection_string(svc: *mut hubmsg_service, device_id: *const c_char, out: *mut *mut c_char) -> hubmsg_result {
+pub unsafe extern "C" fn hubmsg_service_device_connection_string(
+    svc: *mut hubmsg_service,
+    device_id: *const c_char,
+    out: *mut *mut c_char,
+) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for all pointers.
         let (out, s, id) = unsafe { (Out::new(out, "out")?, service(svc)?, arg_str(device_id, "device_id")?) };

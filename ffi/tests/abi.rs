@@ -84,7 +84,13 @@ fn blocking_calls_on_a_runtime_thread_are_refused() {
         let mut c = null_mut();
         let mut d2 = null_mut();
         // SAFETY: valid handles and out-pointers.
-        unsafe { (hubmsg_device_flush(d, 10), hubmsg_device_recv(d, 10, &mut c), hubmsg_device_new_from_connection_string(c"HostName=127.0.0.1:1;DeviceId=x;SharedAccessKey=a2V5".as_ptr(), &mut d2)) }
+        unsafe {
+            (
+                hubmsg_device_flush(d, 10),
+                hubmsg_device_recv(d, 10, &mut c),
+                hubmsg_device_new_from_connection_string(c"HostName=127.0.0.1:1;DeviceId=x;SharedAccessKey=a2V5".as_ptr(), &mut d2),
+            )
+        }
     });
     assert_eq!(flush, HUBMSG_USAGE);
     assert_eq!(recv, HUBMSG_USAGE);

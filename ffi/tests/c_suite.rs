@@ -67,9 +67,14 @@ fn run(exe: &Path, args: &[&str], valgrind: bool, limit: Duration) -> Run {
     let name = exe.file_name().unwrap().to_string_lossy().to_string();
     let mut cmd = if valgrind {
         let mut c = Command::new("valgrind");
-        c.args(["--leak-check=full", "--error-exitcode=1", "--errors-for-leak-kinds=definite,indirect,possible", "--show-leak-kinds=definite,indirect,possible"])
-            .arg(format!("--suppressions={}", repo().join("ffi/tests/c/valgrind.supp").display()))
-            .arg(exe);
+        c.args([
+            "--leak-check=full",
+            "--error-exitcode=1",
+            "--errors-for-leak-kinds=definite,indirect,possible",
+            "--show-leak-kinds=definite,indirect,possible",
+        ])
+        .arg(format!("--suppressions={}", repo().join("ffi/tests/c/valgrind.supp").display()))
+        .arg(exe);
         c.env("HUBMSG_SLOW", "1");
         c
     } else {
@@ -226,7 +231,11 @@ fn pkg_config_file_builds_an_example() {
     let exe = out.path().join("send_telemetry");
     let cc = Command::new("sh")
         .arg("-c")
-        .arg(format!("gcc -std=c11 -Wall -Wextra -Werror -pedantic -o {} {} {flags}", exe.display(), repo().join("examples/c/send_telemetry.c").display()))
+        .arg(format!(
+            "gcc -std=c11 -Wall -Wextra -Werror -pedantic -o {} {} {flags}",
+            exe.display(),
+            repo().join("examples/c/send_telemetry.c").display()
+        ))
         .output()
         .unwrap();
     assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));

@@ -27,7 +27,12 @@ fn committed_header_matches_the_source() {
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     if committed != fresh {
-        let line = committed.lines().zip(fresh.lines()).position(|(a, b)| a != b).map_or(committed.lines().count().min(fresh.lines().count()), |i| i) + 1;
+        let line = committed
+            .lines()
+            .zip(fresh.lines())
+            .position(|(a, b)| a != b)
+            .map_or(committed.lines().count().min(fresh.lines().count()), |i| i)
+            + 1;
         panic!(
             "include/hubmsg.h is out of date with ffi/src (first difference at line {line}).\n\
              Regenerate it with: HUBMSG_BLESS=1 cargo test -p hubmsg-ffi --test header"

@@ -91,7 +91,9 @@ pub async fn roundtrip(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error
     plots.latency_curves.push(("C2D round trip (ack=full)".into(), total.percentile_curve()));
     let rows = vec![
         Row::new(Scenario::C2dRoundtrip, "C2D send -> complete -> feedback, p50", s.p50_ms, "ms").other_cpu(cpu.rest_cores),
-        Row::new(Scenario::C2dRoundtrip, "C2D send -> complete -> feedback, p99", s.p99_ms, "ms").target(Target::AtMost(10.0)).other_cpu(cpu.rest_cores),
+        Row::new(Scenario::C2dRoundtrip, "C2D send -> complete -> feedback, p99", s.p99_ms, "ms")
+            .target(Target::AtMost(10.0))
+            .other_cpu(cpu.rest_cores),
     ];
     Ok(Outcome {
         rows,

@@ -47,7 +47,12 @@ pub fn parse_body(b: &[u8]) -> Option<Stamp> {
         return None;
     }
     let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-    Some(Stamp { sent_ns: u64_at(0), device: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")), seq: u64_at(12), scheduled_ns: u64_at(20) })
+    Some(Stamp {
+        sent_ns: u64_at(0),
+        device: u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")),
+        seq: u64_at(12),
+        scheduled_ns: u64_at(20),
+    })
 }
 
 /// Most messages the bench keeps in all device outboxes of a run together (queued + in flight);
@@ -58,7 +63,13 @@ pub const OUTBOX_BUDGET: usize = 20_000;
 /// Sends messages `0..count` of device `d` with `send_batch` (up to 1,000 per batch, one group
 /// commit each), keeping at most `limit` messages in its outbox. Returns when the last batch was
 /// accepted (durable in the outbox).
-pub async fn send_all(dev: &DeviceClient, d: usize, count: u64, limit: usize, epoch: std::time::Instant) -> Result<std::time::Instant, Error> {
+pub async fn send_all(
+    dev: &DeviceClient,
+    d: usize,
+    count: u64,
+    limit: usize,
+    epoch: std::time::Instant,
+) -> Result<std::time::Instant, Error> {
     let mut seq = 0;
     while seq < count {
         let n = count.min(seq + 1000) - seq;
@@ -67,7 +78,10 @@ pub async fn send_all(dev: &DeviceClient, d: usize, count: u64, limit: usize, ep
         }
         let sent_ns = epoch.elapsed().as_nanos() as u64;
         let msgs = (seq..seq + n)
-            .map(|s| hubmsg_core::Message::new(body(Stamp { sent_ns, device: d as u32, seq: s, scheduled_ns: 0 })).with_message_id(super::stats::message_id(d, s)))
+            .map(|s| {
+                hubmsg_core::Message::new(body(Stamp { sent_ns, device: d as u32, seq: s, scheduled_ns: 0 }))
+                    .with_message_id(super::stats::message_id(d, s))
+            })
             .collect();
         dev.send_batch(msgs).await?;
         seq += n;
@@ -144,9 +158,14 @@ pub async fn register(svc: &ServiceClient, ids: &[String], key: &str, concurrenc
         while set.len() < concurrency && next < ids.len() {
             let (svc, id, key) = (svc.clone(), ids[next].clone(), key.to_string());
             set.spawn(async move {
-                svc.create_device_with(CreateDevice { device_id: id, primary_key: Some(key.clone()), secondary_key: Some(key), status: None })
-                    .await
-                    .map(|_| ())
+                svc.create_device_with(CreateDevice {
+                    device_id: id,
+                    primary_key: Some(key.clone()),
+                    secondary_key: Some(key),
+                    status: None,
+                })
+                .await
+                .map(|_| ())
             });
             next += 1;
         }
@@ -168,11 +187,14 @@ pub fn device_options(host: &str, id: &str, key: &str, outbox: OutboxOptions) ->
 /// Waits until `dev` is connected (error if it fails or `timeout` passes).
 pub async fn connected(dev: &DeviceClient, timeout: Duration) -> Result<(), Error> {
     let mut w = dev.status_watch();
-    let r = tokio::time::timeout(timeout, w.wait_for(|s| matches!(s, ConnectionStatus::Connected | ConnectionStatus::Failed { .. } | ConnectionStatus::Closed)))
-        .await
-        .map_err(|_| Error::new(ErrorKind::Timeout, format!("device {} not connected within {timeout:?}", dev.device_id())))?
-        .map_err(|_| Error::closed("device client"))?
-        .clone();
+    let r = tokio::time::timeout(
+        timeout,
+        w.wait_for(|s| matches!(s, ConnectionStatus::Connected | ConnectionStatus::Failed { .. } | ConnectionStatus::Closed)),
+    )
+    .await
+    .map_err(|_| Error::new(ErrorKind::Timeout, format!("device {} not connected within {timeout:?}", dev.device_id())))?
+    .map_err(|_| Error::closed("device client"))?
+    .clone();
     match r {
         ConnectionStatus::Connected => Ok(()),
         other => Err(Error::new(ErrorKind::Disconnected, format!("device {} did not connect: {other:?}", dev.device_id()))),

@@ -70,7 +70,13 @@ pub async fn worker(a: WorkerArgs) -> Result<(), Error> {
         set.spawn(async move {
             let _permit = permit;
             // A cheap client: in-memory outbox, no fsync.
-            let outbox = OutboxOptions { dir: None, durability: Durability::Never, max_messages: 64, max_bytes: 64 * 1024, overflow: Overflow::DropOldest };
+            let outbox = OutboxOptions {
+                dir: None,
+                durability: Durability::Never,
+                max_messages: 64,
+                max_bytes: 64 * 1024,
+                overflow: Overflow::DropOldest,
+            };
             let dev = DeviceClient::connect(common::device_options(&host, &id, &key, outbox)).await?;
             common::connected(&dev, Duration::from_secs(120)).await?;
             Ok::<_, Error>((n, dev))
@@ -164,7 +170,9 @@ impl WorkerProc {
             }
             Err(Error::new(ErrorKind::Internal, format!("a connection worker exited before saying '{word}'")))
         };
-        tokio::time::timeout(timeout, fut).await.map_err(|_| Error::new(ErrorKind::Timeout, format!("a connection worker did not say '{word}' within {timeout:?}")))?
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| Error::new(ErrorKind::Timeout, format!("a connection worker did not say '{word}' within {timeout:?}")))?
     }
 
     async fn tell(&mut self, what: &str) -> Result<(), Error> {
@@ -209,13 +217,19 @@ pub async fn connections(ctx: &Ctx) -> Result<Outcome, Error> {
         failed += v.get(1).copied().unwrap_or(0);
     }
     let connect_s = t.elapsed().as_secs_f64();
-    println!("  {connected} connections up in {connect_s:.1} s ({failed} failed; {} worker processes, {CONCURRENCY} at a time each)", workers.len());
+    println!(
+        "  {connected} connections up in {connect_s:.1} s ({failed} failed; {} worker processes, {CONCURRENCY} at a time each)",
+        workers.len()
+    );
     if connected < n as u64 {
         return Err(Error::new(ErrorKind::Disconnected, format!("only {connected} of {n} devices connected ({failed} failed)")));
     }
     let fds_connected = open_fds(hub.pid());
     if fds_connected < fds_idle + n {
-        return Err(Error::new(ErrorKind::Internal, format!("the hub holds {fds_connected} file descriptors ({fds_idle} idle); {n} connections should add {n}")));
+        return Err(Error::new(
+            ErrorKind::Internal,
+            format!("the hub holds {fds_connected} file descriptors ({fds_idle} idle); {n} connections should add {n}"),
+        ));
     }
     let rss_connected_idle = procstat::rss_kb(hub.pid()).unwrap_or(0);
 
@@ -259,7 +273,8 @@ pub async fn connections(ctx: &Ctx) -> Result<Outcome, Error> {
         return Err(Error::new(ErrorKind::Internal, format!("{errors} sends failed during the connection window")));
     }
     let rows = vec![
-        Row::new(Scenario::Connections, format!("hub RSS per connection ({n} connections)"), stats::round(per_conn_kb), "KiB").target(Target::AtMost(100.0)),
+        Row::new(Scenario::Connections, format!("hub RSS per connection ({n} connections)"), stats::round(per_conn_kb), "KiB")
+            .target(Target::AtMost(100.0)),
         Row::new(Scenario::Connections, format!("hub CPU, {n} devices x 1 msg / 10 s"), stats::round(cpu_pct), "% of a core"),
         Row::new(Scenario::Connections, format!("hub RSS with {n} connections"), stats::round(rss_end as f64 / 1024.0), "MiB"),
     ];

@@ -168,7 +168,13 @@ impl Tally {
 
     /// Stops the clocks (call once the last message arrived or the wait gave up), waits for the
     /// remaining senders and describes the run.
-    pub async fn stop(&mut self, senders: &mut JoinSet<Result<Instant, Error>>, system: &'static str, label: String, durability: String) -> ThroughputRun {
+    pub async fn stop(
+        &mut self,
+        senders: &mut JoinSet<Result<Instant, Error>>,
+        system: &'static str,
+        label: String,
+        durability: String,
+    ) -> ThroughputRun {
         let end = Instant::now();
         let cpu = self.meters.finish();
         let server_rss_kb = procstat::rss_kb(self.server).unwrap_or(0);
@@ -277,7 +283,10 @@ async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u
     events.close().await;
     rig.close().await;
     if let Some(why) = why {
-        return Err(Error::new(ErrorKind::Internal, format!("{} of {total} messages never reached the consumer (no event for {idle:?}): {why}", run.counts.missing)));
+        return Err(Error::new(
+            ErrorKind::Internal,
+            format!("{} of {total} messages never reached the consumer (no event for {idle:?}): {why}", run.counts.missing),
+        ));
     }
     Ok(run)
 }
@@ -446,7 +455,8 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, devices: usize, durability: 
                         let (dev, errors) = (devs[d].clone(), errors.clone());
                         runtime.spawn(async move {
                             let sent_ns = epoch.elapsed().as_nanos() as u64;
-                            let m = Message::new(body(Stamp { sent_ns, device: d as u32, seq, scheduled_ns })).with_message_id(message_id(d, seq));
+                            let m = Message::new(body(Stamp { sent_ns, device: d as u32, seq, scheduled_ns }))
+                                .with_message_id(message_id(d, seq));
                             if dev.send(m).await.is_err() {
                                 errors.fetch_add(1, Ordering::Relaxed);
                             }

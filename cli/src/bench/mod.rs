@@ -74,7 +74,14 @@ pub enum Scenario {
 
 impl Scenario {
     fn all() -> Vec<Scenario> {
-        vec![Scenario::D2cThroughput, Scenario::Baseline, Scenario::D2cLatency, Scenario::C2dRoundtrip, Scenario::Connections, Scenario::Recovery]
+        vec![
+            Scenario::D2cThroughput,
+            Scenario::Baseline,
+            Scenario::D2cLatency,
+            Scenario::C2dRoundtrip,
+            Scenario::Connections,
+            Scenario::Recovery,
+        ]
     }
 
     /// The name used on the command line and in the results.
@@ -336,7 +343,9 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
     }
     let table = table_text(&rows);
     println!("{table}");
-    println!("other CPU: cores busy outside the server and bench processes during that measurement (kernel work they cause, and any other load)");
+    println!(
+        "other CPU: cores busy outside the server and bench processes during that measurement (kernel work they cause, and any other load)"
+    );
 
     let passed = reports.iter().filter(|r| matches!(r.status, Status::Ok)).count();
     let failed = reports.iter().filter(|r| matches!(r.status, Status::Failed(_))).count();
@@ -524,7 +533,8 @@ mod tests {
         let mut r = Row::new(Scenario::D2cLatency, "p99", 4.0, "ms").target(Target::AtMost(5.0));
         r.evaluate();
         assert_eq!(r.status, "met");
-        let mut r = Row::new(Scenario::D2cThroughput, "x", 200_000.0, "msg/s").target(Target::AtLeast(150_000.0)).compare("d2c-1", Some(2.0));
+        let mut r =
+            Row::new(Scenario::D2cThroughput, "x", 200_000.0, "msg/s").target(Target::AtLeast(150_000.0)).compare("d2c-1", Some(2.0));
         r.evaluate();
         assert_eq!(r.status, "n/a", "a ratio target without a baseline is not met or missed");
         r.vs_mosquitto = Some(1.5);

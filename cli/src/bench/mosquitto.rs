@@ -22,10 +22,7 @@ use super::{Ctx, Outcome, Row, Scenario};
 /// Finds the mosquitto binary.
 fn find() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).chain(["/usr/sbin".into(), "/usr/local/sbin".into()]).map(|d| d.join("mosquitto")).find(|p| p.is_file())
 }
 
 fn run_quiet(cmd: &mut Command) -> Result<(), String> {
@@ -106,7 +103,11 @@ async fn start(bin: &Path, dir: &Path, log: &Path) -> Result<Broker, Error> {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(|l| l.trim().to_string()))
         .unwrap_or_default();
-    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(|e| Error::storage(format!("open {}", log.display()), e))?;
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| Error::storage(format!("open {}", log.display()), e))?;
     let child = Command::new(bin)
         .arg("-c")
         .arg(&conf)
@@ -146,7 +147,9 @@ async fn poll_until(el: &mut EventLoop, mut done: impl FnMut(&Packet) -> bool) -
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), fut).await.map_err(|_| Error::new(ErrorKind::Timeout, "mosquitto did not answer within 10 s"))?
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| Error::new(ErrorKind::Timeout, "mosquitto did not answer within 10 s"))?
 }
 
 fn options(id: String, port: u16) -> MqttOptions {
@@ -157,7 +160,10 @@ fn options(id: String, port: u16) -> MqttOptions {
 
 /// Scenario 6.
 pub async fn baseline(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> {
-    let bin = match tokio::task::spawn_blocking(ensure_installed).await.map_err(|e| Error::new(ErrorKind::Internal, format!("install task: {e}")))? {
+    let bin = match tokio::task::spawn_blocking(ensure_installed)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Internal, format!("install task: {e}")))?
+    {
         Ok(b) => b,
         Err(why) => return Ok(Outcome { unavailable: Some(why), ..Default::default() }),
     };
@@ -173,7 +179,11 @@ pub async fn baseline(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error>
         drop(broker);
         let run = run?;
         println!("  {}", run.line());
-        rows.push(Row::new(Scenario::Baseline, format!("Mosquitto, {}", run.label), stats::round(run.msgs_per_sec), "msg/s").key(&format!("d2c-{devices}")).other_cpu(run.cpu.rest_cores));
+        rows.push(
+            Row::new(Scenario::Baseline, format!("Mosquitto, {}", run.label), stats::round(run.msgs_per_sec), "msg/s")
+                .key(&format!("d2c-{devices}"))
+                .other_cpu(run.cpu.rest_cores),
+        );
         plots.add_throughput(&run);
         runs.push(run);
     }
@@ -256,7 +266,10 @@ async fn run(ctx: &Ctx, broker: &Broker, devices: usize, total: u64) -> Result<T
     if run.counts.missing > 0 || ack_errors > 0 {
         return Err(Error::new(
             ErrorKind::Internal,
-            format!("mosquitto baseline: {} of {total} messages never reached the subscriber ({ack_errors} acks not queued)", run.counts.missing),
+            format!(
+                "mosquitto baseline: {} of {total} messages never reached the subscriber ({ack_errors} acks not queued)",
+                run.counts.missing
+            ),
         ));
     }
     Ok(run)

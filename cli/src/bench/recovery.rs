@@ -45,7 +45,13 @@ pub async fn recovery(ctx: &Ctx) -> Result<Outcome, Error> {
     // stores it with its default durability (fsync, group commit).
     let mut devs = Vec::new();
     for id in &ids[..devices] {
-        let outbox = OutboxOptions { dir: None, durability: Durability::Never, max_messages: per as usize + 1, max_bytes: 1 << 30, overflow: Overflow::Reject };
+        let outbox = OutboxOptions {
+            dir: None,
+            durability: Durability::Never,
+            max_messages: per as usize + 1,
+            max_bytes: 1 << 30,
+            overflow: Overflow::Reject,
+        };
         devs.push(DeviceClient::connect(common::device_options(&hub.host(), id, &ctx.device_key, outbox)).await?);
     }
     for d in &devs {
@@ -74,7 +80,11 @@ pub async fn recovery(ctx: &Ctx) -> Result<Outcome, Error> {
     }
     let rss_before = procstat::rss_kb(hub.pid()).unwrap_or(0);
     let on_disk = disk_bytes(&hub.data.join("events"));
-    println!("  stored {stored} messages from {devices} devices in {fill_s:.1} s ({:.0} msg/s), {:.0} MiB of event log", stored as f64 / fill_s, on_disk as f64 / 1048576.0);
+    println!(
+        "  stored {stored} messages from {devices} devices in {fill_s:.1} s ({:.0} msg/s), {:.0} MiB of event log",
+        stored as f64 / fill_s,
+        on_disk as f64 / 1048576.0
+    );
 
     // SIGKILL, then restart on the same data and port.
     hub.proc.kill();
@@ -115,8 +125,10 @@ pub async fn recovery(ctx: &Ctx) -> Result<Outcome, Error> {
     let (tcp_s, connack_s, ready_s, first_s) = (secs(tcp_at.unwrap_or(connack_at)), secs(connack_at), secs(ready_at), secs(first_event_at));
     println!("  restart after SIGKILL: TCP accept {tcp_s:.3} s, CONNACK {connack_s:.3} s, first event {first_s:.3} s (hub printed ready at {ready_s:.3} s)");
     let rows = vec![
-        Row::new(Scenario::Recovery, format!("restart with {} stored: CONNACK", fmt_count(stored)), connack_s, "s").target(Target::AtMost(1.0)),
-        Row::new(Scenario::Recovery, format!("restart with {} stored: first event", fmt_count(stored)), first_s, "s").target(Target::AtMost(1.0)),
+        Row::new(Scenario::Recovery, format!("restart with {} stored: CONNACK", fmt_count(stored)), connack_s, "s")
+            .target(Target::AtMost(1.0)),
+        Row::new(Scenario::Recovery, format!("restart with {} stored: first event", fmt_count(stored)), first_s, "s")
+            .target(Target::AtMost(1.0)),
     ];
     Ok(Outcome {
         rows,

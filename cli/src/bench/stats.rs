@@ -75,7 +75,13 @@ impl IdTracker {
 
     /// The accounting so far.
     pub fn counts(&self) -> Counts {
-        Counts { expected: self.expected, received: self.unique, missing: self.expected - self.unique, duplicates: self.duplicates, unknown: self.unknown }
+        Counts {
+            expected: self.expected,
+            received: self.unique,
+            missing: self.expected - self.unique,
+            duplicates: self.duplicates,
+            unknown: self.unknown,
+        }
     }
 }
 

@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, MAX_C2D_SIZE};
+pub use crate::proto::{AckMode, FeedbackRecord, FeedbackStatus};
 use crate::store::{Durability, Machine, StateLog, StateOptions};
 use crate::wire;
-pub use crate::proto::{AckMode, FeedbackRecord, FeedbackStatus};
 
 /// Limits of the C2D queues (reference §6.2, §9.4).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,8 +173,7 @@ pub struct State {
 
 impl Machine for State {
     fn apply(&mut self, event: &[u8]) -> Result<()> {
-        let ev: Event = serde_json::from_slice(event)
-            .map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt C2D event: {e}")))?;
+        let ev: Event = serde_json::from_slice(event).map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt C2D event: {e}")))?;
         self.apply_event(ev);
         Ok(())
     }
@@ -299,14 +298,25 @@ impl State {
         if depth >= limits.max_queue {
             return Err(Error::new(
                 ErrorKind::QueueFull,
-                format!("device '{device}' has {depth} pending messages (limit {}); wait for it to complete some or purge its queue (403004)", limits.max_queue),
+                format!(
+                    "device '{device}' has {depth} pending messages (limit {}); wait for it to complete some or purge its queue (403004)",
+                    limits.max_queue
+                ),
             ));
         }
         let seq = q.map_or(1, |q| q.next_seq.max(1));
         Ok(Event::Enqueue {
             device: device.to_string(),
             generation_id: generation_id.to_string(),
-            entry: Entry { seq, message_id, ack, enqueued_ms: now_ms, expiry_ms: now_ms + ttl.as_millis() as u64, delivery_count: 0, record },
+            entry: Entry {
+                seq,
+                message_id,
+                ack,
+                enqueued_ms: now_ms,
+                expiry_ms: now_ms + ttl.as_millis() as u64,
+                delivery_count: 0,
+                record,
+            },
         })
     }
 
@@ -471,10 +481,7 @@ mod tests {
         settle(&mut s, "d", c, Settle::Reject);
         s.apply(&encode(&Event::Purge { device: "d".into(), at_ms: 5 })).unwrap();
         let got: Vec<_> = s.pending_feedback().iter().map(|r| (r.original_message_id.as_str(), r.status_code)).collect();
-        assert_eq!(
-            got,
-            vec![("rej", FeedbackStatus::Rejected), ("exp", FeedbackStatus::Expired), ("pur", FeedbackStatus::Purged)]
-        );
+        assert_eq!(got, vec![("rej", FeedbackStatus::Rejected), ("exp", FeedbackStatus::Expired), ("pur", FeedbackStatus::Purged)]);
         assert_eq!(s.outcomes().get("Rejected"), Some(&2));
     }
 
@@ -732,7 +739,9 @@ impl C2d {
             };
             message.message_id = Some(e.message_id.clone());
             message.expiry_time_ms = Some(e.expiry_ms);
-            message.system.retain(|(k, _)| !matches!(k.as_str(), "$.to" | "iothub-ack" | "iothub-sequencenumber" | "iothub-enqueuedtime" | "iothub-deliverycount"));
+            message.system.retain(|(k, _)| {
+                !matches!(k.as_str(), "$.to" | "iothub-ack" | "iothub-sequencenumber" | "iothub-enqueuedtime" | "iothub-deliverycount")
+            });
             message.system.extend([
                 ("$.to".to_string(), format!("/devices/{device}/messages/devicebound")),
                 ("iothub-ack".to_string(), e.ack.as_str().to_string()),

@@ -136,8 +136,8 @@ struct CheckpointEvent {
 
 impl Machine for Checkpoints {
     fn apply(&mut self, event: &[u8]) -> Result<()> {
-        let ev: CheckpointEvent = serde_json::from_slice(event)
-            .map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt checkpoint event: {e}")))?;
+        let ev: CheckpointEvent =
+            serde_json::from_slice(event).map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt checkpoint event: {e}")))?;
         let slot = self.by_group.entry(ev.g).or_default().entry(ev.p).or_insert(0);
         *slot = (*slot).max(ev.s);
         Ok(())
@@ -150,8 +150,7 @@ impl Machine for Checkpoints {
     fn restore(snapshot: Option<&[u8]>) -> Result<Self> {
         match snapshot {
             None => Ok(Checkpoints::default()),
-            Some(b) => serde_json::from_slice(b)
-                .map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt checkpoint snapshot: {e}"))),
+            Some(b) => serde_json::from_slice(b).map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt checkpoint snapshot: {e}"))),
         }
     }
 }

@@ -175,10 +175,14 @@ impl Hub {
         let meta_path = dir.join("hub.json");
         match std::fs::read(&meta_path) {
             Ok(b) => {
-                let meta: Meta = serde_json::from_slice(&b)
-                    .map_err(|e| Error::new(ErrorKind::Storage, format!("{}: {e}", meta_path.display())))?;
+                let meta: Meta =
+                    serde_json::from_slice(&b).map_err(|e| Error::new(ErrorKind::Storage, format!("{}: {e}", meta_path.display())))?;
                 if meta.partitions != config.partitions {
-                    tracing::warn!(existing = meta.partitions, requested = config.partitions, "partition count is fixed at creation; using the existing one");
+                    tracing::warn!(
+                        existing = meta.partitions,
+                        requested = config.partitions,
+                        "partition count is fixed at creation; using the existing one"
+                    );
                     config.partitions = meta.partitions;
                 }
             }
@@ -206,7 +210,9 @@ impl Hub {
             Some(_) => {
                 let files = match &config.tls {
                     Some(f) => f.clone(),
-                    None => tls::ensure_self_signed(&dir, &["localhost".into(), "127.0.0.1".into(), "::1".into(), config.host_name.clone()])?,
+                    None => {
+                        tls::ensure_self_signed(&dir, &["localhost".into(), "127.0.0.1".into(), "::1".into(), config.host_name.clone()])?
+                    }
                 };
                 let sc = tls::server_config(&files)?;
                 config.tls = Some(files);
@@ -282,11 +288,8 @@ impl Hub {
 
     /// The connection string of a policy.
     pub fn policy_connection_string(&self, policy: &str) -> Result<String> {
-        let p = self
-            .shared
-            .registry
-            .policy(policy)
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no policy named '{policy}'")))?;
+        let p =
+            self.shared.registry.policy(policy).ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no policy named '{policy}'")))?;
         Ok(ConnectionString {
             host_name: self.host_name(),
             shared_access_key_name: Some(p.name),
@@ -386,16 +389,14 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
         tokio::spawn(async move {
             let stream: Option<crate::transport::BoxStream> = match tls {
                 None => Some(Box::new(tcp)),
-                Some(acc) => {
-                    match tokio::time::timeout(shared.config.connect_timeout, acc.accept(tcp)).await {
-                        Ok(Ok(s)) => Some(Box::new(s)),
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            None
-                        }
-                        Err(_) => None,
+                Some(acc) => match tokio::time::timeout(shared.config.connect_timeout, acc.accept(tcp)).await {
+                    Ok(Ok(s)) => Some(Box::new(s)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        None
                     }
-                }
+                    Err(_) => None,
+                },
             };
             if let Some(stream) = stream {
                 session::serve(shared.clone(), stream, peer).await;

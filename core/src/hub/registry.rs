@@ -59,8 +59,8 @@ enum Event {
 
 impl Machine for State {
     fn apply(&mut self, event: &[u8]) -> Result<()> {
-        let ev: Event = serde_json::from_slice(event)
-            .map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt registry event: {e}")))?;
+        let ev: Event =
+            serde_json::from_slice(event).map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt registry event: {e}")))?;
         match ev {
             Event::PutDevice(d) => {
                 self.devices.insert(d.device_id.clone(), d);
@@ -82,8 +82,7 @@ impl Machine for State {
     fn restore(snapshot: Option<&[u8]>) -> Result<Self> {
         match snapshot {
             None => Ok(State::default()),
-            Some(b) => serde_json::from_slice(b)
-                .map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt registry snapshot: {e}"))),
+            Some(b) => serde_json::from_slice(b).map_err(|e| Error::new(ErrorKind::Storage, format!("corrupt registry snapshot: {e}"))),
         }
     }
 }
@@ -125,12 +124,7 @@ impl Registry {
             ("registryReadWrite", vec![Right::RegistryRead, Right::RegistryWrite]),
         ] {
             if reg.policy(name).is_none() {
-                let p = Policy {
-                    name: name.to_string(),
-                    primary_key: auth::generate_key(),
-                    secondary_key: auth::generate_key(),
-                    rights,
-                };
+                let p = Policy { name: name.to_string(), primary_key: auth::generate_key(), secondary_key: auth::generate_key(), rights };
                 let seq = reg.log.commit(&encode(&Event::PutPolicy(p)))?;
                 reg.log.wait_durable_blocking(seq)?;
             }
@@ -218,7 +212,10 @@ impl Registry {
 }
 
 fn not_found(id: &str) -> Error {
-    Error::new(ErrorKind::NotFound, format!("device '{id}' is not registered; create it with `hubmsg device-identity create --device-id {id}`"))
+    Error::new(
+        ErrorKind::NotFound,
+        format!("device '{id}' is not registered; create it with `hubmsg device-identity create --device-id {id}`"),
+    )
 }
 
 fn generation_id() -> String {

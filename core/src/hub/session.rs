@@ -11,9 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::mqttbytes::v4::{
-    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
-};
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck};
 use rumqttc::mqttbytes::QoS;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch, Notify};
@@ -159,10 +157,7 @@ fn authenticate(shared: &Shared, c: &Connect) -> std::result::Result<Identity, (
     let unauthorized = |e: Error| (C::NotAuthorized, e.to_string());
     if let Some(skn) = &token.skn {
         let policy = shared.registry.policy(skn).ok_or((C::NotAuthorized, format!("unknown policy '{skn}'")))?;
-        token
-            .verify(&policy.primary_key, now)
-            .or_else(|_| token.verify(&policy.secondary_key, now))
-            .map_err(unauthorized)?;
+        token.verify(&policy.primary_key, now).or_else(|_| token.verify(&policy.secondary_key, now)).map_err(unauthorized)?;
         if user.device_id == proto::SERVICE_MARKER {
             if !auth::scope_covers(&sr, &user.host) || sr.trim_end_matches('/').contains('/') {
                 return Err((C::NotAuthorized, "service tokens must be scoped to the hub".into()));
@@ -187,14 +182,16 @@ fn authenticate(shared: &Shared, c: &Connect) -> std::result::Result<Identity, (
     Ok(Identity::Device { id: dev.device_id, generation_id: dev.generation_id, auth_method: "device" })
 }
 
-fn device_checks(shared: &Shared, c: &Connect, device_id: &str) -> std::result::Result<crate::proto::DeviceIdentity, (ConnectReturnCode, String)> {
+fn device_checks(
+    shared: &Shared,
+    c: &Connect,
+    device_id: &str,
+) -> std::result::Result<crate::proto::DeviceIdentity, (ConnectReturnCode, String)> {
     if user_module_or_mismatch(c, device_id) {
         return Err((ConnectReturnCode::BadClientId, format!("client id '{}' must equal the device id '{device_id}'", c.client_id)));
     }
-    let dev = shared
-        .registry
-        .device(device_id)
-        .ok_or((ConnectReturnCode::NotAuthorized, format!("device '{device_id}' is not registered")))?;
+    let dev =
+        shared.registry.device(device_id).ok_or((ConnectReturnCode::NotAuthorized, format!("device '{device_id}' is not registered")))?;
     if dev.status == DeviceStatus::Disabled {
         return Err((ConnectReturnCode::NotAuthorized, format!("device '{device_id}' is disabled")));
     }
@@ -231,10 +228,8 @@ impl DeviceSession<'_> {
         let mut scratch = bytes::BytesMut::with_capacity(4096);
         let mut subscribed = self.persistent && self.shared.c2d.read(|s| s.subscribed(&self.id));
         let mut deadline = Instant::now() + self.idle;
-        let auth_method = format!(
-            "{{\"scope\":\"{}\",\"type\":\"sas\",\"issuer\":\"iothub\",\"acceptingIpFilterRule\":null}}",
-            self.auth_method
-        );
+        let auth_method =
+            format!("{{\"scope\":\"{}\",\"type\":\"sas\",\"issuer\":\"iothub\",\"acceptingIpFilterRule\":null}}", self.auth_method);
         loop {
             // Acknowledge everything that became durable, in order.
             let head = *durable.borrow_and_update();
@@ -557,21 +552,18 @@ impl ServiceSession<'_> {
     fn start_consume(&mut self, body: &[u8]) -> Result<serde_json::Value> {
         need(&self.rights, Right::ServiceConnect, "consume")?;
         if let Some(c) = &self.consumer {
-            return Err(Error::invalid(format!("this connection already consumes group '{}'; open another connection for another group", c.group)));
+            return Err(Error::invalid(format!(
+                "this connection already consumes group '{}'; open another connection for another group",
+                c.group
+            )));
         }
         let req: ConsumeRequest = proto::parse_body("consume", body)?;
         let partitions = self.shared.events.count();
         // Packet ids are 16-bit: keep the total in flight below 60,000.
         let window = (req.window.max(1) as usize).min(60_000 / partitions as usize);
         let assignment = self.shared.groups.join(&req.group, self.member)?;
-        self.consumer = Some(Consumer {
-            group: req.group.clone(),
-            window,
-            from: req.from,
-            first_assignment: true,
-            assignment,
-            parts: HashMap::new(),
-        });
+        self.consumer =
+            Some(Consumer { group: req.group.clone(), window, from: req.from, first_assignment: true, assignment, parts: HashMap::new() });
         self.reassign();
         Ok(serde_json::json!({ "partitions": partitions, "window": window }))
     }

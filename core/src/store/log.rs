@@ -338,7 +338,11 @@ impl Log {
                 if first != expected {
                     return Err(Error::new(
                         ErrorKind::Storage,
-                        format!("{}: segment starts at {first} but the previous one ends at {}; the log is damaged", path.display(), expected - 1),
+                        format!(
+                            "{}: segment starts at {first} but the previous one ends at {}; the log is damaged",
+                            path.display(),
+                            expected - 1
+                        ),
                     ));
                 }
             }
@@ -377,10 +381,8 @@ impl Log {
             events,
         });
         let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("hubmsg-log".into())
-            .spawn(move || writer(s))
-            .map_err(io("spawn the log writer thread"))?;
+        let thread =
+            std::thread::Builder::new().name("hubmsg-log".into()).spawn(move || writer(s)).map_err(io("spawn the log writer thread"))?;
         Ok(Log { h: Arc::new(Handle { shared, thread: Mutex::new(Some(thread)) }) })
     }
 
@@ -505,7 +507,10 @@ impl Log {
                 Error::new(ErrorKind::Storage, format!("{}: record {} failed its checksum on read", path.display(), first_seq + k))
             })?;
             if seq != first_seq + k {
-                return Err(Error::new(ErrorKind::Storage, format!("{}: expected record {} at its offset, found {seq}", path.display(), first_seq + k)));
+                return Err(Error::new(
+                    ErrorKind::Storage,
+                    format!("{}: expected record {} at its offset, found {seq}", path.display(), first_seq + k),
+                ));
             }
             out.push(Record { seq, timestamp_ms: ts, payload: buf.slice(body.clone()) });
             pos = body.end;
@@ -642,7 +647,10 @@ fn shutdown(sh: &Arc<Shared>, thread: &Mutex<Option<JoinHandle<()>>>) -> Result<
         return Err(Error::new(ErrorKind::Storage, format!("log poisoned after fsync failure ({why})")));
     }
     if !st.pending.is_empty() {
-        return Err(Error::new(ErrorKind::Storage, format!("closing the log lost {} unwritten records: {}", st.pending_meta.len(), st.failing.clone().unwrap_or_default())));
+        return Err(Error::new(
+            ErrorKind::Storage,
+            format!("closing the log lost {} unwritten records: {}", st.pending_meta.len(), st.failing.clone().unwrap_or_default()),
+        ));
     }
     Ok(())
 }

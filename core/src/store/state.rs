@@ -294,7 +294,10 @@ mod tests {
         }
         s.compact().unwrap();
         s.close().unwrap();
-        let segs = std::fs::read_dir(dir.path().join("events")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".seg")).count();
+        let segs = std::fs::read_dir(dir.path().join("events"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".seg"))
+            .count();
         assert!(segs <= 2, "compaction removed old segments ({segs} left)");
         drop(s);
         let s = StateLog::<Sum>::open(dir.path(), opts).unwrap();
