@@ -36,13 +36,15 @@ fn free_port() -> u16 {
 }
 
 fn spawn_hub(data: &Path, port: u16) -> HubProc {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["hub", "--data", data.to_str().unwrap(), "--mqtt", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn hub");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Owned by a HubProc from here on, so a failed start still kills and reaps the child.
+    let mut hub = HubProc { child, cs: String::new() };
+    let mut lines = BufReader::new(hub.child.stdout.take().unwrap()).lines();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         assert!(Instant::now() < deadline, "hub did not start");
@@ -50,7 +52,8 @@ fn spawn_hub(data: &Path, port: u16) -> HubProc {
         if let Some(cs) = line.strip_prefix("HUBMSG_HUB_CONNECTION_STRING=") {
             // Keep draining stdout so the hub never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
-            return HubProc { child, cs: cs.to_string() };
+            hub.cs = cs.to_string();
+            return hub;
         }
     }
 }
