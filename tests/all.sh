@@ -5,8 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
 
-echo "== layer: rust (core unit + integration, CLI crash tests, C ABI from Rust) =="
+echo "== layer: lint (cargo fmt --check, cargo clippy -D warnings) =="
 status=0
+lint_failed=0
+cargo fmt --all --check >target/fmt.log 2>&1 || { cat target/fmt.log; lint_failed=$((lint_failed + 1)); }
+cargo clippy --workspace --all-targets -- -D warnings >target/clippy.log 2>&1 || { grep -A15 -E '^(error|warning)' target/clippy.log | head -n 200; lint_failed=$((lint_failed + 1)); }
+echo "lint: $((2 - lint_failed)) passed, $lint_failed failed"
+[ "$lint_failed" -eq 0 ] || status=1
+
+echo "== layer: rust (core unit + integration, CLI crash tests, C ABI from Rust) =="
 : > target/c-tests.log # the C suite (ffi/tests/c_suite.rs) appends one line per C test case
 cargo test --workspace --no-fail-fast 2>&1 | tee target/rust-tests.log || status=$?
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
