@@ -183,16 +183,24 @@ impl Cluster {
     /// Waits until every running node answers `/jsz` with a meta leader.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let running = self.nodes.iter().filter(|n| n.child.is_some()).count();
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
             loop {
                 let why = match http_get(node.http_port, "/jsz").await {
                     Ok(body) => {
                         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                         let leader = v.pointer("/meta_cluster/leader").and_then(|l| l.as_str()).unwrap_or("");
-                        if !leader.is_empty() || (self.nodes.len() == 1 && v.get("config").is_some()) {
+                        // On the leader: every other running node is a current peer.
+                        let peers = v.pointer("/meta_cluster/replicas").and_then(|r| r.as_array()).cloned().unwrap_or_default();
+                        let current = peers.iter().filter(|p| p.get("current").and_then(|c| c.as_bool()) == Some(true)).count();
+                        let is_leader = leader == node.name;
+                        if self.nodes.len() == 1 && v.get("config").is_some() {
                             break;
                         }
-                        "no meta leader yet".to_string()
+                        if !leader.is_empty() && (!is_leader || current + 1 >= running) {
+                            break;
+                        }
+                        format!("meta leader '{leader}', {current} current peers of {running} nodes")
                     }
                     Err(e) => e.to_string(),
                 };

@@ -342,8 +342,10 @@ impl C2dQueues for NatsC2d {
                     max_deliver: -1,
                     max_ack_pending: window.max(1) as i64,
                     inactive_threshold: Duration::from_secs(3600),
-                    num_replicas: 1,
-                    memory_storage: true,
+                    // A WorkQueue stream refuses consumers with fewer replicas than the
+                    // stream (10134), so this is an R3 consumer: one Raft group per connected
+                    // device (docs/scale-out.md, gap 5).
+                    num_replicas: self.inner.cfg.replicas,
                     ..Default::default()
                 })
                 .await

@@ -8,7 +8,7 @@
 //! redelivers at once whatever an earlier owner had in flight (the consumer is recreated at the
 //! ack floor), rather than after the consumer's ack wait.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,7 +113,6 @@ struct Member {
     inner: Arc<Inner>,
     group: String,
     member: String,
-    key: String,
     assignment: watch::Receiver<Vec<u32>>,
     stop: watch::Sender<bool>,
     task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -128,12 +127,11 @@ impl ConsumerGroups for NatsGroups {
             let (stop, stop_rx) = watch::channel(false);
             let lease = self.inner.cfg.lease_ttl;
             kv_put_ttl(&self.inner.js, LEASES, &key, Bytes::new(), lease, None).await.map_err(|e| js_err("joining a consumer group", e))?;
-            let task = tokio::spawn(membership_loop(self.inner.clone(), group.to_string(), member.to_string(), key.clone(), tx, stop_rx));
+            let task = tokio::spawn(membership_loop(self.inner.clone(), group.to_string(), member.to_string(), key, tx, stop_rx));
             Ok(Box::new(Member {
                 inner: self.inner.clone(),
                 group: group.to_string(),
                 member: member.to_string(),
-                key,
                 assignment: rx,
                 stop,
                 task: parking_lot::Mutex::new(Some(task)),
@@ -317,7 +315,14 @@ impl Membership for Member {
                 .messages()
                 .await
                 .map_err(|e| js_err("reading a consumer group", e))?;
-            Ok(Box::new(Reader { inner: self.inner.clone(), consumer, messages, ackers: HashMap::new() }) as Box<dyn PartitionReader>)
+            Ok(Box::new(Reader {
+                inner: self.inner.clone(),
+                consumer,
+                messages,
+                ackers: HashMap::new(),
+                delivered: VecDeque::new(),
+                floor: 0,
+            }) as Box<dyn PartitionReader>)
         })
     }
 
@@ -335,9 +340,11 @@ impl Membership for Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
-        // A member dropped without leave() stops renewing; its leases expire with their TTL.
-        let _ = self.stop.send(true);
-        let _ = &self.key;
+        // A member dropped without leave() stops at once, as if its node died: its leases are
+        // not released and expire with their TTL (then the others take its partitions).
+        if let Some(t) = self.task.lock().take() {
+            t.abort();
+        }
     }
 }
 
@@ -346,6 +353,10 @@ struct Reader {
     consumer: async_nats::jetstream::consumer::PullConsumer,
     messages: async_nats::jetstream::consumer::pull::Stream,
     ackers: HashMap<u64, async_nats::jetstream::message::Acker>,
+    /// (seq, acknowledged) in delivery order, for the contiguous prefix.
+    delivered: VecDeque<(u64, bool)>,
+    /// The checkpoint this reader's acknowledgements reached.
+    floor: u64,
 }
 
 impl Reader {
@@ -354,6 +365,7 @@ impl Reader {
         let (seq, stored_ms) = (info.stream_sequence, ms_of(info.published));
         let (msg, acker) = m.split();
         self.ackers.insert(seq, acker);
+        self.delivered.push_back((seq, false));
         Ok(StoredEvent { seq, stored_ms, record: msg.payload })
     }
 }
@@ -382,6 +394,9 @@ impl PartitionReader for Reader {
         Box::pin(async move {
             if let Some(a) = self.ackers.remove(&seq) {
                 a.ack().await.map_err(|e| js_err("acknowledging an event", e))?;
+                if let Some(d) = self.delivered.iter_mut().find(|d| d.0 == seq) {
+                    d.1 = true;
+                }
             }
             Ok(())
         })
@@ -389,9 +404,30 @@ impl PartitionReader for Reader {
 
     fn checkpoint(&mut self) -> BoxFut<'_, u64> {
         Box::pin(async move {
+            // The contiguous acknowledged prefix of what this reader delivered.
+            let mut expected = None;
+            while self.delivered.front().is_some_and(|d| d.1) {
+                expected = self.delivered.pop_front().map(|d| d.0);
+            }
+            if let Some(e) = expected {
+                self.floor = self.floor.max(e);
+            }
             self.inner.client.flush().await.map_err(|e| js_err("flushing acknowledgements", e))?;
-            let info = self.consumer.info().await.map_err(|e| js_err("reading a checkpoint", e))?;
-            Ok(info.ack_floor.stream_sequence)
+            // Acks are applied (and replicated) asynchronously: wait until the floor shows them.
+            let deadline = tokio::time::Instant::now() + self.inner.cfg.request_timeout;
+            loop {
+                let floor = self.consumer.info().await.map_err(|e| js_err("reading a checkpoint", e))?.ack_floor.stream_sequence;
+                if floor >= self.floor {
+                    return Ok(floor);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!("the consumer's ack floor is {floor}, not yet {} as acknowledged; try the checkpoint again", self.floor),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         })
     }
 }

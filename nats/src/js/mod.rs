@@ -150,6 +150,8 @@ pub(crate) async fn await_ack(
 ) -> std::result::Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
     use jetstream::context::PublishErrorKind as K;
     let mut attempt = first;
+    let mut started = tokio::time::Instant::now();
+    let mut retries = 0u32;
     loop {
         let r = match attempt {
             Ok(fut) => fut.await,
@@ -164,7 +166,14 @@ pub(crate) async fn await_ack(
                     return Err(e);
                 }
                 tracing::debug!(subject, error = %e, "publish not acknowledged; retrying with the same message id");
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                // The first retry goes at once (a copy lost with a dead leader, or a broken
+                // connection); later ones are paced (no responders while a leader is elected),
+                // except after a timeout, which already waited.
+                if retries > 0 {
+                    tokio::time::sleep_until(started + Duration::from_millis(250)).await;
+                }
+                retries += 1;
+                started = tokio::time::Instant::now();
                 attempt = submit(js, subject, headers, payload).await;
             }
         }
@@ -188,6 +197,23 @@ pub(crate) async fn kv_put_ttl(
     }
     let ack = js.send_publish(format!("$KV.{bucket}.{key}"), PublishMessage::build().headers(h).payload(value)).await?.await?;
     Ok(ack.sequence)
+}
+
+/// Runs a setup request until it succeeds or `deadline` passes (returning the last error).
+async fn retry_setup<T, E: std::fmt::Display, F: std::future::Future<Output = std::result::Result<T, E>>>(
+    deadline: tokio::time::Instant,
+    mut f: impl FnMut() -> F,
+) -> std::result::Result<T, E> {
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "JetStream setup request failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Whether a KV write failed because another writer got there first.
@@ -233,11 +259,16 @@ impl NatsBackend {
             limit_markers: ttl.then_some(Duration::from_secs(1)),
             ..Default::default()
         };
+        // A cluster that just elected its meta leader may still time out placing R3 assets:
+        // setup retries until `append_timeout`.
+        let setup_deadline = tokio::time::Instant::now() + cfg.append_timeout;
         let create = |c: kv::Config| {
             let js = js.clone();
             async move {
                 let name = c.bucket.clone();
-                js.create_or_update_key_value(c).await.map_err(|e| js_err(&format!("creating bucket {name}"), e))
+                retry_setup(setup_deadline, || js.create_or_update_key_value(c.clone()))
+                    .await
+                    .map_err(|e| js_err(&format!("creating bucket {name}"), e))
             }
         };
         let meta = create(bucket(META, Duration::ZERO, false)).await?;
@@ -289,7 +320,9 @@ impl NatsBackend {
             let js = js.clone();
             async move {
                 let name = c.name.clone();
-                js.create_or_update_stream(c).await.map_err(|e| js_err(&format!("creating stream {name}"), e))
+                retry_setup(setup_deadline, || js.create_or_update_stream(c.clone()))
+                    .await
+                    .map_err(|e| js_err(&format!("creating stream {name}"), e))
             }
         };
         for p in 0..partitions {
