@@ -244,7 +244,8 @@ impl NatsBackend {
         names::check_server(&cfg.urls, &info.version, info.jetstream)?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(cfg.request_timeout);
-        js.query_account().await.map_err(|e| {
+        let setup_deadline = tokio::time::Instant::now() + cfg.append_timeout;
+        retry_setup(setup_deadline, || js.query_account()).await.map_err(|e| {
             Error::invalid(format!(
                 "NATS server at {} (version {}) does not answer JetStream requests ({e}); enable JetStream (-js) and check the account",
                 cfg.urls, info.version
@@ -261,7 +262,6 @@ impl NatsBackend {
         };
         // A cluster that just elected its meta leader may still time out placing R3 assets:
         // setup retries until `append_timeout`.
-        let setup_deadline = tokio::time::Instant::now() + cfg.append_timeout;
         let create = |c: kv::Config| {
             let js = js.clone();
             async move {
