@@ -194,6 +194,14 @@ pub fn decide(state: &C2dMsgState, how: Settle, expired: bool, max_delivery: u32
     Decision::Write(next)
 }
 
+/// Claims a forced outcome (purge, expiry sweep) unless another one was claimed first.
+pub fn claim(state: &C2dMsgState, status: FeedbackStatus) -> Decision {
+    match state.outcome {
+        Some(o) => Decision::AlreadyDone(o),
+        None => Decision::Write(C2dMsgState { outcome: Some(status), ..state.clone() }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +266,9 @@ mod tests {
         assert_eq!(n.outcome, Some(FeedbackStatus::DeliveryCountExceeded));
         // A claimed outcome never changes.
         assert_eq!(decide(&n, Settle::Complete, false, 10), Decision::AlreadyDone(FeedbackStatus::DeliveryCountExceeded));
+        assert_eq!(claim(&n, FeedbackStatus::Purged), Decision::AlreadyDone(FeedbackStatus::DeliveryCountExceeded));
+        let Decision::Write(p) = claim(&C2dMsgState { abandons: 3, outcome: None }, FeedbackStatus::Purged) else { panic!() };
+        assert_eq!((p.abandons, p.outcome), (3, Some(FeedbackStatus::Purged)));
     }
 
     #[test]

@@ -350,14 +350,7 @@ impl C2dQueues for NatsC2d {
                 })
                 .await
                 .map_err(|e| js_err("creating a C2D delivery consumer", e))?;
-            let messages = consumer
-                .stream()
-                .max_messages_per_batch(window.clamp(1, 100))
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await
-                .map_err(|e| js_err("reading a C2D queue", e))?;
+            let messages = super::pull_messages(&consumer, window.clamp(1, 100), "reading a C2D queue").await?;
             Ok(Box::new(NatsDeviceQueue { inner: self.inner.clone(), device: device_id.to_string(), name, messages, held: HashMap::new() })
                 as Box<dyn DeviceQueue>)
         })
@@ -370,11 +363,7 @@ impl C2dQueues for NatsC2d {
             let Some(last) = queue.last().map(|m| m.sequence) else { return Ok(0) };
             for m in &queue {
                 let meta = Meta::parse(Some(&m.headers))?;
-                let claim = |s: &C2dMsgState| match s.outcome {
-                    Some(o) => Decision::AlreadyDone(o),
-                    None => Decision::Write(C2dMsgState { outcome: Some(FeedbackStatus::Purged), ..s.clone() }),
-                };
-                apply(&self.inner, device_id, m.sequence, &meta, claim, Removal::None).await?;
+                apply(&self.inner, device_id, m.sequence, &meta, |s| names::claim(s, FeedbackStatus::Purged), Removal::None).await?;
             }
             // Only what was read (and got its feedback) goes: later sends are kept.
             stream.purge().filter(names::c2d_subject(device_id)).sequence(last + 1).await.map_err(|e| js_err("purging a C2D queue", e))?;
@@ -426,10 +415,7 @@ impl C2dQueues for NatsC2d {
                     if meta.expiry_ms > now {
                         continue;
                     }
-                    let claim = |s: &C2dMsgState| match s.outcome {
-                        Some(o) => Decision::AlreadyDone(o),
-                        None => Decision::Write(C2dMsgState { outcome: Some(FeedbackStatus::Expired), ..s.clone() }),
-                    };
+                    let claim = |s: &C2dMsgState| names::claim(s, FeedbackStatus::Expired);
                     if let Settled::Done(FeedbackStatus::Expired) =
                         apply(&self.inner, &device, m.sequence, &meta, claim, Removal::Delete).await?
                     {

@@ -307,14 +307,7 @@ impl Membership for Member {
             }
             let consumer: async_nats::jetstream::consumer::PullConsumer =
                 stream.get_consumer(&name).await.map_err(|e| js_err("opening a consumer group", e))?;
-            let messages = consumer
-                .stream()
-                .max_messages_per_batch(window.clamp(1, 1000))
-                .heartbeat(Duration::from_secs(5))
-                .expires(Duration::from_secs(30))
-                .messages()
-                .await
-                .map_err(|e| js_err("reading a consumer group", e))?;
+            let messages = super::pull_messages(&consumer, window.clamp(1, 1000), "reading a consumer group").await?;
             Ok(Box::new(Reader {
                 inner: self.inner.clone(),
                 consumer,

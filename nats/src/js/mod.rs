@@ -199,6 +199,23 @@ pub(crate) async fn kv_put_ttl(
     Ok(ack.sequence)
 }
 
+/// A continuous pull from `consumer` (pull requests of `batch`, idle heartbeats): messages stay
+/// buffered in the client until taken, so dropping a half-read result loses nothing.
+pub(crate) async fn pull_messages(
+    consumer: &jetstream::consumer::PullConsumer,
+    batch: usize,
+    what: &str,
+) -> Result<jetstream::consumer::pull::Stream> {
+    consumer
+        .stream()
+        .max_messages_per_batch(batch)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| js_err(what, e))
+}
+
 /// Runs a setup request until it succeeds or `deadline` passes (returning the last error).
 async fn retry_setup<T, E: std::fmt::Display, F: std::future::Future<Output = std::result::Result<T, E>>>(
     deadline: tokio::time::Instant,
