@@ -31,8 +31,8 @@ use crate::proto::{
 use crate::retry::{self, Backoff, RetryPolicy};
 use crate::transport::{self, ConnectParams, Endpoint, TlsOptions};
 
-/// Everything a [`ServiceClient`] needs.
-#[derive(Debug, Clone)]
+/// Everything a [`ServiceClient`] needs. `Debug` never prints the key.
+#[derive(Clone)]
 pub struct ServiceOptions {
     /// `HostName` as in the connection string (`:port` selects plain TCP to a local hub).
     pub host_name: String,
@@ -57,6 +57,24 @@ pub struct ServiceOptions {
     pub outbox: OutboxOptions,
     /// Most C2D sends in flight. Default 100.
     pub max_in_flight: usize,
+}
+
+impl std::fmt::Debug for ServiceOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceOptions")
+            .field("host_name", &self.host_name)
+            .field("policy", &self.policy)
+            .field("key", &auth::Redacted)
+            .field("tls", &self.tls)
+            .field("retry", &self.retry)
+            .field("keep_alive", &self.keep_alive)
+            .field("token_ttl", &self.token_ttl)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("outbox", &self.outbox)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
+    }
 }
 
 impl ServiceOptions {
@@ -202,6 +220,11 @@ impl ServiceClient {
         self.status.borrow().clone()
     }
 
+    /// A watch to await status changes on.
+    pub fn status_watch(&self) -> watch::Receiver<ConnectionStatus> {
+        self.status.clone()
+    }
+
     async fn call<T: DeserializeOwned>(&self, op: &str, body: &impl serde::Serialize) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let body = serde_json::to_vec(body).expect("request serializes");
@@ -247,6 +270,19 @@ impl ServiceClient {
         self.call("devices.update", &UpdateDevice { device_id: device_id.into(), status: None, regenerate: Some(which.into()) }).await
     }
 
+    /// Every shared access policy of the hub with its keys and rights. Needs a policy holding
+    /// every right (like `iothubowner`).
+    pub async fn list_policies(&self) -> Result<Vec<proto::Policy>> {
+        self.call("policies.list", &serde_json::json!({})).await
+    }
+
+    /// Regenerates a policy's `primary`, `secondary` or `both` keys and returns the policy.
+    /// Tokens signed with a replaced key are refused from their next CONNECT on. Needs a
+    /// policy holding every right.
+    pub async fn regenerate_policy_key(&self, name: &str, which: &str) -> Result<proto::Policy> {
+        self.call("policies.regenerate", &proto::RegeneratePolicyKey { name: name.into(), key: which.into() }).await
+    }
+
     /// A device connection string for `identity` on this client's hub (primary key).
     pub fn device_connection_string(&self, identity: &DeviceIdentity) -> String {
         ConnectionString {
@@ -279,6 +315,7 @@ impl ServiceClient {
             ack: opts.ack,
             ttl_ms: ttl.map(|t| t.as_millis() as u64),
             record: base64::engine::general_purpose::STANDARD.encode(message.to_bytes()),
+            send_id: Some(uuid::Uuid::new_v4().to_string()),
         };
         let envelope = Message::new(serde_json::to_vec(&req).expect("c2d.send serializes")).with_message_id(message_id);
         let (seq, _) = self.outbox.push(&envelope).await?;
@@ -427,6 +464,11 @@ impl EventStream {
     /// The connection status.
     pub fn status(&self) -> ConnectionStatus {
         self.status.borrow().clone()
+    }
+
+    /// A watch to await status changes on.
+    pub fn status_watch(&self) -> watch::Receiver<ConnectionStatus> {
+        self.status.clone()
     }
 
     /// Leaves the group (its partitions move to the other members) and stops.
