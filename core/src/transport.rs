@@ -623,3 +623,118 @@ pub async fn client_connect(endpoint: &Endpoint, params: &ConnectParams, timeout
         C::ServiceUnavailable => Err(Error::new(ErrorKind::Disconnected, "the hub is busy (CONNACK 3); retrying later")),
     }
 }
+
+/// Why one connection of a client driver ended (see [`Link`]).
+#[derive(Debug)]
+pub(crate) enum End {
+    /// The application closed the client: stop.
+    Closed,
+    /// The SAS token is due for renewal: reconnect at once with a fresh one. Not a failure: no
+    /// backoff, no `Disconnected` status, counted as a renewal.
+    Renew,
+    /// The connection failed: retry per the policy (or stop on a permanent error).
+    Failed(Error),
+}
+
+/// What a command that arrived while a driver waited (backing off, or failed) asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Idle {
+    /// Handled; keep waiting.
+    Continue,
+    /// Try to connect now (e.g. [`crate::DeviceClient::reconnect`]).
+    Reconnect,
+    /// The application closed the client: stop.
+    Close,
+}
+
+/// One client driver's connection lifecycle. The device driver and the service drivers (main
+/// client and event streams) implement it; [`run_link`] is the one reconnect / renewal loop
+/// they share.
+pub(crate) trait Link {
+    /// An established connection and when its token must be renewed.
+    type Conn;
+    /// One connection attempt (token generation, dial, CONNECT, CONNACK).
+    fn connect(&mut self) -> impl std::future::Future<Output = Result<Self::Conn>> + Send;
+    /// Runs one connection until it ends.
+    fn serve(&mut self, conn: Self::Conn) -> impl std::future::Future<Output = End> + Send;
+    /// Waits for the next command while not connected and handles it; `failed` is the
+    /// permanent error when the driver gave up (commands should then fail with it).
+    fn idle(&mut self, failed: Option<&Error>) -> impl std::future::Future<Output = Idle> + Send;
+    /// A connection came up (before `serve`).
+    fn connected(&mut self) {}
+    /// A connection ended (after `serve`), whatever the reason.
+    fn ended(&mut self, _end: &End) {}
+    /// A connect attempt or a connection failed; `retrying` says whether a retry follows.
+    fn failed(&mut self, _err: &Error, _retrying: bool) {}
+}
+
+/// The reconnect loop of every client: connect; serve; on [`End::Renew`] reconnect at once; on
+/// a failure wait per `policy` (the backoff resets only after a healthy connection, see
+/// [`crate::retry::Backoff`]) or, for a permanent error, stay `Failed` until a command asks to
+/// reconnect; publish every state on `status`. Returns when the link is closed.
+pub(crate) async fn run_link<L: Link + Send>(
+    link: &mut L,
+    policy: &crate::retry::RetryPolicy,
+    status: &tokio::sync::watch::Sender<crate::device::ConnectionStatus>,
+) {
+    use crate::device::ConnectionStatus;
+    use crate::retry::{classify, Backoff, Retry};
+    let mut backoff = Backoff::new(policy.clone());
+    let epoch = tokio::time::Instant::now();
+    loop {
+        status.send_replace(ConnectionStatus::Connecting);
+        let err = match link.connect().await {
+            Ok(conn) => {
+                backoff.connected(epoch.elapsed());
+                link.connected();
+                status.send_replace(ConnectionStatus::Connected);
+                let end = link.serve(conn).await;
+                link.ended(&end);
+                match end {
+                    End::Closed => return,
+                    End::Renew => continue,
+                    End::Failed(e) => {
+                        status.send_replace(ConnectionStatus::Disconnected { reason: e.to_string() });
+                        e
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        let delay = match classify(&err) {
+            Retry::Permanent => None,
+            Retry::Transient => backoff.failed(epoch.elapsed(), fastrand::f64()),
+        };
+        link.failed(&err, delay.is_some());
+        match delay {
+            Some(delay) => {
+                status.send_replace(ConnectionStatus::Retrying { attempt: backoff.attempt(), delay });
+                let sleep = tokio::time::sleep(delay);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        i = link.idle(None) => match i {
+                            Idle::Continue => {}
+                            Idle::Reconnect => break,
+                            Idle::Close => return,
+                        },
+                    }
+                }
+            }
+            None => {
+                status.send_replace(ConnectionStatus::Failed { kind: err.kind(), reason: err.to_string() });
+                loop {
+                    match link.idle(Some(&err)).await {
+                        Idle::Continue => {}
+                        Idle::Reconnect => {
+                            backoff = Backoff::new(policy.clone());
+                            break;
+                        }
+                        Idle::Close => return,
+                    }
+                }
+            }
+        }
+    }
+}

@@ -834,7 +834,8 @@ impl C2d {
 
     /// Locks and returns the next deliverable message of `device` for connection `conn`. A
     /// message whose delivery would exceed the MQTT packet limit of devices
-    /// ([`crate::transport::MAX_PACKET_SIZE`]) or that cannot be decoded is dead-lettered
+    /// ([`crate::transport::MAX_PACKET_SIZE`]), whose topic (property bag) exceeds MQTT's 65,535
+    /// bytes, or that cannot be decoded is dead-lettered
     /// (`Rejected` feedback) instead, so it never costs the device its connection.
     pub fn take_deliverable(&self, device: &str, conn: u64) -> Option<Delivery> {
         loop {
@@ -843,11 +844,16 @@ impl C2d {
                 let mut locks = self.locks.lock();
                 let e = next_deliverable(s, &locks, device, now)?;
                 match delivery(device, e) {
-                    Ok((message, publish)) if publish_len(&publish) <= crate::transport::MAX_PACKET_SIZE => {
+                    Ok((message, publish))
+                        if publish_len(&publish) <= crate::transport::MAX_PACKET_SIZE && publish.topic.len() <= u16::MAX as usize =>
+                    {
                         locks.lock(device, e.seq, conn, now + self.limits.lock.as_millis() as u64);
                         Some(Ok(Delivery { seq: e.seq, message, publish }))
                     }
-                    Ok((_, publish)) => Some(Err((e.seq, format!("its delivery packet has {} bytes", publish_len(&publish))))),
+                    Ok((_, publish)) => Some(Err((
+                        e.seq,
+                        format!("its delivery packet has {} bytes with a {}-byte topic", publish_len(&publish), publish.topic.len()),
+                    ))),
                     Err(err) => Some(Err((e.seq, format!("its record cannot be decoded: {err}")))),
                 }
             })?;
