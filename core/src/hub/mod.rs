@@ -89,6 +89,10 @@ pub struct HubConfig {
     pub session_pending_bytes: usize,
     /// Bytes of such messages across the hub; while used up, no session reads. Default 256 MiB.
     pub hub_pending_bytes: usize,
+    /// Payload bytes of unacknowledged events one consumer connection may have in flight (on
+    /// top of the per-partition `window` count), so large events cannot make a consumer — or
+    /// the hub writing to it — hold gigabytes. Default 8 MiB.
+    pub consumer_window_bytes: usize,
     /// A consumer with events outstanding that acknowledges none for this long is closed, so
     /// its partitions move to the other members of its group. Default 60 s.
     pub consumer_stall_timeout: Duration,
@@ -128,6 +132,7 @@ impl HubConfig {
             session_pending_messages: 1000,
             session_pending_bytes: 4 * 1024 * 1024,
             hub_pending_bytes: 256 * 1024 * 1024,
+            consumer_window_bytes: 8 * 1024 * 1024,
             consumer_stall_timeout: Duration::from_secs(60),
             c2d: c2d::C2dLimits::default(),
             c2d_window: 10,

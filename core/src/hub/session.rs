@@ -531,8 +531,8 @@ pub fn d2c_message(device_id: &str, p: Publish) -> Result<Message> {
 
 struct PartState {
     next: u64,
-    /// (seq, acknowledged) in delivery order.
-    in_flight: VecDeque<(u64, bool)>,
+    /// (seq, acknowledged, payload bytes) in delivery order.
+    in_flight: VecDeque<(u64, bool, usize)>,
 }
 
 struct Consumer {
@@ -542,6 +542,9 @@ struct Consumer {
     first_assignment: bool,
     assignment: watch::Receiver<Vec<u32>>,
     parts: HashMap<u32, PartState>,
+    /// Payload bytes of unacknowledged events on this connection (bounded by
+    /// `consumer_window_bytes`, whatever the event sizes).
+    bytes_in_flight: usize,
 }
 
 /// What a hub → service publish carried, by packet id.
@@ -738,8 +741,15 @@ impl ServiceSession<'_> {
         // Packet ids are 16-bit: keep the total in flight below 60,000.
         let window = (req.window.max(1) as usize).min(60_000 / partitions as usize);
         let assignment = self.shared.groups.join(&req.group, self.member)?;
-        self.consumer =
-            Some(Consumer { group: req.group.clone(), window, from: req.from, first_assignment: true, assignment, parts: HashMap::new() });
+        self.consumer = Some(Consumer {
+            group: req.group.clone(),
+            window,
+            from: req.from,
+            first_assignment: true,
+            assignment,
+            parts: HashMap::new(),
+            bytes_in_flight: 0,
+        });
         self.reassign();
         Ok(serde_json::json!({ "partitions": partitions, "window": window }))
     }
@@ -747,6 +757,15 @@ impl ServiceSession<'_> {
     fn reassign(&mut self) {
         let Some(c) = &mut self.consumer else { return };
         let assigned: Vec<u32> = c.assignment.borrow_and_update().clone();
+        let released: usize = c
+            .parts
+            .iter()
+            .filter(|(p, _)| !assigned.contains(p))
+            .flat_map(|(_, st)| st.in_flight.iter())
+            .filter(|e| !e.1)
+            .map(|e| e.2)
+            .sum();
+        c.bytes_in_flight = c.bytes_in_flight.saturating_sub(released);
         c.parts.retain(|p, _| assigned.contains(p));
         self.pkids.retain(|_, o| !matches!(o, Outgoing::Event(p, _) if !assigned.contains(p)));
         let from = if c.first_assignment { c.from } else { proto::StartPosition::Checkpoint };
@@ -776,9 +795,10 @@ impl ServiceSession<'_> {
     fn fill(&mut self, writer: &mut Writer) -> Result<bool> {
         let Some(c) = &mut self.consumer else { return Ok(false) };
         let mut more = false;
+        let byte_window = self.shared.config.consumer_window_bytes;
         for (&p, st) in c.parts.iter_mut() {
             let room = c.window - st.in_flight.len();
-            if room == 0 {
+            if room == 0 || c.bytes_in_flight >= byte_window {
                 continue;
             }
             let log = self.shared.events.partition(p);
@@ -787,18 +807,20 @@ impl ServiceSession<'_> {
             if st.next > head {
                 continue;
             }
-            let records = log.read(st.next, room.min(512), 1024 * 1024)?;
+            let records = log.read(st.next, room.min(512), (byte_window - c.bytes_in_flight).min(1024 * 1024))?;
             for r in records {
+                let n = r.payload.len();
                 let pkid = next_free_pkid(&mut self.next_pkid, &self.pkids);
                 let mut publish = Publish::from_bytes(proto::event_topic(&c.group, p, r.seq), QoS::AtLeastOnce, r.payload);
                 publish.pkid = pkid;
                 writer.queue(&Packet::Publish(publish))?;
                 self.pkids.insert(pkid, Outgoing::Event(p, r.seq));
-                st.in_flight.push_back((r.seq, false));
+                st.in_flight.push_back((r.seq, false, n));
+                c.bytes_in_flight += n;
                 st.next = r.seq + 1;
                 self.shared.stats.events_delivered.fetch_add(1, Ordering::Relaxed);
             }
-            more |= st.in_flight.len() < c.window && st.next <= head;
+            more |= st.in_flight.len() < c.window && c.bytes_in_flight < byte_window && st.next <= head;
         }
         Ok(more)
     }
@@ -837,8 +859,9 @@ impl ServiceSession<'_> {
         };
         let Some(c) = &mut self.consumer else { return true };
         let Some(st) = c.parts.get_mut(&p) else { return true };
-        if let Some(e) = st.in_flight.iter_mut().find(|e| e.0 == seq) {
+        if let Some(e) = st.in_flight.iter_mut().find(|e| e.0 == seq && !e.1) {
             e.1 = true;
+            c.bytes_in_flight = c.bytes_in_flight.saturating_sub(e.2);
         }
         let mut last = None;
         while st.in_flight.front().is_some_and(|e| e.1) {
