@@ -38,6 +38,33 @@ else
     status=1
 fi
 
+# A short run of every fuzz target (30 s each by default, HUBMSG_FUZZ_SECONDS to change) on the
+# committed corpus; cargo-fuzz is installed from crates.io when missing, nightly must be there.
+echo "== layer: fuzz (cargo +nightly fuzz run, ${HUBMSG_FUZZ_SECONDS:-30} s per target) =="
+fuzz_passed=0
+fuzz_failed=0
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked >target/cargo-fuzz-install.log 2>&1 || tail -n 20 target/cargo-fuzz-install.log
+fi
+if (cd fuzz && cargo +nightly fuzz build -O >../target/fuzz-build.log 2>&1); then
+    for t in $(cd fuzz && cargo +nightly fuzz list); do
+        mkdir -p "target/fuzz-corpus/$t"
+        if (cd fuzz && cargo +nightly fuzz run -O "$t" "../target/fuzz-corpus/$t" "corpus/$t" -- \
+            -max_total_time="${HUBMSG_FUZZ_SECONDS:-30}" -max_len=4096 -print_final_stats=1) >"target/fuzz-$t.log" 2>&1; then
+            echo "ok fuzz $t: $(grep -m1 -o 'stat::number_of_executed_units: *[0-9]*' "target/fuzz-$t.log" | grep -o '[0-9]*$') executions"
+            fuzz_passed=$((fuzz_passed + 1))
+        else
+            echo "FAIL fuzz $t:"; tail -n 30 "target/fuzz-$t.log"
+            fuzz_failed=$((fuzz_failed + 1))
+        fi
+    done
+else
+    tail -n 30 target/fuzz-build.log
+    fuzz_failed=1
+fi
+echo "fuzz: $fuzz_passed passed, $fuzz_failed failed"
+[ "$fuzz_failed" -eq 0 ] || status=1
+
 # Every bench scenario must run and produce numbers (their size is reported, never asserted).
 # The Mosquitto baseline is installed with apt-get when missing (as root); if that is
 # impossible it is reported as skipped, not failed.

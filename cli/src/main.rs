@@ -34,8 +34,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a hub (prints the iothubowner connection string on start).
+    /// Run a hub (writes the iothubowner connection string to a 0600 file in its data
+    /// directory; prints it only on the first start).
     Hub(HubArgs),
+    /// List or regenerate the hub's shared access policy keys (needs an owner policy).
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// Manage device identities.
     DeviceIdentity {
         #[command(subcommand)]
@@ -67,8 +73,14 @@ struct HubArgs {
     #[arg(long)]
     data: PathBuf,
     /// Plain MQTT listener address.
-    #[arg(long, default_value = "127.0.0.1:1883")]
+    #[arg(long, default_value = "127.0.0.1:1883", conflicts_with = "no_mqtt")]
     mqtt: SocketAddr,
+    /// No plain MQTT listener: TLS only (needs --mqtts).
+    #[arg(long, requires = "mqtts")]
+    no_mqtt: bool,
+    /// Most connections open at once; past it new ones get CONNACK 3 and are closed.
+    #[arg(long, default_value_t = 20_000)]
+    max_connections: usize,
     /// MQTT over TLS listener address (a self-signed certificate is generated without --cert/--key).
     #[arg(long)]
     mqtts: Option<SocketAddr>,
@@ -104,6 +116,23 @@ struct HubConn {
     /// CA certificate to trust (turns TLS on).
     #[arg(long)]
     ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Print every policy (name, rights, keys) as JSON lines.
+    List(HubConn),
+    /// Regenerate a policy's keys and print the policy.
+    Regenerate {
+        /// Policy name (iothubowner, service, device, registryRead, registryReadWrite).
+        #[arg(long)]
+        name: String,
+        /// Which key: primary, secondary or both.
+        #[arg(long, default_value = "primary")]
+        key: String,
+        #[command(flatten)]
+        hub: HubConn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -316,6 +345,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Hub(a) => run_hub(a).await,
         Command::DeviceIdentity { action } => identity(action).await,
+        Command::Policy { action: PolicyAction::List(hub) } => {
+            for p in service(&hub).await?.list_policies().await? {
+                print(&p);
+            }
+            Ok(())
+        }
+        Command::Policy { action: PolicyAction::Regenerate { name, key, hub } } => {
+            print(&service(&hub).await?.regenerate_policy_key(&name, &key).await?);
+            Ok(())
+        }
         Command::Device { action: DeviceAction::Send(a) } => send(a).await,
         Command::Device { action: DeviceAction::Receive(a) } => receive(a).await,
         Command::C2d { action: C2dAction::Send(a) } => c2d_send(a).await,
@@ -333,7 +372,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
 
 async fn run_hub(a: HubArgs) -> Result<(), Error> {
     let mut config = HubConfig::new(&a.data);
-    config.mqtt = Some(a.mqtt);
+    config.mqtt = if a.no_mqtt { None } else { Some(a.mqtt) };
+    config.max_connections = a.max_connections;
     config.mqtts = a.mqtts;
     config.tls = a.cert.zip(a.key).map(|(cert, key)| TlsFiles { cert, key });
     config.partitions = a.partitions;
@@ -351,7 +391,13 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
     if let Some(addr) = hub.mqtts_addr() {
         println!("mqtts listening on {addr} (CA file: {})", hub.ca_file().map(|p| p.display().to_string()).unwrap_or_default());
     }
-    println!("HUBMSG_HUB_CONNECTION_STRING={}", hub.service_connection_string());
+    // The owner key goes to a 0600 file, not to the output (logs, terminals, CI transcripts);
+    // only the very first start shows it once.
+    if hub.write_owner_connection_string()? {
+        println!("HUBMSG_HUB_CONNECTION_STRING={}", hub.service_connection_string());
+        println!("(shown once; kept in {})", hub.owner_file().display());
+    }
+    println!("HUBMSG_HUB_CONNECTION_STRING_FILE={}", hub.owner_file().display());
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -184,7 +184,7 @@ pub fn decide(state: &C2dMsgState, how: Settle, expired: bool, max_delivery: u32
     let mut next = state.clone();
     next.outcome = match how {
         Settle::Complete => Some(FeedbackStatus::Success),
-        Settle::Reject => Some(FeedbackStatus::Rejected),
+        Settle::Reject | Settle::TooLarge => Some(FeedbackStatus::Rejected),
         Settle::Expire => Some(FeedbackStatus::Expired),
         Settle::Abandon => {
             next.abandons += 1;

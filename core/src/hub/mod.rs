@@ -13,9 +13,16 @@
 
 pub mod c2d;
 pub mod events;
+pub mod guard;
 pub mod registry;
 mod session;
 pub mod tls;
+
+/// Pure pieces of the hub's packet handling, exposed for the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::session::d2c_message;
+}
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -64,8 +71,31 @@ pub struct HubConfig {
     pub retention_interval: Duration,
     /// How often acknowledged consumer positions are persisted. Default 50 ms.
     pub checkpoint_interval: Duration,
-    /// Time a new connection has to send CONNECT. Default 10 s.
+    /// Time a new connection has (from the TCP accept, TLS handshake included) to send its
+    /// CONNECT; it is read with a buffer of at most 8 KB. Default 5 s.
     pub connect_timeout: Duration,
+    /// Most connections open at once (authenticated or not); past it a new connection gets
+    /// CONNACK 3 (server unavailable) and is closed. Default 20,000.
+    pub max_connections: usize,
+    /// Longest time one write to a peer may take; a peer that does not read is closed after it.
+    /// Default 10 s.
+    pub write_timeout: Duration,
+    /// TCP keep-alive and user timeout on every accepted socket.
+    pub socket: crate::transport::SocketTuning,
+    /// D2C messages (QoS 0 and 1) one device session may have appended but not yet durable;
+    /// past it the hub stops reading from that device. Default 1,000.
+    pub session_pending_messages: usize,
+    /// Bytes of such messages per device session. Default 4 MiB.
+    pub session_pending_bytes: usize,
+    /// Bytes of such messages across the hub; while used up, no session reads. Default 256 MiB.
+    pub hub_pending_bytes: usize,
+    /// Payload bytes of unacknowledged events one consumer connection may have in flight (on
+    /// top of the per-partition `window` count), so large events cannot make a consumer — or
+    /// the hub writing to it — hold gigabytes. Default 8 MiB.
+    pub consumer_window_bytes: usize,
+    /// A consumer with events outstanding that acknowledges none for this long is closed, so
+    /// its partitions move to the other members of its group. Default 60 s.
+    pub consumer_stall_timeout: Duration,
     /// C2D queue limits (50 per device, 60 s lock, max delivery 10, TTL 1 h / 48 h, 64 KB).
     pub c2d: c2d::C2dLimits,
     /// Unacknowledged C2D messages in flight to one device connection. Default 10.
@@ -95,7 +125,15 @@ impl HubConfig {
             retention_bytes: 10 * 1024 * 1024 * 1024,
             retention_interval: Duration::from_secs(60),
             checkpoint_interval: Duration::from_millis(50),
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_connections: 20_000,
+            write_timeout: Duration::from_secs(10),
+            socket: crate::transport::SocketTuning::default(),
+            session_pending_messages: 1000,
+            session_pending_bytes: 4 * 1024 * 1024,
+            hub_pending_bytes: 256 * 1024 * 1024,
+            consumer_window_bytes: 8 * 1024 * 1024,
+            consumer_stall_timeout: Duration::from_secs(60),
             c2d: c2d::C2dLimits::default(),
             c2d_window: 10,
             feedback_interval: Duration::from_secs(15),
@@ -112,8 +150,10 @@ pub struct HubStats {
     pub connections: AtomicU64,
     /// Connections currently open.
     pub open_connections: AtomicU64,
-    /// CONNECTs refused (bad credentials etc.).
+    /// CONNECTs refused (bad credentials, unsupported protocol version etc.).
     pub refused: AtomicU64,
+    /// Connections refused because `max_connections` were open.
+    pub refused_capacity: AtomicU64,
     /// Connections closed for a protocol or authorization violation.
     pub violations: AtomicU64,
     /// D2C messages appended.
@@ -140,11 +180,76 @@ pub(crate) struct Shared {
     pub(crate) next_conn: AtomicU64,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) stats: HubStats,
+    /// Host names tokens and user names may carry: `host_name` alone and with each listener port.
+    pub(crate) host_names: Vec<String>,
+    /// Bytes of D2C messages appended and not yet durable, hub-wide.
+    pub(crate) budget: guard::Budget,
+    logs: guard::LogLimits,
     live: AtomicUsize,
     all_closed: Notify,
 }
 
 impl Shared {
+    pub(crate) fn owner_file(&self) -> PathBuf {
+        self.config.data_dir.join("owner.connection-string")
+    }
+
+    /// Writes `cs` to the owner file, 0600, atomically; true if the file did not exist.
+    pub(crate) fn write_owner_file(&self, cs: &str) -> Result<bool> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.owner_file();
+        let fresh = !path.exists();
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(cs.as_bytes())?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| Error::storage(format!("write {}", path.display()), e))?;
+        Ok(fresh)
+    }
+
+    /// Rewrites the owner file after the `iothubowner` keys changed (if the hub keeps one).
+    pub(crate) fn refresh_owner_file(&self) -> Result<()> {
+        let (Some(host), Some(p)) = (self.host_names.get(1), self.registry.policy("iothubowner")) else { return Ok(()) };
+        if !self.owner_file().exists() {
+            return Ok(());
+        }
+        let cs = ConnectionString {
+            host_name: host.clone(),
+            shared_access_key_name: Some(p.name),
+            shared_access_key: Some(p.primary_key),
+            ..Default::default()
+        };
+        self.write_owner_file(&cs.to_string()).map(|_| ())
+    }
+
+    /// Logs a refused CONNECT (rate-limited: a flood of bad peers writes one line per 10 s).
+    pub(crate) fn log_refusal(&self, peer: &SocketAddr, why: &str) {
+        if let Some(suppressed) = self.logs.refusal.allow() {
+            tracing::info!(%peer, reason = %why, suppressed, "CONNECT refused");
+        }
+    }
+
+    /// Logs a connection closed for a violation (rate-limited).
+    pub(crate) fn log_violation(&self, peer: &SocketAddr, e: &Error) {
+        if let Some(suppressed) = self.logs.violation.allow() {
+            tracing::info!(%peer, error = %e, suppressed, "closing connection");
+        }
+    }
+
+    /// Logs a store failure of periodic or per-packet work (rate-limited: a full disk logs one
+    /// line per 10 s with the count of repeats, not one per attempt).
+    pub(crate) fn log_store_error(&self, what: &str, e: &Error) {
+        if let Some(suppressed) = self.logs.store.allow() {
+            tracing::error!(error = %e, suppressed, "{what}");
+        }
+    }
+
     /// Drops the live connection of `device_id`, if any.
     pub(crate) fn kick(&self, device_id: &str) {
         if let Some((_, kick)) = self.devices.lock().remove(device_id) {
@@ -220,6 +325,23 @@ impl Hub {
             }
         };
         let (stop, shutdown) = watch::channel(false);
+        let mqtt_listener = match config.mqtt {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let mqtts_listener = match config.mqtts {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let local = |l: &Option<TcpListener>| -> Result<Option<SocketAddr>> {
+            l.as_ref().map(|l| l.local_addr().map_err(|e| Error::storage("listener address", e))).transpose()
+        };
+        let (mqtt_addr, mqtts_addr) = (local(&mqtt_listener)?, local(&mqtts_listener)?);
+        let bare = config.host_name.trim_start_matches('[').trim_end_matches(']').to_string();
+        let mut host_names = vec![bare.clone()];
+        for a in [mqtt_addr, mqtts_addr].into_iter().flatten() {
+            host_names.push(if bare.contains(':') { format!("[{bare}]:{}", a.port()) } else { format!("{bare}:{}", a.port()) });
+        }
         let shared = Arc::new(Shared {
             config: config.clone(),
             registry,
@@ -230,20 +352,17 @@ impl Hub {
             next_conn: AtomicU64::new(1),
             shutdown,
             stats: HubStats::default(),
+            host_names,
+            budget: guard::Budget::new(config.hub_pending_bytes),
+            logs: guard::LogLimits::default(),
             live: AtomicUsize::new(0),
             all_closed: Notify::new(),
         });
         let mut tasks = Vec::new();
-        let mut mqtt_addr = None;
-        let mut mqtts_addr = None;
-        if let Some(addr) = config.mqtt {
-            let l = bind(addr).await?;
-            mqtt_addr = Some(l.local_addr().map_err(|e| Error::storage("listener address", e))?);
+        if let Some(l) = mqtt_listener {
             tasks.push(tokio::spawn(accept_loop(shared.clone(), l, None)));
         }
-        if let Some(addr) = config.mqtts {
-            let l = bind(addr).await?;
-            mqtts_addr = Some(l.local_addr().map_err(|e| Error::storage("listener address", e))?);
+        if let Some(l) = mqtts_listener {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls_config.expect("tls config built with mqtts"));
             tasks.push(tokio::spawn(accept_loop(shared.clone(), l, Some(acceptor))));
         }
@@ -279,6 +398,18 @@ impl Hub {
         } else {
             format!("{host}:{}", addr.port())
         }
+    }
+
+    /// Writes the `iothubowner` connection string to [`Hub::owner_file`] (created with mode
+    /// 0600, replaced atomically, so the key never sits in a world-readable file or in the
+    /// hub's output); returns whether the file is new (the hub's first start).
+    pub fn write_owner_connection_string(&self) -> Result<bool> {
+        self.shared.write_owner_file(&self.service_connection_string())
+    }
+
+    /// Where the hub keeps its owner connection string: `{data_dir}/owner.connection-string`.
+    pub fn owner_file(&self) -> PathBuf {
+        self.shared.owner_file()
     }
 
     /// The connection string of the `iothubowner` policy.
@@ -372,17 +503,29 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+    let accept_errors = guard::LogLimit::default();
+    let capacity = guard::LogLimit::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(suppressed) = accept_errors.allow() {
+                    tracing::warn!(error = %e, suppressed, "accept failed (raise the open-file limit or lower max_connections)");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
+        crate::transport::tune_socket(&tcp, &shared.config.socket);
+        if shared.live.load(Ordering::SeqCst) >= shared.config.max_connections {
+            shared.stats.refused_capacity.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = capacity.allow() {
+                tracing::warn!(%peer, max = shared.config.max_connections, suppressed, "connection refused: the hub is at max_connections");
+            }
+            tokio::spawn(refuse_busy(tcp, tls.is_some()));
+            continue;
+        }
         let shared = shared.clone();
         let tls = tls.clone();
         shared.live.fetch_add(1, Ordering::SeqCst);
@@ -408,13 +551,27 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
     }
 }
 
+/// The refusal of a connection past `max_connections`: CONNACK 3 (server unavailable, which
+/// MQTT clients treat as "retry later") on a plain listener, then close; a TLS listener just
+/// closes (a CONNACK would need a handshake first, which is what the cap saves).
+async fn refuse_busy(mut tcp: tokio::net::TcpStream, tls: bool) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        if !tls {
+            let _ = tcp.write_all(&[0x20, 0x02, 0x00, 0x03]).await;
+        }
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+}
+
 async fn checkpoint_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(shared.config.checkpoint_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if let Err(e) = shared.groups.flush().await {
-            tracing::error!(error = %e, "persisting consumer checkpoints failed; will retry");
+            shared.log_store_error("persisting consumer checkpoints failed; will retry", &e);
         }
     }
 }
@@ -426,7 +583,7 @@ async fn sweep_loop(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         if let Err(e) = shared.c2d.sweep(shared.config.feedback_interval, shared.config.feedback_ttl, &mut oldest_pending) {
-            tracing::error!(error = %e, "C2D sweep failed; will retry");
+            shared.log_store_error("C2D sweep failed; will retry", &e);
         }
     }
 }
@@ -441,7 +598,7 @@ async fn retention_loop(shared: Arc<Shared>) {
         match r {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::info!(removed = n, "retention removed old events"),
-            Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
+            Ok(Err(e)) => shared.log_store_error("retention failed", &e),
             Err(e) => tracing::error!(error = %e, "retention task failed"),
         }
     }

@@ -16,33 +16,7 @@ use crate::message::now_ms;
 use crate::proto::{CreateDevice, DeviceIdentity, DeviceStatus};
 use crate::store::{Durability, Machine, StateLog, StateOptions};
 
-/// What a policy may do (reference §2.3).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub enum Right {
-    /// Read identities.
-    RegistryRead,
-    /// Create, update, delete identities.
-    RegistryWrite,
-    /// Read D2C events, send C2D, receive feedback.
-    ServiceConnect,
-    /// Act as any device.
-    DeviceConnect,
-}
-
-/// A hub-level shared access policy.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Policy {
-    /// Policy name (`skn` in tokens).
-    pub name: String,
-    /// Primary key (base64).
-    pub primary_key: String,
-    /// Secondary key (base64).
-    pub secondary_key: String,
-    /// Granted rights.
-    pub rights: Vec<Right>,
-}
+pub use crate::proto::{Policy, Right};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
@@ -117,11 +91,11 @@ impl Registry {
         let log = StateLog::<State>::open(dir, StateOptions { durability, ..StateOptions::default() })?;
         let reg = Registry { log };
         for (name, rights) in [
-            ("iothubowner", vec![Right::RegistryRead, Right::RegistryWrite, Right::ServiceConnect, Right::DeviceConnect]),
+            ("iothubowner", vec![Right::RegistryRead, Right::RegistryReadWrite, Right::ServiceConnect, Right::DeviceConnect]),
             ("service", vec![Right::ServiceConnect]),
             ("device", vec![Right::DeviceConnect]),
             ("registryRead", vec![Right::RegistryRead]),
-            ("registryReadWrite", vec![Right::RegistryRead, Right::RegistryWrite]),
+            ("registryReadWrite", vec![Right::RegistryRead, Right::RegistryReadWrite]),
         ] {
             if reg.policy(name).is_none() {
                 let p = Policy { name: name.to_string(), primary_key: auth::generate_key(), secondary_key: auth::generate_key(), rights };
@@ -135,6 +109,35 @@ impl Registry {
     /// A policy by name.
     pub fn policy(&self, name: &str) -> Option<Policy> {
         self.log.read(|s| s.policies.get(name).cloned())
+    }
+
+    /// Every policy, ordered by name (with keys: for owners only).
+    pub fn policies(&self) -> Vec<Policy> {
+        self.log.read(|s| s.policies.values().cloned().collect())
+    }
+
+    /// Regenerates a policy's `primary`, `secondary` or `both` keys; durable when this returns.
+    /// Tokens signed with a replaced key stop being accepted at their next CONNECT.
+    pub async fn regenerate_policy(&self, name: &str, which: &str) -> Result<Policy> {
+        let (p, seq) = self.log.commit_with(|s| {
+            let mut p = s
+                .policies
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no policy named '{name}'; `hubmsg policy list` shows them")))?;
+            match which {
+                "primary" => p.primary_key = auth::generate_key(),
+                "secondary" => p.secondary_key = auth::generate_key(),
+                "both" => {
+                    p.primary_key = auth::generate_key();
+                    p.secondary_key = auth::generate_key();
+                }
+                other => return Err(Error::invalid(format!("key '{other}' is not primary, secondary or both"))),
+            }
+            Ok((encode(&Event::PutPolicy(p.clone())), p))
+        })?;
+        self.log.wait_durable(seq).await?;
+        Ok(p)
     }
 
     /// A device by id.
@@ -151,7 +154,7 @@ impl Registry {
     pub async fn create(&self, req: CreateDevice) -> Result<DeviceIdentity> {
         validate_device_id(&req.device_id)?;
         for k in [&req.primary_key, &req.secondary_key].into_iter().flatten() {
-            auth::sign(k, b"probe").map_err(|_| Error::invalid("keys must be base64"))?;
+            auth::check_identity_key(k)?;
         }
         let (dev, seq) = self.log.commit_with(|s| {
             if s.devices.contains_key(&req.device_id) {

@@ -56,11 +56,11 @@ pub(crate) struct NatsRegistry {
 impl NatsRegistry {
     pub(crate) async fn open(inner: Arc<Inner>) -> Result<NatsRegistry> {
         for (name, rights) in [
-            ("iothubowner", vec![Right::RegistryRead, Right::RegistryWrite, Right::ServiceConnect, Right::DeviceConnect]),
+            ("iothubowner", vec![Right::RegistryRead, Right::RegistryReadWrite, Right::ServiceConnect, Right::DeviceConnect]),
             ("service", vec![Right::ServiceConnect]),
             ("device", vec![Right::DeviceConnect]),
             ("registryRead", vec![Right::RegistryRead]),
-            ("registryReadWrite", vec![Right::RegistryRead, Right::RegistryWrite]),
+            ("registryReadWrite", vec![Right::RegistryRead, Right::RegistryReadWrite]),
         ] {
             let p = Policy { name: name.to_string(), primary_key: auth::generate_key(), secondary_key: auth::generate_key(), rights };
             match inner.registry.create(names::policy_key(name), Bytes::from(serde_json::to_vec(&p).expect("policy serializes"))).await {
