@@ -20,11 +20,11 @@ use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
 use crate::args::{arg_enum, arg_mut, arg_ref, arg_str, free_box, free_handle, ms, opt_str, Out};
-use crate::callback::{Closure, Dispatcher};
-use crate::inbox::{Inbox, Source};
+use crate::callback::Closure;
 use crate::message::hubmsg_message;
 use crate::result::{code_of, guard, guard_or, hubmsg_result, to_cstring, HUBMSG_OK, HUBMSG_PENDING};
-use crate::runtime::{block_on, dispose, ensure_may_block, runtime, Rt};
+use hubmsg_bind::{block_on, dispose, ensure_may_block, runtime, Rt};
+use hubmsg_bind::{Dispatcher, Inbox, Source};
 
 /// Outbox overflow policy: refuse the new message with HUBMSG_QUEUE_FULL (default).
 pub const HUBMSG_OVERFLOW_REJECT: i32 = 0;
@@ -920,7 +920,7 @@ pub unsafe extern "C" fn hubmsg_device_recv(dev: *mut hubmsg_device, timeout_ms:
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, d) = unsafe { (Out::new(out, "out")?, device(dev)?) };
-        d.c2d.recv_into(&d.rt, timeout_ms, out, hubmsg_c2d::new)
+        crate::args::recv_into(&d.c2d, &d.rt, timeout_ms, out, hubmsg_c2d::new)
     })
 }
 

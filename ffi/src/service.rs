@@ -17,11 +17,11 @@ use hubmsg_core::{Error, ErrorKind, Result};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::args::{arg_enum, arg_mut, arg_ref, arg_str, free_box, free_handle, ms, opt_str, put_opt, Out};
-use crate::callback::{Closure, Dispatcher};
-use crate::inbox::{Inbox, Source};
+use crate::callback::Closure;
 use crate::message::hubmsg_message;
 use crate::result::{guard, guard_or, hubmsg_result, to_cstring, HUBMSG_OK};
-use crate::runtime::{block_on, dispose, runtime, Rt};
+use hubmsg_bind::{block_on, dispose, runtime, Rt};
+use hubmsg_bind::{Dispatcher, Inbox, Source};
 
 /// C2D feedback request: none (default).
 pub const HUBMSG_ACK_NONE: i32 = 0;
@@ -451,7 +451,7 @@ pub unsafe extern "C" fn hubmsg_service_send_c2d_and_wait(
         }
         let mut message = m.msg.clone();
         let id = message.message_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
-        crate::runtime::ensure_may_block("hubmsg_service_send_c2d_and_wait")?;
+        hubmsg_bind::ensure_may_block("hubmsg_service_send_c2d_and_wait")?;
         let rx = s.client.await_outcome(&id)?;
         let record = call(s, "hubmsg_service_send_c2d_and_wait", async {
             s.client.send_c2d_with(device, message, opts).await?;
@@ -521,7 +521,7 @@ pub unsafe extern "C" fn hubmsg_service_feedback_next(
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, s) = unsafe { (Out::new(out, "out")?, service(svc)?) };
-        s.feedback.recv_into(&s.rt, timeout_ms, out, hubmsg_feedback_batch::from)
+        crate::args::recv_into(&s.feedback, &s.rt, timeout_ms, out, hubmsg_feedback_batch::from)
     })
 }
 
@@ -896,7 +896,7 @@ pub unsafe extern "C" fn hubmsg_events_next(events: *mut hubmsg_events, timeout_
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, e) = unsafe { (Out::new(out, "out")?, self::events(events)?) };
-        e.inbox.recv_into(&e.rt, timeout_ms, out, hubmsg_event::from)
+        crate::args::recv_into(&e.inbox, &e.rt, timeout_ms, out, hubmsg_event::from)
     })
 }
 
