@@ -13,13 +13,15 @@
 //! - [`log`]: the `tracing` subscriber that forwards engine logs to a binding's sink (C callback,
 //!   Python `logging`);
 //! - [`errors`]: the error-kind table as each language names it, generated from
-//!   [`hubmsg_core::ErrorKind::ALL`].
+//!   [`hubmsg_core::ErrorKind::ALL`];
+//! - [`sources`]: the core streams (C2D, feedback, events with checkpoint/close) as pump sources.
 
 pub mod dispatch;
 pub mod errors;
 pub mod inbox;
 pub mod log;
 pub mod runtime;
+pub mod sources;
 
 pub use dispatch::{call_user, panic_text, Dispatcher};
 pub use inbox::{Inbox, Source};
