@@ -188,20 +188,28 @@ impl<S: Source> Inbox<S> {
         Ok(())
     }
 
-    /// Stops the pump and waits until it is gone (items not yet delivered are dropped, and with
-    /// them the callback's references). Not on a runtime thread; does nothing (the pump is
-    /// leaked with its runtime) in a process the runtime does not belong to.
-    pub fn stop(&self, rt: &Runtime) {
+    /// Stops the pump: aborts it and returns its task, to await until it is gone (items not yet
+    /// delivered are dropped, and with them the callback's references).
+    pub fn stop_task(&self) -> Option<JoinHandle<()>> {
+        self.returned.lock().clear();
         let pump = self.pump.lock().take();
-        if let Some(t) = pump {
+        if let Some(t) = &pump {
             t.abort();
+        }
+        pump
+    }
+
+    /// [`Inbox::stop_task`] and a blocking wait for the pump to be gone. Not on a runtime
+    /// thread; does nothing more (the pump is leaked with its runtime) in a process the runtime
+    /// does not belong to.
+    pub fn stop(&self, rt: &Runtime) {
+        if let Some(t) = self.stop_task() {
             if rt.is_current_process() {
                 let _ = rt.block_on(t);
             } else {
                 std::mem::forget(t);
             }
         }
-        self.returned.lock().clear();
     }
 }
 

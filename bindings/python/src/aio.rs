@@ -1,0 +1,231 @@
+//! How Python waits for the engine: blocking calls that release the GIL and stay Ctrl-C-able,
+//! and asyncio awaitables driven by the shared runtime.
+//!
+//! - [`runtime`]: the process runtime of `hubmsg-bind`. The module keeps one share of it for as
+//!   long as the process lives (so asyncio futures always have a runtime to run on); after
+//!   `os.fork()` the child gets a runtime of its own and clients inherited from the parent raise
+//!   `UsageError`.
+//! - [`wait`]: runs a future on the runtime from a Python thread with the GIL released, in slices
+//!   of 100 ms with `check_signals()` between them, so Ctrl-C raises `KeyboardInterrupt` (on the
+//!   main thread) within ~100 ms; the future is dropped then, and every engine future waited on
+//!   this way is cancel-safe.
+//! - [`awaitable`]: an `asyncio.Future` of the running loop, completed by a task on the runtime.
+//!   Cancelling the Python future aborts the task (dropping the engine future: cancel-safe); a
+//!   value the task produced after all, when the future was cancelled at the last moment, goes
+//!   to `give_back` (e.g. back into its inbox), so cancelling an `await` loses nothing.
+//!
+//! pyo3-async-runtimes is not used: its tokio integration wants one `'static` runtime set once
+//! per process, which a forked child cannot replace, and it drops a value whose future was
+//! cancelled (see docs/python.md).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubmsg_bind::Inbox;
+use hubmsg_bind::{Rt, Runtime};
+use hubmsg_core::ErrorKind;
+use parking_lot::Mutex;
+use pyo3::exceptions::PyStopAsyncIteration;
+use pyo3::prelude::*;
+use pyo3::types::{PyCFunction, PyDict, PyTuple};
+
+use crate::errors::IntoPyResult;
+
+/// How long a blocking wait runs before it checks for signals.
+const SLICE: Duration = Duration::from_millis(100);
+
+static KEEP: Mutex<Option<Rt>> = Mutex::new(None);
+
+/// The process runtime (a fresh one in a forked child).
+pub(crate) fn runtime() -> PyResult<Rt> {
+    let mut keep = KEEP.lock();
+    if let Some(rt) = keep.as_ref().filter(|rt| rt.is_current_process()) {
+        return Ok(rt.clone());
+    }
+    let rt = hubmsg_bind::runtime().py()?;
+    // The parent's share (after fork) is leaked, never dropped: see hubmsg_bind::runtime.
+    if let Some(old) = keep.replace(rt.clone()) {
+        std::mem::forget(old);
+    }
+    Ok(rt)
+}
+
+/// Runs `fut` to completion with the GIL released, checking for signals every 100 ms. `what`
+/// names the call in errors (`UsageError` in a forked child or on a runtime thread).
+pub(crate) fn wait<F>(py: Python<'_>, rt: &Runtime, what: &str, fut: F) -> PyResult<F::Output>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    rt.check(what).py()?;
+    hubmsg_bind::ensure_may_block(what).py()?;
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        let step = py.detach(|| rt.block_on(async { tokio::time::timeout(SLICE, fut.as_mut()).await }));
+        match step {
+            Ok(v) => return Ok(v),
+            Err(_) => py.check_signals()?,
+        }
+    }
+}
+
+type Convert<T> = Box<dyn FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send>;
+type GiveBack<T> = Box<dyn FnOnce(T) + Send>;
+
+/// An awaitable of the running asyncio loop that resolves to `convert(fut's value)`; see the
+/// module doc for cancellation. `give_back` receives a value whose future was cancelled.
+pub(crate) fn awaitable<'py, T, F>(
+    py: Python<'py>,
+    rt: &Runtime,
+    what: &str,
+    fut: F,
+    convert: impl FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
+    give_back: impl FnOnce(T) + Send + 'static,
+) -> PyResult<Bound<'py, PyAny>>
+where
+    T: Send + 'static,
+    F: Future<Output = hubmsg_core::Result<T>> + Send + 'static,
+{
+    rt.check(what).py()?;
+    let event_loop = py.import("asyncio")?.call_method0("get_running_loop")?;
+    let py_fut = event_loop.call_method0("create_future")?;
+    let loop_ref = event_loop.unbind();
+    let fut_ref = py_fut.clone().unbind();
+    let convert: Convert<T> = Box::new(convert);
+    let give_back: GiveBack<T> = Box::new(give_back);
+    let task = rt.spawn(async move {
+        let result = fut.await;
+        Python::attach(|py| complete(py, loop_ref, fut_ref, result, convert, give_back));
+    });
+    let abort = task.abort_handle();
+    let on_done =
+        PyCFunction::new_closure(py, None, None, move |args: &Bound<'_, PyTuple>, _: Option<&Bound<'_, PyDict>>| -> PyResult<()> {
+            let f = args.get_item(0)?;
+            if f.call_method0("cancelled")?.is_truthy()? {
+                abort.abort();
+            }
+            Ok(())
+        })?;
+    py_fut.call_method1("add_done_callback", (on_done,))?;
+    Ok(py_fut)
+}
+
+/// Hands `result` to the Python future on its loop's thread (or to `give_back` when the future
+/// is done already, or the loop is gone).
+fn complete<T: Send + 'static>(
+    py: Python<'_>,
+    event_loop: Py<PyAny>,
+    py_fut: Py<PyAny>,
+    result: hubmsg_core::Result<T>,
+    convert: Convert<T>,
+    give_back: GiveBack<T>,
+) {
+    type Pending<T> = Option<(hubmsg_core::Result<T>, Convert<T>, GiveBack<T>)>;
+    let slot: Arc<Mutex<Pending<T>>> = Arc::new(Mutex::new(Some((result, convert, give_back))));
+    let in_loop = slot.clone();
+    let fut_for_setter = py_fut.clone_ref(py);
+    let setter =
+        PyCFunction::new_closure(py, None, None, move |args: &Bound<'_, PyTuple>, _: Option<&Bound<'_, PyDict>>| -> PyResult<()> {
+            let py = args.py();
+            let Some((result, convert, give_back)) = in_loop.lock().take() else { return Ok(()) };
+            let f = fut_for_setter.bind(py);
+            if f.call_method0("done")?.is_truthy()? {
+                if let Ok(v) = result {
+                    give_back(v);
+                }
+                return Ok(());
+            }
+            match result.map_err(crate::errors::to_py).and_then(|v| convert(py, v)) {
+                Ok(v) => f.call_method1("set_result", (v,))?,
+                Err(e) => f.call_method1("set_exception", (e.into_value(py),))?,
+            };
+            Ok(())
+        });
+    let scheduled = setter.and_then(|s| event_loop.bind(py).call_method1("call_soon_threadsafe", (s,)));
+    if scheduled.is_err() {
+        // The loop is closed: nobody will take the value.
+        if let Some((Ok(v), _, give_back)) = slot.lock().take() {
+            give_back(v);
+        }
+    }
+}
+
+/// The body of a method offered both ways: blocking (`asynchronous == false`: waits with the
+/// GIL released, then converts) or as an awaitable (converted on the loop's thread). A value
+/// whose awaitable was cancelled is dropped (use [`awaitable`] to give it back instead).
+pub(crate) fn run<T, F>(
+    py: Python<'_>,
+    rt: &Runtime,
+    what: &str,
+    asynchronous: bool,
+    fut: F,
+    convert: impl FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
+) -> PyResult<Py<PyAny>>
+where
+    T: Send + 'static,
+    F: Future<Output = hubmsg_core::Result<T>> + Send + 'static,
+{
+    if asynchronous {
+        Ok(awaitable(py, rt, what, fut, convert, drop)?.unbind())
+    } else {
+        let v = wait(py, rt, what, fut)?.py()?;
+        convert(py, v)
+    }
+}
+
+/// `convert` for a unit result.
+pub(crate) fn none(py: Python<'_>, _: ()) -> PyResult<Py<PyAny>> {
+    Ok(py.None())
+}
+
+/// `convert` for any value with a Python form.
+pub(crate) fn into_py<T: for<'py> IntoPyObject<'py>>(py: Python<'_>, v: T) -> PyResult<Py<PyAny>> {
+    use pyo3::IntoPyObjectExt;
+    v.into_py_any(py)
+}
+
+/// The end of a stream (`Closed`) as `None` (the end of a `for` loop).
+pub(crate) fn end_is_none<T>(r: hubmsg_core::Result<Option<T>>) -> PyResult<Option<T>> {
+    match r {
+        Err(e) if e.kind() == ErrorKind::Closed => Ok(None),
+        r => r.py(),
+    }
+}
+
+/// An awaitable pull from `inbox`; an item whose awaitable was cancelled goes back. With
+/// `end_is_stop` the end of the stream raises `StopAsyncIteration` (else ClosedError) and there
+/// is no timeout.
+pub(crate) fn pull_awaitable<'py, S: hubmsg_bind::Source>(
+    py: Python<'py>,
+    rt: &Rt,
+    inbox: &Arc<Inbox<S>>,
+    timeout: Option<Duration>,
+    end_is_stop: bool,
+    convert: impl FnOnce(Python<'_>, S::Item) -> PyResult<Py<PyAny>> + Send + 'static,
+) -> PyResult<Bound<'py, PyAny>> {
+    let next = inbox.next(rt, timeout);
+    let back = inbox.clone();
+    let fut = async move {
+        match next.await {
+            Err(e) if end_is_stop && e.kind() == ErrorKind::Closed => Ok(None),
+            r => r,
+        }
+    };
+    awaitable(
+        py,
+        rt,
+        inbox.what(),
+        fut,
+        move |py, item| match item {
+            Some(item) => convert(py, item),
+            None if end_is_stop => Err(PyStopAsyncIteration::new_err(())),
+            None => Ok(py.None()),
+        },
+        move |item| {
+            if let Some(item) = item {
+                back.give_back(item);
+            }
+        },
+    )
+}
