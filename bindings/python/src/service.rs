@@ -201,9 +201,16 @@ fn service_options(
     connection_string: &str,
     ca_file: Option<std::path::PathBuf>,
     request_timeout: Option<&Bound<'_, PyAny>>,
+    retry: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<ServiceOptions> {
     let mut opts = ServiceOptions::from_connection_string(connection_string).py()?;
     opts.tls = ca_file.map(|f| TlsOptions { ca_file: Some(f) });
+    if let Some(r) = retry.filter(|r| !r.is_none()) {
+        let r = r
+            .cast::<crate::device::PyRetryPolicy>()
+            .map_err(|_| pyo3::exceptions::PyTypeError::new_err("retry must be a hubmsg.RetryPolicy"))?;
+        opts.retry = r.get().policy.clone();
+    }
     if let Some(t) = opt_duration(request_timeout, "request_timeout")? {
         opts.request_timeout = t;
     }
@@ -214,45 +221,50 @@ fn service_options(
 impl PyService {
     /// Connects (in the background) with a policy connection string
     /// (`HostName=…;SharedAccessKeyName=…;SharedAccessKey=…`). `ca_file` trusts a CA (TLS);
-    /// `request_timeout` (seconds) bounds every request, across reconnects.
+    /// `request_timeout` (seconds) bounds every request, across reconnects; `retry` paces
+    /// reconnects (a `RetryPolicy`).
     #[new]
-    #[pyo3(signature = (connection_string, *, ca_file=None, request_timeout=None))]
+    #[pyo3(signature = (connection_string, *, ca_file=None, request_timeout=None, retry=None))]
     fn new(
         py: Python<'_>,
         connection_string: &str,
         ca_file: Option<std::path::PathBuf>,
         request_timeout: Option<&Bound<'_, PyAny>>,
+        retry: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyService> {
-        let opts = service_options(connection_string, ca_file, request_timeout)?;
+        let opts = service_options(connection_string, ca_file, request_timeout, retry)?;
         let rt = runtime()?;
         wait(py, &rt, "ServiceClient()", open_service(opts, rt.clone()))?.py()
     }
 
     /// `ServiceClient(connection_string, ...)`.
     #[classmethod]
-    #[pyo3(signature = (connection_string, *, ca_file=None, request_timeout=None))]
+    #[pyo3(signature = (connection_string, *, ca_file=None, request_timeout=None, retry=None))]
     fn from_connection_string(
         cls: &Bound<'_, pyo3::types::PyType>,
         connection_string: &str,
         ca_file: Option<std::path::PathBuf>,
         request_timeout: Option<Bound<'_, PyAny>>,
+        retry: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let kw = pyo3::types::PyDict::new(cls.py());
         kw.set_item("ca_file", ca_file)?;
         kw.set_item("request_timeout", request_timeout)?;
+        kw.set_item("retry", retry)?;
         Ok(cls.call((connection_string,), Some(&kw))?.unbind())
     }
 
     /// An awaitable of a new client (for `hubmsg.aio`).
     #[staticmethod]
-    #[pyo3(signature = (connection_string, *, ca_file=None, request_timeout=None))]
+    #[pyo3(signature = (connection_string, *, ca_file=None, request_timeout=None, retry=None))]
     fn connect_async<'py>(
         py: Python<'py>,
         connection_string: &str,
         ca_file: Option<std::path::PathBuf>,
         request_timeout: Option<&Bound<'py, PyAny>>,
+        retry: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let opts = service_options(connection_string, ca_file, request_timeout)?;
+        let opts = service_options(connection_string, ca_file, request_timeout, retry)?;
         let rt = runtime()?;
         awaitable(py, &rt, "ServiceClient.connect", open_service(opts, rt.clone()), into_py, drop)
     }

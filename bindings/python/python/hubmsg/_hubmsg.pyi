@@ -366,15 +366,29 @@ class ServiceClient:
     """A back-end connection to a hub."""
 
     def __new__(
-        cls, connection_string: str, *, ca_file: Optional[StrPath] = None, request_timeout: Optional[Seconds] = None
+        cls,
+        connection_string: str,
+        *,
+        ca_file: Optional[StrPath] = None,
+        request_timeout: Optional[Seconds] = None,
+        retry: Optional[RetryPolicy] = None,
     ) -> Self: ...
     @classmethod
     def from_connection_string(
-        cls, connection_string: str, *, ca_file: Optional[StrPath] = None, request_timeout: Optional[Seconds] = None
+        cls,
+        connection_string: str,
+        *,
+        ca_file: Optional[StrPath] = None,
+        request_timeout: Optional[Seconds] = None,
+        retry: Optional[RetryPolicy] = None,
     ) -> ServiceClient: ...
     @staticmethod
     def connect_async(
-        connection_string: str, *, ca_file: Optional[StrPath] = None, request_timeout: Optional[Seconds] = None
+        connection_string: str,
+        *,
+        ca_file: Optional[StrPath] = None,
+        request_timeout: Optional[Seconds] = None,
+        retry: Optional[RetryPolicy] = None,
     ) -> Awaitable[ServiceClient]: ...
     @property
     def status(self) -> StatusName: ...

@@ -214,10 +214,17 @@ class ServiceClient:
 
     @classmethod
     async def from_connection_string(
-        cls, connection_string: str, *, ca_file: Optional[StrPath] = None, request_timeout: Optional[Seconds] = None
+        cls,
+        connection_string: str,
+        *,
+        ca_file: Optional[StrPath] = None,
+        request_timeout: Optional[Seconds] = None,
+        retry: Optional[RetryPolicy] = None,
     ) -> ServiceClient:
         """Connects (in the background) with a policy connection string."""
-        inner = await _hubmsg.ServiceClient.connect_async(connection_string, ca_file=ca_file, request_timeout=request_timeout)
+        inner = await _hubmsg.ServiceClient.connect_async(
+            connection_string, ca_file=ca_file, request_timeout=request_timeout, retry=retry
+        )
         return cls(inner)
 
     @property
