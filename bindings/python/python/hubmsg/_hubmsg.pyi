@@ -7,19 +7,57 @@ import os
 from collections.abc import Awaitable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from typing_extensions import Self
+from typing_extensions import Self, disjoint_base, final
 
+__all__ = [
+    "AlreadyExistsError",
+    "C2dMessage",
+    "C2dReceipt",
+    "C2dStream",
+    "ClosedError",
+    "Delivery",
+    "DeviceClient",
+    "DeviceIdentity",
+    "DeviceStats",
+    "DisconnectedError",
+    "ERROR_CLASSES",
+    "Event",
+    "EventStream",
+    "ExpiredError",
+    "FeedbackBatch",
+    "FeedbackRecord",
+    "FeedbackStream",
+    "Hub",
+    "HubmsgError",
+    "HubmsgTimeoutError",
+    "InternalError",
+    "InvalidArgumentError",
+    "LockLostError",
+    "Message",
+    "MessageTooLargeError",
+    "NotFoundError",
+    "ProtocolError",
+    "QueueFullError",
+    "RetryPolicy",
+    "ServiceClient",
+    "Status",
+    "StatusStream",
+    "StorageError",
+    "UnauthorizedError",
+    "UsageError",
+    "__version__",
+]
 __version__: str
 
-Body = Union[bytes, bytearray, memoryview, str]
-Seconds = Union[int, float, datetime.timedelta]
-Expiry = Union[datetime.datetime, int, float, datetime.timedelta]
-Properties = Mapping[str, str]
-StrPath = Union[str, "os.PathLike[str]"]
-Outcome = Literal["delivered", "expired", "dropped", "rejected"]
-StatusName = Literal["connecting", "connected", "disconnected", "retrying", "failed", "closed"]
-AckMode = Literal["none", "positive", "negative", "full"]
-Start = Union[Literal["checkpoint", "earliest", "latest"], int, datetime.datetime]
+_Body = Union[bytes, bytearray, memoryview, str]
+_Seconds = Union[int, float, datetime.timedelta]
+_Expiry = Union[datetime.datetime, int, float, datetime.timedelta]
+_Properties = Mapping[str, str]
+_StrPath = Union[str, "os.PathLike[str]"]
+_Outcome = Literal["delivered", "expired", "dropped", "rejected"]
+_StatusName = Literal["connecting", "connected", "disconnected", "retrying", "failed", "closed"]
+_AckMode = Literal["none", "positive", "negative", "full"]
+_Start = Union[Literal["checkpoint", "earliest", "latest"], int, datetime.datetime]
 
 class HubmsgError(Exception):
     """Base class of every hubmsg error; ``kind`` is the stable error code."""
@@ -44,19 +82,20 @@ class InternalError(HubmsgError): ...
 
 ERROR_CLASSES: dict[str, type[HubmsgError]]
 
+@disjoint_base
 class Message:
     """A message: body, system properties and application properties."""
 
     def __new__(
         cls,
-        body: Body,
+        body: _Body,
         *,
-        properties: Optional[Properties] = None,
+        properties: Optional[_Properties] = None,
         message_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
         content_type: Optional[str] = None,
         content_encoding: Optional[str] = None,
-        expiry: Optional[Expiry] = None,
+        expiry: Optional[_Expiry] = None,
     ) -> Self: ...
     @property
     def body(self) -> bytes: ...
@@ -79,24 +118,26 @@ class Message:
     @property
     def expiry_time(self) -> Optional[datetime.datetime]: ...
 
+@final
 class RetryPolicy:
     """How a client reconnects (times in seconds)."""
 
     def __new__(
         cls,
         *,
-        initial_delay: Optional[Seconds] = None,
-        max_delay: Optional[Seconds] = None,
+        initial_delay: Optional[_Seconds] = None,
+        max_delay: Optional[_Seconds] = None,
         multiplier: float = 2.0,
-        jitter: Optional[Seconds] = None,
-        max_elapsed: Optional[Seconds] = None,
+        jitter: Optional[_Seconds] = None,
+        max_elapsed: Optional[_Seconds] = None,
         max_attempts: Optional[int] = None,
     ) -> Self: ...
     @staticmethod
     def never() -> RetryPolicy: ...
     @staticmethod
-    def fixed(delay: Seconds) -> RetryPolicy: ...
+    def fixed(delay: _Seconds) -> RetryPolicy: ...
 
+@final
 class Delivery:
     """The outcome of one sent message."""
 
@@ -105,11 +146,12 @@ class Delivery:
     @property
     def sequence_number(self) -> int: ...
     @property
-    def outcome(self) -> Optional[Outcome]: ...
+    def outcome(self) -> Optional[_Outcome]: ...
     def done(self) -> bool: ...
-    def wait(self, timeout: Optional[Seconds] = None) -> Outcome: ...
-    def wait_async(self, timeout: Optional[Seconds] = None) -> Awaitable[Outcome]: ...
+    def wait(self, timeout: Optional[_Seconds] = None) -> _Outcome: ...
+    def wait_async(self, timeout: Optional[_Seconds] = None) -> Awaitable[_Outcome]: ...
 
+@final
 class C2dMessage(Message):
     """A cloud-to-device message; settle it once."""
 
@@ -121,6 +163,7 @@ class C2dMessage(Message):
     def abandon(self) -> None: ...
     def reject(self) -> None: ...
 
+@final
 class C2dStream:
     """The C2D messages of a device, for ``for`` and ``async for``."""
 
@@ -129,11 +172,12 @@ class C2dStream:
     def __aiter__(self) -> C2dStream: ...
     def __anext__(self) -> Awaitable[C2dMessage]: ...
 
+@final
 class Status:
     """One connection status."""
 
     @property
-    def status(self) -> StatusName: ...
+    def status(self) -> _StatusName: ...
     @property
     def reason(self) -> str: ...
     @property
@@ -143,15 +187,17 @@ class Status:
     @property
     def delay(self) -> Optional[float]: ...
 
+@final
 class StatusStream:
     """Status changes: the current status first, then each change."""
 
-    def next(self, timeout: Optional[Seconds] = None) -> Optional[Status]: ...
+    def next(self, timeout: Optional[_Seconds] = None) -> Optional[Status]: ...
     def __iter__(self) -> Iterator[Status]: ...
     def __next__(self) -> Status: ...
     def __aiter__(self) -> StatusStream: ...
     def __anext__(self) -> Awaitable[Status]: ...
 
+@final
 class DeviceStats:
     """Counters of a device client."""
 
@@ -186,6 +232,7 @@ class DeviceStats:
     @property
     def last_error(self) -> Optional[str]: ...
 
+@final
 class DeviceClient:
     """A device's connection to a hub: durable D2C sends and C2D commands."""
 
@@ -197,34 +244,34 @@ class DeviceClient:
         device_id: Optional[str] = None,
         key: Optional[str] = None,
         sas_token: Optional[str] = None,
-        outbox_dir: Optional[StrPath] = None,
+        outbox_dir: Optional[_StrPath] = None,
         in_memory: bool = False,
         durability: str = "always",
         max_messages: int = 100000,
         max_bytes: int = 67108864,
         overflow: Literal["reject", "drop_oldest"] = "reject",
         retry: Optional[RetryPolicy] = None,
-        ca_file: Optional[StrPath] = None,
-        keep_alive: Seconds = 60.0,
+        ca_file: Optional[_StrPath] = None,
+        keep_alive: _Seconds = 60.0,
         max_in_flight: int = 1000,
-        connect_timeout: Seconds = 30.0,
+        connect_timeout: _Seconds = 30.0,
     ) -> Self: ...
     @classmethod
     def from_connection_string(
         cls,
         connection_string: str,
         *,
-        outbox_dir: Optional[StrPath] = None,
+        outbox_dir: Optional[_StrPath] = None,
         in_memory: bool = False,
         durability: str = "always",
         max_messages: int = 100000,
         max_bytes: int = 67108864,
         overflow: Literal["reject", "drop_oldest"] = "reject",
         retry: Optional[RetryPolicy] = None,
-        ca_file: Optional[StrPath] = None,
-        keep_alive: Seconds = 60.0,
+        ca_file: Optional[_StrPath] = None,
+        keep_alive: _Seconds = 60.0,
         max_in_flight: int = 1000,
-        connect_timeout: Seconds = 30.0,
+        connect_timeout: _Seconds = 30.0,
     ) -> DeviceClient: ...
     @staticmethod
     def connect_async(connection_string: Optional[str] = None, **options: Any) -> Awaitable[DeviceClient]: ...
@@ -232,43 +279,44 @@ class DeviceClient:
     def device_id(self) -> str: ...
     def send(
         self,
-        body: Body,
+        body: _Body,
         *,
-        properties: Optional[Properties] = None,
+        properties: Optional[_Properties] = None,
         message_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
         content_type: Optional[str] = None,
         content_encoding: Optional[str] = None,
-        expiry: Optional[Expiry] = None,
+        expiry: Optional[_Expiry] = None,
     ) -> Delivery: ...
     def send_async(
         self,
-        body: Body,
+        body: _Body,
         *,
-        properties: Optional[Properties] = None,
+        properties: Optional[_Properties] = None,
         message_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
         content_type: Optional[str] = None,
         content_encoding: Optional[str] = None,
-        expiry: Optional[Expiry] = None,
+        expiry: Optional[_Expiry] = None,
     ) -> Awaitable[Delivery]: ...
-    def send_many(self, messages: Iterable[Union[Message, Body]]) -> list[Delivery]: ...
-    def send_many_async(self, messages: Iterable[Union[Message, Body]]) -> Awaitable[list[Delivery]]: ...
-    def flush(self, timeout: Optional[Seconds] = None) -> None: ...
-    def flush_async(self, timeout: Optional[Seconds] = None) -> Awaitable[None]: ...
+    def send_many(self, messages: Iterable[Union[Message, _Body]]) -> list[Delivery]: ...
+    def send_many_async(self, messages: Iterable[Union[Message, _Body]]) -> Awaitable[list[Delivery]]: ...
+    def flush(self, timeout: Optional[_Seconds] = None) -> None: ...
+    def flush_async(self, timeout: Optional[_Seconds] = None) -> Awaitable[None]: ...
     @property
-    def status(self) -> StatusName: ...
+    def status(self) -> _StatusName: ...
     def status_changes(self) -> StatusStream: ...
     def stats(self) -> DeviceStats: ...
     def reconnect(self) -> None: ...
-    def receive(self, timeout: Optional[Seconds] = None) -> Optional[C2dMessage]: ...
-    def receive_async(self, timeout: Optional[Seconds] = None) -> Awaitable[Optional[C2dMessage]]: ...
+    def receive(self, timeout: Optional[_Seconds] = None) -> Optional[C2dMessage]: ...
+    def receive_async(self, timeout: Optional[_Seconds] = None) -> Awaitable[Optional[C2dMessage]]: ...
     def messages(self) -> C2dStream: ...
     def close(self) -> None: ...
     def close_async(self) -> Awaitable[None]: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *_args: object) -> None: ...
 
+@final
 class DeviceIdentity:
     """A device identity from the registry."""
 
@@ -287,6 +335,7 @@ class DeviceIdentity:
     @property
     def enabled(self) -> bool: ...
 
+@final
 class C2dReceipt:
     """The hub holds a C2D message durably."""
 
@@ -295,6 +344,7 @@ class C2dReceipt:
     @property
     def sequence_number(self) -> int: ...
 
+@final
 class FeedbackRecord:
     """What happened to a C2D message sent with ``ack``."""
 
@@ -311,6 +361,7 @@ class FeedbackRecord:
     @property
     def description(self) -> str: ...
 
+@final
 class FeedbackBatch:
     """A batch of feedback records; ``ack()`` it once processed."""
 
@@ -321,16 +372,18 @@ class FeedbackBatch:
     def ack(self) -> None: ...
     def __len__(self) -> int: ...
 
+@final
 class FeedbackStream:
     """Feedback batches of a service client."""
 
-    def next(self, timeout: Optional[Seconds] = None) -> Optional[FeedbackBatch]: ...
-    def next_async(self, timeout: Optional[Seconds] = None) -> Awaitable[Optional[FeedbackBatch]]: ...
+    def next(self, timeout: Optional[_Seconds] = None) -> Optional[FeedbackBatch]: ...
+    def next_async(self, timeout: Optional[_Seconds] = None) -> Awaitable[Optional[FeedbackBatch]]: ...
     def __iter__(self) -> Iterator[FeedbackBatch]: ...
     def __next__(self) -> FeedbackBatch: ...
     def __aiter__(self) -> FeedbackStream: ...
     def __anext__(self) -> Awaitable[FeedbackBatch]: ...
 
+@final
 class Event(Message):
     """One D2C event read by a consumer group."""
 
@@ -346,11 +399,12 @@ class Event(Message):
     def enqueued_time(self) -> datetime.datetime: ...
     def ack(self) -> None: ...
 
+@final
 class EventStream:
     """A consumer-group reader of D2C events."""
 
-    def next(self, timeout: Optional[Seconds] = None) -> Optional[Event]: ...
-    def next_async(self, timeout: Optional[Seconds] = None) -> Awaitable[Optional[Event]]: ...
+    def next(self, timeout: Optional[_Seconds] = None) -> Optional[Event]: ...
+    def next_async(self, timeout: Optional[_Seconds] = None) -> Awaitable[Optional[Event]]: ...
     def checkpoint(self) -> None: ...
     def checkpoint_async(self) -> Awaitable[None]: ...
     def close(self) -> None: ...
@@ -362,6 +416,7 @@ class EventStream:
     def __enter__(self) -> Self: ...
     def __exit__(self, *_args: object) -> None: ...
 
+@final
 class ServiceClient:
     """A back-end connection to a hub."""
 
@@ -369,8 +424,8 @@ class ServiceClient:
         cls,
         connection_string: str,
         *,
-        ca_file: Optional[StrPath] = None,
-        request_timeout: Optional[Seconds] = None,
+        ca_file: Optional[_StrPath] = None,
+        request_timeout: Optional[_Seconds] = None,
         retry: Optional[RetryPolicy] = None,
     ) -> Self: ...
     @classmethod
@@ -378,20 +433,20 @@ class ServiceClient:
         cls,
         connection_string: str,
         *,
-        ca_file: Optional[StrPath] = None,
-        request_timeout: Optional[Seconds] = None,
+        ca_file: Optional[_StrPath] = None,
+        request_timeout: Optional[_Seconds] = None,
         retry: Optional[RetryPolicy] = None,
     ) -> ServiceClient: ...
     @staticmethod
     def connect_async(
         connection_string: str,
         *,
-        ca_file: Optional[StrPath] = None,
-        request_timeout: Optional[Seconds] = None,
+        ca_file: Optional[_StrPath] = None,
+        request_timeout: Optional[_Seconds] = None,
         retry: Optional[RetryPolicy] = None,
     ) -> Awaitable[ServiceClient]: ...
     @property
-    def status(self) -> StatusName: ...
+    def status(self) -> _StatusName: ...
     def create_device(
         self, device_id: str, *, primary_key: Optional[str] = None, secondary_key: Optional[str] = None, enabled: bool = True
     ) -> DeviceIdentity: ...
@@ -417,75 +472,76 @@ class ServiceClient:
     def send_c2d(
         self,
         device_id: str,
-        body: Body,
+        body: _Body,
         *,
-        ack: AckMode = "none",
-        ttl: Optional[Seconds] = None,
-        properties: Optional[Properties] = None,
+        ack: _AckMode = "none",
+        ttl: Optional[_Seconds] = None,
+        properties: Optional[_Properties] = None,
         message_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
         content_type: Optional[str] = None,
         content_encoding: Optional[str] = None,
-        expiry: Optional[Expiry] = None,
+        expiry: Optional[_Expiry] = None,
     ) -> C2dReceipt: ...
     def send_c2d_async(
         self,
         device_id: str,
-        body: Body,
+        body: _Body,
         *,
-        ack: AckMode = "none",
-        ttl: Optional[Seconds] = None,
-        properties: Optional[Properties] = None,
+        ack: _AckMode = "none",
+        ttl: Optional[_Seconds] = None,
+        properties: Optional[_Properties] = None,
         message_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
         content_type: Optional[str] = None,
         content_encoding: Optional[str] = None,
-        expiry: Optional[Expiry] = None,
+        expiry: Optional[_Expiry] = None,
     ) -> Awaitable[C2dReceipt]: ...
     def send_c2d_and_wait(
         self,
         device_id: str,
-        body: Body,
+        body: _Body,
         *,
-        ack: AckMode = "full",
-        timeout: Optional[Seconds] = None,
-        ttl: Optional[Seconds] = None,
-        properties: Optional[Properties] = None,
+        ack: _AckMode = "full",
+        timeout: Optional[_Seconds] = None,
+        ttl: Optional[_Seconds] = None,
+        properties: Optional[_Properties] = None,
         message_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
     ) -> FeedbackRecord: ...
     def send_c2d_and_wait_async(
         self,
         device_id: str,
-        body: Body,
+        body: _Body,
         *,
-        ack: AckMode = "full",
-        timeout: Optional[Seconds] = None,
-        ttl: Optional[Seconds] = None,
-        properties: Optional[Properties] = None,
+        ack: _AckMode = "full",
+        timeout: Optional[_Seconds] = None,
+        ttl: Optional[_Seconds] = None,
+        properties: Optional[_Properties] = None,
         message_id: Optional[str] = None,
         correlation_id: Optional[str] = None,
     ) -> Awaitable[FeedbackRecord]: ...
     def purge_c2d(self, device_id: str) -> int: ...
     def purge_c2d_async(self, device_id: str) -> Awaitable[int]: ...
     def feedback(self) -> FeedbackStream: ...
-    def events(self, consumer_group: str = "$Default", start: Optional[Start] = None) -> EventStream: ...
-    def events_async(self, consumer_group: str = "$Default", start: Optional[Start] = None) -> Awaitable[EventStream]: ...
+    def events(self, consumer_group: str = "$Default", start: Optional[_Start] = None) -> EventStream: ...
+    def events_async(self, consumer_group: str = "$Default", start: Optional[_Start] = None) -> Awaitable[EventStream]: ...
     def close(self) -> None: ...
     def close_async(self) -> Awaitable[None]: ...
     def __enter__(self) -> Self: ...
     def __exit__(self, *_args: object) -> None: ...
 
+@final
 class Hub:
     """An embedded hub (127.0.0.1, port 0 by default)."""
 
     def __new__(
         cls,
-        data_dir: StrPath,
+        data_dir: _StrPath,
         *,
         listen: str = "127.0.0.1:0",
-        feedback_interval: Optional[Seconds] = None,
-        lock_timeout: Optional[Seconds] = None,
+        feedback_interval: Optional[_Seconds] = None,
+        lock_timeout: Optional[_Seconds] = None,
         durability: Optional[str] = None,
         partitions: int = 4,
     ) -> Self: ...

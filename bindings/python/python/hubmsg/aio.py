@@ -35,7 +35,13 @@ from ._hubmsg import (
 )
 
 if TYPE_CHECKING:  # aliases that exist in the stubs only
-    from ._hubmsg import Body, Expiry, Properties, Seconds, Start, StatusName, StrPath
+    from ._hubmsg import _Body as Body
+    from ._hubmsg import _Expiry as Expiry
+    from ._hubmsg import _Properties as Properties
+    from ._hubmsg import _Seconds as Seconds
+    from ._hubmsg import _Start as Start
+    from ._hubmsg import _StatusName as StatusName
+    from ._hubmsg import _StrPath as StrPath
 
 __all__ = ["DeviceClient", "ServiceClient"]
 
