@@ -60,7 +60,7 @@ if [ "$pytest_status" -ne 0 ] && [ "$f" -eq 0 ]; then
 fi
 
 check stubtest bash -c "cd / && '$PWD/$venv/bin/python' -m mypy.stubtest hubmsg._hubmsg"
-check mypy-examples "$venv/bin/python" -m mypy --strict examples/python bindings/python/python/hubmsg
+check mypy-examples "$venv/bin/python" -m mypy --strict examples/python bindings/python/python/hubmsg bindings/python/bench
 # The benchmark must run and print its figures (their size is reported, never asserted).
 check bench-quick bash -c "cargo build --release -p hubmsg-cli -q && '$venv/bin/python' bindings/python/bench/bench_d2c.py --quick --out target/bench-python"
 summary

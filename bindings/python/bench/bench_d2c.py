@@ -4,8 +4,9 @@
   the device outbox and the hub log fsync'd (durability "always"), the sender driven the ways a
   Python user sends fast: `send_many` batches, and many outstanding asyncio sends; blocking
   `send()` per message for reference (each send waits for its own fsync);
-- (a) paho-mqtt 2.x QoS 1 publisher -> Mosquitto (Debian's package, persistence on) -> a paho
-  QoS 1 subscriber: what a Python user has today;
+- (a) paho-mqtt 2.x QoS 1 publisher (in-flight window 1000, 10,000 messages outstanding) ->
+  Mosquitto (Debian's package, persistence on) -> a paho QoS 1 subscriber: what a Python user
+  has today;
 - (b) the Rust client (`hubmsg device send`) -> the same kind of hub -> the same consumer.
 
 Every sender and consumer is its own process (a device simulator and a back end are separate
@@ -23,14 +24,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
+import queue
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -105,6 +109,7 @@ def role_send(mode: str, cs: str, outbox: str, n: int, prefix: str) -> None:
 
 def role_paho_sub(port: int, n: int) -> None:
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
     got: set[bytes] = set()
     done = first = time.time()
@@ -118,12 +123,12 @@ def role_paho_sub(port: int, n: int) -> None:
             done = time.time()
             client.disconnect()
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sub", clean_session=False)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub", clean_session=False)
     c.max_inflight_messages_set(1000)
     c.on_message = on_message
     c.on_connect = lambda client, *a: client.subscribe("bench/#", qos=1)
+    c.on_subscribe = lambda *a: print("ready", flush=True)  # SUBACK: publishing may start
     c.connect("127.0.0.1", port, keepalive=30)
-    print("ready", flush=True)
     c.loop_forever()
     print(f"first {first}", flush=True)
     print(f"last {done}", flush=True)
@@ -131,15 +136,22 @@ def role_paho_sub(port: int, n: int) -> None:
 
 def role_paho_pub(port: int, n: int) -> None:
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-pub", clean_session=False)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub", clean_session=False)
     c.max_inflight_messages_set(1000)  # as the hubmsg device's in-flight window
     c.connect("127.0.0.1", port, keepalive=30)
     c.loop_start()
     print(f"start {time.time()}", flush=True)
-    infos = [c.publish("bench/d", b"%016d" % i + BODY[16:], qos=1) for i in range(n)]
+    # paho's message ids are 16 bits, so at most 65,535 QoS 1 messages can be queued in the client:
+    # keep 10,000 outstanding (10x its in-flight window), waiting for the oldest beyond that.
+    window: collections.deque[Any] = collections.deque()
+    for i in range(n):
+        if len(window) >= 10_000:
+            window.popleft().wait_for_publish(300)
+        window.append(c.publish("bench/d", b"%016d" % i + BODY[16:], qos=1))
     print(f"queued {time.time()}", flush=True)
-    for info in infos:
+    for info in window:
         info.wait_for_publish(300)
     c.loop_stop()
     c.disconnect()
@@ -150,34 +162,47 @@ def role_paho_pub(port: int, n: int) -> None:
 
 
 class Proc:
-    """A child process whose stdout lines are `word value`."""
+    """A child process whose stdout lines are `word value`, read by a thread so that every wait
+    is bounded."""
 
     def __init__(self, args: list[str], env: Optional[dict[str, str]] = None) -> None:
+        self.name = " ".join(args[2:4] if args[0] == sys.executable else args[1:3])
         self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: queue.Queue[Optional[str]] = queue.Queue()
         self.values: dict[str, str] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
 
     def wait_for(self, word: str, timeout: float = 300) -> str:
-        assert self.p.stdout is not None
         deadline = time.monotonic() + timeout
         while word not in self.values:
-            line = self.p.stdout.readline()
-            if not line:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.p.kill()
+                raise TimeoutError(f"{self.name}: no '{word}' within {timeout} s") from None
+            if line is None:
+                self.p.wait()
                 err = self.p.stderr.read() if self.p.stderr else ""
-                raise RuntimeError(f"{self.p.args[2:4]} ended before '{word}': {err[-2000:]}")
+                raise RuntimeError(f"{self.name} ended ({self.p.returncode}) before '{word}': {err[-2000:]}")
             k, _, v = line.strip().partition(" ")
             self.values[k] = v
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no '{word}' within {timeout} s")
         return self.values[word]
 
     def finish(self, timeout: float = 300) -> None:
         try:
-            _, err = self.p.communicate(timeout=timeout)
+            self.p.wait(timeout)
         except subprocess.TimeoutExpired:
             self.p.kill()
             raise
         if self.p.returncode != 0:
-            raise RuntimeError(f"{self.p.args[2:4]} exited {self.p.returncode}: {err[-2000:]}")
+            err = self.p.stderr.read() if self.p.stderr else ""
+            raise RuntimeError(f"{self.name} exited {self.p.returncode}: {err[-2000:]}")
 
 
 def me(*args: object) -> list[str]:
@@ -296,7 +321,6 @@ def paho_run(mosquitto: str, work: Path, n: int) -> dict[str, Any]:
                 time.sleep(0.02)
         sub = Proc(me("_paho_sub", port, n))
         sub.wait_for("ready")
-        time.sleep(0.3)  # the persistent subscription is in place before publishing starts
         pub = Proc(me("_paho_pub", port, n))
         pub.wait_for("start")
         first = float(sub.wait_for("first"))

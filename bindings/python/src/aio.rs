@@ -10,9 +10,11 @@
 //!   main thread) within ~100 ms; the future is dropped then, and every engine future waited on
 //!   this way is cancel-safe.
 //! - [`awaitable`]: an `asyncio.Future` of the running loop, completed by a task on the runtime.
-//!   Cancelling the Python future aborts the task (dropping the engine future: cancel-safe); a
-//!   value the task produced after all, when the future was cancelled at the last moment, goes
-//!   to `give_back` (e.g. back into its inbox), so cancelling an `await` loses nothing.
+//!   The task hands its value to one completer thread, which takes the GIL once per batch and
+//!   schedules one callback per loop (engine threads never wait for the GIL). Cancelling the
+//!   Python future aborts the task (dropping the engine future: cancel-safe); a value the task
+//!   produced after all, when the future was cancelled at the last moment, goes to `give_back`
+//!   (e.g. back into its inbox), so cancelling an `await` loses nothing.
 //!
 //! pyo3-async-runtimes is not used: its tokio integration wants one `'static` runtime set once
 //! per process, which a forked child cannot replace, and it drops a value whose future was
@@ -96,7 +98,7 @@ where
     let give_back: GiveBack<T> = Box::new(give_back);
     let task = rt.spawn(async move {
         let result = fut.await;
-        Python::attach(|py| complete(py, loop_ref, fut_ref, result, convert, give_back));
+        hand_over(Done { event_loop: loop_ref, py_fut: fut_ref, item: Box::new(Item { result, convert, give_back }) });
     });
     let abort = task.abort_handle();
     let on_done =
@@ -111,43 +113,134 @@ where
     Ok(py_fut)
 }
 
-/// Hands `result` to the Python future on its loop's thread (or to `give_back` when the future
-/// is done already, or the loop is gone).
-fn complete<T: Send + 'static>(
-    py: Python<'_>,
-    event_loop: Py<PyAny>,
-    py_fut: Py<PyAny>,
+/// A finished engine future whose value is to be handed to its Python future.
+trait Handover: Send {
+    /// On the loop's thread: sets the future's result (or exception), or gives the value back
+    /// when the future is done already (cancelled).
+    fn deliver(self: Box<Self>, py: Python<'_>, fut: &Bound<'_, PyAny>);
+    /// The loop is gone: gives the value back.
+    fn abandon(self: Box<Self>);
+}
+
+struct Item<T> {
     result: hubmsg_core::Result<T>,
     convert: Convert<T>,
     give_back: GiveBack<T>,
-) {
-    type Pending<T> = Option<(hubmsg_core::Result<T>, Convert<T>, GiveBack<T>)>;
-    let slot: Arc<Mutex<Pending<T>>> = Arc::new(Mutex::new(Some((result, convert, give_back))));
-    let in_loop = slot.clone();
-    let fut_for_setter = py_fut.clone_ref(py);
-    let setter =
-        PyCFunction::new_closure(py, None, None, move |args: &Bound<'_, PyTuple>, _: Option<&Bound<'_, PyDict>>| -> PyResult<()> {
-            let py = args.py();
-            let Some((result, convert, give_back)) = in_loop.lock().take() else { return Ok(()) };
-            let f = fut_for_setter.bind(py);
-            if f.call_method0("done")?.is_truthy()? {
-                if let Ok(v) = result {
-                    give_back(v);
-                }
-                return Ok(());
+}
+
+impl<T: Send + 'static> Handover for Item<T> {
+    fn deliver(self: Box<Self>, py: Python<'_>, fut: &Bound<'_, PyAny>) {
+        let Item { result, convert, give_back } = *self;
+        let done = fut.call_method0("done").and_then(|d| d.is_truthy()).unwrap_or(true);
+        if done {
+            if let Ok(v) = result {
+                give_back(v);
             }
-            match result.map_err(crate::errors::to_py).and_then(|v| convert(py, v)) {
-                Ok(v) => f.call_method1("set_result", (v,))?,
-                Err(e) => f.call_method1("set_exception", (e.into_value(py),))?,
-            };
-            Ok(())
-        });
-    let scheduled = setter.and_then(|s| event_loop.bind(py).call_method1("call_soon_threadsafe", (s,)));
-    if scheduled.is_err() {
-        // The loop is closed: nobody will take the value.
-        if let Some((Ok(v), _, give_back)) = slot.lock().take() {
-            give_back(v);
+            return;
         }
+        let r = match result.map_err(crate::errors::to_py).and_then(|v| convert(py, v)) {
+            Ok(v) => fut.call_method1("set_result", (v,)),
+            Err(e) => fut.call_method1("set_exception", (e.into_value(py),)),
+        };
+        if let Err(e) = r {
+            e.print(py);
+        }
+    }
+
+    fn abandon(self: Box<Self>) {
+        if let Ok(v) = self.result {
+            (self.give_back)(v);
+        }
+    }
+}
+
+/// One finished awaitable on its way to its loop.
+struct Done {
+    event_loop: Py<PyAny>,
+    py_fut: Py<PyAny>,
+    item: Box<dyn Handover>,
+}
+
+static COMPLETER: Mutex<Option<(u32, std::sync::mpsc::Sender<Done>)>> = Mutex::new(None);
+
+/// Queues a finished awaitable for the completer thread, which takes the GIL for a whole batch
+/// and schedules one callback per loop: engine threads never wait for the GIL.
+fn hand_over(done: Done) {
+    let tx = {
+        let mut g = COMPLETER.lock();
+        let pid = std::process::id();
+        match g.as_ref().filter(|(p, _)| *p == pid) {
+            Some((_, tx)) => Some(tx.clone()),
+            None => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                match std::thread::Builder::new().name("hubmsg-asyncio".into()).spawn(move || completer(rx)) {
+                    Ok(_) => {
+                        *g = Some((pid, tx.clone()));
+                        Some(tx)
+                    }
+                    Err(_) => None,
+                }
+            }
+        }
+    };
+    if let Some(tx) = tx {
+        if let Err(std::sync::mpsc::SendError(d)) = tx.send(done) {
+            d.item.abandon();
+        }
+    } else {
+        done.item.abandon();
+    }
+}
+
+type Batch = Vec<(Py<PyAny>, Box<dyn Handover>)>;
+
+/// The completer thread: batches of finished awaitables to their loops.
+fn completer(rx: std::sync::mpsc::Receiver<Done>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(d) => batch.push(d),
+                Err(_) => break,
+            }
+        }
+        // SAFETY: a plain query of the interpreter state; at exit nothing is handed over.
+        if unsafe { pyo3::ffi::Py_IsInitialized() } == 0 {
+            batch.into_iter().for_each(|d| d.item.abandon());
+            return;
+        }
+        Python::attach(|py| {
+            let mut groups: Vec<(Py<PyAny>, Batch)> = Vec::new();
+            for d in batch {
+                match groups.iter_mut().find(|(l, _)| l.is(&d.event_loop)) {
+                    Some((_, items)) => items.push((d.py_fut, d.item)),
+                    None => groups.push((d.event_loop, vec![(d.py_fut, d.item)])),
+                }
+            }
+            for (event_loop, items) in groups {
+                let slot: Arc<Mutex<Option<Batch>>> = Arc::new(Mutex::new(Some(items)));
+                let in_loop = slot.clone();
+                let setter = PyCFunction::new_closure(
+                    py,
+                    None,
+                    None,
+                    move |args: &Bound<'_, PyTuple>, _: Option<&Bound<'_, PyDict>>| -> PyResult<()> {
+                        let py = args.py();
+                        for (fut, item) in in_loop.lock().take().unwrap_or_default() {
+                            item.deliver(py, fut.bind(py));
+                        }
+                        Ok(())
+                    },
+                );
+                let scheduled = setter.and_then(|s| event_loop.bind(py).call_method1("call_soon_threadsafe", (s,)));
+                if scheduled.is_err() {
+                    // The loop is closed: nobody will take the values.
+                    for (_, item) in slot.lock().take().unwrap_or_default() {
+                        item.abandon();
+                    }
+                }
+            }
+        });
     }
 }
 
