@@ -593,10 +593,15 @@ fn status_name(s: &ConnectionStatus) -> &'static str {
 /// `attempt` and `delay` (seconds) of a "retrying" one.
 #[pyclass(module = "hubmsg", name = "Status", frozen, get_all)]
 pub(crate) struct PyStatus {
+    /// "connecting", "connected", "disconnected", "retrying", "failed" or "closed".
     status: &'static str,
+    /// Why (the error of "disconnected" and "failed", the plan of "retrying"); may be empty.
     reason: String,
+    /// The error kind of a "failed" status (e.g. "UNAUTHORIZED"), else None.
     kind: Option<&'static str>,
+    /// The 1-based attempt number of a "retrying" status, else None.
     attempt: Option<u32>,
+    /// The delay (seconds) before that attempt, else None.
     delay: Option<f64>,
 }
 

@@ -66,7 +66,8 @@ def test_a_killed_device_process_loses_no_sent_message(hub: HubInfo, service: hu
 def test_sigint_interrupts_a_blocked_receive(hub: HubInfo) -> None:
     _, cs = hub.device()
     code = r"""
-import sys, time, hubmsg
+import faulthandler, signal, sys, time, hubmsg
+faulthandler.register(signal.SIGUSR1)  # the test asks for a traceback if this hangs
 dev = hubmsg.DeviceClient.from_connection_string(sys.argv[1], in_memory=True)
 print("ready", flush=True)
 try:
@@ -82,7 +83,14 @@ except KeyboardInterrupt:
     time.sleep(0.3)  # let it block in receive()
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=10)
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"no exit 10 s after SIGINT; its threads:\n{err}")
     elapsed = time.monotonic() - sent
     assert proc.returncode == 3 and "interrupted" in out, (out, err)
     assert elapsed < 2.0, f"KeyboardInterrupt took {elapsed:.2f} s"

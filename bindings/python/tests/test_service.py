@@ -169,3 +169,26 @@ def test_two_readers_in_one_group_share_the_partitions(hub: HubInfo, service: hu
     b.close()
     assert len(ids) == 40
     assert seen["a"] and seen["b"] and not (seen["a"] & seen["b"]), seen
+
+
+def test_events_from_a_point_in_time(hub: HubInfo, service: hubmsg.ServiceClient) -> None:
+    import datetime
+
+    _, cs = hub.device()
+    send(cs, 3, "old")
+    with service.events("probe", start="earliest") as s:
+        last_old = None
+        for _ in range(3):
+            last_old = s.next(20)
+            assert last_old is not None
+    send(cs, 2, "new")
+    assert last_old is not None
+    since = datetime.datetime.fromtimestamp((last_old.enqueued_time_ms + 1) / 1000, datetime.timezone.utc)
+    with service.events("since", start=since) as s:
+        got = []
+        while len(got) < 2:
+            ev = s.next(20)
+            assert ev is not None
+            got.append(ev.message_id)
+        assert sorted(got) == ["new0", "new1"]
+        assert s.next(0.3) is None
