@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +29,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use tokio::sync::watch;
 
-use crate::aio::{awaitable, end_is_none, into_py, none, pull_awaitable, run, runtime, wait};
+use crate::aio::{awaitable, end_is_none, into_py, none, pull_awaitable, run, runtime, wait, Lifecycle};
 use crate::convert::{duration, Fields};
 use crate::errors::{invalid, IntoPyResult};
 use crate::message::PyMessage;
@@ -224,30 +223,22 @@ fn device_options(connection_string: Option<&str>, options: Option<&Bound<'_, Py
 struct Inner {
     client: DeviceClient,
     c2d: Arc<Inbox<C2dSource>>,
-    closed: AtomicBool,
+    life: Lifecycle,
     rt: Rt,
 }
 
 impl Inner {
     fn open(&self, what: &str) -> PyResult<()> {
-        self.rt.check(what).py()?;
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::closed("device client")).py();
-        }
-        Ok(())
+        self.life.check(&self.rt, what)
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Garbage-collected without close(): close in the background (undelivered messages stay
-        // in the outbox either way).
-        if !self.closed.swap(true, Ordering::SeqCst) && self.rt.is_current_process() {
-            let client = self.client.clone();
-            self.rt.spawn(async move {
-                let _ = client.close().await;
-            });
-        }
+        let client = self.client.clone();
+        self.life.close_in_background(&self.rt, async move {
+            let _ = client.close().await;
+        });
     }
 }
 
@@ -267,7 +258,7 @@ async fn connect_future(opts: DeviceOptions, rt: Rt) -> hubmsg_core::Result<PyDe
         inner: Arc::new(Inner {
             client,
             c2d: Arc::new(Inbox::lazy("C2D messages", move || Ok(C2dSource(c.c2d()?)))),
-            closed: AtomicBool::new(false),
+            life: Lifecycle::new("device client"),
             rt,
         }),
     })
@@ -356,8 +347,8 @@ impl PyDevice {
         Ok(PyDelivery::new(d))
     }
 
-    /// `send` as an awaitable (the same arguments); cancelling it before it resolves may or
-    /// may not have queued the message (never half of it).
+    /// `send` as an awaitable (the same arguments). Cancelling it does not stop the write: the
+    /// message is queued whole (or refused) and delivered as if the await had completed.
     #[pyo3(signature = (body, *, properties=None, message_id=None, correlation_id=None, content_type=None, content_encoding=None, expiry=None))]
     #[allow(clippy::too_many_arguments)]
     fn send_async<'py>(
@@ -374,14 +365,8 @@ impl PyDevice {
         let msg = Fields { body, properties, message_id, correlation_id, content_type, content_encoding, expiry }.message()?;
         self.inner.open("DeviceClient.send")?;
         let client = self.inner.client.clone();
-        awaitable(
-            py,
-            &self.inner.rt,
-            "DeviceClient.send",
-            async move { client.send(msg).await },
-            |py, d| into_py(py, PyDelivery::new(d)),
-            drop,
-        )
+        let queued = detached(&self.inner.rt, async move { client.send(msg).await });
+        awaitable(py, &self.inner.rt, "DeviceClient.send", queued, |py, d| into_py(py, PyDelivery::new(d)), drop)
     }
 
     /// Queues several messages (each a `Message`, bytes or str) in order and returns once all
@@ -495,7 +480,8 @@ impl PyDevice {
         let msgs = messages.try_iter()?.map(|m| message_of(&m?)).collect::<PyResult<Vec<_>>>()?;
         self.inner.open("DeviceClient.send_many")?;
         let client = self.inner.client.clone();
-        run(py, &self.inner.rt, "DeviceClient.send_many", asynchronous, async move { client.send_batch(msgs).await }, |py, ds| {
+        let queued = detached(&self.inner.rt, async move { client.send_batch(msgs).await });
+        run(py, &self.inner.rt, "DeviceClient.send_many", asynchronous, queued, |py, ds| {
             let list = PyList::empty(py);
             for d in ds {
                 list.append(Py::new(py, PyDelivery::new(d))?)?;
@@ -513,7 +499,7 @@ impl PyDevice {
 
     fn close_impl(&self, py: Python<'_>, asynchronous: bool) -> PyResult<Py<PyAny>> {
         self.inner.rt.check("DeviceClient.close").py()?;
-        if self.inner.closed.swap(true, Ordering::SeqCst) {
+        if !self.inner.life.close() {
             return if asynchronous {
                 crate::aio::run(py, &self.inner.rt, "DeviceClient.close", true, async { Ok(()) }, none)
             } else {
@@ -537,6 +523,18 @@ impl PyDevice {
             none,
         )
     }
+}
+
+/// Runs a send on its own task, so that dropping the returned future (a cancelled await, a
+/// Ctrl-C) never drops the engine's send half-way: a send dropped while it waits for its fsync
+/// would leave its messages queued but unannounced to the connection (sent only once another
+/// send wakes it), so the message is queued whole and delivered as if the wait had completed.
+fn detached<T: Send + 'static>(
+    rt: &Rt,
+    send: impl Future<Output = hubmsg_core::Result<T>> + Send + 'static,
+) -> impl Future<Output = hubmsg_core::Result<T>> + Send + 'static {
+    let task = rt.spawn(send);
+    async move { task.await.map_err(|e| Error::new(ErrorKind::Internal, format!("send task failed: {e}")))? }
 }
 
 /// An awaitable of the next C2D message; a message whose awaitable was cancelled goes back to

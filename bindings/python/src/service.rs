@@ -3,7 +3,6 @@
 //!
 //! Thread-safe; every request has a blocking form and an `*_async` form for `hubmsg.aio`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,7 @@ use hubmsg_core::transport::TlsOptions;
 use hubmsg_core::{Error, ErrorKind, Message};
 use pyo3::prelude::*;
 
-use crate::aio::{awaitable, end_is_none, into_py, none, pull_awaitable, run, runtime, wait};
+use crate::aio::{awaitable, end_is_none, into_py, none, pull_awaitable, run, runtime, wait, Lifecycle};
 use crate::convert::{datetime_from_ms, opt_duration, start_position, Fields};
 use crate::errors::{invalid, IntoPyResult};
 use crate::message::PyMessage;
@@ -145,26 +144,20 @@ impl PyFeedbackBatch {
 struct Inner {
     client: ServiceClient,
     feedback: Arc<Inbox<FeedbackSource>>,
-    closed: AtomicBool,
+    life: Lifecycle,
     rt: Rt,
 }
 
 impl Inner {
     fn open(&self, what: &str) -> PyResult<()> {
-        self.rt.check(what).py()?;
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::closed("service client")).py();
-        }
-        Ok(())
+        self.life.check(&self.rt, what)
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if !self.closed.swap(true, Ordering::SeqCst) && self.rt.is_current_process() {
-            let client = self.client.clone();
-            self.rt.spawn(async move { client.close().await });
-        }
+        let client = self.client.clone();
+        self.life.close_in_background(&self.rt, async move { client.close().await });
     }
 }
 
@@ -191,7 +184,7 @@ async fn open_service(opts: ServiceOptions, rt: Rt) -> hubmsg_core::Result<PySer
         inner: Arc::new(Inner {
             client,
             feedback: Arc::new(Inbox::lazy("feedback batches", move || Ok(FeedbackSource(c.feedback()?)))),
-            closed: AtomicBool::new(false),
+            life: Lifecycle::new("service client"),
             rt,
         }),
     })
@@ -731,7 +724,7 @@ impl PyService {
             let stream = c.events(&group, from).await?;
             let (source, ctl) = EventsSource::new(stream);
             let inbox = Arc::new(Inbox::lazy("events", move || Ok(source)));
-            let inner = Arc::new(EventsInner { inbox, ctl, closed: AtomicBool::new(false), rt });
+            let inner = Arc::new(EventsInner { inbox, ctl, life: Lifecycle::new("event stream"), rt });
             inner.inbox.start_pull(&inner.rt)?;
             Ok(PyEventStream { inner })
         };
@@ -740,7 +733,7 @@ impl PyService {
 
     fn close_impl(&self, py: Python<'_>, asynchronous: bool) -> PyResult<Py<PyAny>> {
         self.inner.rt.check("ServiceClient.close").py()?;
-        let first = !self.inner.closed.swap(true, Ordering::SeqCst);
+        let first = self.inner.life.close();
         let inner = self.inner.clone();
         run(
             py,
@@ -807,16 +800,14 @@ impl PyFeedbackStream {
 struct EventsInner {
     inbox: Arc<Inbox<EventsSource>>,
     ctl: EventsControl,
-    closed: AtomicBool,
+    life: Lifecycle,
     rt: Rt,
 }
 
 impl Drop for EventsInner {
     fn drop(&mut self) {
-        if !self.closed.swap(true, Ordering::SeqCst) && self.rt.is_current_process() {
-            let ctl = self.ctl.clone();
-            self.rt.spawn(async move { ctl.close().await });
-        }
+        let ctl = self.ctl.clone();
+        self.life.close_in_background(&self.rt, async move { ctl.close().await });
     }
 }
 
@@ -832,7 +823,7 @@ pub(crate) struct PyEventStream {
 impl PyEventStream {
     fn close_impl(&self, py: Python<'_>, asynchronous: bool) -> PyResult<Py<PyAny>> {
         self.inner.rt.check("EventStream.close").py()?;
-        let first = !self.inner.closed.swap(true, Ordering::SeqCst);
+        let first = self.inner.life.close();
         let inner = self.inner.clone();
         run(
             py,
