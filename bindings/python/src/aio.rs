@@ -289,6 +289,12 @@ pub(crate) fn end_is_none<T>(r: hubmsg_core::Result<Option<T>>) -> PyResult<Opti
 /// An awaitable pull from `inbox`; an item whose awaitable was cancelled goes back. With
 /// `end_is_stop` the end of the stream raises `StopAsyncIteration` (else ClosedError) and there
 /// is no timeout.
+///
+/// The awaitable is a coroutine of `hubmsg._cancel.guard` around the future: a task cancelled
+/// after the future resolved but before the task resumed (asyncio then throws `CancelledError`
+/// into it and the value is discarded) hands the value to `take_back`, whose item goes back to
+/// the inbox. With the give-back of a value produced after the cancellation, no item is lost to
+/// a cancelled await either way.
 pub(crate) fn pull_awaitable<'py, S: hubmsg_bind::Source>(
     py: Python<'py>,
     rt: &Rt,
@@ -296,16 +302,18 @@ pub(crate) fn pull_awaitable<'py, S: hubmsg_bind::Source>(
     timeout: Option<Duration>,
     end_is_stop: bool,
     convert: impl FnOnce(Python<'_>, S::Item) -> PyResult<Py<PyAny>> + Send + 'static,
+    take_back: impl Fn(&Bound<'_, PyAny>) -> Option<S::Item> + Send + Sync + 'static,
 ) -> PyResult<Bound<'py, PyAny>> {
     let next = inbox.next(rt, timeout);
     let back = inbox.clone();
+    let late = inbox.clone();
     let fut = async move {
         match next.await {
             Err(e) if end_is_stop && e.kind() == ErrorKind::Closed => Ok(None),
             r => r,
         }
     };
-    awaitable(
+    let fut = awaitable(
         py,
         rt,
         inbox.what(),
@@ -320,7 +328,17 @@ pub(crate) fn pull_awaitable<'py, S: hubmsg_bind::Source>(
                 back.give_back(item);
             }
         },
-    )
+    )?;
+    let give_back =
+        PyCFunction::new_closure(py, None, None, move |args: &Bound<'_, PyTuple>, _: Option<&Bound<'_, PyDict>>| -> PyResult<()> {
+            if let Some(item) = take_back(&args.get_item(0)?) {
+                late.give_back(item);
+            }
+            Ok(())
+        })?;
+    static GUARD: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    let guard = GUARD.get_or_try_init(py, || py.import("hubmsg._cancel")?.getattr("guard").map(Bound::unbind))?;
+    guard.bind(py).call1((fut, give_back))
 }
 
 /// Whether a client handle was closed, and what a garbage-collected one does.

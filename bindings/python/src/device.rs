@@ -545,7 +545,15 @@ fn receive_awaitable<'py>(
     timeout: Option<Duration>,
     end_is_stop: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
-    pull_awaitable(py, &inner.rt, &inner.c2d, timeout, end_is_stop, |py, m| Ok(PyC2d::wrap(py, m)?.into_any()))
+    pull_awaitable(
+        py,
+        &inner.rt,
+        &inner.c2d,
+        timeout,
+        end_is_stop,
+        |py, m| Ok(PyC2d::wrap(py, m)?.into_any()),
+        |obj| obj.cast::<PyC2d>().ok().and_then(|c| c.get().settle.lock().take()),
+    )
 }
 
 /// The C2D messages of a device, for `for` and `async for`.

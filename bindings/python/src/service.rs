@@ -12,6 +12,7 @@ use hubmsg_core::proto::{AckMode, CreateDevice, DeviceIdentity, DeviceStatus, Fe
 use hubmsg_core::service::{C2dOptions, Event, FeedbackBatch, ServiceClient, ServiceOptions};
 use hubmsg_core::transport::TlsOptions;
 use hubmsg_core::{Error, ErrorKind, Message};
+use parking_lot::Mutex;
 use pyo3::prelude::*;
 
 use crate::aio::{awaitable, end_is_none, into_py, none, pull_awaitable, run, runtime, wait, Lifecycle};
@@ -114,7 +115,16 @@ impl PyFeedback {
 /// A batch of feedback records; `ack()` it once processed, or it is delivered again.
 #[pyclass(module = "hubmsg", name = "FeedbackBatch", frozen)]
 pub(crate) struct PyFeedbackBatch {
-    batch: FeedbackBatch,
+    id: u64,
+    records: Vec<FeedbackRecord>,
+    /// Taken back when the batch goes back to its stream (a cancelled await).
+    batch: Mutex<Option<FeedbackBatch>>,
+}
+
+impl PyFeedbackBatch {
+    fn new(batch: FeedbackBatch) -> PyFeedbackBatch {
+        PyFeedbackBatch { id: batch.id, records: batch.records.clone(), batch: Mutex::new(Some(batch)) }
+    }
 }
 
 #[pymethods]
@@ -122,22 +132,24 @@ impl PyFeedbackBatch {
     /// The batch id.
     #[getter]
     fn id(&self) -> u64 {
-        self.batch.id
+        self.id
     }
 
     /// The records.
     #[getter]
     fn records(&self) -> Vec<PyFeedback> {
-        self.batch.records.iter().map(PyFeedback::from).collect()
+        self.records.iter().map(PyFeedback::from).collect()
     }
 
     /// Acknowledges the batch (the hub deletes it).
     fn ack(&self) {
-        self.batch.ack();
+        if let Some(b) = self.batch.lock().as_ref() {
+            b.ack();
+        }
     }
 
     fn __len__(&self) -> usize {
-        self.batch.records.len()
+        self.records.len()
     }
 }
 
@@ -769,14 +781,14 @@ impl PyFeedbackStream {
     fn next(&self, py: Python<'_>, timeout: Option<&Bound<'_, PyAny>>) -> PyResult<Option<PyFeedbackBatch>> {
         let timeout = opt_duration(timeout, "timeout")?;
         let next = self.inbox.next(&self.rt, timeout);
-        Ok(wait(py, &self.rt, "FeedbackStream.next", next)?.py()?.map(|batch| PyFeedbackBatch { batch }))
+        Ok(wait(py, &self.rt, "FeedbackStream.next", next)?.py()?.map(PyFeedbackBatch::new))
     }
 
     /// `next` as an awaitable (cancel-safe).
     #[pyo3(signature = (timeout=None))]
     fn next_async<'py>(&self, py: Python<'py>, timeout: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
         let timeout = opt_duration(timeout, "timeout")?;
-        pull_awaitable(py, &self.rt, &self.inbox, timeout, false, |py, batch| into_py(py, PyFeedbackBatch { batch }))
+        pull_awaitable(py, &self.rt, &self.inbox, timeout, false, |py, batch| into_py(py, PyFeedbackBatch::new(batch)), take_batch)
     }
 
     fn __iter__(slf: Py<Self>) -> Py<Self> {
@@ -785,7 +797,7 @@ impl PyFeedbackStream {
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyFeedbackBatch>> {
         let next = self.inbox.next(&self.rt, None);
-        end_is_none(wait(py, &self.rt, "FeedbackStream.__next__", next)?).map(|b| b.map(|batch| PyFeedbackBatch { batch }))
+        end_is_none(wait(py, &self.rt, "FeedbackStream.__next__", next)?).map(|b| b.map(PyFeedbackBatch::new))
     }
 
     fn __aiter__(slf: Py<Self>) -> Py<Self> {
@@ -793,7 +805,7 @@ impl PyFeedbackStream {
     }
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        pull_awaitable(py, &self.rt, &self.inbox, None, true, |py, batch| into_py(py, PyFeedbackBatch { batch }))
+        pull_awaitable(py, &self.rt, &self.inbox, None, true, |py, batch| into_py(py, PyFeedbackBatch::new(batch)), take_batch)
     }
 }
 
@@ -859,7 +871,7 @@ impl PyEventStream {
     #[pyo3(signature = (timeout=None))]
     fn next_async<'py>(&self, py: Python<'py>, timeout: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
         let timeout = opt_duration(timeout, "timeout")?;
-        pull_awaitable(py, &self.inner.rt, &self.inner.inbox, timeout, false, |py, ev| Ok(PyEvent::wrap(py, ev)?.into_any()))
+        pull_awaitable(py, &self.inner.rt, &self.inner.inbox, timeout, false, |py, ev| Ok(PyEvent::wrap(py, ev)?.into_any()), take_event)
     }
 
     /// Asks the hub to persist the group's checkpoints (the acknowledged position) and waits
@@ -899,7 +911,7 @@ impl PyEventStream {
     }
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        pull_awaitable(py, &self.inner.rt, &self.inner.inbox, None, true, |py, ev| Ok(PyEvent::wrap(py, ev)?.into_any()))
+        pull_awaitable(py, &self.inner.rt, &self.inner.inbox, None, true, |py, ev| Ok(PyEvent::wrap(py, ev)?.into_any()), take_event)
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -916,14 +928,36 @@ impl PyEventStream {
 /// log (`partition`, `sequence_number`), and `ack()`.
 #[pyclass(module = "hubmsg", name = "Event", extends = PyMessage, frozen)]
 pub(crate) struct PyEvent {
-    event: Event,
+    device_id: String,
+    partition: u32,
+    sequence_number: u64,
+    enqueued_time_ms: u64,
+    /// Taken back when the event goes back to its stream (a cancelled await).
+    event: Mutex<Option<Event>>,
 }
 
 impl PyEvent {
     fn wrap(py: Python<'_>, event: Event) -> PyResult<Py<PyEvent>> {
         let base = PyMessage { msg: Message::clone(&event.message) };
-        Py::new(py, PyClassInitializer::from(base).add_subclass(PyEvent { event }))
+        let ev = PyEvent {
+            device_id: event.device_id().to_string(),
+            partition: event.partition,
+            sequence_number: event.sequence_number,
+            enqueued_time_ms: event.enqueued_time_ms(),
+            event: Mutex::new(Some(event)),
+        };
+        Py::new(py, PyClassInitializer::from(base).add_subclass(ev))
     }
+}
+
+/// The event inside a Python `Event`, to put back into its stream.
+fn take_event(obj: &Bound<'_, PyAny>) -> Option<Event> {
+    obj.cast::<PyEvent>().ok().and_then(|e| e.get().event.lock().take())
+}
+
+/// The batch inside a Python `FeedbackBatch`, to put back into its stream.
+fn take_batch(obj: &Bound<'_, PyAny>) -> Option<FeedbackBatch> {
+    obj.cast::<PyFeedbackBatch>().ok().and_then(|b| b.get().batch.lock().take())
 }
 
 #[pymethods]
@@ -931,40 +965,42 @@ impl PyEvent {
     /// The sending device.
     #[getter]
     fn device_id(&self) -> &str {
-        self.event.device_id()
+        &self.device_id
     }
 
     /// The partition it came from.
     #[getter]
     fn partition(&self) -> u32 {
-        self.event.partition
+        self.partition
     }
 
     /// Its sequence number within the partition.
     #[getter]
     fn sequence_number(&self) -> u64 {
-        self.event.sequence_number
+        self.sequence_number
     }
 
     /// When the hub stored it, ms since the Unix epoch.
     #[getter]
     fn enqueued_time_ms(&self) -> u64 {
-        self.event.enqueued_time_ms()
+        self.enqueued_time_ms
     }
 
     /// When the hub stored it (an aware UTC datetime).
     #[getter]
     fn enqueued_time(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        datetime_from_ms(py, self.event.enqueued_time_ms())
+        datetime_from_ms(py, self.enqueued_time_ms)
     }
 
     /// Acknowledges it: the group's checkpoint moves past it once every earlier event of its
     /// partition is acknowledged too.
     fn ack(&self) {
-        self.event.ack();
+        if let Some(e) = self.event.lock().as_ref() {
+            e.ack();
+        }
     }
 
     fn __repr__(&self) -> String {
-        format!("<Event {} p{} #{}>", self.event.device_id(), self.event.partition, self.event.sequence_number)
+        format!("<Event {} p{} #{}>", self.device_id, self.partition, self.sequence_number)
     }
 }
