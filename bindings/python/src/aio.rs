@@ -204,12 +204,9 @@ fn completer(rx: std::sync::mpsc::Receiver<Done>) {
                 Err(_) => break,
             }
         }
-        // SAFETY: a plain query of the interpreter state; at exit nothing is handed over.
-        if unsafe { pyo3::ffi::Py_IsInitialized() } == 0 {
-            batch.into_iter().for_each(|d| d.item.abandon());
-            return;
-        }
-        Python::attach(|py| {
+        let mut batch = Some(batch);
+        let ran = with_python(|py| {
+            let batch = batch.take().unwrap_or_default();
             let mut groups: Vec<(Py<PyAny>, Batch)> = Vec::new();
             for d in batch {
                 match groups.iter_mut().find(|(l, _)| l.is(&d.event_loop)) {
@@ -241,7 +238,59 @@ fn completer(rx: std::sync::mpsc::Receiver<Done>) {
                 }
             }
         });
+        if ran.is_none() {
+            // The interpreter is exiting: nobody will take the values.
+            batch.unwrap_or_default().into_iter().for_each(|d| d.item.abandon());
+            return;
+        }
     }
+}
+
+/// Whether hubmsg's own threads may still call into Python, and how many are doing so now.
+struct Gate {
+    open: bool,
+    inside: usize,
+}
+
+static GATE: parking_lot::Mutex<Gate> = parking_lot::Mutex::new(Gate { open: true, inside: 0 });
+static GATE_IDLE: parking_lot::Condvar = parking_lot::Condvar::new();
+
+/// Runs `f` with the GIL on one of hubmsg's own threads (the asyncio completer, the log
+/// thread), unless the interpreter is exiting (`None` then). A thread that takes the GIL while
+/// the interpreter finalizes is ended by CPython with `pthread_exit`, which aborts a Rust thread;
+/// [`close_gate`], run by `atexit`, closes the gate first and waits for threads inside.
+pub(crate) fn with_python<R>(f: impl FnOnce(Python<'_>) -> R) -> Option<R> {
+    {
+        let mut g = GATE.lock();
+        if !g.open {
+            return None;
+        }
+        g.inside += 1;
+    }
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            let mut g = GATE.lock();
+            g.inside -= 1;
+            if g.inside == 0 {
+                GATE_IDLE.notify_all();
+            }
+        }
+    }
+    let _leave = Leave;
+    Some(Python::attach(f))
+}
+
+/// Called at interpreter exit (`atexit`, registered by `hubmsg/__init__.py`): no hubmsg thread
+/// calls into Python from now on; waits (GIL released, at most 2 s) for those inside to leave.
+#[pyfunction]
+pub(crate) fn _close_gate(py: Python<'_>) {
+    py.detach(|| {
+        let mut g = GATE.lock();
+        g.open = false;
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while g.inside > 0 && !GATE_IDLE.wait_until(&mut g, deadline).timed_out() {}
+    });
 }
 
 /// The body of a method offered both ways: blocking (`asynchronous == false`: waits with the

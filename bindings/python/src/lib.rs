@@ -47,6 +47,7 @@ fn _hubmsg(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<service::PyEventStream>()?;
     m.add_class::<service::PyEvent>()?;
     m.add_class::<hub::PyHub>()?;
+    m.add_function(wrap_pyfunction!(aio::_close_gate, m)?)?;
     log::install()?;
     Ok(())
 }

@@ -60,12 +60,7 @@ fn python_level(l: Level) -> u32 {
 /// The log thread: each record to `logging.getLogger("hubmsg")`.
 fn forward(rx: mpsc::Receiver<Record>) {
     while let Ok((level, target, message)) = rx.recv() {
-        // SAFETY: a plain query of the interpreter state; at exit, records are dropped instead of
-        // attaching to a finalizing interpreter.
-        if unsafe { pyo3::ffi::Py_IsInitialized() } == 0 {
-            return;
-        }
-        Python::attach(|py| {
+        let ran = crate::aio::with_python(|py| {
             let r = (|| -> PyResult<()> {
                 let logger = py.import("logging")?.call_method1("getLogger", ("hubmsg",))?;
                 let lvl = python_level(level);
@@ -82,6 +77,9 @@ fn forward(rx: mpsc::Receiver<Record>) {
                 e.print(py);
             }
         });
+        if ran.is_none() {
+            return; // the interpreter is exiting
+        }
     }
 }
 

@@ -138,9 +138,29 @@ def test_engine_logs_go_to_the_logging_module(hub: HubInfo, caplog: pytest.LogCa
                 if s.status == "failed":
                     break
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not any(r.name == "hubmsg" for r in caplog.records):
+        while time.monotonic() < deadline and not any("connection failed" in r.getMessage() for r in caplog.records):
             time.sleep(0.02)  # the log thread hands records over asynchronously
     records = [r for r in caplog.records if r.name == "hubmsg"]
     assert records, "no engine log reached logging"
     assert any("connection failed" in r.getMessage() for r in records), [r.getMessage() for r in records]
     assert all(getattr(r, "hubmsg_target", "").startswith("hubmsg") for r in records)
+
+
+def test_the_interpreter_exits_cleanly_with_engine_work_in_flight(hub: HubInfo) -> None:
+    """hubmsg's threads (asyncio completions, logs) must not call into a finalizing interpreter:
+    CPython ends such a thread with pthread_exit, which aborts the process (SIGABRT)."""
+    _, cs = hub.device()
+    code = r"""
+import asyncio, logging, sys, hubmsg, hubmsg.aio
+logging.basicConfig(level=logging.DEBUG)   # engine logs flow through the log thread
+async def main():
+    dev = await hubmsg.aio.DeviceClient.from_connection_string(sys.argv[1], in_memory=True)
+    await asyncio.gather(*(dev.send(b"x") for _ in range(500)))
+    for _ in range(200):  # completions still on their way when the loop and the process end
+        asyncio.ensure_future(dev.send(b"y"))
+    asyncio.ensure_future(dev.receive())
+asyncio.run(main())
+"""
+    for _ in range(5):
+        r = run_python(code, cs, timeout=60)
+        assert r.returncode == 0, (r.returncode, r.stderr[-2000:])

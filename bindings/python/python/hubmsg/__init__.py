@@ -17,6 +17,8 @@ Errors are :class:`HubmsgError` subclasses, one per engine error kind (``QueueFu
 
 from __future__ import annotations
 
+import atexit
+
 from . import _hubmsg
 from ._hubmsg import (
     ERROR_CLASSES,
@@ -57,6 +59,10 @@ from ._hubmsg import (
 )
 
 __version__: str = _hubmsg.__version__
+
+# hubmsg's own threads (asyncio completions, logs) stop calling into Python before the
+# interpreter finalizes (one that takes the GIL then is ended by CPython, aborting the process).
+atexit.register(_hubmsg._close_gate)
 
 __all__ = [
     "ERROR_CLASSES",

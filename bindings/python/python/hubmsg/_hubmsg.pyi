@@ -46,6 +46,7 @@ __all__ = [
     "UnauthorizedError",
     "UsageError",
     "__version__",
+    "_close_gate",
 ]
 __version__: str
 
@@ -81,6 +82,8 @@ class UsageError(HubmsgError): ...
 class InternalError(HubmsgError): ...
 
 ERROR_CLASSES: dict[str, type[HubmsgError]]
+
+def _close_gate() -> None: ...
 
 @disjoint_base
 class Message:
