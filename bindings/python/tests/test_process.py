@@ -68,6 +68,9 @@ def test_sigint_interrupts_a_blocked_receive(hub: HubInfo) -> None:
     code = r"""
 import faulthandler, signal, sys, time, hubmsg
 faulthandler.register(signal.SIGUSR1)  # the test asks for a traceback if this hangs
+# A shell that starts a job in the background hands it SIGINT ignored, and Python then keeps it
+# ignored: restore Python's own handler, as an interactive program has it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 dev = hubmsg.DeviceClient.from_connection_string(sys.argv[1], in_memory=True)
 print("ready", flush=True)
 try:
