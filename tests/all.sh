@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of every layer; each layer ends with its runner's summary line.
-# Usage: tests/all.sh   (from anywhere; needs the Rust toolchain, gcc, and valgrind for CI=true)
+# Usage: tests/all.sh   (from anywhere; needs the Rust toolchain, gcc, valgrind for CI=true, and
+# Python >= 3.9 with pip and venv for the Python layer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
@@ -83,4 +84,7 @@ fi
 if [ "$status" -eq 0 ]; then
     status=$bench_status
 fi
+
+echo "== layer: python (pip install ./bindings/python into target/py-venv; pytest, stubtest, mypy --strict, bench --quick) =="
+tests/python.sh || status=1
 exit "$status"
