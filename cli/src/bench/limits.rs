@@ -1,0 +1,185 @@
+//! What the connection scenario needs from the kernel for `n` concurrent loopback connections,
+//! checked before it connects — and raised, as root, where it is too low. Each check says what
+//! it found, what is needed and what was done, so a run on a machine that cannot be changed
+//! (a container with a read-only `/proc/sys`) says why it failed.
+//!
+//! - Open files per process (`RLIMIT_NOFILE`, inherited by the hub, the broker and the workers)
+//!   and its ceiling `fs.nr_open`: the hub (or broker) holds one socket per connection.
+//! - Open files system-wide (`fs.file-max`): both ends of every loopback connection.
+//! - Ephemeral ports (`net.ipv4.ip_local_port_range`): each client socket is bound to a source
+//!   address of its own in 127.0.0.0/8, at most [`PER_SOURCE`] per address, so the range only
+//!   needs that many ports.
+//! - Listen backlog (`net.core.somaxconn`): the clients connect a bounded number at a time, far
+//!   below it.
+//! - Connection tracking (`nf_conntrack_max`, when the module is loaded): one entry per
+//!   connection, plus the previous phase's connections in TIME_WAIT.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::install::is_root;
+
+/// Most client connections bound to one source address.
+pub const PER_SOURCE: usize = 1000;
+
+/// One kernel limit: what it is, what the scenario needs and what happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// Name (`fs.file-max`).
+    pub name: &'static str,
+    /// Value found.
+    pub found: String,
+    /// What is needed.
+    pub need: String,
+    /// `ok`, `raised to …`, or `too low: …` with the reason it could not be raised.
+    pub result: String,
+}
+
+impl Check {
+    /// Whether the limit is (now) enough.
+    pub fn ok(&self) -> bool {
+        !self.result.starts_with("too low")
+    }
+}
+
+fn read_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok().map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// Raises the number in `path` to `want` when it is below `need` (as root).
+fn sysctl_at_least(name: &'static str, path: &str, need: u64, want: u64) -> Option<Check> {
+    let found = read_sysctl(path)?;
+    let value: u64 = found.split_whitespace().next()?.parse().ok()?;
+    let result = if value >= need {
+        "ok".to_string()
+    } else if !is_root() {
+        "too low: not root, cannot raise it".to_string()
+    } else {
+        match std::fs::write(path, want.to_string()) {
+            Ok(()) => format!("raised to {want}"),
+            Err(e) => format!("too low: cannot write {path}: {e}"),
+        }
+    };
+    Some(Check { name, found, need: format!(">= {need}"), result })
+}
+
+/// Open files for this process and its children: soft limit to at least `need` (hard limit
+/// and `fs.nr_open` raised first as root when they are lower).
+fn nofile(need: u64) -> Vec<Check> {
+    let mut out = Vec::new();
+    if let Some(c) = sysctl_at_least("fs.nr_open", "/proc/sys/fs/nr_open", need, need.next_power_of_two()) {
+        out.push(c);
+    }
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass and nothing else.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if !got {
+        out.push(Check {
+            name: "RLIMIT_NOFILE",
+            found: "?".into(),
+            need: format!(">= {need}"),
+            result: "too low: getrlimit failed".into(),
+        });
+        return out;
+    }
+    let found = format!("soft {}, hard {}", lim.rlim_cur, lim.rlim_max);
+    let result = if lim.rlim_cur >= need {
+        "ok".to_string()
+    } else {
+        let max = lim.rlim_max.max(if is_root() { need } else { 0 });
+        let want = libc::rlimit { rlim_cur: max, rlim_max: max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 && max >= need {
+            format!("raised to {max}")
+        } else if max < need {
+            format!("too low: the hard limit is {} and the bench is not root", lim.rlim_max)
+        } else {
+            format!("too low: setrlimit({max}) failed: {}", std::io::Error::last_os_error())
+        }
+    };
+    out.push(Check { name: "RLIMIT_NOFILE", found, need: format!(">= {need}"), result });
+    out
+}
+
+/// Checks (and where needed raises) every limit for `n` connections.
+pub fn prepare(n: usize) -> Vec<Check> {
+    let n = n as u64;
+    let margin = 10_000;
+    let mut out = nofile(n + margin);
+    let in_use = read_sysctl("/proc/sys/fs/file-nr").and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0);
+    let need = in_use + 2 * n + margin;
+    out.extend(sysctl_at_least("fs.file-max", "/proc/sys/fs/file-max", need, need * 2));
+    if let Some(found) = read_sysctl("/proc/sys/net/ipv4/ip_local_port_range") {
+        let v: Vec<u64> = found.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        let ports = match v.as_slice() {
+            [lo, hi] if hi >= lo => hi - lo + 1,
+            _ => 0,
+        };
+        let need = PER_SOURCE as u64;
+        let result = if ports >= need { "ok".to_string() } else { format!("too low: {ports} ports per source address") };
+        out.push(Check {
+            name: "net.ipv4.ip_local_port_range",
+            found,
+            need: format!("{need} ports (each source address in 127.0.0.0/8 carries at most {PER_SOURCE} connections)"),
+            result,
+        });
+    }
+    if let Some(found) = read_sysctl("/proc/sys/net/core/somaxconn") {
+        out.push(Check {
+            name: "net.core.somaxconn",
+            found,
+            need: "not limiting: clients connect a bounded number at a time (the hub's listen backlog is 1,024)".into(),
+            result: "ok".into(),
+        });
+    }
+    let conntrack = "/proc/sys/net/netfilter/nf_conntrack_max";
+    if Path::new(conntrack).exists() {
+        let count = read_sysctl("/proc/sys/net/netfilter/nf_conntrack_count").unwrap_or_default();
+        if let Some(mut c) = sysctl_at_least("nf_conntrack_max", conntrack, 2 * n + margin, 4 * n) {
+            c.found = format!("{} (entries in use now: {count})", c.found);
+            out.push(c);
+        }
+    } else {
+        out.push(Check { name: "nf_conntrack_max", found: "nf_conntrack not loaded".into(), need: "-".into(), result: "ok".into() });
+    }
+    out
+}
+
+/// The source address for client connection `i`: 127.a.b.c with [`PER_SOURCE`] connections
+/// per address, never a .0 or .255 octet.
+pub fn source_addr(i: usize) -> std::net::Ipv4Addr {
+    let k = i / PER_SOURCE;
+    let c = (k % 250) as u8 + 1;
+    let b = ((k / 250) % 250) as u8 + 1;
+    let a = ((k / 62_500) % 250) as u8 + 1;
+    std::net::Ipv4Addr::new(127, a, b, c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_spread_and_stay_in_loopback() {
+        assert_eq!(source_addr(0), std::net::Ipv4Addr::new(127, 1, 1, 1));
+        assert_eq!(source_addr(PER_SOURCE - 1), source_addr(0));
+        assert_eq!(source_addr(PER_SOURCE), std::net::Ipv4Addr::new(127, 1, 1, 2));
+        let distinct: std::collections::HashSet<_> = (0..1_000_000).step_by(PER_SOURCE).map(source_addr).collect();
+        assert_eq!(distinct.len(), 1000, "a million connections use a thousand addresses");
+        for i in (0..10_000_000).step_by(7919) {
+            let o = source_addr(i).octets();
+            assert_eq!(o[0], 127);
+            assert!(o[1..].iter().all(|&x| x != 0 && x != 255), "{:?}", source_addr(i));
+        }
+    }
+
+    #[test]
+    fn checks_report_every_limit() {
+        let checks = prepare(10);
+        let names: Vec<&str> = checks.iter().map(|c| c.name).collect();
+        assert!(names.contains(&"RLIMIT_NOFILE"), "{names:?}");
+        assert!(names.contains(&"net.ipv4.ip_local_port_range"), "{names:?}");
+        assert!(checks.iter().all(|c| c.ok()), "10 connections fit any machine: {checks:?}");
+    }
+}
