@@ -65,7 +65,7 @@ impl BaselineRun {
 fn messages(ctx: &Ctx, broker: &Broker) -> u64 {
     let (quick, full) = match (broker.name, broker.acks_after_disk) {
         ("RabbitMQ", _) => (2_000, 30_000),
-        ("NATS", true) => (1_000, 10_000),
+        ("NATS", true) => (500, 10_000),
         ("NATS", false) => (10_000, 200_000),
         _ => (20_000, 300_000),
     };
@@ -177,8 +177,10 @@ async fn measure(ctx: &Ctx, scenario: Scenario, broker: &Broker, plots: &mut Plo
         "acks_after_disk": broker.acks_after_disk,
         "messages_per_run": total,
     }));
+    // A quick run measures the slow brokers with one client only (hubmsg's transport).
+    let clients: &[ClientKind] = if ctx.quick && broker.name != "Mosquitto" { &[ClientKind::Transport] } else { &ClientKind::ALL };
     for publishers in [1usize, 100] {
-        for client in ClientKind::ALL {
+        for &client in clients {
             let run_id = format!("r{}", out.runs.len());
             // SAFETY: sync(2) takes no arguments and has no memory effects.
             unsafe { libc::sync() };
@@ -187,7 +189,8 @@ async fn measure(ctx: &Ctx, scenario: Scenario, broker: &Broker, plots: &mut Plo
             out.rows.push(
                 Row::new(scenario, run.run.label.clone(), stats::round(run.run.msgs_per_sec), "msg/s")
                     .baseline(publishers, broker.acks_after_disk, format!("{} ({})", broker.short, client.short()))
-                    .other_cpu(run.run.cpu.rest_cores),
+                    .other_cpu(run.run.cpu.rest_cores)
+                    .cpu_per_msg(&run.run),
             );
             plots.add_throughput(&run.run);
             out.runs.push(run);

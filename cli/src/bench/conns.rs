@@ -77,12 +77,28 @@ fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error>
     s.serialize_f64(d.as_secs_f64())
 }
 
+/// The aggregate telemetry rate of a full run (100,000 connections x 1 message / 10 s).
+const FULL_RATE: f64 = 10_000.0;
+
 impl Plan {
-    fn for_run(ctx: &Ctx) -> Plan {
+    /// The plan for `connections` (what the machine's limits allow of the run's request): each
+    /// connection sends often enough that all together send [`FULL_RATE`] (or, in a quick run,
+    /// one message a second each), for about 30 s (3 s quick).
+    fn new(ctx: &Ctx, connections: usize) -> Plan {
         if ctx.quick {
-            Plan { connections: 2_000, every: Duration::from_secs(1), messages: 3 }
+            return Plan { connections, every: Duration::from_secs(1), messages: 3 };
+        }
+        let every = Duration::from_secs_f64(connections as f64 / FULL_RATE);
+        let messages = (30.0 / every.as_secs_f64()).ceil().max(3.0) as u64;
+        Plan { connections, every, messages }
+    }
+
+    /// Connections a run asks for.
+    fn requested(ctx: &Ctx) -> usize {
+        if ctx.quick {
+            2_000
         } else {
-            Plan { connections: 100_000, every: Duration::from_secs(10), messages: 3 }
+            100_000
         }
     }
 
@@ -604,10 +620,16 @@ async fn hold(name: &str, pid: u32, server: SocketAddr, mode: Mode, key: &str, p
     Ok(held)
 }
 
-fn rows(name: &str, plan: &Plan, h: &Held, goals: bool) -> Vec<Row> {
-    let n = stats_int(plan.connections);
-    let what = format!("{n} devices x 1 msg / {} s ({} msg/s)", plan.every.as_secs_f64(), stats_int(plan.rate() as usize));
-    let mut rss = Row::new(Scenario::Connections, format!("{name} RSS per connection ({n} connections)"), h.rss_per_connection_kib, "KiB");
+fn rows(name: &str, plan: &Plan, requested: usize, h: &Held, goals: bool) -> Vec<Row> {
+    let n = fmt_int(plan.connections);
+    let capped = if plan.connections < requested {
+        format!(" ({} asked for; the open-file limit allows {n})", fmt_int(requested))
+    } else {
+        String::new()
+    };
+    let what = format!("{n} devices x 1 msg / {:.1} s ({} msg/s)", plan.every.as_secs_f64(), fmt_int(plan.rate().round() as usize));
+    let mut rss =
+        Row::new(Scenario::Connections, format!("{name} RSS per connection, {n} connections{capped}"), h.rss_per_connection_kib, "KiB");
     let mut cpu = Row::new(Scenario::Connections, format!("{name} CPU, {what}"), stats::round(h.cpu.server.cores * 100.0), "% of a core")
         .other_cpu(h.cpu.rest_cores);
     if goals {
@@ -628,23 +650,34 @@ fn rows(name: &str, plan: &Plan, h: &Held, goals: bool) -> Vec<Row> {
 }
 
 /// `100,000`.
-fn stats_int(n: usize) -> String {
+fn fmt_int(n: usize) -> String {
     super::fmt_value(n as f64)
 }
 
 /// Scenario: the plan's connections on a hub, then on Mosquitto.
 pub async fn connections(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> {
-    let plan = Plan::for_run(ctx);
-    let n = plan.connections;
-    let checks = limits::prepare(n);
-    for c in &checks {
+    let requested = Plan::requested(ctx);
+    let limits = limits::prepare(requested);
+    for c in &limits.checks {
         println!("  kernel: {} = {} (need {}): {}", c.name, c.found, c.need, c.result);
     }
-    if let Some(c) = checks.iter().find(|c| !c.ok()) {
+    if let Some(c) = limits.checks.iter().find(|c| !c.ok()) {
         return Err(Error::new(
             ErrorKind::Internal,
-            format!("{} is too low for {n} connections: {}; raise it (as root) and run again", c.name, c.result),
+            format!("{} is too low for {requested} connections: {}; raise it (as root) and run again", c.name, c.result),
         ));
+    }
+    let plan = Plan::new(ctx, limits.connections);
+    let n = plan.connections;
+    if n < requested {
+        println!(
+            "  the open-file limit allows {} of the {} connections asked for: running {}, each sending every {:.2} s ({} msg/s together)",
+            fmt_int(n),
+            fmt_int(requested),
+            fmt_int(n),
+            plan.every.as_secs_f64(),
+            fmt_int(plan.rate() as usize)
+        );
     }
 
     // hubmsg
@@ -674,7 +707,7 @@ pub async fn connections(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Err
     drop(consumer);
     svc.close().await;
     drop(hub);
-    let mut out_rows = rows("hub", &plan, &hub_held, true);
+    let mut out_rows = rows("hub", &plan, requested, &hub_held, true);
     plots.connections.push(ConnBar {
         label: "hubmsg hub".into(),
         rss_kib: hub_held.rss_per_connection_kib,
@@ -687,7 +720,7 @@ pub async fn connections(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Err
             let dir = ctx.dir("connections-mosquitto")?;
             let broker = mosquitto::start(&bin, &dir).await?;
             let held = mosquitto_hold(&broker, &plan).await?;
-            out_rows.extend(rows(&format!("Mosquitto {}", broker.version), &plan, &held, false));
+            out_rows.extend(rows(&format!("Mosquitto {}", broker.version), &plan, requested, &held, false));
             plots.connections.push(ConnBar {
                 label: format!("Mosquitto {} ({})", broker.version, broker.setting),
                 rss_kib: held.rss_per_connection_kib,
@@ -704,8 +737,9 @@ pub async fn connections(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Err
     Ok(Outcome {
         rows: out_rows,
         detail: json!({
+            "requested_connections": requested,
             "plan": plan,
-            "kernel_limits": checks,
+            "kernel_limits": limits.checks,
             "register_s": stats::round(register_s),
             "clients": format!("raw MQTT on hubmsg's codec in worker processes of at most {PER_WORKER} connections ({CONCURRENCY} connecting at a time each), one small task per connection, keep-alive {} s with PINGREQ while idle, each socket bound to its own source address in 127.0.0.0/8 ({} connections per address, IP_BIND_ADDRESS_NO_PORT)", KEEP_ALIVE.as_secs(), limits::PER_SOURCE),
             "consumers": "hub: one $Default consumer-group reader from earliest that acks every event; Mosquitto: one persistent-session subscriber on bench/conn/# (hubmsg transport client) that acks every message",

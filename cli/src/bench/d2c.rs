@@ -227,6 +227,7 @@ pub async fn throughput(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Erro
             let fsync = durability == "always";
             let mut row = Row::new(Scenario::D2cThroughput, run.label.clone(), stats::round(run.msgs_per_sec), "msg/s")
                 .other_cpu(run.cpu.rest_cores)
+                .cpu_per_msg(&run)
                 .compare(devices, fsync, fsync.then_some(RATIO_TARGET));
             row = row.target(Target::AtLeast(if fsync { THROUGHPUT_TARGET } else { THROUGHPUT_NEVER_TARGET }));
             rows.push(row);

@@ -37,7 +37,8 @@ pub struct Check {
 }
 
 impl Check {
-    /// Whether the limit is (now) enough.
+    /// Whether the limit is (now) enough — or lowers the connection count rather than stops
+    /// the run (the open-file limit).
     pub fn ok(&self) -> bool {
         !self.result.starts_with("too low")
     }
@@ -64,49 +65,87 @@ fn sysctl_at_least(name: &'static str, path: &str, need: u64, want: u64) -> Opti
     Some(Check { name, found, need: format!(">= {need}"), result })
 }
 
-/// Open files for this process and its children: soft limit to at least `need` (hard limit
-/// and `fs.nr_open` raised first as root when they are lower).
-fn nofile(need: u64) -> Vec<Check> {
+/// Whether this process has CAP_SYS_RESOURCE (needed to raise a hard limit), from `CapEff`.
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    eff.is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+/// Open files for this process and its children: the soft limit raised to at least `need` (the
+/// hard limit and `fs.nr_open` first, as root with CAP_SYS_RESOURCE, when they are lower).
+/// Returns the check and the soft limit in force afterwards.
+fn nofile(need: u64) -> (Vec<Check>, u64) {
     let mut out = Vec::new();
-    if let Some(c) = sysctl_at_least("fs.nr_open", "/proc/sys/fs/nr_open", need, need.next_power_of_two()) {
+    // The ceiling of any process's open-file limit; below `need` it caps the run rather than
+    // stopping it.
+    if let Some(mut c) = sysctl_at_least("fs.nr_open", "/proc/sys/fs/nr_open", need, need.next_power_of_two()) {
+        if let Some(why) = c.result.strip_prefix("too low: ") {
+            c.result = format!("caps the open-file limit: {why}");
+        }
         out.push(c);
     }
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit read and write the struct we pass and nothing else.
-    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
-    if !got {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         out.push(Check {
             name: "RLIMIT_NOFILE",
             found: "?".into(),
             need: format!(">= {need}"),
             result: "too low: getrlimit failed".into(),
         });
-        return out;
+        return (out, 0);
     }
     let found = format!("soft {}, hard {}", lim.rlim_cur, lim.rlim_max);
-    let result = if lim.rlim_cur >= need {
-        "ok".to_string()
-    } else {
-        let max = lim.rlim_max.max(if is_root() { need } else { 0 });
-        let want = libc::rlimit { rlim_cur: max, rlim_max: max };
+    let raise = |to: u64| {
+        let want = libc::rlimit { rlim_cur: to, rlim_max: to.max(lim.rlim_max) };
         // SAFETY: as above.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 && max >= need {
-            format!("raised to {max}")
-        } else if max < need {
-            format!("too low: the hard limit is {} and the bench is not root", lim.rlim_max)
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 }
+    };
+    let (result, soft) = if lim.rlim_cur >= need {
+        ("ok".to_string(), lim.rlim_cur)
+    } else if need <= lim.rlim_max && raise(need) {
+        (format!("raised the soft limit to {need}"), need)
+    } else if is_root() && raise(need) {
+        (format!("raised to {need}"), need)
+    } else {
+        // Use what the hard limit allows.
+        let soft = if raise(lim.rlim_max) { lim.rlim_max } else { lim.rlim_cur };
+        let why = if !is_root() {
+            "the bench is not root".to_string()
+        } else if !has_cap_sys_resource() {
+            "root without CAP_SYS_RESOURCE cannot raise the hard limit (this machine's sandbox drops it); start the bench from a shell with `ulimit -n` high enough".to_string()
         } else {
-            format!("too low: setrlimit({max}) failed: {}", std::io::Error::last_os_error())
-        }
+            format!("setrlimit failed: {}", std::io::Error::last_os_error())
+        };
+        (format!("{CAPPED} {soft}: {why}"), soft)
     };
     out.push(Check { name: "RLIMIT_NOFILE", found, need: format!(">= {need}"), result });
-    out
+    (out, soft)
 }
 
-/// Checks (and where needed raises) every limit for `n` connections.
-pub fn prepare(n: usize) -> Vec<Check> {
-    let n = n as u64;
+/// How a check that lowers the connection count (rather than stopping the run) starts.
+const CAPPED: &str = "cannot be raised; soft limit now";
+
+/// File descriptors a server process needs beside its connections (listener, logs, stores).
+const PROCESS_MARGIN: u64 = 1000;
+
+/// What [`prepare`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prepared {
+    /// Every check.
+    pub checks: Vec<Check>,
+    /// The connections the limits allow: the requested number, or fewer when the open-file
+    /// limit cannot be raised that far.
+    pub connections: usize,
+}
+
+/// Checks (and where needed raises) every limit for `requested` connections; when the
+/// open-file limit cannot be raised far enough, the connections it allows.
+pub fn prepare(requested: usize) -> Prepared {
+    let (mut out, soft) = nofile(requested as u64 + PROCESS_MARGIN);
+    let n = if soft >= requested as u64 + PROCESS_MARGIN { requested as u64 } else { soft.saturating_sub(PROCESS_MARGIN) / 1000 * 1000 };
     let margin = 10_000;
-    let mut out = nofile(n + margin);
     let in_use = read_sysctl("/proc/sys/fs/file-nr").and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok()).unwrap_or(0);
     let need = in_use + 2 * n + margin;
     out.extend(sysctl_at_least("fs.file-max", "/proc/sys/fs/file-max", need, need * 2));
@@ -143,7 +182,7 @@ pub fn prepare(n: usize) -> Vec<Check> {
     } else {
         out.push(Check { name: "nf_conntrack_max", found: "nf_conntrack not loaded".into(), need: "-".into(), result: "ok".into() });
     }
-    out
+    Prepared { checks: out, connections: n as usize }
 }
 
 /// The source address for client connection `i`: 127.a.b.c with [`PER_SOURCE`] connections
@@ -176,10 +215,16 @@ mod tests {
 
     #[test]
     fn checks_report_every_limit() {
-        let checks = prepare(10);
+        let p = prepare(10);
+        assert_eq!(p.connections, 10);
+        let checks = p.checks;
         let names: Vec<&str> = checks.iter().map(|c| c.name).collect();
         assert!(names.contains(&"RLIMIT_NOFILE"), "{names:?}");
         assert!(names.contains(&"net.ipv4.ip_local_port_range"), "{names:?}");
         assert!(checks.iter().all(|c| c.ok()), "10 connections fit any machine: {checks:?}");
+        // More than any open-file limit allows: the run is lowered, not stopped.
+        let p = prepare(1 << 40);
+        assert!(p.connections < 1 << 40 && p.connections % 1000 == 0, "{p:?}");
+        assert!(p.checks.iter().find(|c| c.name == "RLIMIT_NOFILE").is_some_and(|c| c.ok() && c.result.starts_with(CAPPED)), "{p:?}");
     }
 }

@@ -215,6 +215,34 @@ pub struct Row {
     /// Cores busy outside the server and bench processes during the measurement (kernel work
     /// they cause, and anything else running on the machine).
     pub other_cpu: Option<f64>,
+    /// For throughput rows: CPU time per message.
+    pub cpu_per_msg: Option<CpuPerMsg>,
+}
+
+/// CPU time per message of a throughput run, in µs, split by process and by user / system.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuPerMsg {
+    /// The hub or broker, in user space.
+    pub server_user: f64,
+    /// The hub or broker, in the kernel.
+    pub server_system: f64,
+    /// The bench process (senders and receiver), in user space.
+    pub client_user: f64,
+    /// The bench process, in the kernel.
+    pub client_system: f64,
+}
+
+impl CpuPerMsg {
+    /// From a run's CPU split.
+    pub fn of(run: &d2c::ThroughputRun) -> CpuPerMsg {
+        let per = |cores: f64| stats::round(cores * run.seconds * 1e6 / run.messages.max(1) as f64);
+        CpuPerMsg {
+            server_user: per(run.cpu.server.user_cores),
+            server_system: per(run.cpu.server.system_cores),
+            client_user: per(run.cpu.client.user_cores),
+            client_system: per(run.cpu.client.system_cores),
+        }
+    }
 }
 
 impl Row {
@@ -233,7 +261,14 @@ impl Row {
             ratio_target: None,
             status: "-".into(),
             other_cpu: None,
+            cpu_per_msg: None,
         }
+    }
+
+    /// Notes the CPU time per message of the throughput run behind this row.
+    pub fn cpu_per_msg(mut self, run: &d2c::ThroughputRun) -> Row {
+        self.cpu_per_msg = Some(CpuPerMsg::of(run));
+        self
     }
 
     /// Notes how busy the rest of the machine was while this figure was measured.
@@ -400,6 +435,12 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
     }
     let table = table_text(&rows);
     println!("{table}");
+    let cpu = cpu_cells(&rows);
+    if !cpu.is_empty() {
+        println!();
+        println!("CPU time per message (server = hub or broker; clients = this process):");
+        println!("{}", grid(&CPU_HEADERS, cpu, &[2, 3, 4, 5, 6]));
+    }
     println!(
         "other CPU: cores busy outside the server and bench processes during that measurement (kernel work they cause, and any other load)"
     );
@@ -516,9 +557,13 @@ fn cells(r: &Row) -> [String; 9] {
 }
 
 fn table_text(rows: &[Row]) -> String {
-    let all: Vec<[String; 9]> = rows.iter().map(cells).collect();
-    let mut w = HEADERS.map(|h| h.chars().count());
-    for c in &all {
+    grid(&HEADERS, rows.iter().map(|r| cells(r).to_vec()).collect(), &[2])
+}
+
+/// A plain-text table: columns padded to their widest cell, the columns in `right` right-aligned.
+fn grid(headers: &[&str], rows: Vec<Vec<String>>, right: &[usize]) -> String {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for c in &rows {
         for (i, s) in c.iter().enumerate() {
             w[i] = w[i].max(s.chars().count());
         }
@@ -526,20 +571,51 @@ fn table_text(rows: &[Row]) -> String {
     let line = |c: &[String]| {
         c.iter()
             .enumerate()
-            .map(|(i, s)| if i == 2 { format!("{s:>width$}", width = w[i]) } else { format!("{s:<width$}", width = w[i]) })
+            .map(|(i, s)| if right.contains(&i) { format!("{s:>width$}", width = w[i]) } else { format!("{s:<width$}", width = w[i]) })
             .collect::<Vec<_>>()
             .join("  ")
             .trim_end()
             .to_string()
     };
-    let mut out = line(&HEADERS.map(String::from));
+    let mut out = line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>());
     out.push('\n');
     out.push_str(&w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>().join("  "));
-    for c in &all {
+    for c in &rows {
         out.push('\n');
         out.push_str(&line(c));
     }
     out
+}
+
+/// A Markdown table.
+fn md_table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut s = format!("| {} |\n|{}\n", headers.join(" | "), "---|".repeat(headers.len()));
+    for c in rows {
+        s.push_str(&format!("| {} |\n", c.join(" | ")));
+    }
+    s
+}
+
+const CPU_HEADERS: [&str; 7] =
+    ["scenario", "run", "server user µs", "server system µs", "clients user µs", "clients system µs", "server + clients µs"];
+
+/// The CPU-per-message table: one line per throughput run (hubmsg and baselines).
+fn cpu_cells(rows: &[Row]) -> Vec<Vec<String>> {
+    rows.iter()
+        .filter_map(|r| {
+            let c = r.cpu_per_msg?;
+            let f = |v: f64| format!("{v:.1}");
+            Some(vec![
+                r.scenario.to_string(),
+                r.figure.clone(),
+                f(c.server_user),
+                f(c.server_system),
+                f(c.client_user),
+                f(c.client_system),
+                f(c.server_user + c.server_system + c.client_user + c.client_system),
+            ])
+        })
+        .collect()
 }
 
 fn markdown(rows: &[Row], m: &procstat::Machine, quick: bool) -> String {
@@ -551,10 +627,11 @@ fn markdown(rows: &[Row], m: &procstat::Machine, quick: bool) -> String {
         m.kernel,
         m.memory_mib
     );
-    s.push_str(&format!("| {} |\n|{}\n", HEADERS.join(" | "), "---|".repeat(HEADERS.len())));
-    for r in rows {
-        let c = cells(r);
-        s.push_str(&format!("| {} |\n", c.join(" | ")));
+    s.push_str(&md_table(&HEADERS, rows.iter().map(|r| cells(r).to_vec()).collect()));
+    let cpu = cpu_cells(rows);
+    if !cpu.is_empty() {
+        s.push_str("\nCPU time per message of every throughput run (server = hub or broker process; clients = the bench process: devices or publishers, and the consumer or subscriber):\n\n");
+        s.push_str(&md_table(&CPU_HEADERS, cpu));
     }
     s.push_str("\n*other CPU*: cores busy outside the server (hub or broker) and bench processes during that measurement, from `/proc/stat`: kernel work they cause (loopback TCP, journal commits) and any other load on the machine.\n");
     s

@@ -366,6 +366,123 @@ impl Drop for Subscriber {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hubmsg_core::transport::{PacketReader, PacketWriter, MAX_PACKET_SIZE};
+    use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, SubAck, SubscribeReasonCode};
+    use tokio::net::TcpListener;
+
+    /// The broker's side of one connection on 127.0.0.1: answers CONNECT, then runs `serve`.
+    async fn peer<F, Fut>(serve: F) -> (Target, tokio::task::JoinHandle<Result<(), Error>>)
+    where
+        F: FnOnce(PacketReader<tokio::net::tcp::OwnedReadHalf>, PacketWriter<tokio::net::tcp::OwnedWriteHalf>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), Error>> + Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.map_err(|e| Error::storage("accept", e))?;
+            let (rd, wr) = tcp.into_split();
+            let (mut r, mut w) = (PacketReader::new(rd, MAX_PACKET_SIZE), PacketWriter::new(wr));
+            match r.next().await? {
+                Some(Packet::Connect(c)) if !c.clean_session => {}
+                other => return Err(Error::protocol(format!("expected a persistent-session CONNECT, got {other:?}"))),
+            }
+            w.send(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))).await?;
+            serve(r, w).await
+        });
+        (Target { port, username: String::new(), password: String::new() }, task)
+    }
+
+    #[tokio::test]
+    async fn publisher_keeps_its_window_and_counts_acks_that_come_out_of_order() {
+        const COUNT: u64 = 5_000;
+        const WINDOW: usize = 64;
+        let (target, broker) = peer(|mut r, mut w| async move {
+            let mut seen = std::collections::HashSet::new();
+            let mut unacked: Vec<u16> = Vec::new();
+            let mut most_in_flight = 0;
+            while (seen.len() as u64) < COUNT {
+                let mut pkt = r.next().await?;
+                let mut drain = Drain::new();
+                while let Some(p) = pkt.take() {
+                    let Packet::Publish(p) = p else { return Err(Error::protocol(format!("unexpected {p:?}"))) };
+                    let stamp = parse_body(&p.payload).ok_or_else(|| Error::protocol("a body the bench did not write"))?;
+                    assert!(seen.insert(stamp.seq), "message {} sent twice", stamp.seq);
+                    assert!(!unacked.contains(&p.pkid), "packet id {} reused while in flight", p.pkid);
+                    unacked.push(p.pkid);
+                    most_in_flight = most_in_flight.max(unacked.len());
+                    pkt = drain.next(&mut r)?;
+                }
+                // Acknowledge what arrived, newest first, leaving the oldest few for later.
+                let keep = unacked.len().min(3);
+                for id in unacked.drain(keep..).rev() {
+                    w.queue(&Packet::PubAck(PubAck::new(id)))?;
+                }
+                if (seen.len() as u64) == COUNT {
+                    for id in unacked.drain(..) {
+                        w.queue(&Packet::PubAck(PubAck::new(id)))?;
+                    }
+                }
+                w.flush().await?;
+            }
+            assert!(most_in_flight <= WINDOW, "{most_in_flight} publishes in flight, window {WINDOW}");
+            Ok(())
+        })
+        .await;
+        let p = Publisher::connect(ClientKind::Transport, &target, "pub", WINDOW).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), p.run("t".into(), 7, COUNT, Instant::now())).await.unwrap().unwrap();
+        broker.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn publisher_refuses_a_puback_for_an_id_not_in_flight() {
+        let (target, _broker) = peer(|mut r, mut w| async move {
+            while r.next().await?.is_some() {
+                w.send(&Packet::PubAck(PubAck::new(999))).await?;
+            }
+            Ok(())
+        })
+        .await;
+        let p = Publisher::connect(ClientKind::Transport, &target, "pub", 10).await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(60), p.run("t".into(), 0, 100, Instant::now())).await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+        assert!(e.to_string().contains("999"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn subscriber_acknowledges_every_message_and_hands_over_every_stamp() {
+        const COUNT: u64 = 3_000;
+        let (target, broker) = peer(|mut r, mut w| async move {
+            match r.next().await? {
+                Some(Packet::Subscribe(s)) if s.filters[0].path == "bench/#" => {
+                    w.send(&Packet::SubAck(SubAck::new(s.pkid, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]))).await?
+                }
+                other => return Err(Error::protocol(format!("expected SUBSCRIBE, got {other:?}"))),
+            }
+            for seq in 0..COUNT {
+                let mut p = Publish::from_bytes("bench/1", QoS::AtLeastOnce, body(Stamp { sent_ns: 0, device: 1, seq, scheduled_ns: 0 }));
+                p.pkid = (seq % 60_000) as u16 + 1;
+                w.queue(&Packet::Publish(p))?;
+            }
+            w.flush().await?;
+            let mut acked = 0;
+            while acked < COUNT {
+                match r.next().await? {
+                    Some(Packet::PubAck(_)) => acked += 1,
+                    other => return Err(Error::protocol(format!("expected PUBACK, got {other:?}"))),
+                }
+            }
+            Ok(())
+        })
+        .await;
+        let mut sub = Subscriber::start(ClientKind::Transport, &target, "sub", "bench/#", 1000).await.unwrap();
+        let mut seqs = Vec::new();
+        while (seqs.len() as u64) < COUNT {
+            let batch = tokio::time::timeout(Duration::from_secs(60), sub.next()).await.unwrap().unwrap();
+            seqs.extend(batch.into_iter().map(|s| s.expect("a bench body").seq));
+        }
+        assert_eq!(seqs, (0..COUNT).collect::<Vec<_>>());
+        tokio::time::timeout(Duration::from_secs(60), broker).await.unwrap().unwrap().unwrap();
+    }
 
     #[test]
     fn window_never_reuses_an_id_in_flight() {
