@@ -389,6 +389,17 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         machine.memory_mib
     );
     let load = load_average();
+    let probe = |when: &str| match procstat::fsync_probe(ctx.tmp.path(), 200) {
+        Ok(p) => {
+            println!("disk {when}: fdatasync of a 4 KiB append {p} (other work on the disk raises every durable figure)");
+            Some(p)
+        }
+        Err(e) => {
+            println!("disk {when}: cannot probe fdatasync: {e}");
+            None
+        }
+    };
+    let disk_before = probe("before the run");
     println!("all runs: 256-byte bodies, QoS 1, 127.0.0.1, every message id counted at the receiver");
     println!("load average before the run: {load} (other work on this machine lowers every figure; each run reports the CPU of the rest of the machine)");
     println!();
@@ -445,6 +456,7 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         "other CPU: cores busy outside the server and bench processes during that measurement (kernel work they cause, and any other load)"
     );
 
+    let disk_after = probe("after the run");
     let passed = reports.iter().filter(|r| matches!(r.status, Status::Ok)).count();
     let failed = reports.iter().filter(|r| matches!(r.status, Status::Failed(_))).count();
     let skipped = reports.iter().filter(|r| matches!(r.status, Status::Unavailable(_))).count();
@@ -458,6 +470,7 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         "duration_s": stats::round(started.elapsed().as_secs_f64()),
         "machine": machine,
         "load_average": {"before": load, "after": load_average()},
+        "disk_fdatasync_4k": {"before": disk_before, "after": disk_after},
         "workload": {"body_bytes": common::BODY_BYTES, "qos": 1, "network": "127.0.0.1"},
         "rows": rows,
         "scenarios": reports,
@@ -468,7 +481,14 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         std::fs::create_dir_all(parent).map_err(|e| Error::storage(format!("create {}", parent.display()), e))?;
     }
     std::fs::write(&json_path, text).map_err(|e| Error::storage(format!("write {}", json_path.display()), e))?;
-    let md = markdown(&rows, &machine, a.quick);
+    let show = |p: Option<procstat::FsyncProbe>| p.map_or_else(|| "not measured".to_string(), |p| p.to_string());
+    let conditions = format!(
+        "Load average before / after: {load} / {}. `fdatasync` of a 4 KiB append before / after: {} / {}.",
+        load_average(),
+        show(disk_before),
+        show(disk_after)
+    );
+    let md = markdown(&rows, &machine, a.quick, &conditions);
     let md_path = a.out.join("results.md");
     std::fs::write(&md_path, md).map_err(|e| Error::storage(format!("write {}", md_path.display()), e))?;
     let pngs = plots.render(&a.out)?;
@@ -618,9 +638,9 @@ fn cpu_cells(rows: &[Row]) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn markdown(rows: &[Row], m: &procstat::Machine, quick: bool) -> String {
+fn markdown(rows: &[Row], m: &procstat::Machine, quick: bool, conditions: &str) -> String {
     let mut s = format!(
-        "Results of `hubmsg bench{}` on {} CPUs ({}), Linux {}, {} MiB.\n\n",
+        "Results of `hubmsg bench{}` on {} CPUs ({}), Linux {}, {} MiB. {conditions}\n\n",
         if quick { " --quick" } else { "" },
         m.nproc,
         m.cpu_model,

@@ -210,6 +210,43 @@ pub fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
+/// Latency of `fdatasync` after a 4 KiB append, the disk's cost of one durable write.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct FsyncProbe {
+    /// Samples taken.
+    pub samples: usize,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+}
+
+impl std::fmt::Display for FsyncProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "p50 {:.2} ms, p99 {:.2} ms ({} samples)", self.p50_ms, self.p99_ms, self.samples)
+    }
+}
+
+/// Appends 4 KiB and `fdatasync`s it `samples` times in a file under `dir` (removed after).
+pub fn fsync_probe(dir: &std::path::Path, samples: usize) -> std::io::Result<FsyncProbe> {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
+    let block = [b'.'; 4096];
+    let mut lat = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        f.write_all(&block)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    lat.sort_by(f64::total_cmp);
+    let q = |p: f64| lat.get(((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len().max(1)) - 1).copied().unwrap_or(0.0);
+    Ok(FsyncProbe { samples, p50_ms: round3(q(0.5)), p99_ms: round3(q(0.99)) })
+}
+
 /// The machine the figures come from.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Machine {
@@ -253,6 +290,15 @@ mod tests {
         assert_eq!(stat_ticks(stat), Some(325));
         assert_eq!(stat_user_sys(stat), Some((250, 75)));
         assert_eq!(stat_fields(stat).unwrap()[1], "1", "the parent pid follows the state");
+    }
+
+    #[test]
+    fn fsync_probe_measures_something() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = fsync_probe(dir.path(), 5).unwrap();
+        assert_eq!(p.samples, 5);
+        assert!(p.p50_ms > 0.0 && p.p99_ms >= p.p50_ms, "{p:?}");
+        assert!(!dir.path().join("fsync-probe").exists());
     }
 
     #[test]
