@@ -65,7 +65,7 @@ impl BaselineRun {
 fn messages(ctx: &Ctx, broker: &Broker) -> u64 {
     let (quick, full) = match (broker.name, broker.acks_after_disk) {
         ("RabbitMQ", _) => (2_000, 30_000),
-        ("NATS", true) => (500, 10_000),
+        ("NATS", true) => (500, 5_000),
         ("NATS", false) => (10_000, 200_000),
         _ => (20_000, 300_000),
     };

@@ -709,7 +709,7 @@ pub async fn connections(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Err
     drop(hub);
     let mut out_rows = rows("hub", &plan, requested, &hub_held, true);
     plots.connections.push(ConnBar {
-        label: "hubmsg hub".into(),
+        label: format!("hubmsg hub, {} connections", fmt_int(n)),
         rss_kib: hub_held.rss_per_connection_kib,
         cpu_pct: hub_held.cpu.server.cores * 100.0,
     });
@@ -722,7 +722,7 @@ pub async fn connections(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Err
             let held = mosquitto_hold(&broker, &plan).await?;
             out_rows.extend(rows(&format!("Mosquitto {}", broker.version), &plan, requested, &held, false));
             plots.connections.push(ConnBar {
-                label: format!("Mosquitto {} ({})", broker.version, broker.setting),
+                label: format!("Mosquitto {} ({}), {} connections", broker.version, broker.setting, fmt_int(n)),
                 rss_kib: held.rss_per_connection_kib,
                 cpu_pct: held.cpu.server.cores * 100.0,
             });

@@ -55,7 +55,7 @@ pub fn config(client_port: u16, mqtt_port: u16, store: &Path, sync: Sync) -> Str
          server_name: hubmsg_bench\n\
          listen: 127.0.0.1:{client_port}\n\
          jetstream {{\n  store_dir: \"{}\"\n{sync_line}}}\n\
-         mqtt {{\n  listen: 127.0.0.1:{mqtt_port}\n  # unacknowledged deliveries per subscription: as many as a hubmsg consumer has per partition\n  max_ack_pending: 1000\n}}\n",
+         mqtt {{\n  listen: 127.0.0.1:{mqtt_port}\n  # unacknowledged deliveries per subscription: as many as a hubmsg consumer has per partition\n  max_ack_pending: 1000\n  # by default a publish JetStream has not stored within 5 s closes the client's connection, which\n  # 100 publishers with 1,000 in flight each reach when every write waits for an fsync\n  js_api_timeout: \"120s\"\n}}\n",
         store.display()
     )
 }
