@@ -667,6 +667,12 @@ pub async fn connections(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Err
             format!("{} is too low for {requested} connections: {}; raise it (as root) and run again", c.name, c.result),
         ));
     }
+    if limits.connections == 0 {
+        return Err(Error::new(
+            ErrorKind::Internal,
+            "the open-file limit leaves no room for connections; raise `ulimit -n` (at least 2,000 for a quick run) and run again",
+        ));
+    }
     let plan = Plan::new(ctx, limits.connections);
     let n = plan.connections;
     if n < requested {
