@@ -63,7 +63,7 @@ enum Command {
     MonitorFeedback(MonitorFeedbackArgs),
     /// Show D2C end to end: a hub, simulated devices and a consumer, with an accounting table.
     Demo(demo::DemoArgs),
-    /// Measure throughput, latency, connections and recovery against a Mosquitto baseline.
+    /// Measure throughput, latency, connections and recovery, with Mosquitto, RabbitMQ and NATS as baselines in the same run.
     Bench(bench::BenchArgs),
 }
 
