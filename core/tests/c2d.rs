@@ -85,8 +85,8 @@ async fn every_lifecycle_path_reports_its_feedback() {
     assert_eq!(svc.purge_c2d("valve").await.unwrap(), 2);
     assert_eq!(tokio::time::timeout(T, fb1).await.unwrap().unwrap().status_code, FeedbackStatus::Purged);
     drop(fb2);
-    let stats = hub.c2d().read(|s| s.outcomes().clone());
-    assert_eq!(stats.get("Purged"), Some(&2));
+    let stats: std::collections::HashMap<String, u64> = hub.backend().counters().all().await.unwrap().into_iter().collect();
+    assert_eq!(stats.get("c2d.Purged"), Some(&2));
     hub.shutdown().await.unwrap();
 }
 
@@ -160,7 +160,7 @@ async fn a_disconnect_returns_locked_messages_and_a_reused_id_is_a_new_command()
     let (hub, dir) = fast_hub().await;
     let svc = service(&hub).await;
     hub.create_device("dd").await.unwrap();
-    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("dd").unwrap()).unwrap();
+    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("dd").await.unwrap()).unwrap();
     o.retry = fast_retry();
     o.outbox.dir = Some(dir.path().join("dd-outbox"));
     let dev = hubmsg_core::DeviceClient::connect(o.clone()).await.unwrap();
@@ -185,7 +185,7 @@ async fn a_disconnect_returns_locked_messages_and_a_reused_id_is_a_new_command()
     }
     assert!(rx.recv_timeout(Duration::from_millis(500)).await.unwrap().is_none());
     assert_eq!(dev.stats().c2d_duplicates, 0);
-    assert!(eventually(T, || hub.c2d().read(|s| s.depth("dd")) == 0).await);
+    assert!(eventually_async(T, || async { hub.c2d().depth("dd").await.unwrap() == 0 }).await);
     hub.shutdown().await.unwrap();
 }
 
@@ -220,7 +220,7 @@ async fn a_message_held_across_a_hub_restart_reaches_the_app_once_and_its_late_s
     assert_eq!(batch.records.len(), 1);
     assert_eq!((batch.records[0].original_message_id.as_str(), batch.records[0].status_code), ("H1", FeedbackStatus::Success));
     batch.ack();
-    assert!(eventually(T, || hub.c2d().read(|s| s.depth("held")) == 0).await);
+    assert!(eventually_async(T, || async { hub.c2d().depth("held").await.unwrap() == 0 }).await);
     assert!(rx.recv_timeout(Duration::from_millis(300)).await.unwrap().is_none(), "the app saw H1 once");
 
     // Dropping a message unsettled releases it: its redelivery does reach the application.
@@ -231,7 +231,7 @@ async fn a_message_held_across_a_hub_restart_reaches_the_app_once_and_its_late_s
     let again = rx.recv_timeout(T).await.unwrap().expect("H2 comes back after it was released");
     assert_eq!(again.message.message_id.as_deref(), Some("H2"));
     again.complete().unwrap();
-    assert!(eventually(T, || hub.c2d().read(|s| s.depth("held")) == 0).await);
+    assert!(eventually_async(T, || async { hub.c2d().depth("held").await.unwrap() == 0 }).await);
     hub.shutdown().await.unwrap();
 }
 
@@ -241,7 +241,7 @@ async fn plain_mqtt_client_with_puback_only_receives_and_completes() {
     let (hub, _dir) = fast_hub().await;
     let svc = service(&hub).await;
     hub.create_device("sdk-dev").await.unwrap();
-    let key = hub.registry().device("sdk-dev").unwrap().primary_key;
+    let key = hub.registry().device("sdk-dev").await.unwrap().unwrap().primary_key;
     let host = hub.host_name();
     let addr = hub.mqtt_addr().unwrap();
     // An IoT-Hub-SDK-style client: rumqttc, IoT Hub user name and SAS password, clean session

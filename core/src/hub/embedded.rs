@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use super::backend::{
-    AppendTicket, Appended, Backend, Bounds, BoxFut, C2dDelivery, C2dEnqueue, C2dQueues, ConsumerGroups, Counters, DeviceQueue,
-    EventLog, Feedback, FeedbackBatch, LocalClaims, Membership, PartitionReader, RegistryChange, RegistryStore, SessionClaim, Sessions,
-    Settled, StoredEvent,
+    AppendTicket, Appended, Backend, Bounds, BoxFut, C2dDelivery, C2dEnqueue, C2dQueues, ConsumerGroups, Counters, DeviceQueue, EventLog,
+    Feedback, FeedbackBatch, LocalClaims, Membership, PartitionReader, RegistryChange, RegistryStore, SessionClaim, Sessions, Settled,
+    StoredEvent,
 };
 use super::c2d::{self, C2dLimits, Settle};
 use super::events;
@@ -493,13 +493,16 @@ impl DeviceQueue for EmbeddedDeviceQueue {
     fn settle(&mut self, seq: u64, how: Settle) -> BoxFut<'_, Settled> {
         let r = (|| {
             if !self.held.remove(&seq) || !self.c2d.holds_lock(&self.device, seq, self.conn) {
-                return Err(Error::new(ErrorKind::LockLost, format!("message {seq} of '{}' is not locked by this session (412002)", self.device)));
+                return Err(Error::new(
+                    ErrorKind::LockLost,
+                    format!("message {seq} of '{}' is not locked by this session (412002)", self.device),
+                ));
             }
             let max = self.c2d.limits().max_delivery_count;
             let now = now_ms();
-            let Some((mut count, how)) =
-                self.c2d.read(|s| s.queue(&self.device).find(|e| e.seq == seq).map(|e| (e.delivery_count, c2d::effective(how, e.expiry_ms <= now))))
-            else {
+            let Some((mut count, how)) = self.c2d.read(|s| {
+                s.queue(&self.device).find(|e| e.seq == seq).map(|e| (e.delivery_count, c2d::effective(how, e.expiry_ms <= now)))
+            }) else {
                 return Err(Error::new(ErrorKind::LockLost, format!("message {seq} of '{}' is no longer queued (412002)", self.device)));
             };
             let settled = match c2d::outcome(how, &mut count, max) {

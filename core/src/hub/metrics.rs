@@ -88,10 +88,25 @@ pub(crate) async fn render(shared: &Shared) -> String {
     let backend = shared.backend.kind();
     let _ = writeln!(out, "# HELP hubmsg_info The hub's version and storage backend.\n# TYPE hubmsg_info gauge");
     let _ = writeln!(out, "hubmsg_info{{version=\"{}\",backend=\"{backend}\"}} 1", env!("CARGO_PKG_VERSION"));
-    gauge(&mut out, "hubmsg_connected_device_count", "Devices connected to this node (IoT Hub connectedDeviceCount).", shared.devices.lock().len() as u64);
-    gauge(&mut out, "hubmsg_open_connections", "Connections open on this node (devices, services, not yet authenticated).", l(&s.open_connections));
+    gauge(
+        &mut out,
+        "hubmsg_connected_device_count",
+        "Devices connected to this node (IoT Hub connectedDeviceCount).",
+        shared.devices.lock().len() as u64,
+    );
+    gauge(
+        &mut out,
+        "hubmsg_open_connections",
+        "Connections open on this node (devices, services, not yet authenticated).",
+        l(&s.open_connections),
+    );
     counter(&mut out, "hubmsg_connections_total", "Connections accepted.", l(&s.connections));
-    counter(&mut out, "hubmsg_connections_refused_total", "CONNECTs refused (credentials, protocol version, capacity).", l(&s.refused) + l(&s.refused_capacity));
+    counter(
+        &mut out,
+        "hubmsg_connections_refused_total",
+        "CONNECTs refused (credentials, protocol version, capacity).",
+        l(&s.refused) + l(&s.refused_capacity),
+    );
     counter(&mut out, "hubmsg_violations_total", "Connections closed for a protocol or authorization violation.", l(&s.violations));
     counter(
         &mut out,
@@ -101,7 +116,12 @@ pub(crate) async fn render(shared: &Shared) -> String {
     );
     counter(&mut out, "hubmsg_d2c_telemetry_ingress_bytes_total", "D2C body bytes stored.", l(&s.d2c_bytes));
     counter(&mut out, "hubmsg_d2c_duplicates_total", "D2C re-sends the backend de-duplicated by message id.", l(&s.d2c_duplicates));
-    counter(&mut out, "hubmsg_d2c_events_delivered_total", "D2C events delivered to consumer groups (redeliveries included).", l(&s.events_delivered));
+    counter(
+        &mut out,
+        "hubmsg_d2c_events_delivered_total",
+        "D2C events delivered to consumer groups (redeliveries included).",
+        l(&s.events_delivered),
+    );
     counter(&mut out, "hubmsg_c2d_commands_sent_total", "C2D messages accepted into device queues.", l(&s.c2d_sent));
     counter(
         &mut out,
@@ -122,9 +142,19 @@ pub(crate) async fn render(shared: &Shared) -> String {
         l(&s.c2d_rejected),
     );
     counter(&mut out, "hubmsg_c2d_commands_expired_total", "C2D messages whose TTL passed before completion.", l(&s.c2d_expired));
-    counter(&mut out, "hubmsg_c2d_commands_deadlettered_total", "C2D messages dead-lettered at the maximum delivery count.", l(&s.c2d_dead_lettered));
+    counter(
+        &mut out,
+        "hubmsg_c2d_commands_deadlettered_total",
+        "C2D messages dead-lettered at the maximum delivery count.",
+        l(&s.c2d_dead_lettered),
+    );
     counter(&mut out, "hubmsg_c2d_commands_purged_total", "C2D messages removed by purges.", l(&s.c2d_purged));
-    counter(&mut out, "hubmsg_c2d_feedback_batches_total", "Feedback batches delivered to services (redeliveries included).", l(&s.feedback_batches));
+    counter(
+        &mut out,
+        "hubmsg_c2d_feedback_batches_total",
+        "Feedback batches delivered to services (redeliveries included).",
+        l(&s.feedback_batches),
+    );
     counter(&mut out, "hubmsg_c2d_feedback_records_total", "Feedback records in batches services acknowledged.", l(&s.feedback_records));
     let q = |f| async move { tokio::time::timeout(Duration::from_secs(2), f).await.ok().and_then(|r: Result<u64>| r.ok()) };
     let depth = q(shared.backend.c2d().total_depth()).await;
@@ -220,7 +250,8 @@ async fn respond(tcp: &mut tokio::net::TcpStream, status: &str, ctype: &str, bod
 /// Binds the HTTP endpoint.
 pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
-        Error::new(ErrorKind::InvalidArgument, format!("cannot listen for HTTP on {addr}: {e} (is another process using the port?)")).with_source(e)
+        Error::new(ErrorKind::InvalidArgument, format!("cannot listen for HTTP on {addr}: {e} (is another process using the port?)"))
+            .with_source(e)
     })
 }
 

@@ -444,7 +444,17 @@ impl Hub {
         tasks.push(tokio::spawn(sweep_loop(shared.clone())));
         tasks.push(tokio::spawn(registry_watch(shared.clone())));
         tracing::info!(?mqtt_addr, ?mqtts_addr, partitions, backend = shared.backend.kind(), "hub started");
-        Ok(Hub { ca_file: config.tls.as_ref().map(|t| t.cert.clone()), shared, mqtt_addr, mqtts_addr, http_addr, stop, drain: drain_tx, accept, tasks })
+        Ok(Hub {
+            ca_file: config.tls.as_ref().map(|t| t.cert.clone()),
+            shared,
+            mqtt_addr,
+            mqtts_addr,
+            http_addr,
+            stop,
+            drain: drain_tx,
+            accept,
+            tasks,
+        })
     }
 
     /// The bound plain MQTT address.

@@ -113,11 +113,7 @@ impl Registry {
     /// Tokens signed with a replaced key stop being accepted at their next CONNECT.
     pub async fn regenerate_policy(&self, name: &str, which: &str) -> Result<Policy> {
         let (p, seq) = self.log.commit_with(|s| {
-            let mut p = s
-                .policies
-                .get(name)
-                .cloned()
-                .ok_or_else(|| no_policy(name))?;
+            let mut p = s.policies.get(name).cloned().ok_or_else(|| no_policy(name))?;
             regenerate(&mut p.primary_key, &mut p.secondary_key, which)?;
             Ok((encode(&Event::PutPolicy(p.clone())), p))
         })?;

@@ -258,7 +258,13 @@ pub(crate) async fn authenticate(shared: &Shared, c: &Connect) -> std::result::R
     let unauthorized = |e: Error| (C::NotAuthorized, e.to_string());
     let scope_path = sr.split_once('/').map_or("", |(_, p)| p).trim_end_matches('/');
     if let Some(skn) = &token.skn {
-        let policy = shared.backend.registry().policy(skn).await.map_err(unavailable)?.ok_or((C::NotAuthorized, format!("unknown policy '{skn}'")))?;
+        let policy = shared
+            .backend
+            .registry()
+            .policy(skn)
+            .await
+            .map_err(unavailable)?
+            .ok_or((C::NotAuthorized, format!("unknown policy '{skn}'")))?;
         token.verify(&policy.primary_key, now).or_else(|_| token.verify(&policy.secondary_key, now)).map_err(unauthorized)?;
         if user.device_id == proto::SERVICE_MARKER {
             if !scope_path.is_empty() {
@@ -281,7 +287,13 @@ pub(crate) async fn authenticate(shared: &Shared, c: &Connect) -> std::result::R
             return Err((C::NotAuthorized, "a policy token for a device must be scoped to {host}/devices or {host}/devices/{id}".into()));
         }
         let keys = (dev.primary_key, dev.secondary_key);
-        return Ok(Identity::Device { id: dev.device_id, generation_id: dev.generation_id, auth_method: "hub", expires_s: token.expiry, keys });
+        return Ok(Identity::Device {
+            id: dev.device_id,
+            generation_id: dev.generation_id,
+            auth_method: "hub",
+            expires_s: token.expiry,
+            keys,
+        });
     }
     let dev = device_checks(shared, c, &user.device_id).await?;
     token.verify(&dev.primary_key, now).or_else(|_| token.verify(&dev.secondary_key, now)).map_err(unauthorized)?;
