@@ -58,6 +58,10 @@ pub struct HubConfig {
     pub backend: Option<Arc<dyn BackendConnector>>,
     /// Host name put in printed connection strings (default `127.0.0.1`).
     pub host_name: String,
+    /// `host:port` devices and services reach this hub by when that is not one of its own
+    /// listeners — a TCP load balancer in front of several hub nodes. Tokens and user names may
+    /// name it, and printed connection strings use it.
+    pub public_address: Option<String>,
     /// Plain MQTT listener (local use; Azure has none). Port 0 picks a free port.
     pub mqtt: Option<SocketAddr>,
     /// MQTT over TLS listener.
@@ -125,6 +129,7 @@ impl HubConfig {
             data_dir: data_dir.into(),
             backend: None,
             host_name: "127.0.0.1".into(),
+            public_address: None,
             mqtt: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             mqtts: None,
             tls: None,
@@ -281,7 +286,7 @@ impl Shared {
     /// Rewrites the owner file after the `iothubowner` keys changed (if the hub keeps one).
     pub(crate) async fn refresh_owner_file(&self) -> Result<()> {
         *self.policies.lock() = self.backend.registry().policies().await?;
-        let (Some(host), Some(p)) = (self.host_names.get(1), self.cached_policy("iothubowner")) else { return Ok(()) };
+        let (Some(host), Some(p)) = (self.host_names.last(), self.cached_policy("iothubowner")) else { return Ok(()) };
         if !self.owner_file().exists() {
             return Ok(());
         }
@@ -405,6 +410,14 @@ impl Hub {
         for a in [mqtt_addr, mqtts_addr].into_iter().flatten() {
             host_names.push(if bare.contains(':') { format!("[{bare}]:{}", a.port()) } else { format!("{bare}:{}", a.port()) });
         }
+        // The name connection strings carry goes last (the owner file uses it).
+        match &config.public_address {
+            Some(p) => host_names.push(p.clone()),
+            None => {
+                let first = host_names.get(1).cloned().unwrap_or_else(|| bare.clone());
+                host_names.push(first);
+            }
+        }
         let shared = Arc::new(Shared {
             config: config.clone(),
             backend,
@@ -503,7 +516,11 @@ impl Hub {
 
     /// `HostName` for connection strings: `host:port` of the plain listener if there is one,
     /// otherwise of the TLS listener (clients then need the CA file).
+    /// With `public_address` set, that address.
     pub fn host_name(&self) -> String {
+        if let Some(p) = &self.shared.config.public_address {
+            return p.clone();
+        }
         let addr = self.mqtt_addr.or(self.mqtts_addr).expect("at least one listener");
         let host = &self.shared.config.host_name;
         if host.contains(':') {
