@@ -111,6 +111,10 @@ struct HubArgs {
     /// any number of hub nodes may share it).
     #[arg(long, default_value = "embedded")]
     backend: String,
+    /// D2C retention by size per partition in bytes (a JetStream cluster reserves it per
+    /// partition stream).
+    #[arg(long, default_value_t = 10 * 1024 * 1024 * 1024)]
+    retention_bytes: u64,
     /// Replicas of JetStream streams, buckets and consumers (3 for a 3-node cluster, 1 for a
     /// single server).
     #[arg(long, default_value_t = 3)]
@@ -405,6 +409,7 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
     }
     config.sweep_interval = a.sweep_interval;
     config.http = a.http;
+    config.retention_bytes = a.retention_bytes;
     config.public_address = a.public_address;
     config.backend = backend(&a.backend, a.replicas)?;
     let hub = Hub::start(config).await?;
