@@ -120,9 +120,13 @@ struct HubArgs {
     #[arg(long, default_value_t = 3)]
     replicas: usize,
     /// `host:port` devices and services use when a TCP load balancer sits in front of the hub
-    /// nodes (tokens may name it; printed connection strings use it).
-    #[arg(long)]
-    public_address: Option<String>,
+    /// nodes (repeatable; tokens may name any; printed connection strings use the first).
+    #[arg(long = "public-address")]
+    public_addresses: Vec<String>,
+    /// With a NATS backend: lease of consumer-group members, partition owners and the expiry
+    /// sweeper (a dead node's partitions move after about this long).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_ttl: Duration,
     /// Operations endpoint (`/healthz`, `/readyz`, Prometheus `/metrics`), e.g. 127.0.0.1:9090;
     /// off by default.
     #[arg(long)]
@@ -410,8 +414,8 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
     config.sweep_interval = a.sweep_interval;
     config.http = a.http;
     config.retention_bytes = a.retention_bytes;
-    config.public_address = a.public_address;
-    config.backend = backend(&a.backend, a.replicas)?;
+    config.public_addresses = a.public_addresses;
+    config.backend = backend(&a.backend, a.replicas, a.lease_ttl)?;
     let hub = Hub::start(config).await?;
     if let Some(addr) = hub.mqtt_addr() {
         println!("mqtt listening on {addr}");
@@ -449,7 +453,11 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
 }
 
 /// The backend `--backend` names.
-fn backend(spec: &str, replicas: usize) -> Result<Option<std::sync::Arc<dyn hubmsg_core::hub::backend::BackendConnector>>, Error> {
+fn backend(
+    spec: &str,
+    replicas: usize,
+    lease_ttl: Duration,
+) -> Result<Option<std::sync::Arc<dyn hubmsg_core::hub::backend::BackendConnector>>, Error> {
     if spec == "embedded" {
         return Ok(None);
     }
@@ -458,11 +466,12 @@ fn backend(spec: &str, replicas: usize) -> Result<Option<std::sync::Arc<dyn hubm
         {
             let mut c = hubmsg_nats::NatsConnector::new(spec);
             c.config.replicas = replicas;
+            c.config.lease_ttl = lease_ttl;
             return Ok(Some(std::sync::Arc::new(c)));
         }
         #[cfg(not(feature = "nats"))]
         {
-            let _ = replicas;
+            let _ = (replicas, lease_ttl);
             return Err(Error::invalid("this hubmsg was built without the NATS backend (cargo feature `nats` of hubmsg-cli)"));
         }
     }

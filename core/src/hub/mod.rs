@@ -58,10 +58,10 @@ pub struct HubConfig {
     pub backend: Option<Arc<dyn BackendConnector>>,
     /// Host name put in printed connection strings (default `127.0.0.1`).
     pub host_name: String,
-    /// `host:port` devices and services reach this hub by when that is not one of its own
-    /// listeners — a TCP load balancer in front of several hub nodes. Tokens and user names may
-    /// name it, and printed connection strings use it.
-    pub public_address: Option<String>,
+    /// `host:port`s devices and services reach this hub by when that is not one of its own
+    /// listeners — TCP load balancers in front of several hub nodes. Tokens and user names may
+    /// name any of them; printed connection strings use the first.
+    pub public_addresses: Vec<String>,
     /// Plain MQTT listener (local use; Azure has none). Port 0 picks a free port.
     pub mqtt: Option<SocketAddr>,
     /// MQTT over TLS listener.
@@ -129,7 +129,7 @@ impl HubConfig {
             data_dir: data_dir.into(),
             backend: None,
             host_name: "127.0.0.1".into(),
-            public_address: None,
+            public_addresses: Vec::new(),
             mqtt: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             mqtts: None,
             tls: None,
@@ -411,12 +411,10 @@ impl Hub {
             host_names.push(if bare.contains(':') { format!("[{bare}]:{}", a.port()) } else { format!("{bare}:{}", a.port()) });
         }
         // The name connection strings carry goes last (the owner file uses it).
-        match &config.public_address {
-            Some(p) => host_names.push(p.clone()),
-            None => {
-                let first = host_names.get(1).cloned().unwrap_or_else(|| bare.clone());
-                host_names.push(first);
-            }
+        host_names.extend(config.public_addresses.iter().rev().cloned());
+        if config.public_addresses.is_empty() {
+            let first = host_names.get(1).cloned().unwrap_or_else(|| bare.clone());
+            host_names.push(first);
         }
         let shared = Arc::new(Shared {
             config: config.clone(),
@@ -516,9 +514,9 @@ impl Hub {
 
     /// `HostName` for connection strings: `host:port` of the plain listener if there is one,
     /// otherwise of the TLS listener (clients then need the CA file).
-    /// With `public_address` set, that address.
+    /// With `public_addresses` set, the first of them.
     pub fn host_name(&self) -> String {
-        if let Some(p) = &self.shared.config.public_address {
+        if let Some(p) = self.shared.config.public_addresses.first() {
             return p.clone();
         }
         let addr = self.mqtt_addr.or(self.mqtts_addr).expect("at least one listener");
