@@ -7,7 +7,8 @@
 //! is missing; timings are reported next to their targets but never fail the run.
 //!
 //! Scenarios: `d2c-throughput`, `baseline` (Mosquitto), `d2c-latency`, `c2d-roundtrip`,
-//! `connections`, `recovery`. Results: a table on stdout, `results.json`, `results.md` and PNG
+//! `connections`, `recovery`, `scale-out` (2 hub nodes on a 3-node JetStream cluster beside the
+//! embedded hub). Results: a table on stdout, `results.json`, `results.md` and PNG
 //! plots in `--out`.
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ mod mosquitto;
 mod plot;
 pub mod procstat;
 mod recovery;
+mod scaleout;
 mod stats;
 
 /// Options of `hubmsg bench`.
@@ -70,6 +72,9 @@ pub enum Scenario {
     Connections,
     /// Hub restart with many stored D2C messages: time to CONNACK and to the first event.
     Recovery,
+    /// D2C throughput and p99 through 2 hub nodes on a local 3-node JetStream cluster, beside
+    /// the embedded hub, with the commit latency and CPU of each side.
+    ScaleOut,
 }
 
 impl Scenario {
@@ -81,6 +86,7 @@ impl Scenario {
             Scenario::C2dRoundtrip,
             Scenario::Connections,
             Scenario::Recovery,
+            Scenario::ScaleOut,
         ]
     }
 
@@ -93,6 +99,7 @@ impl Scenario {
             Scenario::C2dRoundtrip => "c2d-roundtrip",
             Scenario::Connections => "connections",
             Scenario::Recovery => "recovery",
+            Scenario::ScaleOut => "scale-out",
         }
     }
 }
@@ -314,6 +321,7 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
             Scenario::C2dRoundtrip => c2d::roundtrip(&ctx, &mut plots).await,
             Scenario::Connections => conns::connections(&ctx).await,
             Scenario::Recovery => recovery::recovery(&ctx).await,
+            Scenario::ScaleOut => scaleout::scale_out(&ctx).await,
         };
         let (status, detail) = match result {
             Ok(Outcome { unavailable: Some(why), detail, .. }) => {
