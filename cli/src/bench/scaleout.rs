@@ -54,17 +54,22 @@ fn ticks(pids: &[u32]) -> u64 {
     pids.iter().filter_map(|p| procstat::cpu_ticks(*p)).sum()
 }
 
-/// Sends `total` messages from [`DEVICES`] devices spread over `hosts` and reads them back.
-async fn run(
-    ctx: &Ctx,
+/// The hubs of one run.
+struct Target<'a> {
     label: &'static str,
-    hosts: &[String],
-    cs: &str,
-    http_ports: &[u16],
-    hub_pids: &[u32],
-    nats_pids: &[u32],
-    total: u64,
-) -> Result<Run, Error> {
+    /// `HostName`s of the hub nodes (devices are spread over them).
+    hosts: &'a [String],
+    /// A service connection string.
+    cs: &'a str,
+    /// The hubs' HTTP ports (their `/metrics`).
+    http_ports: &'a [u16],
+    hub_pids: &'a [u32],
+    nats_pids: &'a [u32],
+}
+
+/// Sends `total` messages from [`DEVICES`] devices spread over the hosts and reads them back.
+async fn run(ctx: &Ctx, t: Target<'_>, total: u64) -> Result<Run, Error> {
+    let Target { label, hosts, cs, http_ports, hub_pids, nats_pids } = t;
     let svc = common::service(cs).await?;
     let ids = common::device_ids(&format!("so-{label}"), DEVICES);
     common::register(&svc, &ids, &ctx.device_key, 32).await?;
@@ -80,7 +85,7 @@ async fn run(
     let before: Vec<(f64, f64)> = futures_join(http_ports).await?;
     let (hub0, nats0) = (ticks(hub_pids), ticks(nats_pids));
     let per = total / DEVICES as u64;
-    let mut tracker = IdTracker::new(&vec![per; DEVICES]);
+    let mut tracker = IdTracker::new(&[per; DEVICES]);
     let mut lat = Samples::default();
     let t0 = Instant::now();
     let mut senders = JoinSet::new();
@@ -163,7 +168,15 @@ pub async fn scale_out(ctx: &Ctx) -> Result<Outcome, Error> {
         // The embedded hub (fsync'd), same workload.
         let http = crate::hubproc::free_port()?;
         let hub = Hub::start(ctx, "scale-out-embedded", &["--http", &format!("127.0.0.1:{http}")]).await?;
-        let embedded = run(ctx, "embedded", &[hub.host()], &hub.proc.cs, &[http], &[hub.pid()], &[], total).await?;
+        let t = Target {
+            label: "embedded",
+            hosts: &[hub.host()],
+            cs: &hub.proc.cs,
+            http_ports: &[http],
+            hub_pids: &[hub.pid()],
+            nats_pids: &[],
+        };
+        let embedded = run(ctx, t, total).await?;
         drop(hub);
         println!(
             "  embedded hub:                {:>9} msg/s, p99 {:.1} ms, commit {:.2} ms",
@@ -183,7 +196,9 @@ pub async fn scale_out(ctx: &Ctx) -> Result<Outcome, Error> {
         }
         let hosts: Vec<String> = hubs.iter().map(|h| h.host()).collect();
         let pids: Vec<u32> = hubs.iter().map(|h| h.pid()).collect();
-        let nats = run(ctx, "jetstream", &hosts, &hubs[0].proc.cs, &ports, &pids, &nats_pids, total).await?;
+        let t =
+            Target { label: "jetstream", hosts: &hosts, cs: &hubs[0].proc.cs, http_ports: &ports, hub_pids: &pids, nats_pids: &nats_pids };
+        let nats = run(ctx, t, total).await?;
         drop(hubs);
         cluster.stop().await;
         println!(
