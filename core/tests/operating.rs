@@ -15,15 +15,31 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(20);
 
-/// GET `path` from the hub's HTTP endpoint: (status code, body).
+/// GET `path` from the hub's HTTP endpoint: (status code, body). A scrape that fails at the
+/// TCP level is tried again (at most 5 times), as a scraper would.
 async fn get(hub_http: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(hub_http).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(T, s.read_to_end(&mut buf)).await.unwrap().unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_string())
+    let mut last = None;
+    for _ in 0..5 {
+        let once = async {
+            let mut s = tokio::net::TcpStream::connect(hub_http).await?;
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await?;
+            Ok::<_, std::io::Error>(buf)
+        };
+        match tokio::time::timeout(T, once).await.expect("an answer within 20 s") {
+            Ok(buf) => {
+                let text = String::from_utf8(buf).unwrap();
+                let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP head in {text:?}"));
+                return (head.split(' ').nth(1).unwrap().parse().unwrap(), body.to_string());
+            }
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    panic!("GET {path} failed 5 times: {last:?}");
 }
 
 /// The unlabelled samples of a Prometheus text page.
@@ -112,7 +128,10 @@ async fn metrics_count_what_was_sent_and_readiness_drops_on_drain() {
 
     // A drain makes the hub unready at once, then closes every session. (A connection that
     // never sends CONNECT keeps the drain waiting for its connect timeout, long enough to look.)
+    let open = |h: &Hub| h.stats().open_connections.load(std::sync::atomic::Ordering::SeqCst);
+    let before = open(&hub);
     let _silent = tokio::net::TcpStream::connect(hub.mqtt_addr().unwrap()).await.unwrap();
+    assert!(eventually(T, || open(&hub) > before).await, "the hub took the silent connection");
     let started = std::time::Instant::now();
     let drain = tokio::spawn(hub.drain(Duration::from_secs(10)));
     assert!(eventually_async(T, || async { get(http, "/readyz").await.0 == 503 }).await);
