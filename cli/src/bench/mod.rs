@@ -8,8 +8,9 @@
 //!
 //! Scenarios: `d2c-throughput`, the same workload against the baseline brokers
 //! (`baseline-mosquitto`, `baseline-rabbitmq`, `baseline-nats`), `d2c-latency`, `c2d-roundtrip`,
-//! `connections` (hubmsg and Mosquitto holding the same connections), `recovery`. Results: a
-//! table on stdout, `results.json`, `results.md` and PNG plots in `--out`.
+//! `connections` (hubmsg and Mosquitto holding the same connections), `recovery`, `scale-out` (2 hub
+//! nodes on a 3-node JetStream cluster beside the embedded hub). Results: a table on stdout,
+//! `results.json`, `results.md` and PNG plots in `--out`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -33,6 +34,7 @@ mod plot;
 pub mod procstat;
 mod rabbitmq;
 mod recovery;
+mod scaleout;
 mod stats;
 
 /// Options of `hubmsg bench`.
@@ -86,6 +88,9 @@ pub enum Scenario {
     Connections,
     /// Hub restart with many stored D2C messages: time to CONNACK and to the first event.
     Recovery,
+    /// D2C throughput and p99 through 2 hub nodes on a local 3-node JetStream cluster, beside
+    /// the embedded hub, with the commit latency and CPU of each side.
+    ScaleOut,
 }
 
 impl Scenario {
@@ -99,6 +104,7 @@ impl Scenario {
             Scenario::C2dRoundtrip,
             Scenario::Connections,
             Scenario::Recovery,
+            Scenario::ScaleOut,
         ]
     }
 
@@ -113,6 +119,7 @@ impl Scenario {
             Scenario::C2dRoundtrip => "c2d-roundtrip",
             Scenario::Connections => "connections",
             Scenario::Recovery => "recovery",
+            Scenario::ScaleOut => "scale-out",
         }
     }
 }
@@ -419,6 +426,7 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
             Scenario::C2dRoundtrip => c2d::roundtrip(&ctx, &mut plots).await,
             Scenario::Connections => conns::connections(&ctx, &mut plots).await,
             Scenario::Recovery => recovery::recovery(&ctx).await,
+            Scenario::ScaleOut => scaleout::scale_out(&ctx).await,
         };
         let (status, detail) = match result {
             Ok(Outcome { unavailable: Some(why), detail, .. }) => {
