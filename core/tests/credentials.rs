@@ -26,23 +26,23 @@ fn endpoint(hub: &Hub) -> Endpoint {
     Endpoint { host: a.ip().to_string(), port: a.port(), tls: None }
 }
 
-fn key(hub: &Hub, id: &str) -> String {
-    hub.registry().device(id).unwrap().primary_key
+async fn key(hub: &Hub, id: &str) -> String {
+    hub.registry().device(id).await.unwrap().unwrap().primary_key
 }
 
 /// CONNECT parameters for `id` with a device-key token scoped to `scope` (host and path).
-fn params_scoped(hub: &Hub, id: &str, scope: &str, expiry: u64) -> ConnectParams {
+async fn params_scoped(hub: &Hub, id: &str, scope: &str, expiry: u64) -> ConnectParams {
     ConnectParams {
         client_id: id.into(),
         username: wire::device_username(&hub.host_name(), id, None),
-        password: auth::generate_sas_token(scope, &key(hub, id), expiry, None).unwrap(),
+        password: auth::generate_sas_token(scope, &key(hub, id).await, expiry, None).unwrap(),
         keep_alive_secs: 60,
         clean_session: false,
     }
 }
 
-fn params(hub: &Hub, id: &str) -> ConnectParams {
-    params_scoped(hub, id, &auth::device_resource_uri(&hub.host_name(), id), now_ms() / 1000 + 3600)
+async fn params(hub: &Hub, id: &str) -> ConnectParams {
+    params_scoped(hub, id, &auth::device_resource_uri(&hub.host_name(), id), now_ms() / 1000 + 3600).await
 }
 
 /// Writes raw bytes on a fresh TCP connection; returns everything the hub sent until it closed.
@@ -74,7 +74,7 @@ fn raw_connect(name: &str, level: u8) -> Vec<u8> {
 
 /// Connects as `id`, sends `bytes` raw, and reports whether the hub closed without answering.
 async fn closes_on_raw(hub: &Hub, id: &str, bytes: &[u8]) -> bool {
-    let ((mut r, mut w), _) = transport::client_connect(&endpoint(hub), &params(hub, id), T).await.unwrap();
+    let ((mut r, mut w), _) = transport::client_connect(&endpoint(hub), &params(hub, id).await, T).await.unwrap();
     // A well-behaved exchange first, so the close below is the attack's doing.
     w.send(&Packet::PingReq).await.unwrap();
     assert!(matches!(r.next().await, Ok(Some(Packet::PingResp))));
@@ -152,17 +152,17 @@ async fn tokens_must_be_device_scoped_for_this_hub_and_unexpired() {
     };
     // A device key whose token covers the whole hub or every device is not that device's token.
     for scope in [host.clone(), format!("{host}/devices"), format!("{host}/devices/d1/modules/m")] {
-        assert_eq!(refused(params_scoped(hub, "d1", &scope, later)).await, ErrorKind::Unauthorized, "scope {scope}");
+        assert_eq!(refused(params_scoped(hub, "d1", &scope, later).await).await, ErrorKind::Unauthorized, "scope {scope}");
     }
     // A token (and user name) for another hub name.
-    let mut other = params_scoped(hub, "d1", &auth::device_resource_uri("otherhub.azure-devices.net", "d1"), later);
+    let mut other = params_scoped(hub, "d1", &auth::device_resource_uri("otherhub.azure-devices.net", "d1"), later).await;
     other.username = wire::device_username("otherhub.azure-devices.net", "d1", None);
     assert_eq!(refused(other).await, ErrorKind::Unauthorized);
     // The right token works.
-    transport::client_connect(&endpoint(hub), &params(hub, "d1"), T).await.unwrap();
+    transport::client_connect(&endpoint(hub), &params(hub, "d1").await, T).await.unwrap();
 
     // A connection whose token expires is closed when it does (IoT Hub 401003).
-    let short = params_scoped(hub, "d1", &auth::device_resource_uri(&host, "d1"), now_ms() / 1000 + 2);
+    let short = params_scoped(hub, "d1", &auth::device_resource_uri(&host, "d1"), now_ms() / 1000 + 2).await;
     let ((mut r, _w), _) = transport::client_connect(&endpoint(hub), &short, T).await.unwrap();
     let started = std::time::Instant::now();
     assert!(matches!(tokio::time::timeout(T, r.next()).await.unwrap(), Ok(None) | Err(_)));
@@ -281,12 +281,12 @@ async fn debug_output_never_shows_keys_or_tokens() {
     let h = start_hub().await;
     let hub = &h.hub;
     let id = hub.create_device("dbg").await.unwrap();
-    let policy = hub.registry().policy("iothubowner").unwrap();
-    let cs = ConnectionString::parse(&hub.device_connection_string("dbg").unwrap()).unwrap();
+    let policy = hub.registry().policy("iothubowner").await.unwrap().unwrap();
+    let cs = ConnectionString::parse(&hub.device_connection_string("dbg").await.unwrap()).unwrap();
     let token = auth::generate_sas_token("h/devices/dbg", &id.primary_key, 99, None).unwrap();
     let parsed = auth::SasToken::parse(&token).unwrap();
     let svc_opts = ServiceOptions::from_connection_string(&hub.service_connection_string()).unwrap();
-    let dev_opts = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("dbg").unwrap()).unwrap();
+    let dev_opts = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("dbg").await.unwrap()).unwrap();
     let create = CreateDevice { device_id: "x".into(), primary_key: Some(id.primary_key.clone()), ..Default::default() };
     let printed = [
         format!("{id:?}"),
@@ -296,7 +296,7 @@ async fn debug_output_never_shows_keys_or_tokens() {
         format!("{svc_opts:?}"),
         format!("{dev_opts:?}"),
         format!("{create:?}"),
-        format!("{:?}", hub.registry().policies()),
+        format!("{:?}", hub.registry().policies().await.unwrap()),
     ];
     for p in &printed {
         for secret in [&id.primary_key, &id.secondary_key, &policy.primary_key, &policy.secondary_key, &parsed.sig] {
@@ -318,14 +318,14 @@ async fn deleting_a_device_purges_its_queue_with_feedback_and_its_subscription()
     // Subscribe persistently once, then go offline with two commands queued.
     let dev = device(&hub, "gone").await;
     let _rx = dev.c2d().unwrap();
-    assert!(eventually(T, || hub.c2d().read(|s| s.subscribed("gone"))).await);
+    assert!(eventually_async(T, || async { hub.c2d().subscribed("gone").await.unwrap() }).await);
     dev.close().await.unwrap();
     let fb = svc.await_outcome("old-1").unwrap();
     svc.send_c2d("gone", Message::new("old").with_message_id("old-1"), hubmsg_core::proto::AckMode::Full).await.unwrap();
     svc.send_c2d("gone", Message::new("old").with_message_id("old-2"), hubmsg_core::proto::AckMode::None).await.unwrap();
     svc.delete_device("gone").await.unwrap();
     assert_eq!(tokio::time::timeout(T, fb).await.unwrap().unwrap().status_code, hubmsg_core::proto::FeedbackStatus::Purged);
-    assert_eq!(hub.c2d().read(|s| (s.depth("gone"), s.subscribed("gone"))), (0, false));
+    assert_eq!((hub.c2d().depth("gone").await.unwrap(), hub.c2d().subscribed("gone").await.unwrap()), (0, false));
     // A device re-created under the same id starts empty: nothing old reaches it.
     svc.create_device("gone").await.unwrap();
     let dev = device(&hub, "gone").await;

@@ -247,7 +247,7 @@ pub unsafe extern "C" fn hubmsg_hub_create_device(
             let hub = running(h)?;
             hubmsg_bind::block_on(&h.rt, "hubmsg_hub_create_device", hub.create_device(id))??;
             if let Some(out) = out {
-                out.put_string(&hub.device_connection_string(id)?);
+                out.put_string(&hubmsg_bind::block_on(&h.rt, "hubmsg_hub_create_device", hub.device_connection_string(id))??);
             }
             Ok(HUBMSG_OK)
         }
@@ -281,7 +281,7 @@ pub unsafe extern "C" fn hubmsg_hub_device_connection_string(
         // SAFETY: the C API contract for all pointers.
         let (out, h, id) = unsafe { (Out::new(out, "out")?, arg_ref(hub, "hub")?, arg_str(device_id, "device_id")?) };
         #[cfg(feature = "hub")]
-        out.put_string(&running(h)?.device_connection_string(id)?);
+        out.put_string(&hubmsg_bind::block_on(&h.rt, "hubmsg_hub_device_connection_string", running(h)?.device_connection_string(id))??);
         #[cfg(not(feature = "hub"))]
         let _ = (out, h, id);
         Ok(HUBMSG_OK)

@@ -120,12 +120,12 @@ impl PyHub {
             // The hub's registry write is short; the GIL is released while it runs.
             wait(py, &self.rt, "Hub.create_device", fut)?.py()
         })?;
-        self.with_hub(|h| h.device_connection_string(&created.device_id).py())
+        self.device_connection_string(py, &created.device_id)
     }
 
     /// The connection string of a registered device (primary key). Raises NotFoundError.
-    fn device_connection_string(&self, device_id: &str) -> PyResult<String> {
-        self.with_hub(|h| h.device_connection_string(device_id).py())
+    fn device_connection_string(&self, py: Python<'_>, device_id: &str) -> PyResult<String> {
+        self.with_hub(|h| wait(py, &self.rt, "Hub.device_connection_string", h.device_connection_string(device_id))?.py())
     }
 
     /// Whether the hub is running.
