@@ -306,8 +306,11 @@ export declare class Hub {
    * string. Rejects with HUBMSG_ALREADY_EXISTS.
    */
   createDevice(deviceId: string): Promise<string>
-  /** The connection string of a registered device (primary key). Throws HUBMSG_NOT_FOUND. */
-  deviceConnectionString(deviceId: string): string
+  /**
+   * Resolves to the connection string of a registered device (primary key). Rejects with
+   * HUBMSG_NOT_FOUND.
+   */
+  deviceConnectionString(deviceId: string): Promise<string>
   /** Whether the hub is running. */
   get running(): boolean
   /**

@@ -9,7 +9,8 @@ use hubmsg_core::store::Durability;
 use napi::bindgen_prelude::PromiseRaw;
 use napi::Env;
 use napi_derive::napi;
-use parking_lot::Mutex;
+
+use tokio::sync::RwLock;
 
 use crate::convert::{opt_ms, Checked, Keys};
 use crate::errors::{invalid, IntoJs};
@@ -38,7 +39,9 @@ impl Keys for HubOptions {
 /// An embedded hub. `await Hub.start(dataDir)` starts it; `await shutdown()` stops it.
 #[napi]
 pub struct Hub {
-    hub: Arc<Mutex<Option<CoreHub>>>,
+    /// The running hub; `None` once shut down. Calls hold the read lock across their awaits
+    /// (the engine's hub accessors are async); `shutdown()` takes the write lock and the hub.
+    hub: Arc<RwLock<Option<CoreHub>>>,
     address: String,
     host_name: String,
     service_cs: String,
@@ -46,11 +49,20 @@ pub struct Hub {
 }
 
 impl Hub {
-    fn with_hub<T>(&self, f: impl FnOnce(&CoreHub) -> napi::Result<T>) -> napi::Result<T> {
-        match self.hub.lock().as_ref() {
-            Some(h) => f(h),
-            None => Err(hubmsg_core::Error::closed("hub")).js(),
-        }
+    /// Runs `f` on the hub while it runs (read lock held across the await), else `HUBMSG_CLOSED`.
+    fn with_hub<'e, T, F>(&self, env: &'e Env, f: F) -> napi::Result<PromiseRaw<'e, T>>
+    where
+        T: napi::bindgen_prelude::ToNapiValue + Send + 'static,
+        F: for<'h> FnOnce(&'h CoreHub) -> std::pin::Pin<Box<dyn std::future::Future<Output = hubmsg_core::Result<T>> + Send + 'h>>
+            + Send
+            + 'static,
+    {
+        let hub = self.hub.clone();
+        env.spawn_future(async move {
+            let g = hub.read().await;
+            let h = g.as_ref().ok_or_else(|| hubmsg_core::Error::closed("hub")).js()?;
+            f(h).await.js()
+        })
     }
 }
 
@@ -89,7 +101,7 @@ impl Hub {
                 address: hub.mqtt_addr().map(|a| a.to_string()).unwrap_or_default(),
                 host_name: hub.host_name(),
                 service_cs: hub.service_connection_string(),
-                hub: Arc::new(Mutex::new(Some(hub))),
+                hub: Arc::new(RwLock::new(Some(hub))),
                 data_dir,
             })
         })
@@ -129,44 +141,36 @@ impl Hub {
     /// string. Rejects with HUBMSG_ALREADY_EXISTS.
     #[napi(ts_return_type = "Promise<string>")]
     pub fn create_device<'e>(&self, env: &'e Env, device_id: String) -> napi::Result<PromiseRaw<'e, String>> {
-        let hub = self.hub.clone();
-        self.with_hub(|_| Ok(()))?;
-        env.spawn_future(async move {
-            // The hub is shut down only through `shutdown()`, which takes it out of the slot;
-            // registering goes through its registry, whose handle outlives the lock.
-            let fut = {
-                let g = hub.lock();
-                let h = g.as_ref().ok_or_else(|| hubmsg_core::Error::closed("hub")).js()?;
-                let registry = h.registry().clone();
-                let id = device_id.clone();
-                async move { registry.create(hubmsg_core::proto::CreateDevice { device_id: id, ..Default::default() }).await }
-            };
-            fut.await.js()?;
-            let g = hub.lock();
-            let h = g.as_ref().ok_or_else(|| hubmsg_core::Error::closed("hub")).js()?;
-            h.device_connection_string(&device_id).js()
+        self.with_hub(env, move |h| {
+            Box::pin(async move {
+                h.create_device(&device_id).await?;
+                h.device_connection_string(&device_id).await
+            })
         })
     }
 
-    /// The connection string of a registered device (primary key). Throws HUBMSG_NOT_FOUND.
-    #[napi]
-    pub fn device_connection_string(&self, device_id: String) -> napi::Result<String> {
-        self.with_hub(|h| h.device_connection_string(&device_id).js())
+    /// Resolves to the connection string of a registered device (primary key). Rejects with
+    /// HUBMSG_NOT_FOUND.
+    #[napi(ts_return_type = "Promise<string>")]
+    pub fn device_connection_string<'e>(&self, env: &'e Env, device_id: String) -> napi::Result<PromiseRaw<'e, String>> {
+        self.with_hub(env, move |h| Box::pin(async move { h.device_connection_string(&device_id).await }))
     }
 
     /// Whether the hub is running.
     #[napi(getter)]
     pub fn running(&self) -> bool {
-        self.hub.lock().is_some()
+        // The write lock is only taken by a shutdown: the hub is stopping.
+        self.hub.try_read().map(|g| g.is_some()).unwrap_or(false)
     }
 
     /// Stops the hub: closes every connection, persists checkpoints and closes the stores.
     /// Idempotent.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn shutdown<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, ()>> {
-        let hub = self.hub.lock().take();
+        let hub = self.hub.clone();
         env.spawn_future(async move {
-            if let Some(h) = hub {
+            let taken = hub.write().await.take();
+            if let Some(h) = taken {
                 h.shutdown().await.js()?;
             }
             Ok(())
@@ -176,7 +180,10 @@ impl Hub {
 
 impl Drop for Hub {
     fn drop(&mut self) {
-        if let Some(h) = self.hub.lock().take() {
+        // Only a hub nobody shut down needs stopping here (a finalizer can run at Node's exit,
+        // when no runtime is left to spawn on). The write lock is free unless a shutdown holds it.
+        let taken = self.hub.try_write().ok().and_then(|mut g| g.take());
+        if let Some(h) = taken {
             crate::runtime().spawn(async move {
                 let _ = h.shutdown().await;
             });

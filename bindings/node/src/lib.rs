@@ -33,9 +33,13 @@ mod hub;
 mod log;
 mod service;
 
-/// The tokio runtime napi-rs runs async work on (the engine's tasks run there too).
+/// The tokio runtime napi-rs runs async work on (the engine's tasks run there too). Its handle
+/// is taken on the first call (always from a JS call, while the runtime runs) and kept: a
+/// finalizer that runs while Node exits, after napi-rs shut the runtime down, can still call
+/// this (a task spawned then is dropped at once, where asking napi-rs would panic).
 pub(crate) fn runtime() -> tokio::runtime::Handle {
-    napi::bindgen_prelude::within_runtime_if_available(tokio::runtime::Handle::current)
+    static HANDLE: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| napi::bindgen_prelude::within_runtime_if_available(tokio::runtime::Handle::current)).clone()
 }
 
 /// Whether a handle was closed.
