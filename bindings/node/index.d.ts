@@ -513,9 +513,9 @@ export interface DeviceStats {
   /** Failed connection attempts and drops that led to a retry. */
   retries: number
   /** C2D messages handed to the application. */
-  c2DReceived: number
+  c2dReceived: number
   /** C2D redeliveries kept from the application. */
-  c2DDuplicates: number
+  c2dDuplicates: number
   /** SAS token renewals. */
   renewals: number
   /** The last connection error, if any. */

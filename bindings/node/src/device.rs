@@ -357,8 +357,10 @@ pub struct DeviceStats {
     /// Failed connection attempts and drops that led to a retry.
     pub retries: i64,
     /// C2D messages handed to the application.
+    #[napi(js_name = "c2dReceived")]
     pub c2d_received: i64,
     /// C2D redeliveries kept from the application.
+    #[napi(js_name = "c2dDuplicates")]
     pub c2d_duplicates: i64,
     /// SAS token renewals.
     pub renewals: i64,
