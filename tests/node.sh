@@ -54,6 +54,17 @@ check examples-install bash -c "cd examples/node && npm install --foreground-scr
 check types-drift bash -c "cd bindings/node && node scripts/types.mjs"
 check types-check bash -c "cd bindings/node && node_modules/.bin/tsc -p __test__/tsconfig.json"
 
+# The benchmark must run and print its figures (their size is reported, never asserted): mqtt.js
+# from bindings/node/bench/package-lock.json, the hubmsg CLI from the shared release build.
+if [ -x target/release/hubmsg ]; then
+    check bench-install bash -c "cd bindings/node/bench && npm ci --ignore-scripts"
+    check bench-quick node bindings/node/bench/bench_d2c.mjs --quick --out target/node-bench
+    grep -E "msg/s|x \(goal" target/node-bench-quick.log || true
+else
+    echo "FAIL bench-quick: target/release/hubmsg is missing (cargo build --release -p hubmsg-cli)"
+    failed=$((failed + 1))
+fi
+
 # node --test on the .mjs files (expanded by the shell: Node 20 does not expand globs).
 (cd bindings/node && node --test --test-reporter=tap __test__/*.test.mjs) >target/node-tests.log 2>&1
 test_status=$?
