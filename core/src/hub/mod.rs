@@ -505,6 +505,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
     let accept_errors = guard::LogLimit::default();
     let capacity = guard::LogLimit::default();
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -523,7 +524,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
             if let Some(suppressed) = capacity.allow() {
                 tracing::warn!(%peer, max = shared.config.max_connections, suppressed, "connection refused: the hub is at max_connections");
             }
-            tokio::spawn(refuse_busy(tcp, tls.is_some()));
+            // A bounded number of refusals at a time: past it a refused peer is just closed.
+            if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(refuse_busy(tcp, tls.clone(), shared.config.connect_timeout, slot));
+            }
             continue;
         }
         let shared = shared.clone();
@@ -551,16 +555,42 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
     }
 }
 
-/// The refusal of a connection past `max_connections`: CONNACK 3 (server unavailable, which
-/// MQTT clients treat as "retry later") on a plain listener, then close; a TLS listener just
-/// closes (a CONNACK would need a handshake first, which is what the cap saves).
-async fn refuse_busy(mut tcp: tokio::net::TcpStream, tls: bool) {
-    use tokio::io::AsyncWriteExt;
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        if !tls {
-            let _ = tcp.write_all(&[0x20, 0x02, 0x00, 0x03]).await;
+/// Refusals of connections past `max_connections` in progress at once (each holds a socket and,
+/// on the TLS listener, a handshake for at most `connect_timeout`); past it a refused connection
+/// is closed without a CONNACK.
+pub const MAX_REFUSALS: usize = 64;
+
+/// The refusal of a connection past `max_connections`, as MQTT 3.1.1 has it: the peer's CONNECT
+/// is awaited (after the TLS handshake on the TLS listener), answered with CONNACK 3 (server
+/// unavailable, which MQTT clients treat as "retry later") and the connection closed. The
+/// CONNECT is read before answering so that closing never finds unread bytes, which would turn
+/// the close into a reset that can destroy the CONNACK before the client reads it. All of it
+/// within `connect_timeout`; `_slot` counts against [`MAX_REFUSALS`] until it ends.
+async fn refuse_busy(
+    tcp: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limit: Duration,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(limit, async {
+        let mut stream: crate::transport::BoxStream = match tls {
+            None => Box::new(tcp),
+            Some(acc) => match acc.accept(tcp).await {
+                Ok(s) => Box::new(s),
+                Err(_) => return,
+            },
+        };
+        // The CONNECT, or whatever the peer sends first (at most one small read).
+        let mut buf = [0u8; 512];
+        if !matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+            return;
         }
-        let _ = tcp.shutdown().await;
+        let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x03]).await;
+        let _ = stream.flush().await;
+        let _ = stream.shutdown().await;
+        // Read what is left until the peer closes, so the close is a FIN, not a reset.
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
     })
     .await;
 }
