@@ -266,7 +266,8 @@ impl ServiceClient {
         self.call("devices.update", &UpdateDevice { device_id: device_id.into(), status: Some(status), regenerate: None }).await
     }
 
-    /// Regenerates `primary`, `secondary` or `both` keys (the device is disconnected).
+    /// Regenerates `primary`, `secondary` or `both` keys (a connection of the device that
+    /// authenticated with a replaced key is closed).
     pub async fn regenerate_keys(&self, device_id: &str, which: &str) -> Result<DeviceIdentity> {
         self.call("devices.update", &UpdateDevice { device_id: device_id.into(), status: None, regenerate: Some(which.into()) }).await
     }
@@ -278,8 +279,9 @@ impl ServiceClient {
     }
 
     /// Regenerates a policy's `primary`, `secondary` or `both` keys and returns the policy.
-    /// Tokens signed with a replaced key are refused from their next CONNECT on. Needs a
-    /// policy holding every right.
+    /// Tokens signed with a replaced key are refused from their next CONNECT on, and the hub
+    /// closes the connections that authenticated with it (this one, if it did, right after the
+    /// answer). Needs a policy holding every right.
     pub async fn regenerate_policy_key(&self, name: &str, which: &str) -> Result<proto::Policy> {
         self.call("policies.regenerate", &proto::RegeneratePolicyKey { name: name.into(), key: which.into() }).await
     }

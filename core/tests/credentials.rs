@@ -337,3 +337,94 @@ async fn deleting_a_device_purges_its_queue_with_feedback_and_its_subscription()
     assert!(rx.recv_timeout(Duration::from_millis(500)).await.unwrap().is_none());
     hub.shutdown().await.unwrap();
 }
+
+/// A raw connection of a service (policy token) or a device (device or policy token).
+async fn raw_session(hub: &Hub, params: ConnectParams) -> transport::ClientHalves {
+    transport::client_connect(&endpoint(hub), &params, T).await.unwrap().0
+}
+
+fn service_params_with(hub: &Hub, policy: &str, key: &str) -> ConnectParams {
+    let host = hub.host_name();
+    ConnectParams {
+        client_id: format!("{}/{policy}", hubmsg_core::proto::SERVICE_MARKER),
+        username: format!("{host}/{}/?api-version={}", hubmsg_core::proto::SERVICE_MARKER, wire::API_VERSION),
+        password: auth::generate_sas_token(&host, key, now_ms() / 1000 + 3600, Some(policy)).unwrap(),
+        keep_alive_secs: 60,
+        clean_session: true,
+    }
+}
+
+fn device_params_with(hub: &Hub, id: &str, key: &str, policy: Option<&str>) -> ConnectParams {
+    let host = hub.host_name();
+    ConnectParams {
+        client_id: id.into(),
+        username: wire::device_username(&host, id, None),
+        password: auth::generate_sas_token(&auth::device_resource_uri(&host, id), key, now_ms() / 1000 + 3600, policy).unwrap(),
+        keep_alive_secs: 60,
+        clean_session: false,
+    }
+}
+
+/// Whether the hub closes this connection (within `T`).
+async fn is_closed(c: &mut transport::ClientHalves) -> bool {
+    matches!(tokio::time::timeout(T, c.0.next()).await, Ok(Ok(None) | Err(_)))
+}
+
+/// Whether this connection still answers a PINGREQ.
+async fn is_open(c: &mut transport::ClientHalves) -> bool {
+    c.1.send(&Packet::PingReq).await.is_ok() && matches!(tokio::time::timeout(T, c.0.next()).await, Ok(Ok(Some(Packet::PingResp))))
+}
+
+/// A replaced key closes the connections that authenticated with it — and only those — as does
+/// disabling or deleting the device they speak for; the connection that asked for the change
+/// still gets its answer first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_keys_and_disabled_devices_close_the_connections_that_used_them() {
+    let h = start_hub().await;
+    let hub = &h.hub;
+    for d in ["d1", "d2", "d3", "d4"] {
+        hub.create_device(d).await.unwrap();
+    }
+    let policy = |name: &str| hub.registry().policy(name).unwrap();
+    let device = |id: &str| hub.registry().device(id).unwrap();
+    let owner = service(hub).await;
+
+    // Policy keys: the secondary's connection closes, the primary's stays.
+    let mut svc_primary = raw_session(hub, service_params_with(hub, "service", &policy("service").primary_key)).await;
+    let mut svc_secondary = raw_session(hub, service_params_with(hub, "service", &policy("service").secondary_key)).await;
+    owner.regenerate_policy_key("service", "secondary").await.unwrap();
+    assert!(is_closed(&mut svc_secondary).await, "a connection with the replaced service key stays open");
+    assert!(is_open(&mut svc_primary).await, "the primary key was not replaced");
+
+    // Device keys: replacing the secondary leaves a primary-key connection alone; replacing
+    // the primary closes it.
+    let mut d1 = raw_session(hub, device_params_with(hub, "d1", &device("d1").primary_key, None)).await;
+    owner.regenerate_keys("d1", "secondary").await.unwrap();
+    assert!(is_open(&mut d1).await, "a connection with an unchanged key was closed");
+    owner.regenerate_keys("d1", "primary").await.unwrap();
+    assert!(is_closed(&mut d1).await, "a connection with the replaced device key stays open");
+
+    // A disabled device's connection closes; so does a deleted one's.
+    let mut d2 = raw_session(hub, device_params_with(hub, "d2", &device("d2").secondary_key, None)).await;
+    owner.set_device_status("d2", hubmsg_core::proto::DeviceStatus::Disabled).await.unwrap();
+    assert!(is_closed(&mut d2).await, "a disabled device stays connected");
+    let mut d4 = raw_session(hub, device_params_with(hub, "d4", &device("d4").primary_key, None)).await;
+    owner.delete_device("d4").await.unwrap();
+    assert!(is_closed(&mut d4).await, "a deleted device stays connected");
+
+    // A device connected with a policy token (token service) goes with the policy's key.
+    let mut d3 = raw_session(hub, device_params_with(hub, "d3", &policy("device").primary_key, Some("device"))).await;
+    owner.regenerate_policy_key("device", "secondary").await.unwrap();
+    assert!(is_open(&mut d3).await, "a connection with an unchanged policy key was closed");
+    owner.regenerate_policy_key("device", "primary").await.unwrap();
+    assert!(is_closed(&mut d3).await, "a device connection with the replaced policy key stays open");
+
+    // The owner replacing its own key gets the answer, then loses its connection for good.
+    let mut st = owner.status_watch();
+    let p = owner.regenerate_policy_key("iothubowner", "primary").await.expect("the answer arrives before the close");
+    assert_ne!(p.primary_key, policy("service").primary_key);
+    let s =
+        tokio::time::timeout(T, st.wait_for(|s| matches!(s, hubmsg_core::ConnectionStatus::Failed { .. }))).await.unwrap().unwrap().clone();
+    assert!(matches!(s, hubmsg_core::ConnectionStatus::Failed { kind: ErrorKind::Unauthorized, .. }), "{s:?}");
+    h.hub.shutdown().await.unwrap();
+}

@@ -184,6 +184,8 @@ pub(crate) struct Shared {
     pub(crate) host_names: Vec<String>,
     /// Bytes of D2C messages appended and not yet durable, hub-wide.
     pub(crate) budget: guard::Budget,
+    /// Bumped by [`Shared::credentials_changed`]; every session watches it.
+    pub(crate) credentials: watch::Sender<u64>,
     logs: guard::LogLimits,
     live: AtomicUsize,
     all_closed: Notify,
@@ -250,11 +252,10 @@ impl Shared {
         }
     }
 
-    /// Drops the live connection of `device_id`, if any.
-    pub(crate) fn kick(&self, device_id: &str) {
-        if let Some((_, kick)) = self.devices.lock().remove(device_id) {
-            kick.notify_one();
-        }
+    /// Keys were replaced or a device disabled or deleted: every session re-checks the key it
+    /// authenticated with and ends if that is no longer in force.
+    pub(crate) fn credentials_changed(&self) {
+        self.credentials.send_modify(|v| *v = v.wrapping_add(1));
     }
 }
 
@@ -354,6 +355,7 @@ impl Hub {
             stats: HubStats::default(),
             host_names,
             budget: guard::Budget::new(config.hub_pending_bytes),
+            credentials: watch::channel(0).0,
             logs: guard::LogLimits::default(),
             live: AtomicUsize::new(0),
             all_closed: Notify::new(),

@@ -10,7 +10,8 @@
 //! (TCP back-pressure) while its appended-but-not-durable D2C messages (QoS 0 and 1 alike) exceed
 //! `session_pending_messages` / `session_pending_bytes` or the hub's `hub_pending_bytes` budget
 //! is used up; every write must complete within `write_timeout`; a connection ends when its SAS
-//! token expires.
+//! token expires, and when the key it authenticated with is replaced or its device disabled or
+//! deleted ([`Credential`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -45,8 +46,46 @@ const MAX_IDLE: Duration = Duration::from_secs(1767);
 pub(crate) const MAX_SERVICE_REQUESTS: usize = 64;
 
 pub(crate) enum Identity {
-    Device { id: String, generation_id: String, auth_method: &'static str, expires_s: u64 },
-    Service { policy: String, rights: Vec<Right>, expires_s: u64 },
+    Device { id: String, generation_id: String, auth_method: &'static str, expires_s: u64, cred: Credential },
+    Service { policy: String, rights: Vec<Right>, expires_s: u64, cred: Credential },
+}
+
+/// The key a connection authenticated with. The connection lives only while that key is in
+/// force: once it is replaced, or the device it speaks for is disabled or deleted, the session
+/// ends (woken by [`Shared::credentials_changed`]). No `Debug`: it holds a key.
+pub(crate) enum Credential {
+    /// A device's own key.
+    DeviceKey { device: String, key: String },
+    /// A policy key; `device` when the policy's token speaks for one device (token service).
+    PolicyKey { policy: String, key: String, device: Option<String> },
+}
+
+impl Credential {
+    /// Whether the key is still one of its identity's two keys (and the device, if any, still
+    /// exists and is enabled).
+    fn in_force(&self, shared: &Shared) -> bool {
+        let device_ok = |id: &str, key: Option<&str>| {
+            shared
+                .registry
+                .device(id)
+                .is_some_and(|d| d.status == DeviceStatus::Enabled && key.is_none_or(|k| d.primary_key == k || d.secondary_key == k))
+        };
+        match self {
+            Credential::DeviceKey { device, key } => device_ok(device, Some(key)),
+            Credential::PolicyKey { policy, key, device } => {
+                shared.registry.policy(policy).is_some_and(|p| p.primary_key == *key || p.secondary_key == *key)
+                    && device.as_deref().is_none_or(|d| device_ok(d, None))
+            }
+        }
+    }
+}
+
+/// Which of two keys verifies `token` (primary first), or the verification error.
+fn verifying_key(token: &SasToken, primary: &str, secondary: &str, now: u64) -> Result<String> {
+    match token.verify(primary, now) {
+        Ok(()) => Ok(primary.to_string()),
+        Err(_) => token.verify(secondary, now).map(|()| secondary.to_string()),
+    }
 }
 
 /// Why a session loop ended without an error worth counting.
@@ -87,6 +126,8 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
     let mut reader = PacketReader::new(rd, MAX_CONNECT_SIZE);
     reader.set_limits(MAX_CONNECT_SIZE, 512);
     let mut writer = PacketWriter::new(wr);
+    // Subscribed before authenticating, so a key replaced from here on is noticed.
+    let creds = shared.credentials.subscribe();
     let result = async {
         let connect = match tokio::time::timeout(shared.config.connect_timeout, reader.next_connect()).await {
             Err(_) => return Err(Error::new(ErrorKind::Timeout, format!("no CONNECT within {:?}", shared.config.connect_timeout))),
@@ -123,7 +164,7 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
             k => Duration::from_secs(k as u64).mul_f64(1.5).min(MAX_IDLE),
         };
         match identity {
-            Identity::Device { id, generation_id, auth_method, expires_s } => {
+            Identity::Device { id, generation_id, auth_method, expires_s, cred } => {
                 let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                 let kick = Arc::new(Notify::new());
                 if let Some((_, old)) = shared.devices.lock().insert(id.clone(), (conn_id, kick.clone())) {
@@ -150,6 +191,8 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
                         idle,
                         kick: kick.clone(),
                         token_deadline: token_deadline(expires_s),
+                        creds,
+                        cred,
                     };
                     dev.run(&mut reader, &mut writer).await
                 }
@@ -161,10 +204,11 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
                 }
                 r
             }
-            Identity::Service { policy, rights, expires_s } => {
+            Identity::Service { policy, rights, expires_s, cred } => {
                 writer.queue(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)))?;
                 let member = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                 let mut svc = ServiceSession::new(&shared, member, policy, rights, idle, token_deadline(expires_s));
+                svc.creds = Some((creds, cred));
                 let r = svc.run(&mut reader, &mut writer).await;
                 if let Some(c) = &svc.consumer {
                     shared.groups.leave(&c.group, member);
@@ -235,7 +279,7 @@ pub(crate) fn authenticate(shared: &Shared, c: &Connect) -> std::result::Result<
     let scope_path = sr.split_once('/').map_or("", |(_, p)| p).trim_end_matches('/');
     if let Some(skn) = &token.skn {
         let policy = shared.registry.policy(skn).ok_or((C::NotAuthorized, format!("unknown policy '{skn}'")))?;
-        token.verify(&policy.primary_key, now).or_else(|_| token.verify(&policy.secondary_key, now)).map_err(unauthorized)?;
+        let key = verifying_key(&token, &policy.primary_key, &policy.secondary_key, now).map_err(unauthorized)?;
         if user.device_id == proto::SERVICE_MARKER {
             if !scope_path.is_empty() {
                 return Err((C::NotAuthorized, "service tokens must be scoped to the hub (sr={host})".into()));
@@ -246,7 +290,8 @@ pub(crate) fn authenticate(shared: &Shared, c: &Connect) -> std::result::Result<
                     format!("policy '{skn}' has no service right (RegistryRead, RegistryReadWrite or ServiceConnect)"),
                 ));
             }
-            return Ok(Identity::Service { policy: policy.name, rights: policy.rights, expires_s: token.expiry });
+            let cred = Credential::PolicyKey { policy: policy.name.clone(), key, device: None };
+            return Ok(Identity::Service { policy: policy.name, rights: policy.rights, expires_s: token.expiry, cred });
         }
         // A policy with DeviceConnect acting for one device (token service / protocol gateway).
         if !policy.rights.contains(&Right::DeviceConnect) {
@@ -256,15 +301,23 @@ pub(crate) fn authenticate(shared: &Shared, c: &Connect) -> std::result::Result<
         if scope_path != "devices" && scope_path != format!("devices/{}", user.device_id) {
             return Err((C::NotAuthorized, "a policy token for a device must be scoped to {host}/devices or {host}/devices/{id}".into()));
         }
-        return Ok(Identity::Device { id: dev.device_id, generation_id: dev.generation_id, auth_method: "hub", expires_s: token.expiry });
+        let cred = Credential::PolicyKey { policy: policy.name, key, device: Some(dev.device_id.clone()) };
+        return Ok(Identity::Device {
+            id: dev.device_id,
+            generation_id: dev.generation_id,
+            auth_method: "hub",
+            expires_s: token.expiry,
+            cred,
+        });
     }
     let dev = device_checks(shared, c, &user.device_id)?;
-    token.verify(&dev.primary_key, now).or_else(|_| token.verify(&dev.secondary_key, now)).map_err(unauthorized)?;
+    let key = verifying_key(&token, &dev.primary_key, &dev.secondary_key, now).map_err(unauthorized)?;
     // A device key only speaks for its own device: IoT Hub requires sr={host}/devices/{id}.
     if scope_path != format!("devices/{}", user.device_id) {
         return Err((C::NotAuthorized, "a device-key token must be scoped to {host}/devices/{id}".into()));
     }
-    Ok(Identity::Device { id: dev.device_id, generation_id: dev.generation_id, auth_method: "device", expires_s: token.expiry })
+    let cred = Credential::DeviceKey { device: dev.device_id.clone(), key };
+    Ok(Identity::Device { id: dev.device_id, generation_id: dev.generation_id, auth_method: "device", expires_s: token.expiry, cred })
 }
 
 fn device_checks(
@@ -294,6 +347,9 @@ struct DeviceSession<'a> {
     idle: Duration,
     kick: Arc<Notify>,
     token_deadline: Instant,
+    /// Wakes when keys or device states change; `cred` is re-checked then.
+    creds: watch::Receiver<u64>,
+    cred: Credential,
 }
 
 impl DeviceSession<'_> {
@@ -427,6 +483,11 @@ impl DeviceSession<'_> {
                         c2d_in_flight.retain(|_, seq| self.shared.c2d.holds_lock(&self.id, *seq, self.conn_id));
                     }
                     _ = self.kick.notified() => return ended("kicked"),
+                    r = self.creds.changed() => {
+                        if r.is_err() || !self.cred.in_force(self.shared) {
+                            return ended("the key it authenticated with was replaced, or the device disabled or deleted");
+                        }
+                    }
                     _ = tokio::time::sleep_until(self.token_deadline) => {
                         // IoT Hub closes a connection whose token expired (401003).
                         tracing::debug!(device = %self.id, "SAS token expired; closing the connection (401003)");
@@ -574,6 +635,10 @@ struct ServiceSession<'a> {
     /// Requests taken and not yet answered (bounded by [`MAX_SERVICE_REQUESTS`]).
     running: usize,
     token_deadline: Instant,
+    /// Wakes when keys change, and the key this connection authenticated with.
+    creds: Option<(watch::Receiver<u64>, Credential)>,
+    /// The key was replaced: read nothing more, close once running requests are answered.
+    revoked: bool,
 }
 
 /// Answers of spawned request handlers: (request id, response).
@@ -594,6 +659,8 @@ impl<'a> ServiceSession<'a> {
             responses: mpsc::unbounded_channel(),
             running: 0,
             token_deadline,
+            creds: None,
+            revoked: false,
         }
     }
 
@@ -611,18 +678,28 @@ impl<'a> ServiceSession<'a> {
             if !flush(writer, self.shared.config.write_timeout, None, &mut shutdown).await? {
                 return ended("hub shutdown while writing");
             }
+            if self.revoked && self.running == 0 {
+                return ended("the key it authenticated with was replaced");
+            }
             let consuming = self.consumer.is_some();
             let outstanding = self.pkids.values().any(|o| matches!(o, Outgoing::Event(..)));
             if !outstanding {
                 progress = Instant::now();
             }
-            let can_read = self.running < MAX_SERVICE_REQUESTS;
+            let can_read = self.running < MAX_SERVICE_REQUESTS && !self.revoked;
             if !can_read {
                 deadline = Instant::now() + self.idle;
             }
             let assignment_changed = async {
                 match &mut self.consumer {
                     Some(c) => c.assignment.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let (creds_changed, shared) = (&mut self.creds, self.shared);
+            let creds_changed = async {
+                match creds_changed {
+                    Some((rx, cred)) => rx.changed().await.is_ok() && cred.in_force(shared),
                     None => std::future::pending().await,
                 }
             };
@@ -675,6 +752,7 @@ impl<'a> ServiceSession<'a> {
                     writer.queue(&Packet::Publish(Publish::new(proto::response_topic(rid), QoS::AtMostOnce, body)))?;
                 }
                 r = assignment_changed => { if r.is_ok() { self.reassign(); } }
+                in_force = creds_changed, if !self.revoked => { self.revoked = !in_force; }
                 _ = version.changed(), if consuming && !more => {}
                 _ = feedback.changed(), if self.feedback => {}
                 _ = tokio::task::yield_now(), if more => {}
@@ -925,7 +1003,7 @@ async fn handle(shared: &Arc<Shared>, rights: &[Right], op: &str, body: &[u8]) -
             shared.c2d.delete_device(&req.device_id).await?;
             shared.registry.delete(&req.device_id).await?;
             shared.c2d.delete_device(&req.device_id).await?;
-            shared.kick(&req.device_id);
+            shared.credentials_changed();
             Ok(serde_json::json!({}))
         }
         "devices.update" => {
@@ -933,7 +1011,7 @@ async fn handle(shared: &Arc<Shared>, rights: &[Right], op: &str, body: &[u8]) -
             let req: proto::UpdateDevice = proto::parse_body(op, body)?;
             let d = shared.registry.update(&req.device_id, req.status, req.regenerate.as_deref()).await?;
             if d.status == DeviceStatus::Disabled || req.regenerate.is_some() {
-                shared.kick(&req.device_id);
+                shared.credentials_changed();
             }
             Ok(to_json(&d))
         }
@@ -980,8 +1058,8 @@ async fn handle(shared: &Arc<Shared>, rights: &[Right], op: &str, body: &[u8]) -
             if p.name == "iothubowner" {
                 shared.refresh_owner_file()?;
             }
-            // Connections authenticated with the old key keep running until their token
-            // expires, as with IoT Hub; new tokens must use the new key.
+            // Connections authenticated with a replaced key close (this one after its answer).
+            shared.credentials_changed();
             Ok(to_json(&p))
         }
         "hub.info" => Ok(serde_json::json!({
