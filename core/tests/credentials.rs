@@ -264,10 +264,12 @@ async fn too_many_consumer_groups_is_not_reported_as_queue_full() {
     for g in 0..hubmsg_core::hub::events::MAX_GROUPS {
         streams.push(svc.events(&format!("g{g}"), StartPosition::Latest).await.unwrap());
     }
-    // Joining is asynchronous: wait until every group exists, then ask for one more.
+    // Joining is asynchronous: wait until every group exists, then ask for one more. A stream
+    // being connected is not enough (its `consume` may still be on the way, and the extra one
+    // could take the last place); an answered `checkpoint`, sent after the `consume` on the
+    // same connection, is.
     for s in &mut streams {
-        let mut st = s.status_watch();
-        tokio::time::timeout(T, st.wait_for(|s| *s == hubmsg_core::ConnectionStatus::Connected)).await.unwrap().unwrap();
+        tokio::time::timeout(T, s.checkpoint()).await.unwrap().unwrap();
     }
     let mut extra = svc.events("one-too-many", StartPosition::Latest).await.unwrap();
     let e = tokio::time::timeout(T, extra.next()).await.unwrap().unwrap().unwrap_err();
