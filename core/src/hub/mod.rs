@@ -51,6 +51,10 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     /// Host name put in printed connection strings (default `127.0.0.1`).
     pub host_name: String,
+    /// More names tokens and user names may carry (`host` or `host:port`), for clients that
+    /// reach the hub through a proxy, port forward or load balancer under another name or port.
+    /// Default none: only `host_name`, alone or with a listener's port.
+    pub host_aliases: Vec<String>,
     /// Plain MQTT listener (local use; Azure has none). Port 0 picks a free port.
     pub mqtt: Option<SocketAddr>,
     /// MQTT over TLS listener.
@@ -115,6 +119,7 @@ impl HubConfig {
         HubConfig {
             data_dir: data_dir.into(),
             host_name: "127.0.0.1".into(),
+            host_aliases: Vec::new(),
             mqtt: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             mqtts: None,
             tls: None,
@@ -180,7 +185,8 @@ pub(crate) struct Shared {
     pub(crate) next_conn: AtomicU64,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) stats: HubStats,
-    /// Host names tokens and user names may carry: `host_name` alone and with each listener port.
+    /// Host names tokens and user names may carry: `host_name` alone and with each listener
+    /// port, then the configured aliases.
     pub(crate) host_names: Vec<String>,
     /// Bytes of D2C messages appended and not yet durable, hub-wide.
     pub(crate) budget: guard::Budget,
@@ -343,6 +349,7 @@ impl Hub {
         for a in [mqtt_addr, mqtts_addr].into_iter().flatten() {
             host_names.push(if bare.contains(':') { format!("[{bare}]:{}", a.port()) } else { format!("{bare}:{}", a.port()) });
         }
+        host_names.extend(config.host_aliases.iter().cloned());
         let shared = Arc::new(Shared {
             config: config.clone(),
             registry,
