@@ -303,15 +303,22 @@ fn chaos_soak_loses_nothing_in_either_direction() {
         }
     };
 
-    // Chaos: a SIGKILL every 0.6-1.4 s, the victim drawn by weight among the live processes.
+    // Chaos: one SIGKILL per second on a fixed timeline (kill i at about i + 0.5 s, ±0.4 s), so
+    // time lost to a slow hub restart is caught up; the victim is drawn by weight among the live
+    // processes.
+    let planned = seconds.max(KILLS_PER_120S * seconds / 120 + 1);
+    let slot = Duration::from_secs(seconds).div_f64(planned as f64);
+    let kill_time = |i: u64, rng: &mut Rng| slot.mul_f64(i as f64 + 0.1 + rng.below(800) as f64 / 1000.0);
     let started = Instant::now();
-    let mut next_kill = started + rng.millis((600, 1400));
+    let mut kill_no = 0u64;
+    let mut next_kill = started + kill_time(0, &mut rng);
     let mut next_report = started + Duration::from_secs(10);
     while started.elapsed() < Duration::from_secs(seconds) {
         supervise(&mut roles, &mut hub, &|_| true);
         let now = Instant::now();
-        if now >= next_kill {
-            next_kill = now + rng.millis((600, 1400));
+        if now >= next_kill && kill_no < planned {
+            kill_no += 1;
+            next_kill = started + kill_time(kill_no, &mut rng);
             let live: Vec<usize> = (0..roles.len()).filter(|&i| i == 0 || roles[i].child.is_some()).collect();
             let total: u64 = live.iter().map(|&i| roles[i].kind.weight()).sum();
             let mut pick = rng.below(total);
@@ -400,7 +407,7 @@ fn chaos_soak_loses_nothing_in_either_direction() {
         supervise(&mut roles, &mut hub, &keeps_running);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let drain_secs = started.elapsed().as_secs().saturating_sub(seconds);
+    let drain_secs = started.elapsed().as_secs_f64() - seconds as f64;
     for r in roles.iter_mut() {
         if let Some(c) = &mut r.child {
             kill(c);
@@ -439,7 +446,7 @@ fn chaos_soak_loses_nothing_in_either_direction() {
     let starts: u64 = roles.iter().filter(|r| r.kind != Kind::Hub).map(|r| r.starts).sum::<u64>() + flush_starts;
     let (conns, cuts, stalls, delayed) = link.stats().snapshot();
 
-    eprintln!("soak: chaos {seconds} s + drain {drain_secs} s, seed {seed}");
+    eprintln!("soak: chaos {seconds} s + drain {drain_secs:.1} s, seed {seed}");
     eprintln!(
         "soak: kills {kills} ({}); processes that ended by themselves {exits}",
         kills_by_kind.iter().map(|(l, n)| format!("{l} {n}")).collect::<Vec<_>>().join(", ")
