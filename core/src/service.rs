@@ -572,8 +572,11 @@ impl EventSink {
     fn try_flush(&mut self) -> bool {
         let Some(ev) = self.held.take() else { return true };
         let Ok(slot) = self.tx.try_reserve() else {
+            if self.tx.is_closed() {
+                return true; // the stream is gone: nobody will take events any more
+            }
             self.held = Some(ev);
-            return self.tx.is_closed();
+            return false;
         };
         match self.bytes.try_acquire_many(ev.cost) {
             Ok(b) => {
