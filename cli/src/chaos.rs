@@ -1,7 +1,8 @@
 //! The fault-injecting TCP link shared by `hubmsg demo` and the chaos soak test
-//! (`cli/tests/soak.rs`): a proxy that forwards each connection to a target address and, per
-//! connection and decided by a seeded generator, cuts it after a random lifetime, stalls it once
-//! for a while, and delays every chunk by a fixed latency. `tc netem` in a network namespace
+//! (`cli/tests/soak.rs`): a proxy that forwards each connection to one of its targets (round
+//! robin, skipping targets that refuse, as a TCP load balancer does) and, per connection and
+//! decided by a seeded generator, cuts it after a random lifetime, stalls it once for a while,
+//! and delays every chunk by a fixed latency. With [`Faults::NONE`] it is a plain balancer. `tc netem` in a network namespace
 //! would do the same below TCP; it is not available everywhere (this CI's kernel has no `netem`
 //! qdisc), so the link is a proxy.
 //!
@@ -64,6 +65,12 @@ pub struct Faults {
     pub delay_ms: (u64, u64),
 }
 
+impl Faults {
+    /// No faults: connections are forwarded as they are (a plain TCP balancer).
+    pub const NONE: Faults =
+        Faults { life_ms: (u64::MAX / 4, u64::MAX / 4), stall_percent: 0, stall_ms: (0, 0), delay_percent: 0, delay_ms: (0, 0) };
+}
+
 impl Default for Faults {
     /// Cuts after 1–6 s, half the connections stall once for 0.1–1 s, half have 5–50 ms latency.
     fn default() -> Self {
@@ -102,14 +109,18 @@ pub struct ChaosLink {
 }
 
 impl ChaosLink {
-    /// Listens on 127.0.0.1 (a free port) and forwards every connection to `target` with the
-    /// given faults, decided by `seed`.
-    pub async fn start(target: SocketAddr, seed: u64, faults: Faults) -> Result<ChaosLink, Error> {
+    /// Listens on 127.0.0.1 (a free port) and forwards every connection to one of `targets`
+    /// (the `n`-th connection to the first that accepts from target `n` on) with the given
+    /// faults, decided by `seed`. A connection no target accepts is closed.
+    pub async fn start(targets: Vec<SocketAddr>, seed: u64, faults: Faults) -> Result<ChaosLink, Error> {
+        if targets.is_empty() {
+            return Err(Error::invalid("the chaos link needs at least one target"));
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::storage("bind the chaos link", e))?;
         let port = listener.local_addr().map_err(|e| Error::storage("chaos link address", e))?.port();
         let calm = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(LinkStats::default());
-        let task = tokio::spawn(accept(listener, target, seed, faults, calm.clone(), stats.clone()));
+        let task = tokio::spawn(accept(listener, Arc::new(targets), seed, faults, calm.clone(), stats.clone()));
         Ok(ChaosLink { port, calm, stats, task })
     }
 
@@ -135,7 +146,24 @@ impl Drop for ChaosLink {
     }
 }
 
-async fn accept(listener: TcpListener, target: SocketAddr, seed: u64, faults: Faults, calm: Arc<AtomicBool>, stats: Arc<LinkStats>) {
+/// Connects to the first of `targets` that accepts, starting at the `n`-th.
+async fn connect_any(targets: &[SocketAddr], n: u64) -> Option<TcpStream> {
+    for i in 0..targets.len() {
+        if let Ok(s) = TcpStream::connect(targets[(n as usize + i) % targets.len()]).await {
+            return Some(s);
+        }
+    }
+    None
+}
+
+async fn accept(
+    listener: TcpListener,
+    targets: Arc<Vec<SocketAddr>>,
+    seed: u64,
+    faults: Faults,
+    calm: Arc<AtomicBool>,
+    stats: Arc<LinkStats>,
+) {
     let mut conn_no = 0u64;
     loop {
         let Ok((inbound, _)) = listener.accept().await else {
@@ -146,10 +174,10 @@ async fn accept(listener: TcpListener, target: SocketAddr, seed: u64, faults: Fa
         conn_no += 1;
         stats.connections.fetch_add(1, Ordering::Relaxed);
         let mut rng = Rng(seed ^ conn_no.wrapping_mul(0xA24B_AED4_963E_E407));
-        let plan = if calm.load(Ordering::Relaxed) { Plan::clean() } else { Plan::draw(&mut rng, &faults) };
-        let stats = stats.clone();
+        let plan = if calm.load(Ordering::Relaxed) || faults == Faults::NONE { Plan::clean() } else { Plan::draw(&mut rng, &faults) };
+        let (stats, targets) = (stats.clone(), targets.clone());
         tokio::spawn(async move {
-            let Ok(outbound) = TcpStream::connect(target).await else { return };
+            let Some(outbound) = connect_any(&targets, conn_no).await else { return };
             let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
             if plan.stall.is_some() {
                 stats.stalls.fetch_add(1, Ordering::Relaxed);
@@ -264,7 +292,7 @@ mod tests {
             }
         });
         let faults = Faults { life_ms: (60_000, 60_000), stall_percent: 100, stall_ms: (50, 100), delay_percent: 100, delay_ms: (5, 20) };
-        let link = ChaosLink::start(target, 3, faults).await.unwrap();
+        let link = ChaosLink::start(vec![target], 3, faults).await.unwrap();
         let s = TcpStream::connect(("127.0.0.1", link.port())).await.unwrap();
         let (mut r, mut w) = s.into_split();
         let sent: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -281,5 +309,34 @@ mod tests {
         drop(writer.await.unwrap());
         let (conns, cuts, stalls, delayed) = link.stats().snapshot();
         assert_eq!((conns, cuts, stalls, delayed), (1, 0, 1, 1));
+    }
+
+    #[tokio::test]
+    async fn connections_go_round_robin_to_the_targets_that_accept() {
+        // Two live targets that answer with their number, and one that refuses (nothing
+        // listens on a port just released).
+        let mut targets = Vec::new();
+        for tag in [b'a', b'b'] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            targets.push(l.local_addr().unwrap());
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    let _ = s.write_all(&[tag]).await;
+                }
+            });
+        }
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        targets.insert(1, dead);
+        let link = ChaosLink::start(targets, 1, Faults::NONE).await.unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let mut s = TcpStream::connect(("127.0.0.1", link.port())).await.unwrap();
+            let mut b = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b)).await.unwrap().unwrap();
+            seen.push(b[0]);
+        }
+        // Connections 1..=6 start at targets 1, 2, 0, 1, 2, 0 (1 is dead: its turn goes to 2).
+        assert_eq!(seen, b"bbabba");
+        assert_eq!(link.stats().snapshot(), (6, 0, 0, 0));
     }
 }

@@ -91,7 +91,7 @@ enum Command {
     MonitorFeedback(MonitorFeedbackArgs),
     /// Show D2C end to end: a hub, simulated devices and a consumer, with an accounting table.
     Demo(demo::DemoArgs),
-    /// Measure throughput, latency, connections and recovery against a Mosquitto baseline.
+    /// Measure throughput, latency, connections and recovery, with Mosquitto, RabbitMQ and NATS as baselines in the same run.
     Bench(bench::BenchArgs),
 }
 
@@ -127,10 +127,6 @@ struct HubArgs {
     /// Host name to print in connection strings.
     #[arg(long, default_value = "127.0.0.1")]
     host_name: String,
-    /// Another name (`host` or `host:port`) clients may use in tokens, e.g. a proxy or load
-    /// balancer in front of the hub (repeatable).
-    #[arg(long = "host-alias")]
-    host_aliases: Vec<String>,
     /// C2D feedback batches form once the oldest record waited this long (or 64 accumulated).
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     feedback_interval: Duration,
@@ -138,6 +134,35 @@ struct HubArgs {
     /// form on these ticks, so this bounds how soon a batch goes out).
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     sweep_interval: Duration,
+    /// Where durable state lives: `embedded` (the data directory, the default) or a NATS
+    /// JetStream cluster `nats://HOST:PORT[,nats://HOST:PORT…]` (server 2.11+ with JetStream;
+    /// any number of hub nodes may share it).
+    #[arg(long, default_value = "embedded")]
+    backend: String,
+    /// D2C retention by size per partition in bytes (a JetStream cluster reserves it per
+    /// partition stream).
+    #[arg(long, default_value_t = 10 * 1024 * 1024 * 1024)]
+    retention_bytes: u64,
+    /// Replicas of JetStream streams, buckets and consumers (3 for a 3-node cluster, 1 for a
+    /// single server).
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// `host:port` devices and services reach the hub by when that is not one of its own
+    /// listeners: a TCP load balancer in front of the hub nodes, a proxy or a port forward
+    /// (repeatable; tokens may name any; printed connection strings use the first).
+    #[arg(long = "public-address")]
+    public_addresses: Vec<String>,
+    /// With a NATS backend: lease of consumer-group members, partition owners and the expiry
+    /// sweeper (a dead node's partitions move after about this long).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_ttl: Duration,
+    /// Operations endpoint (`/healthz`, `/readyz`, Prometheus `/metrics`), e.g. 127.0.0.1:9090;
+    /// off by default.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// On SIGTERM, how long sessions get to send the PUBACKs they owe before they are closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 #[derive(Args, Clone)]
@@ -450,12 +475,15 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
     config.partitions = a.partitions;
     config.durability = a.durability.parse()?;
     config.host_name = a.host_name;
-    config.host_aliases = a.host_aliases;
     config.feedback_interval = a.feedback_interval;
     if a.sweep_interval.is_zero() {
         return Err(Error::invalid("--sweep-interval must be at least 1ms"));
     }
     config.sweep_interval = a.sweep_interval;
+    config.http = a.http;
+    config.retention_bytes = a.retention_bytes;
+    config.public_addresses = a.public_addresses;
+    config.backend = backend(&a.backend, a.replicas, a.lease_ttl)?;
     let hub = Hub::start(config).await?;
     if let Some(addr) = hub.mqtt_addr() {
         println!("mqtt listening on {addr}");
@@ -463,6 +491,10 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
     if let Some(addr) = hub.mqtts_addr() {
         println!("mqtts listening on {addr} (CA file: {})", hub.ca_file().map(|p| p.display().to_string()).unwrap_or_default());
     }
+    if let Some(addr) = hub.http_addr() {
+        println!("http listening on {addr} (/healthz, /readyz, /metrics)");
+    }
+    println!("backend {}", hub.backend().kind());
     // The owner key goes to a 0600 file, not to the output (logs, terminals, CI transcripts);
     // only the very first start shows it once.
     if hub.write_owner_connection_string()? {
@@ -475,11 +507,43 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::new(hubmsg_core::ErrorKind::Internal, format!("signal handler: {e}")))?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("hubmsg: shutting down");
+            hub.shutdown().await
+        }
+        _ = term.recv() => {
+            // Graceful drain: not ready, no new connections, PUBACKs owed go out, sessions close
+            // so devices reconnect to another node.
+            eprintln!("hubmsg: SIGTERM: draining (up to {:?})", a.drain_timeout);
+            hub.drain(a.drain_timeout).await
+        }
     }
-    eprintln!("hubmsg: shutting down");
-    hub.shutdown().await
+}
+
+/// The backend `--backend` names.
+fn backend(
+    spec: &str,
+    replicas: usize,
+    lease_ttl: Duration,
+) -> Result<Option<std::sync::Arc<dyn hubmsg_core::hub::backend::BackendConnector>>, Error> {
+    if spec == "embedded" {
+        return Ok(None);
+    }
+    if spec.starts_with("nats://") || spec.starts_with("tls://") {
+        #[cfg(feature = "nats")]
+        {
+            let mut c = hubmsg_nats::NatsConnector::new(spec);
+            c.config.replicas = replicas;
+            c.config.lease_ttl = lease_ttl;
+            return Ok(Some(std::sync::Arc::new(c)));
+        }
+        #[cfg(not(feature = "nats"))]
+        {
+            let _ = (replicas, lease_ttl);
+            return Err(Error::invalid("this hubmsg was built without the NATS backend (cargo feature `nats` of hubmsg-cli)"));
+        }
+    }
+    Err(Error::invalid(format!("--backend '{spec}' is neither 'embedded' nor nats://HOST:PORT[,…]")))
 }
 
 async fn service(hub: &HubConn) -> Result<ServiceClient, Error> {

@@ -1,5 +1,6 @@
 //! `hubmsg hub` keeps its owner key out of its output: the connection string goes to a 0600
-//! file in the data directory and is printed only on the first start; `--no-mqtt` runs TLS only.
+//! file in the data directory and is printed only on the first start; `--no-mqtt` runs TLS only;
+//! `hubmsg demo` runs end to end.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -62,4 +63,30 @@ fn no_mqtt_runs_tls_only() {
     // --no-mqtt without --mqtts is refused.
     let out = Command::new(BIN).args(["hub", "--data", data.to_str().unwrap(), "--no-mqtt"]).output().unwrap();
     assert!(!out.status.success());
+}
+
+/// `hubmsg demo` on the embedded hub: devices behind the chaos link must be accepted (their
+/// tokens name the link, one of the hub's public addresses) and nothing may be lost. Without
+/// `--public-address` the hub's host rule refused every device (CONNACK 5).
+#[test]
+fn the_embedded_demo_runs_through_its_chaos_link_and_loses_nothing() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--devices", "5", "--duration", "4s", "--rate", "20", "--seed", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the demo did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("nothing lost."), "{stdout}");
+    assert!(stdout.contains("hub SIGKILL + restart"), "{stdout}");
 }

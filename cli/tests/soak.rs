@@ -249,9 +249,9 @@ fn chaos_soak_loses_nothing_in_either_direction() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let port = free_port();
-    let link = rt.block_on(ChaosLink::start(([127, 0, 0, 1], port).into(), seed, Faults::default())).unwrap();
+    let link = rt.block_on(ChaosLink::start(vec![([127, 0, 0, 1], port).into()], seed, Faults::default())).unwrap();
     let alias = format!("127.0.0.1:{}", link.port());
-    let hub_args = s(&["--feedback-interval", "200ms", "--host-alias", &alias]);
+    let hub_args = s(&["--feedback-interval", "200ms", "--public-address", &alias]);
     let data = dir.join("hub");
     let hub_log = |dir: &Path| Stdio::from(OpenOptions::new().create(true).append(true).open(dir.join("hub.log")).unwrap());
     let mut hub = spawn_hub_with(&data, port, &hub_args, hub_log(&dir));

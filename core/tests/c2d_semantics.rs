@@ -78,7 +78,7 @@ async fn pubacks_leave_in_receive_order_whatever_order_the_app_settles_in() {
         m.complete().unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(hub.c2d().read(|s| s.depth("valve")), 4, "later settles wait for the first");
+    assert_eq!(hub.c2d().depth("valve").await.unwrap(), 4, "later settles wait for the first");
     m1.complete().unwrap();
     let order: Vec<(String, FeedbackStatus)> =
         feedback(&svc, 4).await.into_iter().map(|r| (r.original_message_id, r.status_code)).collect();
@@ -217,7 +217,7 @@ async fn sas_renewal_is_not_a_failure_for_either_client() {
     so.retry = fast_retry();
     so.token_ttl = Duration::from_secs(1); // renews every 0.8 s
     let svc = ServiceClient::connect(so).await.unwrap();
-    let mut o = DeviceOptions::from_connection_string(&hub.device_connection_string("renewer").unwrap()).unwrap();
+    let mut o = DeviceOptions::from_connection_string(&hub.device_connection_string("renewer").await.unwrap()).unwrap();
     o.retry = fast_retry();
     o.token_ttl = Duration::from_secs(1);
     let dev = DeviceClient::connect(o).await.unwrap();

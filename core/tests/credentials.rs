@@ -26,23 +26,23 @@ fn endpoint(hub: &Hub) -> Endpoint {
     Endpoint { host: a.ip().to_string(), port: a.port(), tls: None }
 }
 
-fn key(hub: &Hub, id: &str) -> String {
-    hub.registry().device(id).unwrap().primary_key
+async fn key(hub: &Hub, id: &str) -> String {
+    hub.registry().device(id).await.unwrap().unwrap().primary_key
 }
 
 /// CONNECT parameters for `id` with a device-key token scoped to `scope` (host and path).
-fn params_scoped(hub: &Hub, id: &str, scope: &str, expiry: u64) -> ConnectParams {
+async fn params_scoped(hub: &Hub, id: &str, scope: &str, expiry: u64) -> ConnectParams {
     ConnectParams {
         client_id: id.into(),
         username: wire::device_username(&hub.host_name(), id, None),
-        password: auth::generate_sas_token(scope, &key(hub, id), expiry, None).unwrap(),
+        password: auth::generate_sas_token(scope, &key(hub, id).await, expiry, None).unwrap(),
         keep_alive_secs: 60,
         clean_session: false,
     }
 }
 
-fn params(hub: &Hub, id: &str) -> ConnectParams {
-    params_scoped(hub, id, &auth::device_resource_uri(&hub.host_name(), id), now_ms() / 1000 + 3600)
+async fn params(hub: &Hub, id: &str) -> ConnectParams {
+    params_scoped(hub, id, &auth::device_resource_uri(&hub.host_name(), id), now_ms() / 1000 + 3600).await
 }
 
 /// Writes raw bytes on a fresh TCP connection; returns everything the hub sent until it closed.
@@ -74,7 +74,7 @@ fn raw_connect(name: &str, level: u8) -> Vec<u8> {
 
 /// Connects as `id`, sends `bytes` raw, and reports whether the hub closed without answering.
 async fn closes_on_raw(hub: &Hub, id: &str, bytes: &[u8]) -> bool {
-    let ((mut r, mut w), _) = transport::client_connect(&endpoint(hub), &params(hub, id), T).await.unwrap();
+    let ((mut r, mut w), _) = transport::client_connect(&endpoint(hub), &params(hub, id).await, T).await.unwrap();
     // A well-behaved exchange first, so the close below is the attack's doing.
     w.send(&Packet::PingReq).await.unwrap();
     assert!(matches!(r.next().await, Ok(Some(Packet::PingResp))));
@@ -152,17 +152,17 @@ async fn tokens_must_be_device_scoped_for_this_hub_and_unexpired() {
     };
     // A device key whose token covers the whole hub or every device is not that device's token.
     for scope in [host.clone(), format!("{host}/devices"), format!("{host}/devices/d1/modules/m")] {
-        assert_eq!(refused(params_scoped(hub, "d1", &scope, later)).await, ErrorKind::Unauthorized, "scope {scope}");
+        assert_eq!(refused(params_scoped(hub, "d1", &scope, later).await).await, ErrorKind::Unauthorized, "scope {scope}");
     }
     // A token (and user name) for another hub name.
-    let mut other = params_scoped(hub, "d1", &auth::device_resource_uri("otherhub.azure-devices.net", "d1"), later);
+    let mut other = params_scoped(hub, "d1", &auth::device_resource_uri("otherhub.azure-devices.net", "d1"), later).await;
     other.username = wire::device_username("otherhub.azure-devices.net", "d1", None);
     assert_eq!(refused(other).await, ErrorKind::Unauthorized);
     // The right token works.
-    transport::client_connect(&endpoint(hub), &params(hub, "d1"), T).await.unwrap();
+    transport::client_connect(&endpoint(hub), &params(hub, "d1").await, T).await.unwrap();
 
     // A connection whose token expires is closed when it does (IoT Hub 401003).
-    let short = params_scoped(hub, "d1", &auth::device_resource_uri(&host, "d1"), now_ms() / 1000 + 2);
+    let short = params_scoped(hub, "d1", &auth::device_resource_uri(&host, "d1"), now_ms() / 1000 + 2).await;
     let ((mut r, _w), _) = transport::client_connect(&endpoint(hub), &short, T).await.unwrap();
     let started = std::time::Instant::now();
     assert!(matches!(tokio::time::timeout(T, r.next()).await.unwrap(), Ok(None) | Err(_)));
@@ -283,12 +283,12 @@ async fn debug_output_never_shows_keys_or_tokens() {
     let h = start_hub().await;
     let hub = &h.hub;
     let id = hub.create_device("dbg").await.unwrap();
-    let policy = hub.registry().policy("iothubowner").unwrap();
-    let cs = ConnectionString::parse(&hub.device_connection_string("dbg").unwrap()).unwrap();
+    let policy = hub.registry().policy("iothubowner").await.unwrap().unwrap();
+    let cs = ConnectionString::parse(&hub.device_connection_string("dbg").await.unwrap()).unwrap();
     let token = auth::generate_sas_token("h/devices/dbg", &id.primary_key, 99, None).unwrap();
     let parsed = auth::SasToken::parse(&token).unwrap();
     let svc_opts = ServiceOptions::from_connection_string(&hub.service_connection_string()).unwrap();
-    let dev_opts = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("dbg").unwrap()).unwrap();
+    let dev_opts = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("dbg").await.unwrap()).unwrap();
     let create = CreateDevice { device_id: "x".into(), primary_key: Some(id.primary_key.clone()), ..Default::default() };
     let printed = [
         format!("{id:?}"),
@@ -298,7 +298,7 @@ async fn debug_output_never_shows_keys_or_tokens() {
         format!("{svc_opts:?}"),
         format!("{dev_opts:?}"),
         format!("{create:?}"),
-        format!("{:?}", hub.registry().policies()),
+        format!("{:?}", hub.registry().policies().await.unwrap()),
     ];
     for p in &printed {
         for secret in [&id.primary_key, &id.secondary_key, &policy.primary_key, &policy.secondary_key, &parsed.sig] {
@@ -320,14 +320,14 @@ async fn deleting_a_device_purges_its_queue_with_feedback_and_its_subscription()
     // Subscribe persistently once, then go offline with two commands queued.
     let dev = device(&hub, "gone").await;
     let _rx = dev.c2d().unwrap();
-    assert!(eventually(T, || hub.c2d().read(|s| s.subscribed("gone"))).await);
+    assert!(eventually_async(T, || async { hub.c2d().subscribed("gone").await.unwrap() }).await);
     dev.close().await.unwrap();
     let fb = svc.await_outcome("old-1").unwrap();
     svc.send_c2d("gone", Message::new("old").with_message_id("old-1"), hubmsg_core::proto::AckMode::Full).await.unwrap();
     svc.send_c2d("gone", Message::new("old").with_message_id("old-2"), hubmsg_core::proto::AckMode::None).await.unwrap();
     svc.delete_device("gone").await.unwrap();
     assert_eq!(tokio::time::timeout(T, fb).await.unwrap().unwrap().status_code, hubmsg_core::proto::FeedbackStatus::Purged);
-    assert_eq!(hub.c2d().read(|s| (s.depth("gone"), s.subscribed("gone"))), (0, false));
+    assert_eq!((hub.c2d().depth("gone").await.unwrap(), hub.c2d().subscribed("gone").await.unwrap()), (0, false));
     // A device re-created under the same id starts empty: nothing old reaches it.
     svc.create_device("gone").await.unwrap();
     let dev = device(&hub, "gone").await;
@@ -377,6 +377,16 @@ async fn is_open(c: &mut transport::ClientHalves) -> bool {
     c.1.send(&Packet::PingReq).await.is_ok() && matches!(tokio::time::timeout(T, c.0.next()).await, Ok(Ok(Some(Packet::PingResp))))
 }
 
+/// A policy as the hub holds it now.
+async fn policy_of(hub: &Hub, name: &str) -> hubmsg_core::hub::Policy {
+    hub.registry().policy(name).await.unwrap().unwrap()
+}
+
+/// A device identity as the hub holds it now.
+async fn device_of(hub: &Hub, id: &str) -> hubmsg_core::proto::DeviceIdentity {
+    hub.registry().device(id).await.unwrap().unwrap()
+}
+
 /// A replaced key closes the connections that authenticated with it — and only those — as does
 /// disabling or deleting the device they speak for; the connection that asked for the change
 /// still gets its answer first.
@@ -387,35 +397,33 @@ async fn replaced_keys_and_disabled_devices_close_the_connections_that_used_them
     for d in ["d1", "d2", "d3", "d4"] {
         hub.create_device(d).await.unwrap();
     }
-    let policy = |name: &str| hub.registry().policy(name).unwrap();
-    let device = |id: &str| hub.registry().device(id).unwrap();
     let owner = service(hub).await;
 
     // Policy keys: the secondary's connection closes, the primary's stays.
-    let mut svc_primary = raw_session(hub, service_params_with(hub, "service", &policy("service").primary_key)).await;
-    let mut svc_secondary = raw_session(hub, service_params_with(hub, "service", &policy("service").secondary_key)).await;
+    let mut svc_primary = raw_session(hub, service_params_with(hub, "service", &policy_of(hub, "service").await.primary_key)).await;
+    let mut svc_secondary = raw_session(hub, service_params_with(hub, "service", &policy_of(hub, "service").await.secondary_key)).await;
     owner.regenerate_policy_key("service", "secondary").await.unwrap();
     assert!(is_closed(&mut svc_secondary).await, "a connection with the replaced service key stays open");
     assert!(is_open(&mut svc_primary).await, "the primary key was not replaced");
 
     // Device keys: replacing the secondary leaves a primary-key connection alone; replacing
     // the primary closes it.
-    let mut d1 = raw_session(hub, device_params_with(hub, "d1", &device("d1").primary_key, None)).await;
+    let mut d1 = raw_session(hub, device_params_with(hub, "d1", &device_of(hub, "d1").await.primary_key, None)).await;
     owner.regenerate_keys("d1", "secondary").await.unwrap();
     assert!(is_open(&mut d1).await, "a connection with an unchanged key was closed");
     owner.regenerate_keys("d1", "primary").await.unwrap();
     assert!(is_closed(&mut d1).await, "a connection with the replaced device key stays open");
 
     // A disabled device's connection closes; so does a deleted one's.
-    let mut d2 = raw_session(hub, device_params_with(hub, "d2", &device("d2").secondary_key, None)).await;
+    let mut d2 = raw_session(hub, device_params_with(hub, "d2", &device_of(hub, "d2").await.secondary_key, None)).await;
     owner.set_device_status("d2", hubmsg_core::proto::DeviceStatus::Disabled).await.unwrap();
     assert!(is_closed(&mut d2).await, "a disabled device stays connected");
-    let mut d4 = raw_session(hub, device_params_with(hub, "d4", &device("d4").primary_key, None)).await;
+    let mut d4 = raw_session(hub, device_params_with(hub, "d4", &device_of(hub, "d4").await.primary_key, None)).await;
     owner.delete_device("d4").await.unwrap();
     assert!(is_closed(&mut d4).await, "a deleted device stays connected");
 
     // A device connected with a policy token (token service) goes with the policy's key.
-    let mut d3 = raw_session(hub, device_params_with(hub, "d3", &policy("device").primary_key, Some("device"))).await;
+    let mut d3 = raw_session(hub, device_params_with(hub, "d3", &policy_of(hub, "device").await.primary_key, Some("device"))).await;
     owner.regenerate_policy_key("device", "secondary").await.unwrap();
     assert!(is_open(&mut d3).await, "a connection with an unchanged policy key was closed");
     owner.regenerate_policy_key("device", "primary").await.unwrap();
@@ -424,7 +432,7 @@ async fn replaced_keys_and_disabled_devices_close_the_connections_that_used_them
     // The owner replacing its own key gets the answer, then loses its connection for good.
     let mut st = owner.status_watch();
     let p = owner.regenerate_policy_key("iothubowner", "primary").await.expect("the answer arrives before the close");
-    assert_ne!(p.primary_key, policy("service").primary_key);
+    assert_ne!(p.primary_key, policy_of(hub, "service").await.primary_key);
     let s =
         tokio::time::timeout(T, st.wait_for(|s| matches!(s, hubmsg_core::ConnectionStatus::Failed { .. }))).await.unwrap().unwrap().clone();
     assert!(matches!(s, hubmsg_core::ConnectionStatus::Failed { kind: ErrorKind::Unauthorized, .. }), "{s:?}");
@@ -432,22 +440,25 @@ async fn replaced_keys_and_disabled_devices_close_the_connections_that_used_them
 }
 
 /// A hub behind a proxy or load balancer answers to the names it is configured with
-/// (`host_aliases`) and to no other.
+/// (`public_addresses`) and to no other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn host_aliases_are_names_of_this_hub() {
+async fn public_addresses_are_names_of_this_hub() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = hubmsg_core::hub::HubConfig::new(dir.path());
-    cfg.host_aliases = vec!["gateway.example:9000".into()];
+    cfg.public_addresses = vec!["gateway.example:9000".into()];
     let hub = Hub::start(cfg).await.unwrap();
     hub.create_device("d1").await.unwrap();
     let later = now_ms() / 1000 + 3600;
-    let via = |host: &str| {
-        let mut p = params_scoped(&hub, "d1", &auth::device_resource_uri(host, "d1"), later);
-        p.username = wire::device_username(host, "d1", None);
-        p
+    let via = |host: &'static str| {
+        let hub = &hub;
+        async move {
+            let mut p = params_scoped(hub, "d1", &auth::device_resource_uri(host, "d1"), later).await;
+            p.username = wire::device_username(host, "d1", None);
+            p
+        }
     };
-    transport::client_connect(&endpoint(&hub), &via("gateway.example:9000"), T).await.unwrap();
-    let Err(e) = transport::client_connect(&endpoint(&hub), &via("gateway.example:9001"), T).await else {
+    transport::client_connect(&endpoint(&hub), &via("gateway.example:9000").await, T).await.unwrap();
+    let Err(e) = transport::client_connect(&endpoint(&hub), &via("gateway.example:9001").await, T).await else {
         panic!("a name the hub was not given was accepted")
     };
     assert_eq!(e.kind(), ErrorKind::Unauthorized);

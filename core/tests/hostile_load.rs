@@ -50,9 +50,9 @@ fn endpoint(hub: &Hub) -> Endpoint {
     Endpoint { host: a.ip().to_string(), port: a.port(), tls: None }
 }
 
-fn device_params(hub: &Hub, id: &str) -> ConnectParams {
+async fn device_params(hub: &Hub, id: &str) -> ConnectParams {
     let host = hub.host_name();
-    let key = hub.registry().device(id).unwrap().primary_key;
+    let key = hub.registry().device(id).await.unwrap().unwrap().primary_key;
     ConnectParams {
         client_id: id.into(),
         username: wire::device_username(&host, id, None),
@@ -62,9 +62,9 @@ fn device_params(hub: &Hub, id: &str) -> ConnectParams {
     }
 }
 
-fn service_params(hub: &Hub) -> ConnectParams {
+async fn service_params(hub: &Hub) -> ConnectParams {
     let host = hub.host_name();
-    let key = hub.registry().policy("service").unwrap().primary_key;
+    let key = hub.registry().policy("service").await.unwrap().unwrap().primary_key;
     ConnectParams {
         client_id: format!("{}/stalled", proto::SERVICE_MARKER),
         username: format!("{host}/{}/?api-version={}", proto::SERVICE_MARKER, wire::API_VERSION),
@@ -166,10 +166,10 @@ async fn hostile_peers_cost_the_good_devices_nothing_and_memory_stays_bounded() 
     for id in ["flood-a", "flood-b"] {
         hub.create_device(id).await.unwrap();
     }
-    let floods: Vec<_> = ["flood-a", "flood-b"]
-        .into_iter()
-        .map(|id| tokio::spawn(flood(endpoint(&hub), device_params(&hub, id), 256 * 1024, 400, stop.clone(), written.clone())))
-        .collect();
+    let mut floods = Vec::new();
+    for id in ["flood-a", "flood-b"] {
+        floods.push(tokio::spawn(flood(endpoint(&hub), device_params(&hub, id).await, 256 * 1024, 400, stop.clone(), written.clone())));
+    }
     // 5. A consumer that never acknowledges (reads, never acks) in its own group.
     let mut lazy = svc.events("lazy", StartPosition::Earliest).await.unwrap();
     let lazy_reader = tokio::spawn(async move {
@@ -180,7 +180,7 @@ async fn hostile_peers_cost_the_good_devices_nothing_and_memory_stays_bounded() 
         n
     });
     // 6. A member of "shared" that joins and then stops reading altogether (like SIGSTOP).
-    let ((_sr, mut sw), _) = transport::client_connect(&endpoint(&hub), &service_params(&hub), T).await.unwrap();
+    let ((_sr, mut sw), _) = transport::client_connect(&endpoint(&hub), &service_params(&hub).await, T).await.unwrap();
     let body = serde_json::to_vec(&serde_json::json!({"group": "shared", "from": "earliest", "window": 1000})).unwrap();
     let mut p = Publish::new(proto::request_topic("consume", 0), QoS::AtLeastOnce, body);
     p.pkid = 1;

@@ -58,7 +58,7 @@ async fn a_full_run_logs_no_key_and_no_token() {
     let host = hub.host_name();
     let a = hub.mqtt_addr().unwrap();
     let ep = Endpoint { host: a.ip().to_string(), port: a.port(), tls: None };
-    let real_key = hub.registry().device("logged").unwrap().primary_key;
+    let real_key = hub.registry().device("logged").await.unwrap().unwrap().primary_key;
     for (key, scope, se) in [
         (auth::generate_key(), auth::device_resource_uri(&host, "logged"), now_ms() / 1000 + 60),
         (real_key.clone(), host.clone(), now_ms() / 1000 + 60),
@@ -83,11 +83,11 @@ async fn a_full_run_logs_no_key_and_no_token() {
     svc.create_device("doomed").await.unwrap();
     svc.delete_device("doomed").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for d in hub.registry().devices() {
+    for d in hub.registry().devices().await.unwrap() {
         secrets.push(d.primary_key);
         secrets.push(d.secondary_key);
     }
-    for p in hub.registry().policies() {
+    for p in hub.registry().policies().await.unwrap() {
         secrets.push(p.primary_key);
         secrets.push(p.secondary_key);
     }

@@ -165,6 +165,11 @@ impl Cluster {
         Ok(())
     }
 
+    /// Process ids of the running nodes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().filter_map(|n| n.child.as_ref().and_then(|c| c.id())).collect()
+    }
+
     /// The nodes (running or not).
     pub fn nodes(&self) -> &[Node] {
         &self.nodes

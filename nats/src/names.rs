@@ -10,7 +10,7 @@
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use hubmsg_core::hub::c2d::{FeedbackStatus, Settle};
+use hubmsg_core::hub::c2d::{self, FeedbackStatus, Settle};
 use hubmsg_core::{Error, ErrorKind, Result};
 
 /// Encodes an id (device id, message id, group name) as one subject token / KV key part:
@@ -61,14 +61,6 @@ pub const FEEDBACK_STREAM: &str = "HUBMSG_FEEDBACK";
 pub const FEEDBACK_SUBJECT: &str = "hubmsg.feedback";
 /// The durable consumer that forms feedback batches.
 pub const FEEDBACK_CONSUMER: &str = "feedback";
-
-/// The outcomes stream (`send_c2d_and_wait`).
-pub const OUTCOMES_STREAM: &str = "HUBMSG_OUTCOMES";
-
-/// Subject of the outcome of message `message_id`.
-pub fn outcome_subject(message_id: &str) -> String {
-    format!("hubmsg.outcome.{}", token(message_id))
-}
 
 /// KV key of a group member's heartbeat: sorting these keys gives join order.
 pub fn member_key(group: &str, joined_ms: u64, member: &str) -> String {
@@ -180,17 +172,9 @@ pub fn decide(state: &C2dMsgState, how: Settle, expired: bool, max_delivery: u32
     if let Some(o) = state.outcome {
         return Decision::AlreadyDone(o);
     }
-    let how = if how != Settle::Complete && expired { Settle::Expire } else { how };
+    // Core's decision, the same the embedded C2D state machine applies.
     let mut next = state.clone();
-    next.outcome = match how {
-        Settle::Complete => Some(FeedbackStatus::Success),
-        Settle::Reject | Settle::TooLarge => Some(FeedbackStatus::Rejected),
-        Settle::Expire => Some(FeedbackStatus::Expired),
-        Settle::Abandon => {
-            next.abandons += 1;
-            (next.abandons >= max_delivery).then_some(FeedbackStatus::DeliveryCountExceeded)
-        }
-    };
+    next.outcome = c2d::outcome(c2d::effective(how, expired), &mut next.abandons, max_delivery);
     Decision::Write(next)
 }
 

@@ -11,9 +11,12 @@
 //! partition; a misbehaving connection is closed without affecting any other; one connection per
 //! device identity (a new one drops the old).
 
+pub mod backend;
 pub mod c2d;
+pub mod embedded;
 pub mod events;
 pub mod guard;
+pub mod metrics;
 pub mod registry;
 mod session;
 pub mod tls;
@@ -32,7 +35,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
@@ -40,6 +42,8 @@ use crate::auth::ConnectionString;
 use crate::error::{Error, ErrorKind, Result};
 use crate::proto::{CreateDevice, DeviceIdentity};
 use crate::store::Durability;
+use backend::{Backend, BackendConnector, RegistryChange};
+use session::Credential;
 
 pub use registry::{Policy, Registry, Right};
 pub use tls::TlsFiles;
@@ -47,14 +51,19 @@ pub use tls::TlsFiles;
 /// Hub settings.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
-    /// Where the hub keeps everything (registry, event log, checkpoints, generated TLS files).
+    /// Where the hub keeps everything (registry, event log, checkpoints, generated TLS files);
+    /// with another backend only the owner connection string and TLS files.
     pub data_dir: PathBuf,
+    /// Where durable state lives: `None` = the embedded stores in `data_dir` (the default);
+    /// otherwise the connector of another backend (NATS JetStream: crate `hubmsg-nats`).
+    pub backend: Option<Arc<dyn BackendConnector>>,
     /// Host name put in printed connection strings (default `127.0.0.1`).
     pub host_name: String,
-    /// More names tokens and user names may carry (`host` or `host:port`), for clients that
-    /// reach the hub through a proxy, port forward or load balancer under another name or port.
-    /// Default none: only `host_name`, alone or with a listener's port.
-    pub host_aliases: Vec<String>,
+    /// `host:port`s devices and services reach this hub by when that is not one of its own
+    /// listeners — TCP load balancers in front of several hub nodes, a proxy or a port forward.
+    /// Tokens and user names may name any of them (and no other name than these, `host_name`
+    /// and `host_name` with a listener's port); printed connection strings use the first.
+    pub public_addresses: Vec<String>,
     /// Plain MQTT listener (local use; Azure has none). Port 0 picks a free port.
     pub mqtt: Option<SocketAddr>,
     /// MQTT over TLS listener.
@@ -111,6 +120,8 @@ pub struct HubConfig {
     pub feedback_ttl: Duration,
     /// How often expiries, lock timeouts and feedback batching are checked. Default 100 ms.
     pub sweep_interval: Duration,
+    /// The operations endpoint (`/healthz`, `/readyz`, `/metrics`); off by default.
+    pub http: Option<SocketAddr>,
 }
 
 impl HubConfig {
@@ -118,8 +129,9 @@ impl HubConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> HubConfig {
         HubConfig {
             data_dir: data_dir.into(),
+            backend: None,
             host_name: "127.0.0.1".into(),
-            host_aliases: Vec::new(),
+            public_addresses: Vec::new(),
             mqtt: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             mqtts: None,
             tls: None,
@@ -144,6 +156,7 @@ impl HubConfig {
             feedback_interval: Duration::from_secs(15),
             feedback_ttl: Duration::from_secs(3600),
             sweep_interval: Duration::from_millis(100),
+            http: None,
         }
     }
 }
@@ -167,31 +180,92 @@ pub struct HubStats {
     pub d2c_bytes: AtomicU64,
     /// Events delivered to consumers (including redeliveries).
     pub events_delivered: AtomicU64,
+    /// D2C messages the backend recognised as re-sends (de-duplicated by message id).
+    pub d2c_duplicates: AtomicU64,
+    /// C2D messages accepted into a queue by this node.
+    pub c2d_sent: AtomicU64,
+    /// C2D deliveries completed by devices on this node.
+    pub c2d_completed: AtomicU64,
+    /// C2D deliveries abandoned by devices on this node (each a redelivery).
+    pub c2d_abandoned: AtomicU64,
+    /// C2D deliveries rejected by devices on this node (and undeliverable ones dead-lettered).
+    pub c2d_rejected: AtomicU64,
+    /// C2D messages whose TTL passed (expiry sweep and late settles on this node).
+    pub c2d_expired: AtomicU64,
+    /// C2D messages dead-lettered at the maximum delivery count on this node.
+    pub c2d_dead_lettered: AtomicU64,
+    /// C2D messages purged through this node.
+    pub c2d_purged: AtomicU64,
+    /// Feedback batches delivered to services (including redeliveries).
+    pub feedback_batches: AtomicU64,
+    /// Feedback records in acknowledged batches.
+    pub feedback_records: AtomicU64,
+    /// Backend operations that failed (storage errors, an unreachable cluster).
+    pub backend_errors: AtomicU64,
+    /// Time from a D2C append to its durability (the store's commit latency as the hub sees it).
+    pub commit_latency: metrics::Histogram,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Meta {
-    partitions: u32,
+impl HubStats {
+    /// Counts one settle outcome of a C2D message.
+    pub(crate) fn count_outcome(&self, status: c2d::FeedbackStatus) {
+        use c2d::FeedbackStatus as S;
+        let c = match status {
+            S::Success => &self.c2d_completed,
+            S::Rejected => &self.c2d_rejected,
+            S::Expired => &self.c2d_expired,
+            S::DeliveryCountExceeded => &self.c2d_dead_lettered,
+            S::Purged => &self.c2d_purged,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A device session of this hub node, for kicking it when its identity changes.
+pub(crate) struct LiveDevice {
+    pub(crate) conn: u64,
+    pub(crate) kick: Arc<Notify>,
+    /// The key it authenticated with (replacing that key, or disabling or deleting the device,
+    /// ends the session).
+    pub(crate) cred: Credential,
+}
+
+/// A service connection on this node, as the registry watch sees it.
+pub(crate) struct LiveService {
+    /// The policy key it authenticated with.
+    pub(crate) cred: Credential,
+    /// Notified once that key is replaced: the session answers what it runs and closes.
+    pub(crate) revoke: Arc<Notify>,
 }
 
 pub(crate) struct Shared {
     pub(crate) config: HubConfig,
-    pub(crate) registry: Registry,
-    pub(crate) events: Arc<events::EventLog>,
-    pub(crate) groups: Arc<events::Groups>,
-    pub(crate) c2d: Arc<c2d::C2d>,
-    /// device id → (connection id, kick signal) of the one live connection.
-    pub(crate) devices: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    pub(crate) backend: Arc<dyn Backend>,
+    /// D2C partitions (fixed when the backend's state was created).
+    pub(crate) partitions: u32,
+    /// Policies as last read (connection strings this hub prints; authentication reads the
+    /// backend).
+    pub(crate) policies: Mutex<Vec<Policy>>,
+    /// device id → its live session on this node.
+    pub(crate) devices: Mutex<HashMap<String, LiveDevice>>,
+    /// service connection id → its credential on this node.
+    pub(crate) services: Mutex<HashMap<u64, LiveService>>,
+    /// Registry changes seen by this node so far: a connection that authenticated while one
+    /// arrived re-checks its key against the backend ([`Shared::recheck`]).
+    pub(crate) registry_epoch: AtomicU64,
     pub(crate) next_conn: AtomicU64,
+    /// This hub process's id (members of consumer groups are `{node_id}/{connection}`).
+    pub(crate) node_id: String,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Set when the hub drains: sessions finish what they owe and close.
+    pub(crate) drain: watch::Receiver<bool>,
+    pub(crate) draining: std::sync::atomic::AtomicBool,
     pub(crate) stats: HubStats,
     /// Host names tokens and user names may carry: `host_name` alone and with each listener
-    /// port, then the configured aliases.
+    /// port, and the public addresses.
     pub(crate) host_names: Vec<String>,
     /// Bytes of D2C messages appended and not yet durable, hub-wide.
     pub(crate) budget: guard::Budget,
-    /// Bumped by [`Shared::credentials_changed`]; every session watches it.
-    pub(crate) credentials: watch::Sender<u64>,
     logs: guard::LogLimits,
     live: AtomicUsize,
     all_closed: Notify,
@@ -221,9 +295,15 @@ impl Shared {
         Ok(fresh)
     }
 
+    /// A policy as last read by this hub.
+    pub(crate) fn cached_policy(&self, name: &str) -> Option<Policy> {
+        self.policies.lock().iter().find(|p| p.name == name).cloned()
+    }
+
     /// Rewrites the owner file after the `iothubowner` keys changed (if the hub keeps one).
-    pub(crate) fn refresh_owner_file(&self) -> Result<()> {
-        let (Some(host), Some(p)) = (self.host_names.get(1), self.registry.policy("iothubowner")) else { return Ok(()) };
+    pub(crate) async fn refresh_owner_file(&self) -> Result<()> {
+        *self.policies.lock() = self.backend.registry().policies().await?;
+        let (Some(host), Some(p)) = (self.host_names.last(), self.cached_policy("iothubowner")) else { return Ok(()) };
         if !self.owner_file().exists() {
             return Ok(());
         }
@@ -258,10 +338,62 @@ impl Shared {
         }
     }
 
-    /// Keys were replaced or a device disabled or deleted: every session re-checks the key it
-    /// authenticated with and ends if that is no longer in force.
-    pub(crate) fn credentials_changed(&self) {
-        self.credentials.send_modify(|v| *v = v.wrapping_add(1));
+    /// Drops the live connection of `device_id` on this node, if any.
+    pub(crate) fn kick(&self, device_id: &str) {
+        if let Some(d) = self.devices.lock().remove(device_id) {
+            d.kick.notify_one();
+        }
+    }
+
+    /// Ends this node's connections whose credential a registry change (made on any node)
+    /// took away: the device's session when it is deleted or disabled or the device key it used
+    /// replaced; every connection that used a replaced policy key (service sessions answer what
+    /// they run first).
+    pub(crate) fn on_registry_change(&self, change: &RegistryChange) {
+        self.registry_epoch.fetch_add(1, Ordering::SeqCst);
+        let stale: Vec<String> = {
+            let devices = self.devices.lock();
+            match change {
+                RegistryChange::Put(d) => {
+                    devices.get(&d.device_id).filter(|l| !l.cred.survives(change)).map(|_| d.device_id.clone()).into_iter().collect()
+                }
+                RegistryChange::Deleted(id) => devices.contains_key(id).then(|| id.clone()).into_iter().collect(),
+                RegistryChange::Policy(_) => devices.iter().filter(|(_, l)| !l.cred.survives(change)).map(|(id, _)| id.clone()).collect(),
+            }
+        };
+        for id in stale {
+            tracing::debug!(device = %id, "the key its connection authenticated with is no longer in force; closing it");
+            self.kick(&id);
+        }
+        if let RegistryChange::Policy(p) = change {
+            for s in self.services.lock().values().filter(|s| !s.cred.survives(change)) {
+                tracing::debug!(policy = %p.name, "a service connection's policy key was replaced; closing it");
+                s.revoke.notify_one();
+            }
+        }
+    }
+
+    /// Reads what `cred` depends on from the backend and applies it as a registry change: for a
+    /// connection that authenticated while a change arrived, or after the watch lagged.
+    pub(crate) async fn recheck(&self, cred: &Credential) {
+        let r = async {
+            if let Some(id) = cred.device() {
+                let change = match self.backend.registry().device(id).await? {
+                    Some(d) => RegistryChange::Put(d),
+                    None => RegistryChange::Deleted(id.to_string()),
+                };
+                self.on_registry_change(&change);
+            }
+            if let Some(name) = cred.policy() {
+                if let Some(p) = self.backend.registry().policy(name).await? {
+                    self.on_registry_change(&RegistryChange::Policy(p));
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        if let Err(e) = r.await {
+            self.log_store_error("re-checking a connection's key failed", &e);
+        }
     }
 }
 
@@ -270,53 +402,30 @@ pub struct Hub {
     shared: Arc<Shared>,
     mqtt_addr: Option<SocketAddr>,
     mqtts_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     ca_file: Option<PathBuf>,
     stop: watch::Sender<bool>,
+    drain: watch::Sender<bool>,
+    accept: Vec<tokio::task::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Hub {
-    /// Opens the stores in `config.data_dir`, binds the listeners and starts serving.
+    /// Opens the backend (the embedded stores in `config.data_dir` unless `config.backend`
+    /// names another), binds the listeners and starts serving.
     pub async fn start(mut config: HubConfig) -> Result<Hub> {
         if config.mqtt.is_none() && config.mqtts.is_none() {
             return Err(Error::invalid("the hub needs at least one listener (mqtt or mqtts)"));
         }
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| Error::storage(format!("create {}", dir.display()), e))?;
-        // Partition count is fixed at creation.
-        let meta_path = dir.join("hub.json");
-        match std::fs::read(&meta_path) {
-            Ok(b) => {
-                let meta: Meta =
-                    serde_json::from_slice(&b).map_err(|e| Error::new(ErrorKind::Storage, format!("{}: {e}", meta_path.display())))?;
-                if meta.partitions != config.partitions {
-                    tracing::warn!(
-                        existing = meta.partitions,
-                        requested = config.partitions,
-                        "partition count is fixed at creation; using the existing one"
-                    );
-                    config.partitions = meta.partitions;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if config.partitions == 0 || config.partitions > 128 {
-                    return Err(Error::invalid("partitions must be between 1 and 128"));
-                }
-                let b = serde_json::to_vec(&Meta { partitions: config.partitions }).expect("meta serializes");
-                std::fs::write(&meta_path, b).map_err(|e| Error::storage(format!("write {}", meta_path.display()), e))?;
-            }
-            Err(e) => return Err(Error::storage(format!("read {}", meta_path.display()), e)),
-        }
-        let (registry, events, groups, c2d) = {
-            let c = config.clone();
-            let registry = tokio::task::spawn_blocking(move || Registry::open(&c.data_dir.join("registry"), c.durability))
-                .await
-                .map_err(|e| Error::new(ErrorKind::Internal, format!("registry open task: {e}")))??;
-            let events = events::EventLog::open(&dir.join("events"), config.partitions, config.durability, config.segment_bytes)?;
-            let groups = events::Groups::open(&dir.join("checkpoints"), config.partitions, config.durability)?;
-            let c2d = c2d::C2d::open(&dir.join("c2d"), config.durability, config.c2d.clone())?;
-            (registry, events, groups, c2d)
+        let backend: Arc<dyn Backend> = match config.backend.clone() {
+            None => embedded::Embedded::open(&config).await?,
+            Some(c) => c.connect(&config).await?,
         };
+        let partitions = backend.events().partitions();
+        config.partitions = partitions;
+        let policies = backend.registry().policies().await?;
         let tls_config = match config.mqtts {
             None => None,
             Some(_) => {
@@ -332,6 +441,7 @@ impl Hub {
             }
         };
         let (stop, shutdown) = watch::channel(false);
+        let (drain_tx, drain) = watch::channel(false);
         let mqtt_listener = match config.mqtt {
             Some(addr) => Some(bind(addr).await?),
             None => None,
@@ -349,37 +459,64 @@ impl Hub {
         for a in [mqtt_addr, mqtts_addr].into_iter().flatten() {
             host_names.push(if bare.contains(':') { format!("[{bare}]:{}", a.port()) } else { format!("{bare}:{}", a.port()) });
         }
-        host_names.extend(config.host_aliases.iter().cloned());
+        // The name connection strings carry goes last (the owner file uses it).
+        host_names.extend(config.public_addresses.iter().rev().cloned());
+        if config.public_addresses.is_empty() {
+            let first = host_names.get(1).cloned().unwrap_or_else(|| bare.clone());
+            host_names.push(first);
+        }
         let shared = Arc::new(Shared {
             config: config.clone(),
-            registry,
-            events,
-            groups,
-            c2d,
+            backend,
+            partitions,
+            policies: Mutex::new(policies),
             devices: Mutex::new(HashMap::new()),
+            services: Mutex::new(HashMap::new()),
+            registry_epoch: AtomicU64::new(0),
             next_conn: AtomicU64::new(1),
+            node_id: uuid::Uuid::new_v4().to_string(),
             shutdown,
+            drain,
+            draining: std::sync::atomic::AtomicBool::new(false),
             stats: HubStats::default(),
             host_names,
             budget: guard::Budget::new(config.hub_pending_bytes),
-            credentials: watch::channel(0).0,
             logs: guard::LogLimits::default(),
             live: AtomicUsize::new(0),
             all_closed: Notify::new(),
         });
-        let mut tasks = Vec::new();
+        let mut accept = Vec::new();
         if let Some(l) = mqtt_listener {
-            tasks.push(tokio::spawn(accept_loop(shared.clone(), l, None)));
+            accept.push(tokio::spawn(accept_loop(shared.clone(), l, None)));
         }
         if let Some(l) = mqtts_listener {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls_config.expect("tls config built with mqtts"));
-            tasks.push(tokio::spawn(accept_loop(shared.clone(), l, Some(acceptor))));
+            accept.push(tokio::spawn(accept_loop(shared.clone(), l, Some(acceptor))));
         }
-        tasks.push(tokio::spawn(checkpoint_loop(shared.clone())));
-        tasks.push(tokio::spawn(retention_loop(shared.clone())));
+        let mut tasks = Vec::new();
+        let http_addr = match config.http {
+            Some(addr) => {
+                let l = metrics::bind(addr).await?;
+                let a = l.local_addr().map_err(|e| Error::storage("HTTP listener address", e))?;
+                tasks.push(tokio::spawn(metrics::serve(shared.clone(), l)));
+                Some(a)
+            }
+            None => None,
+        };
         tasks.push(tokio::spawn(sweep_loop(shared.clone())));
-        tracing::info!(?mqtt_addr, ?mqtts_addr, partitions = config.partitions, "hub started");
-        Ok(Hub { ca_file: config.tls.as_ref().map(|t| t.cert.clone()), shared, mqtt_addr, mqtts_addr, stop, tasks })
+        tasks.push(tokio::spawn(registry_watch(shared.clone())));
+        tracing::info!(?mqtt_addr, ?mqtts_addr, partitions, backend = shared.backend.kind(), "hub started");
+        Ok(Hub {
+            ca_file: config.tls.as_ref().map(|t| t.cert.clone()),
+            shared,
+            mqtt_addr,
+            mqtts_addr,
+            http_addr,
+            stop,
+            drain: drain_tx,
+            accept,
+            tasks,
+        })
     }
 
     /// The bound plain MQTT address.
@@ -392,6 +529,35 @@ impl Hub {
         self.mqtts_addr
     }
 
+    /// The bound address of the operations endpoint (`HubConfig::http`).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Graceful drain (what `hubmsg hub` does on SIGTERM): stop accepting connections and
+    /// report not ready, let every device session send the PUBACKs it owes for messages
+    /// already received (nothing more is read), close every session so devices reconnect to
+    /// another node, then shut down. Sessions still open after `timeout` are closed anyway.
+    pub async fn drain(self, timeout: Duration) -> Result<()> {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        for t in &self.accept {
+            t.abort();
+        }
+        let _ = self.drain.send(true);
+        let _ = tokio::time::timeout(timeout, self.all_closed()).await;
+        self.shutdown().await
+    }
+
+    async fn all_closed(&self) {
+        while self.shared.live.load(Ordering::SeqCst) > 0 {
+            let notified = self.shared.all_closed.notified();
+            if self.shared.live.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            notified.await;
+        }
+    }
+
     /// The certificate file clients must trust for `mqtts` (self-signed or configured).
     pub fn ca_file(&self) -> Option<&std::path::Path> {
         self.ca_file.as_deref()
@@ -399,7 +565,11 @@ impl Hub {
 
     /// `HostName` for connection strings: `host:port` of the plain listener if there is one,
     /// otherwise of the TLS listener (clients then need the CA file).
+    /// With `public_addresses` set, the first of them.
     pub fn host_name(&self) -> String {
+        if let Some(p) = self.shared.config.public_addresses.first() {
+            return p.clone();
+        }
         let addr = self.mqtt_addr.or(self.mqtts_addr).expect("at least one listener");
         let host = &self.shared.config.host_name;
         if host.contains(':') {
@@ -426,10 +596,9 @@ impl Hub {
         self.policy_connection_string("iothubowner").expect("iothubowner exists")
     }
 
-    /// The connection string of a policy.
+    /// The connection string of a policy (keys as this hub last read them).
     pub fn policy_connection_string(&self, policy: &str) -> Result<String> {
-        let p =
-            self.shared.registry.policy(policy).ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no policy named '{policy}'")))?;
+        let p = self.shared.cached_policy(policy).ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no policy named '{policy}'")))?;
         Ok(ConnectionString {
             host_name: self.host_name(),
             shared_access_key_name: Some(p.name),
@@ -439,22 +608,29 @@ impl Hub {
         .to_string())
     }
 
-    /// The C2D queues and feedback (for inspection and in-process use).
-    pub fn c2d(&self) -> &c2d::C2d {
-        &self.shared.c2d
+    /// The storage backend (embedded or JetStream).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.shared.backend
+    }
+
+    /// The C2D queues (for inspection and in-process use).
+    pub fn c2d(&self) -> &dyn backend::C2dQueues {
+        self.shared.backend.c2d()
     }
 
     /// Creates a device identity (durable on return).
     pub async fn create_device(&self, device_id: &str) -> Result<DeviceIdentity> {
-        self.shared.registry.create(CreateDevice { device_id: device_id.into(), ..Default::default() }).await
+        self.shared.backend.registry().create(CreateDevice { device_id: device_id.into(), ..Default::default() }).await
     }
 
     /// The connection string of a registered device (primary key).
-    pub fn device_connection_string(&self, device_id: &str) -> Result<String> {
+    pub async fn device_connection_string(&self, device_id: &str) -> Result<String> {
         let d = self
             .shared
-            .registry
+            .backend
+            .registry()
             .device(device_id)
+            .await?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("device '{device_id}' is not registered")))?;
         Ok(ConnectionString {
             host_name: self.host_name(),
@@ -466,8 +642,8 @@ impl Hub {
     }
 
     /// The identity registry.
-    pub fn registry(&self) -> &Registry {
-        &self.shared.registry
+    pub fn registry(&self) -> &dyn backend::RegistryStore {
+        self.shared.backend.registry()
     }
 
     /// Counters.
@@ -479,29 +655,11 @@ impl Hub {
     /// closes the stores.
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.stop.send(true);
-        for t in &self.tasks {
+        for t in self.accept.iter().chain(&self.tasks) {
             t.abort();
         }
-        let wait = async {
-            while self.shared.live.load(Ordering::SeqCst) > 0 {
-                let notified = self.shared.all_closed.notified();
-                if self.shared.live.load(Ordering::SeqCst) == 0 {
-                    break;
-                }
-                notified.await;
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
-        self.shared.groups.flush().await?;
-        let s = self.shared.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            s.events.close()?;
-            s.groups.close()?;
-            s.c2d.close()?;
-            s.registry.close()
-        })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("shutdown task: {e}")))?
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.all_closed()).await;
+        self.shared.backend.close().await
     }
 }
 
@@ -604,41 +762,44 @@ async fn refuse_busy(
     .await;
 }
 
-async fn checkpoint_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.config.checkpoint_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Err(e) = shared.groups.flush().await {
-            shared.log_store_error("persisting consumer checkpoints failed; will retry", &e);
-        }
-    }
-}
-
 async fn sweep_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(shared.config.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut oldest_pending = None;
     loop {
         tick.tick().await;
-        if let Err(e) = shared.c2d.sweep(shared.config.feedback_interval, shared.config.feedback_ttl, &mut oldest_pending) {
-            shared.log_store_error("C2D sweep failed; will retry", &e);
+        match shared.backend.c2d().sweep().await {
+            Ok(n) => {
+                shared.stats.c2d_expired.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => shared.log_store_error("C2D sweep failed; will retry", &e),
         }
     }
 }
 
-async fn retention_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.config.retention_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Ends this node's connections whose key a change on any node took away (devices deleted,
+/// disabled or re-keyed; policy keys regenerated).
+async fn registry_watch(shared: Arc<Shared>) {
+    let mut rx = shared.backend.registry().watch();
     loop {
-        tick.tick().await;
-        let s = shared.clone();
-        let r = tokio::task::spawn_blocking(move || s.events.apply_retention(s.config.retention_age, s.config.retention_bytes)).await;
-        match r {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(removed = n, "retention removed old events"),
-            Ok(Err(e)) => shared.log_store_error("retention failed", &e),
-            Err(e) => tracing::error!(error = %e, "retention task failed"),
+        match rx.recv().await {
+            Ok(change) => shared.on_registry_change(&change),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                // Changes were missed: re-check every live session against the registry.
+                tracing::warn!(missed = n, "registry watch lagged; re-checking live sessions");
+                let ids: Vec<String> = shared.devices.lock().keys().cloned().collect();
+                for id in ids {
+                    match shared.backend.registry().device(&id).await {
+                        Ok(Some(d)) => shared.on_registry_change(&RegistryChange::Put(d)),
+                        Ok(None) => shared.on_registry_change(&RegistryChange::Deleted(id)),
+                        Err(e) => shared.log_store_error("re-checking a session's identity failed", &e),
+                    }
+                }
+                match shared.backend.registry().policies().await {
+                    Ok(policies) => policies.into_iter().for_each(|p| shared.on_registry_change(&RegistryChange::Policy(p))),
+                    Err(e) => shared.log_store_error("re-checking the policies failed", &e),
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
 }

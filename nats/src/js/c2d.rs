@@ -26,9 +26,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 
-use hubmsg_core::hub::c2d::{AckMode, C2dLimits, Event, FeedbackRecord, FeedbackStatus, Settle, State};
+use hubmsg_core::hub::c2d::{self, AckMode, C2dLimits, Event, FeedbackRecord, FeedbackStatus, Settle, State};
 use hubmsg_core::message::now_ms;
-use hubmsg_core::{wire, Error, ErrorKind, Message, Result};
+use hubmsg_core::{Error, ErrorKind, Result};
 
 use super::{await_ack, is_conflict, js_code, js_err, kv_put_ttl, submit, Inner, LEASES, MAX_MSGS_PER_SUBJECT};
 use crate::backend::{BoxFut, C2dDelivery, C2dEnqueue, C2dQueues, DeviceQueue, Feedback, FeedbackBatch, Settled};
@@ -90,11 +90,12 @@ enum Removal<'a> {
 pub(crate) struct NatsC2d {
     inner: Arc<Inner>,
     sweeper_rev: Mutex<Option<u64>>,
+    last_sweep: Mutex<Option<std::time::Instant>>,
 }
 
 impl NatsC2d {
     pub(crate) fn new(inner: Arc<Inner>) -> NatsC2d {
-        NatsC2d { inner, sweeper_rev: Mutex::new(None) }
+        NatsC2d { inner, sweeper_rev: Mutex::new(None), last_sweep: Mutex::new(None) }
     }
 
     /// Gives up the sweeper lease (on close), so another node takes over at once.
@@ -233,23 +234,13 @@ async fn finish(
     first: bool,
 ) -> Result<()> {
     if meta.ack.wants(status) {
-        let rec = FeedbackRecord {
-            original_message_id: meta.message_id.clone(),
-            device_id: device.to_string(),
-            device_generation_id: meta.generation_id.clone(),
-            enqueued_time_utc: wire::format_time_ms(now_ms()),
-            status_code: status,
-            description: status.as_str().to_string(),
-        };
+        let rec = c2d::feedback_record(&meta.message_id, device, &meta.generation_id, status, now_ms());
         let body = Bytes::from(serde_json::to_vec(&rec).expect("feedback serializes"));
         let mut h = HeaderMap::new();
         h.insert("Nats-Msg-Id", format!("{}.{seq}", names::token(device)).as_str());
         let deadline = tokio::time::Instant::now() + inner.cfg.append_timeout;
         let first_try = submit(&inner.js, names::FEEDBACK_SUBJECT, &h, &body).await;
         await_ack(&inner.js, names::FEEDBACK_SUBJECT, &h, &body, first_try, deadline).await.map_err(|e| js_err("writing feedback", e))?;
-        let subject = names::outcome_subject(&meta.message_id);
-        let first_try = submit(&inner.js, &subject, &HeaderMap::new(), &body).await;
-        await_ack(&inner.js, &subject, &HeaderMap::new(), &body, first_try, deadline).await.map_err(|e| js_err("writing an outcome", e))?;
     }
     if first {
         if let Err(e) = super::registry::add_counter(&inner.counters, &format!("c2d.{}", status.as_str()), 1).await {
@@ -306,7 +297,13 @@ impl C2dQueues for NatsC2d {
                 generation_id: msg.generation_id,
             };
             let mut h = meta.headers();
-            h.insert("Nats-Msg-Id", uuid::Uuid::new_v4().to_string().as_str());
+            // A repeated send (same send id) within the stream's de-dup window answers with the
+            // first copy's sequence number and queues nothing.
+            let dedup = match &msg.send_id {
+                Some(id) => format!("{}.s.{}", names::token(&msg.device_id), names::token(id)),
+                None => uuid::Uuid::new_v4().to_string(),
+            };
+            h.insert("Nats-Msg-Id", dedup.as_str());
             let subject = names::c2d_subject(&msg.device_id);
             let deadline = tokio::time::Instant::now() + self.inner.cfg.append_timeout;
             let first = submit(&self.inner.js, &subject, &h, &msg.record).await;
@@ -324,7 +321,7 @@ impl C2dQueues for NatsC2d {
         })
     }
 
-    fn open_device<'a>(&'a self, device_id: &'a str, window: usize) -> BoxFut<'a, Box<dyn DeviceQueue>> {
+    fn open_device<'a>(&'a self, device_id: &'a str, _conn: u64, window: usize) -> BoxFut<'a, Box<dyn DeviceQueue>> {
         Box::pin(async move {
             let stream = self.stream().await?;
             let name = names::c2d_consumer(device_id);
@@ -351,8 +348,14 @@ impl C2dQueues for NatsC2d {
                 .await
                 .map_err(|e| js_err("creating a C2D delivery consumer", e))?;
             let messages = super::pull_messages(&consumer, window.clamp(1, 100), "reading a C2D queue").await?;
-            Ok(Box::new(NatsDeviceQueue { inner: self.inner.clone(), device: device_id.to_string(), name, messages, held: HashMap::new() })
-                as Box<dyn DeviceQueue>)
+            Ok(Box::new(NatsDeviceQueue {
+                inner: self.inner.clone(),
+                device: device_id.to_string(),
+                name,
+                messages,
+                stash: None,
+                held: HashMap::new(),
+            }) as Box<dyn DeviceQueue>)
         })
     }
 
@@ -387,8 +390,24 @@ impl C2dQueues for NatsC2d {
         })
     }
 
+    fn total_depth(&self) -> BoxFut<'_, u64> {
+        Box::pin(async move {
+            let mut stream = self.inner.js.get_stream(names::C2D_STREAM).await.map_err(|e| js_err("opening the C2D stream", e))?;
+            Ok(stream.info().await.map_err(|e| js_err("reading the C2D stream", e))?.state.messages)
+        })
+    }
+
     fn sweep(&self) -> BoxFut<'_, usize> {
         Box::pin(async move {
+            // A sweep reads every queued message: at most one per second, whatever the hub's
+            // sweep interval.
+            {
+                let mut last = self.last_sweep.lock();
+                if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                    return Ok(0);
+                }
+                *last = Some(std::time::Instant::now());
+            }
             if !self.sweeper_lease().await {
                 return Ok(0);
             }
@@ -459,25 +478,9 @@ struct NatsDeviceQueue {
     device: String,
     name: String,
     messages: async_nats::jetstream::consumer::pull::Stream,
+    /// A message taken from the consumer and not yet handed out (so `next` is cancel-safe).
+    stash: Option<(async_nats::Message, Acker, u64)>,
     held: HashMap<u64, Held>,
-}
-
-/// The delivered message as core's embedded hub builds it (same system properties).
-fn delivery_message(record: &Bytes, device: &str, seq: u64, meta: &Meta, delivery_count: u32) -> Result<Message> {
-    let mut message = Message::decode(record).map_err(|e| Error::new(ErrorKind::Storage, format!("undecodable C2D record: {e}")))?;
-    message.message_id = Some(meta.message_id.clone());
-    message.expiry_time_ms = Some(meta.expiry_ms);
-    message.system.retain(|(k, _)| {
-        !matches!(k.as_str(), "$.to" | "iothub-ack" | "iothub-sequencenumber" | "iothub-enqueuedtime" | "iothub-deliverycount")
-    });
-    message.system.extend([
-        ("$.to".to_string(), format!("/devices/{device}/messages/devicebound")),
-        ("iothub-ack".to_string(), meta.ack.as_str().to_string()),
-        ("iothub-sequencenumber".to_string(), seq.to_string()),
-        ("iothub-enqueuedtime".to_string(), meta.enqueued_ms.to_string()),
-        ("iothub-deliverycount".to_string(), delivery_count.to_string()),
-    ]);
-    Ok(message)
 }
 
 impl DeviceQueue for NatsDeviceQueue {
@@ -485,40 +488,62 @@ impl DeviceQueue for NatsDeviceQueue {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + wait;
             loop {
-                let m = match tokio::time::timeout_at(deadline, self.messages.next()).await {
-                    Err(_) => return Ok(None),
-                    Ok(None) => return Err(Error::closed("C2D delivery consumer")),
-                    Ok(Some(r)) => r.map_err(|e| js_err("reading a C2D queue", e))?,
-                };
-                let seq = m.info().map_err(|e| Error::protocol(format!("JetStream delivery without metadata: {e}")))?.stream_sequence;
-                let meta = match Meta::parse(m.headers.as_ref()) {
+                // Cancel-safe: a message taken from the consumer waits in `stash` until it is
+                // handed out or finished, so a dropped call loses nothing.
+                if self.stash.is_none() {
+                    let m = match tokio::time::timeout_at(deadline, self.messages.next()).await {
+                        Err(_) => return Ok(None),
+                        Ok(None) => return Err(Error::closed("C2D delivery consumer")),
+                        Ok(Some(r)) => r.map_err(|e| js_err("reading a C2D queue", e))?,
+                    };
+                    let seq = m.info().map_err(|e| Error::protocol(format!("JetStream delivery without metadata: {e}")))?.stream_sequence;
+                    let (msg, acker) = m.split();
+                    self.stash = Some((msg, acker, seq));
+                }
+                let (msg, acker, seq) = self.stash.as_ref().expect("stashed");
+                let seq = *seq;
+                let meta = match Meta::parse(msg.headers.as_ref()) {
                     Ok(meta) => meta,
                     Err(e) => {
                         tracing::error!(device = %self.device, seq, error = %e, "undecodable C2D message rejected");
-                        let _ = m.ack_with(AckKind::Term).await;
+                        let _ = acker.ack_with(AckKind::Term).await;
+                        self.stash = None;
                         continue;
                     }
                 };
                 let (state, _) = read_state(&self.inner, &self.device, seq).await?;
-                let (msg, acker) = m.split();
                 if state.outcome.is_some() || meta.expiry_ms <= now_ms() {
                     // Decided earlier (finish it) or expired at the head: never delivered.
                     let how = |s: &C2dMsgState| names::decide(s, Settle::Expire, true, u32::MAX);
-                    apply(&self.inner, &self.device, seq, &meta, how, Removal::Acker(&acker)).await?;
+                    apply(&self.inner, &self.device, seq, &meta, how, Removal::Acker(acker)).await?;
+                    self.stash = None;
                     continue;
                 }
-                let message = match delivery_message(&msg.payload, &self.device, seq, &meta, state.abandons) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::error!(device = %self.device, seq, error = %e, "undecodable C2D record rejected");
-                        let how = |s: &C2dMsgState| names::decide(s, Settle::Reject, false, u32::MAX);
-                        apply(&self.inner, &self.device, seq, &meta, how, Removal::Acker(&acker)).await?;
-                        continue;
-                    }
+                let what = c2d::DeliveryOf {
+                    seq,
+                    message_id: &meta.message_id,
+                    ack: meta.ack,
+                    enqueued_ms: meta.enqueued_ms,
+                    expiry_ms: meta.expiry_ms,
+                    delivery_count: state.abandons,
                 };
-                let until_ms = now_ms() + self.inner.cfg.c2d.lock.as_millis() as u64;
-                self.held.insert(seq, Held { acker, meta, until_ms });
-                return Ok(Some(C2dDelivery { seq, message }));
+                let why = match c2d::build_delivery(&self.device, &msg.payload, &what) {
+                    Ok((message, publish)) => match c2d::undeliverable(&publish) {
+                        None => {
+                            let (_, acker, _) = self.stash.take().expect("stashed");
+                            let until_ms = now_ms() + self.inner.cfg.c2d.lock.as_millis() as u64;
+                            self.held.insert(seq, Held { acker, meta, until_ms });
+                            return Ok(Some(C2dDelivery { seq, message, publish }));
+                        }
+                        Some(why) => why,
+                    },
+                    Err(e) => format!("its record cannot be decoded: {e}"),
+                };
+                // Dead-lettered (Rejected) so it never costs the device its connection.
+                tracing::warn!(device = %self.device, seq, reason = %why, "dead-lettering an undeliverable C2D message");
+                let how = |s: &C2dMsgState| names::decide(s, Settle::TooLarge, false, u32::MAX);
+                apply(&self.inner, &self.device, seq, &meta, how, Removal::Acker(acker)).await?;
+                self.stash = None;
             }
         })
     }
@@ -657,25 +682,11 @@ impl Feedback for NatsFeedback {
         })
     }
 
-    fn wait_outcome<'a>(&'a self, message_id: &'a str, timeout: Duration) -> BoxFut<'a, Option<FeedbackRecord>> {
+    fn pending(&self) -> BoxFut<'_, u64> {
         Box::pin(async move {
-            let subject = names::outcome_subject(message_id);
-            let mut sub = self.inner.client.subscribe(subject.clone()).await.map_err(|e| js_err("watching an outcome", e))?;
-            let stream =
-                self.inner.js.get_stream_no_info(names::OUTCOMES_STREAM).await.map_err(|e| js_err("opening the outcome stream", e))?;
-            let parse = |b: &[u8]| {
-                serde_json::from_slice::<FeedbackRecord>(b).map_err(|e| Error::new(ErrorKind::Storage, format!("malformed outcome: {e}")))
-            };
-            match stream.get_last_raw_message_by_subject(&subject).await {
-                Ok(m) => return parse(&m.payload).map(Some),
-                Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
-                Err(e) => return Err(js_err("reading an outcome", e)),
-            }
-            match tokio::time::timeout(timeout, sub.next()).await {
-                Ok(Some(m)) => parse(&m.payload).map(Some),
-                Ok(None) => Err(Error::closed("NATS connection")),
-                Err(_) => Ok(None),
-            }
+            let mut stream =
+                self.inner.js.get_stream(names::FEEDBACK_STREAM).await.map_err(|e| js_err("opening the feedback stream", e))?;
+            Ok(stream.info().await.map_err(|e| js_err("reading the feedback stream", e))?.state.messages)
         })
     }
 }

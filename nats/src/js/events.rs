@@ -16,7 +16,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt, TryStreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
 use hubmsg_core::proto::StartPosition;
@@ -364,23 +364,31 @@ impl Reader {
 }
 
 impl PartitionReader for Reader {
-    fn next(&mut self, max: usize, wait: Duration) -> BoxFut<'_, Vec<StoredEvent>> {
-        Box::pin(async move {
-            let mut out = Vec::new();
-            let first = match tokio::time::timeout(wait, self.messages.next()).await {
-                Err(_) => return Ok(out),
-                Ok(None) => return Err(Error::closed("consumer group reader")),
-                Ok(Some(r)) => r.map_err(|e| js_err("reading a consumer group", e))?,
-            };
-            out.push(self.take(first)?);
-            while out.len() < max {
-                match self.messages.next().now_or_never() {
-                    Some(Some(Ok(m))) => out.push(self.take(m)?),
-                    _ => break,
-                }
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>, max: usize, max_bytes: usize) -> std::task::Poll<Result<Vec<StoredEvent>>> {
+        use std::task::Poll;
+        // The consumer's max_ack_pending bounds what is delivered and not acknowledged; pulled
+        // messages wait in the client until taken here, so a dropped poll loses nothing.
+        let mut out: Vec<StoredEvent> = Vec::new();
+        let mut bytes = 0usize;
+        while out.len() < max.max(1) && (out.is_empty() || bytes < max_bytes) {
+            match std::pin::Pin::new(&mut self.messages).poll_next(cx) {
+                Poll::Ready(Some(Ok(m))) => match self.take(m) {
+                    Ok(e) => {
+                        bytes += e.record.len();
+                        out.push(e);
+                    }
+                    Err(e) if out.is_empty() => return Poll::Ready(Err(e)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "skipping a JetStream delivery without metadata");
+                    }
+                },
+                Poll::Ready(Some(Err(e))) if out.is_empty() => return Poll::Ready(Err(js_err("reading a consumer group", e))),
+                Poll::Ready(None) if out.is_empty() => return Poll::Ready(Err(Error::closed("consumer group reader"))),
+                Poll::Pending if out.is_empty() => return Poll::Pending,
+                _ => break,
             }
-            Ok(out)
-        })
+        }
+        Poll::Ready(Ok(out))
     }
 
     fn ack(&mut self, seq: u64) -> BoxFut<'_, ()> {

@@ -73,6 +73,35 @@ impl NatsConfig {
     }
 }
 
+/// Makes a [`NatsBackend`] for a hub (`HubConfig::backend`): the cluster at `urls`, with the
+/// hub's partitions, C2D limits, retention and feedback settings.
+#[derive(Debug, Clone)]
+pub struct NatsConnector {
+    /// Settings other than the ones taken from the hub's configuration.
+    pub config: NatsConfig,
+}
+
+impl NatsConnector {
+    /// A connector for the cluster at `urls` (`nats://HOST:PORT[,…]`), defaults otherwise.
+    pub fn new(urls: impl Into<String>) -> NatsConnector {
+        NatsConnector { config: NatsConfig::new(urls) }
+    }
+}
+
+impl backend::BackendConnector for NatsConnector {
+    fn connect<'a>(&'a self, hub: &'a hubmsg_core::hub::HubConfig) -> BoxFut<'a, Arc<dyn backend::Backend>> {
+        Box::pin(async move {
+            let mut cfg = self.config.clone();
+            cfg.partitions = hub.partitions;
+            cfg.c2d = hub.c2d.clone();
+            cfg.d2c_max_age = hub.retention_age;
+            cfg.d2c_max_bytes = hub.retention_bytes.min(i64::MAX as u64) as i64;
+            cfg.feedback_ttl = hub.feedback_ttl;
+            Ok(Arc::new(NatsBackend::connect(cfg).await?) as Arc<dyn backend::Backend>)
+        })
+    }
+}
+
 /// Bucket names.
 const META: &str = "hubmsg_meta";
 const REGISTRY: &str = "hubmsg_registry";
@@ -382,16 +411,6 @@ impl NatsBackend {
             ..Default::default()
         })
         .await?;
-        make(stream::Config {
-            name: names::OUTCOMES_STREAM.into(),
-            subjects: vec!["hubmsg.outcome.>".into()],
-            retention: stream::RetentionPolicy::Limits,
-            num_replicas: r,
-            max_age: Duration::from_secs(3600),
-            max_messages_per_subject: 1,
-            ..Default::default()
-        })
-        .await?;
         let inner = Arc::new(Inner {
             cfg,
             client,
@@ -436,6 +455,18 @@ impl NatsBackend {
 }
 
 impl backend::Backend for NatsBackend {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+    fn ready(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            if self.inner.client.connection_state() != async_nats::connection::State::Connected {
+                return Err(Error::new(ErrorKind::Disconnected, format!("not connected to NATS at {}", self.inner.cfg.urls)));
+            }
+            self.inner.js.query_account().await.map_err(|e| js_err("answering an account query", e))?;
+            Ok(())
+        })
+    }
     fn events(&self) -> &dyn backend::EventLog {
         &self.events
     }

@@ -5,7 +5,7 @@
 //! every node watches the registry (cache for listing, [`RegistryChange`]s for kicking) and the
 //! session claims (a claim with a higher revision than a local one ends the local session).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,36 +14,21 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, watch};
 
-use hubmsg_core::auth;
-use hubmsg_core::hub::{registry::validate_device_id, Policy, Right};
-use hubmsg_core::message::now_ms;
+use hubmsg_core::hub::registry;
+use hubmsg_core::hub::Policy;
 use hubmsg_core::proto::{CreateDevice, DeviceIdentity, DeviceStatus};
 use hubmsg_core::{Error, ErrorKind, Result};
 
 use super::{is_conflict, js_err, Inner};
-use crate::backend::{BoxFut, Counters, RegistryChange, RegistryStore, SessionClaim, Sessions};
+use crate::backend::{BoxFut, Counters, LocalClaims, RegistryChange, RegistryStore, SessionClaim, Sessions};
 use crate::names;
 
 /// Attempts of a compare-and-swap loop before giving up.
 const CAS_TRIES: usize = 32;
 
-fn not_found(id: &str) -> Error {
-    Error::new(
-        ErrorKind::NotFound,
-        format!("device '{id}' is not registered; create it with `hubmsg device-identity create --device-id {id}`"),
-    )
-}
-
-fn generation_id() -> String {
-    // 18 decimal digits like IoT Hub's, unique per creation (as core's registry makes them).
-    format!("{:018}", (now_ms() as u128 * 10_000 + fastrand_u128()) % 1_000_000_000_000_000_000)
-}
-
-fn fastrand_u128() -> u128 {
-    (uuid::Uuid::new_v4().as_u128()) % 10_000
-}
+use registry::not_found;
 
 pub(crate) struct NatsRegistry {
     inner: Arc<Inner>,
@@ -55,15 +40,9 @@ pub(crate) struct NatsRegistry {
 
 impl NatsRegistry {
     pub(crate) async fn open(inner: Arc<Inner>) -> Result<NatsRegistry> {
-        for (name, rights) in [
-            ("iothubowner", vec![Right::RegistryRead, Right::RegistryReadWrite, Right::ServiceConnect, Right::DeviceConnect]),
-            ("service", vec![Right::ServiceConnect]),
-            ("device", vec![Right::DeviceConnect]),
-            ("registryRead", vec![Right::RegistryRead]),
-            ("registryReadWrite", vec![Right::RegistryRead, Right::RegistryReadWrite]),
-        ] {
-            let p = Policy { name: name.to_string(), primary_key: auth::generate_key(), secondary_key: auth::generate_key(), rights };
-            match inner.registry.create(names::policy_key(name), Bytes::from(serde_json::to_vec(&p).expect("policy serializes"))).await {
+        // Created once by the first node; later nodes keep the cluster's keys.
+        for p in registry::default_policies() {
+            match inner.registry.create(names::policy_key(&p.name), Bytes::from(serde_json::to_vec(&p).expect("policy serializes"))).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                 Err(e) => return Err(js_err("creating the default policies", e)),
@@ -72,7 +51,10 @@ impl NatsRegistry {
         let cache = Arc::new(Mutex::new(BTreeMap::new()));
         let (seen_tx, seen) = watch::channel(0u64);
         let (changes, _) = broadcast::channel(1024);
-        let mut w = inner.registry.watch_with_history("d.>").await.map_err(|e| js_err("watching the registry", e))?;
+        // Devices from their history (the cache), policies from now on (key regenerations).
+        let devices = inner.registry.watch_with_history("d.>").await.map_err(|e| js_err("watching the registry", e))?;
+        let policies = inner.registry.watch("p.>").await.map_err(|e| js_err("watching the policies", e))?;
+        let mut w = futures_util::stream::select(devices, policies);
         let (c, tx) = (cache.clone(), changes.clone());
         let task = tokio::spawn(async move {
             while let Some(e) = w.next().await {
@@ -83,18 +65,14 @@ impl NatsRegistry {
                         continue;
                     }
                 };
-                let Ok(id) = names::untoken(e.key.trim_start_matches("d.")) else { continue };
-                match e.operation {
-                    Operation::Put => {
-                        if let Ok(d) = serde_json::from_slice::<DeviceIdentity>(&e.value) {
-                            c.lock().insert(id, d.clone());
-                            let _ = tx.send(RegistryChange::Put(d));
+                if e.key.starts_with("p.") {
+                    if e.operation == Operation::Put {
+                        if let Ok(p) = serde_json::from_slice::<Policy>(&e.value) {
+                            let _ = tx.send(RegistryChange::Policy(p));
                         }
                     }
-                    Operation::Delete | Operation::Purge => {
-                        c.lock().remove(&id);
-                        let _ = tx.send(RegistryChange::Deleted(id));
-                    }
+                } else if let Ok(id) = names::untoken(e.key.trim_start_matches("d.")) {
+                    apply_device(&c, &tx, id, &e);
                 }
                 seen_tx.send_if_modified(|s| {
                     let moved = e.revision > *s;
@@ -119,6 +97,22 @@ impl NatsRegistry {
     }
 }
 
+/// Applies one device entry of the registry watch to the cache and tells the node.
+fn apply_device(cache: &Mutex<BTreeMap<String, DeviceIdentity>>, changes: &broadcast::Sender<RegistryChange>, id: String, e: &kv::Entry) {
+    match e.operation {
+        Operation::Put => {
+            if let Ok(d) = serde_json::from_slice::<DeviceIdentity>(&e.value) {
+                cache.lock().insert(id, d.clone());
+                let _ = changes.send(RegistryChange::Put(d));
+            }
+        }
+        Operation::Delete | Operation::Purge => {
+            cache.lock().remove(&id);
+            let _ = changes.send(RegistryChange::Deleted(id));
+        }
+    }
+}
+
 impl RegistryStore for NatsRegistry {
     fn device<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<DeviceIdentity>> {
         Box::pin(async move { Ok(self.entry(id).await?.map(|(d, _)| d)) })
@@ -137,24 +131,12 @@ impl RegistryStore for NatsRegistry {
 
     fn create(&self, req: CreateDevice) -> BoxFut<'_, DeviceIdentity> {
         Box::pin(async move {
-            validate_device_id(&req.device_id)?;
-            for k in [&req.primary_key, &req.secondary_key].into_iter().flatten() {
-                auth::sign(k, b"probe").map_err(|_| Error::invalid("keys must be base64"))?;
-            }
-            let dev = DeviceIdentity {
-                device_id: req.device_id.clone(),
-                generation_id: generation_id(),
-                status: req.status.unwrap_or(DeviceStatus::Enabled),
-                primary_key: req.primary_key.clone().unwrap_or_else(auth::generate_key),
-                secondary_key: req.secondary_key.clone().unwrap_or_else(auth::generate_key),
-                created_ms: now_ms(),
-            };
+            registry::validate_create(&req)?;
+            let dev = registry::new_identity(&req);
             let body = Bytes::from(serde_json::to_vec(&dev).expect("identity serializes"));
             match self.inner.registry.create(names::device_key(&dev.device_id), body).await {
                 Ok(_) => Ok(dev),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    Err(Error::new(ErrorKind::AlreadyExists, format!("device '{}' already exists", req.device_id)))
-                }
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Err(registry::already_exists(&req.device_id)),
                 Err(e) => Err(js_err("creating a device", e)),
             }
         })
@@ -164,19 +146,7 @@ impl RegistryStore for NatsRegistry {
         Box::pin(async move {
             for _ in 0..CAS_TRIES {
                 let (mut dev, rev) = self.entry(id).await?.ok_or_else(|| not_found(id))?;
-                if let Some(st) = status {
-                    dev.status = st;
-                }
-                match regenerate {
-                    None => {}
-                    Some("primary") => dev.primary_key = auth::generate_key(),
-                    Some("secondary") => dev.secondary_key = auth::generate_key(),
-                    Some("both") => {
-                        dev.primary_key = auth::generate_key();
-                        dev.secondary_key = auth::generate_key();
-                    }
-                    Some(other) => return Err(Error::invalid(format!("regenerate '{other}' is not primary, secondary or both"))),
-                }
+                registry::apply_update(&mut dev, status, regenerate)?;
                 let body = Bytes::from(serde_json::to_vec(&dev).expect("identity serializes"));
                 match self.inner.registry.update(names::device_key(id), body, rev).await {
                     Ok(_) => return Ok(dev),
@@ -210,6 +180,39 @@ impl RegistryStore for NatsRegistry {
         })
     }
 
+    fn policies(&self) -> BoxFut<'_, Vec<Policy>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            for p in registry::default_policies() {
+                if let Some(p) = self.policy(&p.name).await? {
+                    out.push(p);
+                }
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+    }
+
+    fn regenerate_policy<'a>(&'a self, name: &'a str, which: &'a str) -> BoxFut<'a, Policy> {
+        Box::pin(async move {
+            let key = names::policy_key(name);
+            for _ in 0..CAS_TRIES {
+                let entry = self.inner.registry.entry(&key).await.map_err(|e| js_err("reading a policy", e))?;
+                let Some(e) = entry.filter(|e| e.operation == Operation::Put) else { return Err(registry::no_policy(name)) };
+                let mut p: Policy = serde_json::from_slice(&e.value)
+                    .map_err(|err| Error::new(ErrorKind::Storage, format!("corrupt policy '{name}': {err}")))?;
+                registry::regenerate(&mut p.primary_key, &mut p.secondary_key, which)?;
+                let body = Bytes::from(serde_json::to_vec(&p).expect("policy serializes"));
+                match self.inner.registry.update(&key, body, e.revision).await {
+                    Ok(_) => return Ok(p),
+                    Err(err) if is_conflict(&err) => continue,
+                    Err(err) => return Err(js_err("regenerating a policy key", err)),
+                }
+            }
+            Err(Error::new(ErrorKind::Storage, format!("policy '{name}' kept changing under concurrent updates; try again")))
+        })
+    }
+
     fn watch(&self) -> broadcast::Receiver<RegistryChange> {
         self.changes.subscribe()
     }
@@ -221,12 +224,10 @@ struct ClaimValue {
     conn: u64,
 }
 
-/// Device → (revision, superseded) of this node's live claim.
-type LocalClaims = Arc<Mutex<HashMap<String, (u64, Arc<Notify>)>>>;
-
 pub(crate) struct NatsSessions {
     inner: Arc<Inner>,
-    local: LocalClaims,
+    /// This node's live claims (core's in-process rule: the newest wins).
+    local: Arc<LocalClaims>,
 }
 
 fn claim_key(device: &str) -> String {
@@ -235,7 +236,7 @@ fn claim_key(device: &str) -> String {
 
 impl NatsSessions {
     pub(crate) async fn open(inner: Arc<Inner>) -> Result<NatsSessions> {
-        let local: LocalClaims = Arc::new(Mutex::new(HashMap::new()));
+        let local = Arc::new(LocalClaims::default());
         let mut w = inner.sessions.watch("c.>").await.map_err(|e| js_err("watching device sessions", e))?;
         let l = local.clone();
         let task = tokio::spawn(async move {
@@ -245,11 +246,8 @@ impl NatsSessions {
                     continue;
                 }
                 let Ok(device) = names::untoken(e.key.trim_start_matches("c.")) else { continue };
-                let mut local = l.lock();
-                if local.get(&device).is_some_and(|(rev, _)| *rev < e.revision) {
-                    let (_, n) = local.remove(&device).expect("present");
+                if l.supersede_below(&device, e.revision) {
                     tracing::info!(%device, "a newer connection of the device took over (400027)");
-                    n.notify_one();
                 }
             }
         });
@@ -268,32 +266,13 @@ impl Sessions for NatsSessions {
                 .put(claim_key(device_id), Bytes::from(serde_json::to_vec(&v).expect("claim serializes")))
                 .await
                 .map_err(|e| js_err("claiming a device session", e))?;
-            let superseded = Arc::new(Notify::new());
-            let old = self.local.lock().insert(device_id.to_string(), (rev, superseded.clone()));
-            if let Some((old_rev, n)) = old {
-                if old_rev < rev {
-                    n.notify_one();
-                } else {
-                    // A newer claim was already here (it raced ahead): this one is superseded.
-                    self.local.lock().insert(device_id.to_string(), (old_rev, n));
-                    superseded.notify_one();
-                }
-            }
-            Ok(SessionClaim { device_id: device_id.to_string(), revision: rev, superseded })
+            Ok(self.local.insert(device_id, rev))
         })
     }
 
     fn release(&self, claim: SessionClaim) -> BoxFut<'_, ()> {
         Box::pin(async move {
-            let mine = {
-                let mut local = self.local.lock();
-                let mine = local.get(&claim.device_id).is_some_and(|(r, _)| *r == claim.revision);
-                if mine {
-                    local.remove(&claim.device_id);
-                }
-                mine
-            };
-            if mine {
+            if self.local.remove(&claim) {
                 // Only if no newer claim replaced it meanwhile.
                 let _ = self.inner.sessions.delete_expect_revision(claim_key(&claim.device_id), Some(claim.revision)).await;
             }

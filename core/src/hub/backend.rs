@@ -1,9 +1,10 @@
-//! The storage backend interface of the hub: every operation the hub needs from durable state,
-//! with the semantics each must keep (derived from the embedded stores in `core/src/hub`;
-//! written out in `docs/scale-out.md`).
+//! The storage backend interface of the hub: every operation the hub's sessions need from
+//! durable state, with the semantics each must keep (`docs/scale-out.md` §1). Two
+//! implementations: the embedded stores of this crate ([`super::embedded`], the default) and
+//! NATS JetStream (crate `hubmsg-nats`, which the firmware build never compiles).
 //!
 //! The traits are object safe (`Arc<dyn Backend>`): async operations return a boxed future
-//! ([`BoxFut`]) so a hub can hold either backend without becoming generic. Every operation that
+//! ([`BoxFut`]) so a hub holds either backend without becoming generic. Every operation that
 //! answers a client (PUBACK, CONNACK, a service response) resolves only once its effect is durable
 //! in the backend (fsync'd for the embedded store, R3 quorum for JetStream).
 //!
@@ -20,31 +21,48 @@
 //!   the delivery count; locks are volatile (a closed device session or a lock expiry makes the
 //!   message deliverable again without a count bump);
 //! - sessions: the newest claim of a device wins, on any node; older claims are told to end.
+//!
+//! Futures the hub polls inside its session loops ([`PartitionReader::poll_next`],
+//! [`DeviceQueue::next`]) are cancel-safe: dropping one before it resolves loses nothing.
 
+use std::fmt::Debug;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use rumqttc::mqttbytes::v4::Publish;
 use tokio::sync::{broadcast, watch, Notify};
 
-use hubmsg_core::hub::c2d::{AckMode, C2dLimits, FeedbackRecord, Settle};
-use hubmsg_core::hub::Policy;
-use hubmsg_core::proto::{CreateDevice, DeviceIdentity, DeviceStatus, StartPosition};
-use hubmsg_core::{Message, Result};
+use super::c2d::{AckMode, C2dLimits, FeedbackRecord, FeedbackStatus, Settle};
+use super::HubConfig;
+use crate::proto::{CreateDevice, DeviceIdentity, DeviceStatus, Policy, StartPosition};
+use crate::{Message, Result};
 
 /// A boxed, sendable future yielding a hubmsg [`Result`].
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
+/// Makes the backend a hub starts with (`HubConfig::backend`; `None` there means the embedded
+/// stores in `data_dir`). The NATS JetStream connector lives in crate `hubmsg-nats`.
+pub trait BackendConnector: Send + Sync + Debug + 'static {
+    /// Opens (connects, creates what is missing, checks the server) the backend for a hub with
+    /// `config`. Errors say what is wrong and what to do (e.g. a server that is too old).
+    fn connect<'a>(&'a self, config: &'a HubConfig) -> BoxFut<'a, Arc<dyn Backend>>;
+}
+
 /// The whole backend: one accessor per concern. A hub node holds one `Arc<dyn Backend>`.
 pub trait Backend: Send + Sync + 'static {
+    /// A short name for logs and `/metrics` (`embedded`, `nats`).
+    fn kind(&self) -> &'static str;
     /// The D2C event log.
     fn events(&self) -> &dyn EventLog;
     /// Consumer groups (membership, partition assignment, checkpoints).
     fn groups(&self) -> &dyn ConsumerGroups;
     /// C2D queues.
     fn c2d(&self) -> &dyn C2dQueues;
-    /// Feedback batches and per-message outcomes.
+    /// Feedback batches.
     fn feedback(&self) -> &dyn Feedback;
     /// The identity registry and policies.
     fn registry(&self) -> &dyn RegistryStore;
@@ -52,7 +70,10 @@ pub trait Backend: Send + Sync + 'static {
     fn sessions(&self) -> &dyn Sessions;
     /// Named counters (observability; never decide anything).
     fn counters(&self) -> &dyn Counters;
-    /// Stops background work and releases what this node holds (leases, session claims).
+    /// Whether the backend can serve now (`/readyz`): `Err` says why not.
+    fn ready(&self) -> BoxFut<'_, ()>;
+    /// Stops background work, makes everything durable and releases what this node holds
+    /// (leases, session claims, open stores).
     fn close(&self) -> BoxFut<'_, ()>;
 }
 
@@ -133,15 +154,24 @@ pub trait Membership: Send + Sync {
 
 /// Reads one partition for one member.
 pub trait PartitionReader: Send {
-    /// The next events (at most `max`, at most `window` unacknowledged in total), waiting up to
-    /// `wait` for the first; empty when none arrived.
-    fn next(&mut self, max: usize, wait: Duration) -> BoxFut<'_, Vec<StoredEvent>>;
+    /// Polls for the next events: at most `max` and about `max_bytes` of records (at least one
+    /// when any is ready), at most `window` unacknowledged in total. Cancel-safe.
+    fn poll_next(&mut self, cx: &mut Context<'_>, max: usize, max_bytes: usize) -> Poll<Result<Vec<StoredEvent>>>;
     /// Acknowledges a delivered event; the checkpoint advances over the contiguous prefix.
     fn ack(&mut self, seq: u64) -> BoxFut<'_, ()>;
     /// The group's checkpoint for this partition: the last sequence number of the contiguous
     /// acknowledged prefix (0 = nothing acknowledged), once everything acknowledged so far is
     /// durable (the `checkpoint` service request).
     fn checkpoint(&mut self) -> BoxFut<'_, u64>;
+    /// Up to `max` events, waiting up to `wait` for the first; empty when none arrived.
+    fn next(&mut self, max: usize, wait: Duration) -> BoxFut<'_, Vec<StoredEvent>> {
+        Box::pin(async move {
+            match tokio::time::timeout(wait, std::future::poll_fn(|cx| self.poll_next(cx, max, usize::MAX))).await {
+                Err(_) => Ok(Vec::new()),
+                Ok(r) => r,
+            }
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -154,7 +184,7 @@ pub struct C2dEnqueue {
     pub device_id: String,
     /// The device's generation id (feedback carries it).
     pub generation_id: String,
-    /// Message id (feedback and outcomes correlate on it).
+    /// Message id (feedback correlates on it).
     pub message_id: String,
     /// Requested feedback.
     pub ack: AckMode,
@@ -162,8 +192,11 @@ pub struct C2dEnqueue {
     pub ttl: Option<Duration>,
     /// The message record ([`Message::encode`]).
     pub record: Bytes,
-    /// IoT Hub size of the message (checked against `max_size`).
+    /// Size of the delivery packet ([`super::c2d::delivery_size`]), checked against `max_size`.
     pub size: usize,
+    /// The service's identity of this send: a repeat answers with the first copy's sequence
+    /// number and queues nothing.
+    pub send_id: Option<String>,
 }
 
 /// A message handed to a device session, locked for it.
@@ -173,13 +206,15 @@ pub struct C2dDelivery {
     pub seq: u64,
     /// The message with `$.to`, `iothub-ack`, sequence number, enqueued time and delivery count.
     pub message: Message,
+    /// The QoS 1 PUBLISH carrying it (packet id still 0).
+    pub publish: Publish,
 }
 
 /// The result of a settle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled {
     /// The message reached this terminal outcome (feedback written if asked for).
-    Done(hubmsg_core::hub::c2d::FeedbackStatus),
+    Done(FeedbackStatus),
     /// Abandoned: back in the queue with this delivery count.
     Requeued(u32),
 }
@@ -192,15 +227,27 @@ pub trait C2dQueues: Send + Sync {
     /// 403004) when the device already has `max_queue` messages, locked ones included;
     /// `MessageTooLarge` / `InvalidArgument` for size and TTL.
     fn send(&self, msg: C2dEnqueue) -> BoxFut<'_, u64>;
-    /// Opens the delivery side for the device's one live session. Opening releases every lock
-    /// an earlier session (on any node) held; closing releases this one's.
-    fn open_device<'a>(&'a self, device_id: &'a str, window: usize) -> BoxFut<'a, Box<dyn DeviceQueue>>;
+    /// Opens the delivery side for the device's one live session (connection `conn` of this
+    /// node). Opening releases every lock an earlier session (on any node) held; closing
+    /// releases this one's.
+    fn open_device<'a>(&'a self, device_id: &'a str, conn: u64, window: usize) -> BoxFut<'a, Box<dyn DeviceQueue>>;
     /// Removes every message of the device, `Purged` feedback for each that asks; returns how
     /// many. Messages enqueued while the purge runs are kept.
     fn purge<'a>(&'a self, device_id: &'a str) -> BoxFut<'a, usize>;
+    /// The device was deleted: its messages are purged (`Purged` feedback) and its persistent
+    /// subscription dropped. Idempotent.
+    fn delete_device<'a>(&'a self, device_id: &'a str) -> BoxFut<'a, ()> {
+        Box::pin(async move {
+            self.purge(device_id).await?;
+            self.set_subscription(device_id, false).await
+        })
+    }
     /// Messages queued for the device (locked ones included).
     fn depth<'a>(&'a self, device_id: &'a str) -> BoxFut<'a, usize>;
-    /// Periodic work: messages whose TTL passed get `Expired` (one node does it at a time).
+    /// Messages queued for all devices (the `/metrics` gauge).
+    fn total_depth(&self) -> BoxFut<'_, u64>;
+    /// Periodic work (the hub calls it every `sweep_interval`; a backend may do it less often):
+    /// messages whose TTL passed get `Expired` (one node does it at a time in a cluster).
     /// Returns how many expired.
     fn sweep(&self) -> BoxFut<'_, usize>;
     /// Records whether the device keeps its C2D subscription across connections (clean
@@ -213,7 +260,8 @@ pub trait C2dQueues: Send + Sync {
 /// The delivery side of one device's queue for its live session.
 pub trait DeviceQueue: Send {
     /// Locks and returns the next deliverable message (FIFO, not locked, TTL not passed),
-    /// waiting up to `wait`. Expired heads reach `Expired` instead of being delivered.
+    /// waiting up to `wait`. Expired heads reach `Expired` and undeliverable ones (a packet
+    /// devices cannot take) `Rejected` instead of being delivered. Cancel-safe.
     fn next(&mut self, wait: Duration) -> BoxFut<'_, Option<C2dDelivery>>;
     /// Settles a message this session holds locked. `LockLost` if the lock expired or the
     /// message is gone; a reject or abandon after the TTL passed is recorded as `Expired`;
@@ -227,7 +275,7 @@ pub trait DeviceQueue: Send {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Feedback and outcomes
+// Feedback
 
 /// A feedback batch delivered to one service connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,48 +286,57 @@ pub struct FeedbackBatch {
     pub records: Vec<FeedbackRecord>,
 }
 
-/// Feedback records, batched to services, and per-message outcomes.
+/// Feedback records, batched to services.
 pub trait Feedback: Send + Sync {
     /// The next batch for service connection `conn`: up to `feedback_batch` records, formed once
-    /// that many wait or `interval` passed; `None` if none arrived. The batch stays locked for the
-    /// C2D lock time, then (or on [`Feedback::release`]) its records are delivered again.
+    /// that many wait or `interval` passed; `None` if none arrived within `interval`. The batch
+    /// stays locked for the C2D lock time, then (or on [`Feedback::release`]) its records are
+    /// delivered again.
     fn next_batch(&self, conn: u64, interval: Duration) -> BoxFut<'_, Option<FeedbackBatch>>;
     /// Acknowledges a batch: its records are deleted.
     fn ack_batch(&self, id: u64) -> BoxFut<'_, ()>;
     /// Releases the unacknowledged batches of a closed connection.
     fn release(&self, conn: u64) -> BoxFut<'_, ()>;
-    /// Waits up to `timeout` for the outcome of message `message_id` (`send_c2d_and_wait`);
-    /// `None` on timeout. Outcomes are kept at least an hour.
-    fn wait_outcome<'a>(&'a self, message_id: &'a str, timeout: Duration) -> BoxFut<'a, Option<FeedbackRecord>>;
+    /// Records waiting to be delivered or acknowledged (the `/metrics` gauge).
+    fn pending(&self) -> BoxFut<'_, u64>;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Registry
 
-/// A registry change seen by this node (cache invalidation; kicking disabled or re-keyed devices).
+/// A registry change seen by this node: the hub ends the sessions of disabled, re-keyed or
+/// deleted devices and of connections whose policy key was replaced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistryChange {
     /// A device was created or updated.
     Put(DeviceIdentity),
     /// A device was deleted.
     Deleted(String),
+    /// A policy's keys were regenerated (the policy as it is now).
+    Policy(Policy),
 }
 
 /// Device identities and policies.
 pub trait RegistryStore: Send + Sync {
     /// A device by id (authoritative read).
     fn device<'a>(&'a self, id: &'a str) -> BoxFut<'a, Option<DeviceIdentity>>;
-    /// All devices, ordered by id.
+    /// All devices, ordered by id (including this node's own writes).
     fn devices(&self) -> BoxFut<'_, Vec<DeviceIdentity>>;
-    /// Creates a device (`AlreadyExists` if the id is taken); durable on return.
+    /// Creates a device (`AlreadyExists` if the id is taken; ids and 16–64 byte keys checked
+    /// with core's rules); durable on return.
     fn create(&self, req: CreateDevice) -> BoxFut<'_, DeviceIdentity>;
     /// Changes status and/or regenerates keys (`primary`, `secondary`, `both`), atomically with
     /// respect to concurrent updates on any node (`NotFound` if absent).
     fn update<'a>(&'a self, id: &'a str, status: Option<DeviceStatus>, regenerate: Option<&'a str>) -> BoxFut<'a, DeviceIdentity>;
     /// Deletes a device (`NotFound` if absent).
     fn delete<'a>(&'a self, id: &'a str) -> BoxFut<'a, ()>;
-    /// A policy by name (the five defaults exist from the first start on).
+    /// A policy by name (the five default policies exist from the first start on; authoritative).
     fn policy<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<Policy>>;
+    /// Every policy, ordered by name.
+    fn policies(&self) -> BoxFut<'_, Vec<Policy>>;
+    /// Regenerates a policy's `primary`, `secondary` or `both` keys; durable on return, and
+    /// seen by every node's [`watch`](RegistryStore::watch) as [`RegistryChange::Policy`].
+    fn regenerate_policy<'a>(&'a self, name: &'a str, which: &'a str) -> BoxFut<'a, Policy>;
     /// Changes made on any node, from now on.
     fn watch(&self) -> broadcast::Receiver<RegistryChange>;
 }
@@ -292,10 +349,10 @@ pub trait RegistryStore: Send + Sync {
 pub struct SessionClaim {
     /// The device.
     pub device_id: String,
-    /// The claim's version (increasing across all claims of all devices).
+    /// The claim's version (increasing across all claims of a device).
     pub revision: u64,
     /// Notified once when a newer connection of the device took over (IoT Hub 400027).
-    pub superseded: std::sync::Arc<Notify>,
+    pub superseded: Arc<Notify>,
 }
 
 /// One live connection per device across every hub node.
@@ -306,10 +363,85 @@ pub trait Sessions: Send + Sync {
     fn release(&self, claim: SessionClaim) -> BoxFut<'_, ()>;
 }
 
-/// Named monotonic counters shared by every node.
+/// Named monotonic counters shared by every node (`c2d.Success`, `c2d.Purged`, …).
 pub trait Counters: Send + Sync {
     /// Adds `n` to counter `name`.
     fn add<'a>(&'a self, name: &'a str, n: u64) -> BoxFut<'a, ()>;
     /// Every counter and its value, ordered by name.
     fn all(&self) -> BoxFut<'_, Vec<(String, u64)>>;
+}
+
+/// In-process session claims: the newest claim of a device wins and the one it replaced is
+/// notified. The embedded backend uses it alone; a cluster backend uses it for the claims of its
+/// own node and adds the cross-node part.
+#[derive(Debug, Default)]
+pub struct LocalClaims {
+    claims: parking_lot::Mutex<std::collections::HashMap<String, (u64, Arc<Notify>)>>,
+}
+
+impl LocalClaims {
+    /// Records claim `revision` of `device_id`; notifies whichever of the old and the new claim
+    /// is older. Returns the new claim.
+    pub fn insert(&self, device_id: &str, revision: u64) -> SessionClaim {
+        let superseded = Arc::new(Notify::new());
+        let mut claims = self.claims.lock();
+        match claims.get(device_id) {
+            Some((old, _)) if *old > revision => superseded.notify_one(),
+            _ => {
+                if let Some((_, n)) = claims.insert(device_id.to_string(), (revision, superseded.clone())) {
+                    n.notify_one();
+                }
+            }
+        }
+        SessionClaim { device_id: device_id.to_string(), revision, superseded }
+    }
+
+    /// Ends the claim if it is still the live one; returns whether it was.
+    pub fn remove(&self, claim: &SessionClaim) -> bool {
+        let mut claims = self.claims.lock();
+        let mine = claims.get(&claim.device_id).is_some_and(|(r, _)| *r == claim.revision);
+        if mine {
+            claims.remove(&claim.device_id);
+        }
+        mine
+    }
+
+    /// A claim newer than this node's live one was seen (another node): ends the local one.
+    pub fn supersede_below(&self, device_id: &str, revision: u64) -> bool {
+        let mut claims = self.claims.lock();
+        if claims.get(device_id).is_some_and(|(r, _)| *r < revision) {
+            let (_, n) = claims.remove(device_id).expect("present");
+            n.notify_one();
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_local_claim_wins() {
+        let c = LocalClaims::default();
+        let a = c.insert("d", 1);
+        let b = c.insert("d", 2);
+        // a was told to end (a stored permit makes notified() resolve at once).
+        assert!(futures_ready(a.superseded.notified()));
+        assert!(!futures_ready(b.superseded.notified()));
+        // A late, older claim is superseded at once and does not displace b.
+        let late = c.insert("d", 1);
+        assert!(futures_ready(late.superseded.notified()));
+        assert!(!c.remove(&a));
+        assert!(c.supersede_below("d", 3));
+        assert!(futures_ready(b.superseded.notified()));
+        assert!(!c.remove(&b));
+    }
+
+    fn futures_ready<F: Future>(f: F) -> bool {
+        let mut f = std::pin::pin!(f);
+        let waker = std::task::Waker::noop();
+        f.as_mut().poll(&mut Context::from_waker(waker)).is_ready()
+    }
 }
