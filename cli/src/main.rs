@@ -192,9 +192,13 @@ struct ReceiveArgs {
     /// Abandon every message instead of completing it.
     #[arg(long)]
     abandon: bool,
-    /// Durable state directory (outbox and completed-id window).
-    #[arg(long)]
+    /// Durable state directory (outbox and completed-id window; default: the device's default
+    /// outbox directory, `$HUBMSG_OUTBOX_DIR/<device id>` or `~/.local/state/hubmsg/outbox/<device id>`).
+    #[arg(long, conflicts_with = "in_memory")]
     outbox: Option<PathBuf>,
+    /// Keep the outbox and completed ids in memory only (lost when the process ends).
+    #[arg(long)]
+    in_memory: bool,
     /// CA certificate to trust (turns TLS on).
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -229,9 +233,13 @@ struct SendArgs {
     /// Application property `name=value` (repeatable).
     #[arg(long = "prop", value_parser = parse_prop)]
     props: Vec<(String, String)>,
-    /// Durable outbox directory (default: in memory).
-    #[arg(long)]
+    /// Durable outbox directory (default: the device's default outbox directory,
+    /// `$HUBMSG_OUTBOX_DIR/<device id>` or `~/.local/state/hubmsg/outbox/<device id>`).
+    #[arg(long, conflicts_with = "in_memory")]
     outbox: Option<PathBuf>,
+    /// Keep the outbox in memory only: messages not yet delivered are lost when the process ends.
+    #[arg(long)]
+    in_memory: bool,
     /// Outbox durability: always, interval[:250ms], never.
     #[arg(long, default_value = "always")]
     durability: String,
@@ -402,6 +410,7 @@ async fn send(a: SendArgs) -> Result<(), Error> {
     opts.tls = a.ca.clone().map(|ca| TlsOptions { ca_file: Some(ca) });
     opts.outbox = OutboxOptions {
         dir: a.outbox.clone(),
+        in_memory: a.in_memory,
         durability: a.durability.parse::<Durability>()?,
         overflow: a.overflow.parse::<Overflow>()?,
         ..OutboxOptions::default()
@@ -478,6 +487,7 @@ async fn receive(a: ReceiveArgs) -> Result<(), Error> {
     let mut opts = DeviceOptions::from_connection_string(&a.connection_string)?;
     opts.tls = a.ca.clone().map(|ca| TlsOptions { ca_file: Some(ca) });
     opts.outbox.dir = a.outbox.clone();
+    opts.outbox.in_memory = a.in_memory;
     let client = DeviceClient::connect(opts).await?;
     let mut rx = client.c2d()?;
     let idle = a.idle_timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));

@@ -212,7 +212,7 @@ async fn outbox_bounds_reject_or_drop_oldest_while_offline() {
     let cs = cs.replace(&h.hub.host_name(), &format!("127.0.0.1:{dead}"));
     let mut o = hubmsg_core::DeviceOptions::from_connection_string(&cs).unwrap();
     o.retry = fast_retry();
-    o.outbox = OutboxOptions { max_messages: 3, overflow: Overflow::Reject, ..OutboxOptions::default() };
+    o.outbox = OutboxOptions { max_messages: 3, overflow: Overflow::Reject, ..OutboxOptions::in_memory() };
     let dev = hubmsg_core::DeviceClient::connect(o.clone()).await.unwrap();
     for i in 0..3 {
         dev.send(Message::new(format!("{i}"))).await.unwrap();

@@ -61,10 +61,13 @@ fn a_bad_record_followed_by_valid_records_is_never_cut() {
 
     let log = Log::open(dir.path(), opts(1 << 20)).unwrap();
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), size, "recovery must not cut valid, fsync'd records");
-    // Readable up to the damage; appends refused with an error naming the file and offset,
-    // never a sequence number that was already handed out.
-    let got = read_all(&log);
+    // Readable up to the damage (reading into it is an error, not a silent end of the log);
+    // appends refused with an error naming the file and offset, never a sequence number that
+    // was already handed out.
+    let got = log.read(1, 1000, 1 << 20).unwrap();
     assert_eq!(got.len(), 49, "records before the damage are readable");
+    let e = log.read(50, 1000, 1 << 20).unwrap_err();
+    assert!(e.to_string().contains("store repair"), "{e}");
     let e = log.append(b"next").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Storage, "{e}");
     let text = e.to_string();
@@ -256,4 +259,42 @@ fn a_second_opener_of_a_log_directory_is_refused_with_the_holder_named() {
     drop(log);
     let log = Log::open(dir.path(), opts(1 << 20)).expect("the directory is free again once the first log closed");
     assert_eq!(log.last_seq(), 3);
+}
+
+#[test]
+fn check_reports_damage_and_repair_quarantines_it_keeping_every_valid_record() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = Log::open(dir.path(), opts(2000)).unwrap();
+        fill(&log, 300);
+        log.close().unwrap();
+    }
+    let segs = segment_files(dir.path());
+    // One damaged record in a sealed segment and one in the last segment.
+    flip_record(&segs[1], &{
+        let t = String::from_utf8_lossy(&std::fs::read(&segs[1]).unwrap()).to_string();
+        t.match_indices("record ").nth(2).map(|(i, _)| t[i..i + 11].to_string()).unwrap()
+    });
+    flip_record(segs.last().unwrap(), "record 0299");
+    let before: Vec<Vec<u8>> = segs.iter().map(|p| std::fs::read(p).unwrap()).collect();
+
+    let report = hubmsg_core::store::check::check(dir.path()).unwrap();
+    assert!(!report.is_clean(), "{report}");
+    assert_eq!(report.stores.len(), 1);
+    assert_eq!(report.stores[0].damage.len(), 2, "{report}");
+    let after: Vec<Vec<u8>> = segs.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    assert_eq!(before, after, "check changes nothing");
+
+    let repaired = hubmsg_core::store::check::repair(dir.path()).unwrap();
+    assert!(repaired.is_clean(), "{repaired}");
+    let quarantined = std::fs::read_dir(dir.path().join("quarantine")).unwrap().count();
+    assert_eq!(quarantined, 2, "the damaged segments are kept aside");
+
+    let log = Log::open(dir.path(), opts(2000)).unwrap();
+    assert!(log.damage().is_empty(), "{:?}", log.damage());
+    let got = read_all(&log);
+    assert_eq!(got.len(), 298, "every valid record is kept");
+    assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "sequence numbers stay unique and ordered");
+    assert_eq!(got.last().unwrap(), &(300, "record 0300".to_string()));
+    assert_eq!(log.append(b"after repair").unwrap(), 301, "no sequence number is reused");
 }

@@ -72,6 +72,7 @@ pub async fn worker(a: WorkerArgs) -> Result<(), Error> {
             // A cheap client: in-memory outbox, no fsync.
             let outbox = OutboxOptions {
                 dir: None,
+                in_memory: true,
                 durability: Durability::Never,
                 max_messages: 64,
                 max_bytes: 64 * 1024,

@@ -48,6 +48,7 @@ impl Rig {
         for id in &ids {
             let outbox = OutboxOptions {
                 dir: Some(hub.run_dir.join("devices").join(id)),
+                in_memory: false,
                 durability,
                 max_messages: per_device as usize + 1,
                 max_bytes: 1 << 30,

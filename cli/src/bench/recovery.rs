@@ -47,6 +47,7 @@ pub async fn recovery(ctx: &Ctx) -> Result<Outcome, Error> {
     for id in &ids[..devices] {
         let outbox = OutboxOptions {
             dir: None,
+            in_memory: true,
             durability: Durability::Never,
             max_messages: per as usize + 1,
             max_bytes: 1 << 30,

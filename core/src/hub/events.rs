@@ -6,9 +6,13 @@
 //! - a partition is owned by at most one member of a group at a time; only the owner's
 //!   acknowledgements move the group's checkpoint, and the checkpoint only moves forward over a
 //!   contiguous acknowledged prefix, so a crash or a takeover redelivers, never skips;
-//! - checkpoints are persisted within `checkpoint_interval` of an ack (and immediately on an
-//!   explicit checkpoint request); a hub crash can only rewind a checkpoint to its last durable
-//!   value, which redelivers.
+//! - checkpoints are persisted within `checkpoint_interval` of an ack (and on an explicit
+//!   checkpoint request, which is answered only once every position acknowledged before it is
+//!   durable, whoever wrote it); a failed write keeps the positions queued; a checkpoint never
+//!   points past what its partition has fsync'd, so a power loss (durability `interval`) can
+//!   only rewind it, which redelivers;
+//! - a partition never hands out a sequence number at or below a group's checkpoint, even when
+//!   its newest segment went missing (the checkpoint is the floor it opens with).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -37,11 +41,21 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    /// Opens `n` partitions under `dir/p{i}`.
-    pub fn open(dir: &Path, n: u32, durability: Durability, segment_bytes: u64) -> Result<Arc<EventLog>> {
+    /// Opens `n` partitions under `dir/p{i}`. Appends are refused while the disk has less than
+    /// `reserve_bytes` free (so C2D settles and checkpoints keep working on a full disk);
+    /// partition `i` continues at least at `floors[i]` (the highest checkpoint + 1).
+    pub fn open(
+        dir: &Path,
+        n: u32,
+        durability: Durability,
+        segment_bytes: u64,
+        reserve_bytes: u64,
+        floors: &[u64],
+    ) -> Result<Arc<EventLog>> {
         let mut partitions = Vec::new();
         for i in 0..n {
-            let opts = LogOptions { durability, segment_bytes, ..LogOptions::default() };
+            let min_next_seq = floors.get(i as usize).copied().unwrap_or(0);
+            let opts = LogOptions { durability, segment_bytes, reserve_bytes, min_next_seq, ..LogOptions::default() };
             partitions.push(Log::open(&dir.join(format!("p{i}")), opts)?);
         }
         let (version, _) = watch::channel(0u64);
@@ -173,6 +187,8 @@ pub struct Groups {
     partitions: u32,
     inner: Mutex<HashMap<String, Group>>,
     store: StateLog<Checkpoints>,
+    /// Sequence number of the newest checkpoint event committed (by any flush).
+    last_commit: std::sync::atomic::AtomicU64,
 }
 
 /// Most consumer groups a hub keeps (IoT Hub allows 20 per hub, plus `$Default`).
@@ -182,7 +198,12 @@ impl Groups {
     /// Opens the checkpoint store in `dir`.
     pub fn open(dir: &Path, partitions: u32, durability: Durability) -> Result<Arc<Groups>> {
         let store = StateLog::<Checkpoints>::open(dir, StateOptions { durability, ..StateOptions::default() })?;
-        Ok(Arc::new(Groups { partitions, inner: Mutex::new(HashMap::new()), store }))
+        Ok(Arc::new(Groups { partitions, inner: Mutex::new(HashMap::new()), store, last_commit: std::sync::atomic::AtomicU64::new(0) }))
+    }
+
+    /// The highest durable checkpoint of any group in partition `p` (0 if none).
+    pub fn max_checkpoint(&self, p: u32) -> u64 {
+        self.store.read(|c| c.by_group.values().filter_map(|m| m.get(&p).copied()).max().unwrap_or(0))
     }
 
     /// Validates a consumer group name.
@@ -257,21 +278,58 @@ impl Groups {
         }
     }
 
-    /// Persists every changed checkpoint; returns once durable.
-    pub async fn flush(&self) -> Result<()> {
-        let dirty: Vec<(String, u32, u64)> = {
+    /// Persists every changed checkpoint (each clamped to what its partition has fsync'd) and
+    /// returns once every checkpoint acknowledged before the call is durable — also those a
+    /// concurrent flush is writing. On an error the positions stay queued for the next flush.
+    pub async fn flush(&self, events: &EventLog) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let (committed, target, err) = {
             let mut g = self.inner.lock();
-            g.iter_mut().flat_map(|(name, grp)| grp.dirty.drain().map(move |(p, s)| (name.clone(), p, s)).collect::<Vec<_>>()).collect()
+            let mut committed: Vec<(String, u32, u64)> = Vec::new();
+            let mut err = None;
+            'groups: for (name, grp) in g.iter_mut() {
+                let mut dirty: Vec<(u32, u64)> = grp.dirty.iter().map(|(p, s)| (*p, *s)).collect();
+                dirty.sort();
+                for (p, s) in dirty {
+                    let on_disk = if p < events.count() { events.partition(p).synced() } else { s };
+                    let s = s.min(on_disk);
+                    if s == 0 {
+                        continue;
+                    }
+                    let ev = serde_json::to_vec(&CheckpointEvent { g: name.clone(), p, s }).expect("checkpoint serializes");
+                    match self.store.commit(&ev) {
+                        Ok(seq) => {
+                            self.last_commit.fetch_max(seq, Ordering::SeqCst);
+                            if grp.dirty.get(&p) == Some(&s) {
+                                grp.dirty.remove(&p);
+                            }
+                            committed.push((name.clone(), p, s));
+                        }
+                        Err(e) => {
+                            err = Some(e);
+                            break 'groups;
+                        }
+                    }
+                }
+            }
+            (committed, self.last_commit.load(Ordering::SeqCst), err)
         };
-        let mut last = None;
-        for (g, p, s) in dirty {
-            let ev = serde_json::to_vec(&CheckpointEvent { g, p, s }).expect("checkpoint serializes");
-            last = Some(self.store.commit(&ev)?);
+        let r = match err {
+            Some(e) => Err(e),
+            None if target > 0 => self.store.wait_durable(target).await,
+            None => Ok(()),
+        };
+        if r.is_err() {
+            // Not known to be durable: write them again next time (checkpoints only move forward).
+            let mut g = self.inner.lock();
+            for (name, p, s) in committed {
+                if let Some(grp) = g.get_mut(&name) {
+                    let d = grp.dirty.entry(p).or_insert(s);
+                    *d = (*d).max(s);
+                }
+            }
         }
-        if let Some(seq) = last {
-            self.store.wait_durable(seq).await?;
-        }
-        Ok(())
+        r
     }
 
     /// Closes the checkpoint store.

@@ -9,7 +9,10 @@
 //!
 //! Invariants: a PUBACK for a D2C message is written only after the message is durable in its
 //! partition; a misbehaving connection is closed without affecting any other; one connection per
-//! device identity (a new one drops the old).
+//! device identity (a new one drops the old); one hub process per data directory (it is locked,
+//! a second hub on it fails to start naming the first one's pid); a full disk refuses new D2C
+//! (devices keep them in their outboxes and retry) while reads, C2D settles and checkpoints go
+//! on in the space kept free by `disk_reserve_bytes`.
 
 pub mod c2d;
 pub mod events;
@@ -56,6 +59,9 @@ pub struct HubConfig {
     pub durability: Durability,
     /// Event log segment size. Default 64 MiB.
     pub segment_bytes: u64,
+    /// D2C messages are refused while the data directory's disk has less free space than this,
+    /// which keeps room for C2D, checkpoints and the registry. Default 64 MiB.
+    pub disk_reserve_bytes: u64,
     /// Drop events older than this. Default 1 day.
     pub retention_age: Duration,
     /// Keep at most about this many bytes per partition. Default 10 GiB.
@@ -91,6 +97,7 @@ impl HubConfig {
             partitions: 4,
             durability: Durability::Always,
             segment_bytes: 64 * 1024 * 1024,
+            disk_reserve_bytes: 64 * 1024 * 1024,
             retention_age: Duration::from_secs(86_400),
             retention_bytes: 10 * 1024 * 1024 * 1024,
             retention_interval: Duration::from_secs(60),
@@ -130,6 +137,8 @@ struct Meta {
 }
 
 pub(crate) struct Shared {
+    /// The data directory's lock, held while the hub runs (released by shutdown).
+    dir_lock: Mutex<Option<Box<dyn std::any::Any + Send + Sync>>>,
     pub(crate) config: HubConfig,
     pub(crate) registry: Registry,
     pub(crate) events: Arc<events::EventLog>,
@@ -170,7 +179,9 @@ impl Hub {
             return Err(Error::invalid("the hub needs at least one listener (mqtt or mqtts)"));
         }
         let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::storage(format!("create {}", dir.display()), e))?;
+        let fs = crate::store::io::real();
+        crate::store::io::create_dir_durable(&*fs, &dir)?;
+        let lock = crate::store::io::lock_dir(&*fs, &dir, "hub data directory")?;
         // Partition count is fixed at creation.
         let meta_path = dir.join("hub.json");
         match std::fs::read(&meta_path) {
@@ -191,7 +202,7 @@ impl Hub {
                     return Err(Error::invalid("partitions must be between 1 and 128"));
                 }
                 let b = serde_json::to_vec(&Meta { partitions: config.partitions }).expect("meta serializes");
-                std::fs::write(&meta_path, b).map_err(|e| Error::storage(format!("write {}", meta_path.display()), e))?;
+                crate::store::io::write_atomic(&*fs, &meta_path, &b, false)?;
             }
             Err(e) => return Err(Error::storage(format!("read {}", meta_path.display()), e)),
         }
@@ -200,8 +211,17 @@ impl Hub {
             let registry = tokio::task::spawn_blocking(move || Registry::open(&c.data_dir.join("registry"), c.durability))
                 .await
                 .map_err(|e| Error::new(ErrorKind::Internal, format!("registry open task: {e}")))??;
-            let events = events::EventLog::open(&dir.join("events"), config.partitions, config.durability, config.segment_bytes)?;
             let groups = events::Groups::open(&dir.join("checkpoints"), config.partitions, config.durability)?;
+            // No partition hands out a sequence number a consumer group's checkpoint has seen.
+            let floors: Vec<u64> = (0..config.partitions).map(|p| groups.max_checkpoint(p) + 1).collect();
+            let events = events::EventLog::open(
+                &dir.join("events"),
+                config.partitions,
+                config.durability,
+                config.segment_bytes,
+                config.disk_reserve_bytes,
+                &floors,
+            )?;
             let c2d = c2d::C2d::open(&dir.join("c2d"), config.durability, config.c2d.clone())?;
             (registry, events, groups, c2d)
         };
@@ -221,6 +241,7 @@ impl Hub {
         };
         let (stop, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
+            dir_lock: Mutex::new(Some(lock)),
             config: config.clone(),
             registry,
             events,
@@ -352,13 +373,12 @@ impl Hub {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
-        self.shared.groups.flush().await?;
+        self.shared.groups.flush(&self.shared.events).await?;
         let s = self.shared.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            s.events.close()?;
-            s.groups.close()?;
-            s.c2d.close()?;
-            s.registry.close()
+            let r = s.events.close().and(s.groups.close()).and(s.c2d.close()).and(s.registry.close());
+            s.dir_lock.lock().take();
+            r
         })
         .await
         .map_err(|e| Error::new(ErrorKind::Internal, format!("shutdown task: {e}")))?
@@ -413,7 +433,7 @@ async fn checkpoint_loop(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = shared.groups.flush().await {
+        if let Err(e) = shared.groups.flush(&shared.events).await {
             tracing::error!(error = %e, "persisting consumer checkpoints failed; will retry");
         }
     }

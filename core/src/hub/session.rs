@@ -115,6 +115,9 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
         if matches!(e.kind(), ErrorKind::Protocol | ErrorKind::Unauthorized | ErrorKind::MessageTooLarge) {
             shared.stats.violations.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, error = %e, "closing connection");
+        } else if e.kind() == ErrorKind::Storage {
+            // E.g. a full disk: the device keeps the message in its outbox and retries.
+            tracing::warn!(%peer, error = %e, "refusing the connection's messages: the store cannot take them");
         } else {
             tracing::debug!(%peer, error = %e, "connection ended");
         }
@@ -756,7 +759,7 @@ async fn handle(shared: &Arc<Shared>, rights: &[Right], op: &str, body: &[u8]) -
         }
         "checkpoint" => {
             need(rights, Right::ServiceConnect, op)?;
-            shared.groups.flush().await?;
+            shared.groups.flush(&shared.events).await?;
             Ok(serde_json::json!({}))
         }
         "hub.info" => Ok(serde_json::json!({
