@@ -59,6 +59,27 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput, latency, connections and recovery against a Mosquitto baseline.
     Bench(bench::BenchArgs),
+    /// Inspect or repair a data directory (a hub's, a device outbox, or one store).
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreAction {
+    /// Report what every store under DIR holds and what is damaged (reads everything, changes
+    /// nothing; exit status 1 if anything is damaged).
+    Check {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// Move damaged segments aside into `quarantine/` (never deleted), keep every valid record,
+    /// and accept the lost ranges so the stores open again. Refuses stores in use.
+    Repair {
+        /// The data directory.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -336,7 +357,22 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::MonitorEvents(a) => monitor(a).await,
         Command::Demo(a) => demo::run(a).await,
         Command::Bench(a) => bench::run(a).await,
+        Command::Store { action } => store(action),
     }
+}
+
+fn store(action: StoreAction) -> Result<(), Error> {
+    let (report, repairing) = match action {
+        StoreAction::Check { dir } => (hubmsg_core::store::check::check(&dir)?, false),
+        StoreAction::Repair { dir } => (hubmsg_core::store::check::repair(&dir)?, true),
+    };
+    println!("{report}");
+    if report.is_clean() {
+        return Ok(());
+    }
+    let what =
+        if repairing { "damage remains after the repair (see above)" } else { "damage found; `hubmsg store repair DIR` moves it aside" };
+    Err(Error::new(hubmsg_core::ErrorKind::Storage, what))
 }
 
 async fn run_hub(a: HubArgs) -> Result<(), Error> {
