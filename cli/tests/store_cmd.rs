@@ -40,8 +40,7 @@ fn check_reports_damage_without_changing_anything_and_repair_keeps_every_valid_r
     let seg = std::fs::read_dir(&p0)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg") && std::fs::read(p).unwrap().windows(11).any(|w| w == b"event 00500"))
-        .next()
+        .find(|p| p.extension().is_some_and(|x| x == "seg") && std::fs::read(p).unwrap().windows(11).any(|w| w == b"event 00500"))
         .unwrap();
     flip(&seg, "event 00500");
     let before = std::fs::read(&seg).unwrap();
