@@ -682,6 +682,55 @@ mod tests {
         assert_eq!(ob.stats().expired, 1);
     }
 
+    #[test]
+    fn a_failed_write_or_fdatasync_does_not_leave_sends_failing() {
+        use crate::store::sim::{Faults, Sim};
+        let root = std::path::Path::new("/device");
+        let sim = Sim::new(11, root);
+        let (env, inline) = sim.env();
+        let ob = Outbox::open_with(OutboxOptions { dir: Some(root.join("outbox")), ..Default::default() }, env).unwrap();
+        ob.push_blocking(&Message::new("before")).unwrap();
+        for fault in [Faults { enospc_write: 1.0, ..Faults::default() }, Faults { eio_sync: 1.0, ..Faults::default() }] {
+            sim.set_faults(fault);
+            let e = ob.push_blocking(&Message::new("while failing")).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Storage, "{e}");
+            assert_eq!(ob.push_blocking(&Message::new("again")).unwrap_err().kind(), ErrorKind::Storage);
+            sim.set_faults(Faults::default());
+            inline.fire_timers(); // the store retries by itself
+            ob.push_blocking(&Message::new("after")).expect("sending works again without a restart");
+        }
+        let bodies: Vec<String> =
+            ob.take_sendable(100).iter().map(|s| String::from_utf8_lossy(&Message::decode(&s.record).unwrap().body).into_owned()).collect();
+        // The message whose send failed may still be delivered (at-least-once); all accepted are.
+        assert_eq!(bodies.iter().filter(|b| *b == "before" || *b == "after").count(), 3, "{bodies:?}");
+    }
+
+    #[test]
+    fn a_poisoned_store_is_reopened_on_the_next_send() {
+        use crate::store::sim::{Faults, Sim};
+        let root = std::path::Path::new("/device");
+        let sim = Sim::new(12, root);
+        let (env, inline) = sim.env();
+        let dir = root.join("outbox");
+        let ob = Outbox::open_with(OutboxOptions { dir: Some(dir.clone()), ..Default::default() }, env).unwrap();
+        ob.push_blocking(&Message::new("kept")).unwrap();
+        // An fdatasync fails and the unsynced bytes come back changed: the store cannot tell
+        // what is on disk and poisons itself.
+        sim.set_faults(Faults { eio_sync: 1.0, ..Faults::default() });
+        assert!(ob.push_blocking(&Message::new("lost in the cache")).is_err());
+        sim.set_faults(Faults::default());
+        let seg = dir.join("00000000000000000001.seg");
+        let len = sim.fs().open(&seg, false, 0o644).unwrap().len().unwrap() as usize;
+        assert!(sim.rot(&seg, len - 3));
+        inline.fire_timers();
+        assert!(ob.push_blocking(&Message::new("during")).is_err(), "the poisoned log refuses");
+        ob.push_blocking(&Message::new("after")).expect("the outbox reopened its store from disk");
+        let bodies: Vec<String> =
+            ob.take_sendable(100).iter().map(|s| String::from_utf8_lossy(&Message::decode(&s.record).unwrap().body).into_owned()).collect();
+        assert_eq!(bodies.first().map(String::as_str), Some("kept"));
+        assert_eq!(bodies.last().map(String::as_str), Some("after"));
+    }
+
     #[tokio::test]
     async fn durable_outbox_recovers_unacked_messages() {
         let dir = tempfile::tempdir().unwrap();

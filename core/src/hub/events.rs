@@ -197,7 +197,11 @@ pub const MAX_GROUPS: usize = 64;
 impl Groups {
     /// Opens the checkpoint store in `dir`.
     pub fn open(dir: &Path, partitions: u32, durability: Durability) -> Result<Arc<Groups>> {
-        let store = StateLog::<Checkpoints>::open(dir, StateOptions { durability, ..StateOptions::default() })?;
+        Groups::open_with(dir, partitions, durability, crate::store::Env::real())
+    }
+
+    pub(crate) fn open_with(dir: &Path, partitions: u32, durability: Durability, env: crate::store::Env) -> Result<Arc<Groups>> {
+        let store = StateLog::<Checkpoints>::open_with(dir, StateOptions { durability, ..StateOptions::default() }, env)?;
         Ok(Arc::new(Groups { partitions, inner: Mutex::new(HashMap::new()), store, last_commit: std::sync::atomic::AtomicU64::new(0) }))
     }
 
@@ -282,6 +286,11 @@ impl Groups {
     /// returns once every checkpoint acknowledged before the call is durable — also those a
     /// concurrent flush is writing. On an error the positions stay queued for the next flush.
     pub async fn flush(&self, events: &EventLog) -> Result<()> {
+        self.flush_clamped(|p| if p < events.count() { events.partition(p).synced() } else { u64::MAX }).await
+    }
+
+    /// [`Groups::flush`] with `on_disk(p)`: how far partition `p` is fsync'd.
+    async fn flush_clamped(&self, on_disk: impl Fn(u32) -> u64) -> Result<()> {
         use std::sync::atomic::Ordering;
         let (committed, target, err) = {
             let mut g = self.inner.lock();
@@ -291,8 +300,7 @@ impl Groups {
                 let mut dirty: Vec<(u32, u64)> = grp.dirty.iter().map(|(p, s)| (*p, *s)).collect();
                 dirty.sort();
                 for (p, s) in dirty {
-                    let on_disk = if p < events.count() { events.partition(p).synced() } else { s };
-                    let s = s.min(on_disk);
+                    let s = s.min(on_disk(p));
                     if s == 0 {
                         continue;
                     }
@@ -335,5 +343,61 @@ impl Groups {
     /// Closes the checkpoint store.
     pub fn close(&self) -> Result<()> {
         self.store.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sim::{Faults, Sim};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_request_waits_for_positions_a_concurrent_flush_is_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = Groups::open(dir.path(), 1, Durability::Always).unwrap();
+        let _a = groups.join("g", 1).unwrap();
+        for round in 1..=100u64 {
+            groups.advance("g", 0, 1, round);
+            let g = groups.clone();
+            let first = tokio::spawn(async move { g.flush_clamped(|_| u64::MAX).await });
+            // The first flush took the position; the request that comes now finds nothing new
+            // to write, yet must not answer before that position is durable.
+            while groups.store.log().last_seq() < round {
+                tokio::task::yield_now().await;
+            }
+            groups.flush_clamped(|_| u64::MAX).await.unwrap();
+            let durable = *groups.store.log().durable().borrow();
+            assert!(durable >= round, "round {round}: the checkpoint request was answered with the position not durable ({durable})");
+            first.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_checkpoint_write_keeps_the_positions_queued() {
+        let root = std::path::Path::new("/hub");
+        let sim = Sim::new(3, root);
+        let (env, inline) = sim.env();
+        let groups = Groups::open_with(&root.join("checkpoints"), 2, Durability::Always, env).unwrap();
+        let _a = groups.join("g", 1).unwrap();
+        groups.advance("g", 0, 1, 40);
+        groups.advance("g", 1, 1, 7);
+        sim.set_faults(Faults { enospc_write: 1.0, ..Faults::default() });
+        assert_eq!(groups.flush_clamped(|_| u64::MAX).await.unwrap_err().kind(), ErrorKind::Storage);
+        sim.set_faults(Faults::default());
+        inline.fire_timers(); // the store retries its write
+        groups.flush_clamped(|_| u64::MAX).await.unwrap();
+        assert_eq!(groups.store.read(|c| c.by_group["g"].clone()), BTreeMap::from([(0, 40), (1, 7)]));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_never_points_past_what_its_partition_fsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = Groups::open(dir.path(), 1, Durability::Always).unwrap();
+        let _a = groups.join("g", 1).unwrap();
+        groups.advance("g", 0, 1, 100);
+        groups.flush_clamped(|_| 60).await.unwrap();
+        assert_eq!(groups.max_checkpoint(0), 60, "clamped to the partition's fsync'd head");
+        groups.flush_clamped(|_| 1000).await.unwrap();
+        assert_eq!(groups.max_checkpoint(0), 100, "the rest follows once it is on disk");
     }
 }

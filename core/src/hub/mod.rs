@@ -127,6 +127,9 @@ pub struct HubStats {
     pub d2c_messages: AtomicU64,
     /// D2C body bytes appended.
     pub d2c_bytes: AtomicU64,
+    /// D2C messages refused because the store could not take them (a full disk, a damaged
+    /// partition); the connection is closed and the device retries from its outbox.
+    pub d2c_refused: AtomicU64,
     /// Events delivered to consumers (including redeliveries).
     pub events_delivered: AtomicU64,
 }

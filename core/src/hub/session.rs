@@ -386,7 +386,9 @@ impl DeviceSession<'_> {
         let bytes = msg.body.len() as u64;
         scratch.clear();
         msg.encode_with_system(&stamps, scratch);
-        let seq = log.append(scratch)?;
+        let seq = log.append(scratch).inspect_err(|_| {
+            self.shared.stats.d2c_refused.fetch_add(1, Ordering::Relaxed);
+        })?;
         self.shared.stats.d2c_messages.fetch_add(1, Ordering::Relaxed);
         self.shared.stats.d2c_bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok((p.qos == QoS::AtLeastOnce).then_some((p.pkid, seq)))

@@ -21,7 +21,7 @@
 //! - **Damage** is never silently cut: see [`Damage`], [`check`] and [`OnDamage`].
 
 pub mod check;
-mod exec;
+pub(crate) mod exec;
 mod format;
 pub(crate) mod io;
 mod log;

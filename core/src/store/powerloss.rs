@@ -11,12 +11,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::exec::{Exec, Inline};
 use super::sim::{Faults, Sim};
-use super::{Durability, Env, Log, LogOptions, Machine, StateLog, StateOptions};
+use super::{Durability, Log, LogOptions, Machine, StateLog, StateOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
 use crate::outbox::{Outbox, OutboxOptions};
@@ -36,11 +34,6 @@ impl std::ops::AddAssign for Count {
         self.faults += o.faults;
         self.ops += o.ops;
     }
-}
-
-fn env_of(sim: &Sim) -> (Env, Arc<Inline>) {
-    let inline = Arc::new(Inline::default());
-    (Env { fs: sim.fs(), exec: Exec::Inline(inline.clone()) }, inline)
 }
 
 fn faults(rng: &mut fastrand::Rng, max_ops: u64) -> Faults {
@@ -70,7 +63,7 @@ fn log_case(seed: u64) -> std::result::Result<Count, String> {
     let mut count = Count { cases: 1, ..Count::default() };
     let rounds = rng.u64(1..=3);
     for round in 0..=rounds {
-        let (env, inline) = env_of(&sim);
+        let (env, inline) = sim.env();
         let opts =
             LogOptions { segment_bytes: seg, durability: dur, max_record_bytes: 2048, min_next_seq: floor + 1, ..LogOptions::default() };
         let log = Log::open_with(&dir, opts, env).map_err(|e| format!("round {round} ({dur:?}): open failed: {e}"))?;
@@ -187,7 +180,7 @@ fn outbox_case(seed: u64) -> std::result::Result<Count, String> {
     let mut count = Count { cases: 1, ..Count::default() };
     let rounds = rng.u64(1..=3);
     for round in 0..=rounds {
-        let (env, inline) = env_of(&sim);
+        let (env, inline) = sim.env();
         let opts = OutboxOptions { dir: Some(dir.clone()), max_messages: 10_000, ..OutboxOptions::default() };
         let ob = Outbox::open_with(opts, env).map_err(|e| format!("round {round}: open failed: {e}"))?;
         let queued = ob.take_sendable(100_000);
@@ -306,7 +299,7 @@ fn state_case(seed: u64) -> std::result::Result<Count, String> {
     let mut count = Count { cases: 1, ..Count::default() };
     let rounds = rng.u64(1..=3);
     for round in 0..=rounds {
-        let (env, inline) = env_of(&sim);
+        let (env, inline) = sim.env();
         let s = StateLog::<Ids>::open_with(&dir, StateOptions { durability: dur, compact_after_bytes: compact_after }, env)
             .map_err(|e| format!("round {round} ({dur:?}): open failed: {e}"))?;
         let (last, sum) = s.read(|m| (m.last, m.sum));

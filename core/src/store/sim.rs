@@ -248,23 +248,32 @@ impl Sim {
         (m.ops, m.injected)
     }
 
-    /// Flips one bit of a file's durable content (bit rot), as the disk returns it.
-    #[allow(dead_code)]
+    /// Flips one bit of a file at `at` (bit rot, or a page the cache lost), in what reads return
+    /// and, if it is there, on the disk.
     pub(crate) fn rot(&self, path: &Path, at: usize) -> bool {
         let mut m = self.m.lock();
         let Some(Node::File(i)) = m.lookup(path) else { return false };
         let ino = &mut m.inodes[i];
-        if at >= ino.disk.len() {
+        if at >= ino.cache.len() {
             return false;
         }
-        ino.disk[at] ^= 0x08;
         ino.cache[at] ^= 0x08;
+        if at < ino.disk.len() {
+            ino.disk[at] ^= 0x08;
+        }
         true
     }
 
     /// The file system view of this machine.
     pub(crate) fn fs(&self) -> Arc<dyn Fs> {
         Arc::new(self.clone())
+    }
+
+    /// A store environment on this machine with the deterministic inline executor (fire its
+    /// timers to let time pass: interval syncs, retries).
+    pub(crate) fn env(&self) -> (super::Env, Arc<super::exec::Inline>) {
+        let inline = Arc::new(super::exec::Inline::default());
+        (super::Env { fs: self.fs(), exec: super::exec::Exec::Inline(inline.clone()) }, inline)
     }
 }
 

@@ -316,6 +316,62 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Storage);
     }
 
+    /// A machine whose snapshot blocks while `GATE` is closed, to hold a compaction in the middle.
+    #[derive(Default)]
+    struct Slow(u64);
+    static GATE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    static GATE_CV: std::sync::Condvar = std::sync::Condvar::new();
+    static IN_SNAPSHOT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    impl Machine for Slow {
+        fn apply(&mut self, _event: &[u8]) -> Result<()> {
+            self.0 += 1;
+            Ok(())
+        }
+        fn snapshot(&self) -> Vec<u8> {
+            IN_SNAPSHOT.store(true, Ordering::SeqCst);
+            let mut open = GATE.lock().unwrap();
+            while !*open {
+                open = GATE_CV.wait(open).unwrap();
+            }
+            self.0.to_string().into_bytes()
+        }
+        fn restore(s: Option<&[u8]>) -> Result<Self> {
+            Ok(Slow(s.map_or(0, |b| std::str::from_utf8(b).unwrap().parse().unwrap())))
+        }
+    }
+
+    #[test]
+    fn commits_go_on_while_a_snapshot_is_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateLog::<Slow>::open(dir.path(), StateOptions { durability: Durability::Always, compact_after_bytes: 1000 }).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !IN_SNAPSHOT.load(Ordering::SeqCst) && n < 100_000 {
+                let seq = s2.commit(&[b'e'; 100]).unwrap();
+                s2.wait_durable_blocking(seq).unwrap();
+                n += 1;
+            }
+            // A compaction is now stuck inside snapshot(): commits must not wait for it.
+            for _ in 0..200 {
+                let seq = s2.commit(&[b'f'; 100]).unwrap();
+                s2.wait_durable_blocking(seq).unwrap();
+            }
+            let _ = tx.send((n, s2.read(|m| m.0)));
+        });
+        // Not a speed limit: only a commit blocked behind the snapshot never gets here.
+        let got = rx.recv_timeout(std::time::Duration::from_secs(60));
+        *GATE.lock().unwrap() = true;
+        GATE_CV.notify_all();
+        let (n, state) = got.expect("commits blocked behind a snapshot being written");
+        assert!(IN_SNAPSHOT.load(Ordering::SeqCst) && n < 100_000, "a compaction started");
+        assert_eq!(state, n + 200);
+        s.compact().unwrap();
+        s.close().unwrap();
+    }
+
     #[test]
     fn automatic_compaction_removes_segments_and_keeps_state() {
         let dir = tempfile::tempdir().unwrap();
