@@ -340,6 +340,15 @@ pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> 
     };
     let mut rows = Vec::new();
     let mut runs = Vec::new();
+    // What the disk itself takes for one fdatasync, measured on the same file system first: the
+    // fsync'd figures below pay two of them in a row (device outbox, then hub log).
+    let probe = fsync_probe(&ctx.dir("fsync-probe")?, if ctx.quick { 300 } else { 2000 })?;
+    println!(
+        "  disk      fdatasync of a 4 KiB append: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} samples)",
+        probe.p50_ms, probe.p99_ms, probe.max_ms, probe.count
+    );
+    rows.push(Row::new(Scenario::D2cLatency, "disk: fdatasync of a 4 KiB append, p50", probe.p50_ms, "ms"));
+    rows.push(Row::new(Scenario::D2cLatency, "disk: fdatasync of a 4 KiB append, p99", probe.p99_ms, "ms"));
     for (devices, durability) in [(1usize, "always"), (1, "never"), (10, "always")] {
         let r = latency_run(ctx, &plan, devices, durability).await?;
         let s = &r.from_send;
@@ -349,8 +358,8 @@ pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> 
             if durability == "always" { "fsync'd" } else { "durability never" }
         );
         println!(
-            "  hubmsg    {what:<26} p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms; from schedule p99 {:.2} ms  ({} samples; pacer lag max {:.2} ms; {})",
-            s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, r.from_schedule.p99_ms, s.count, r.pacer_lag_max_ms, r.cpu
+            "  hubmsg    {what:<26} p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms; from schedule p99 {:.2} ms  ({} samples; {} over 10 ms in {} episodes; pacer lag max {:.2} ms; {})",
+            s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, r.from_schedule.p99_ms, s.count, r.over_10ms, r.slow_episodes, r.pacer_lag_max_ms, r.cpu
         );
         for (name, v) in [("p50", s.p50_ms), ("p99", s.p99_ms), ("p99.9", s.p999_ms)] {
             let mut row = Row::new(Scenario::D2cLatency, format!("{name} at 10,000 msg/s, {what}"), v, "ms").other_cpu(r.cpu.rest_cores);
@@ -371,6 +380,8 @@ pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> 
             "window_s": plan.window.as_secs_f64(),
             "sender": "open loop: a pacer thread releases each message at its scheduled time and calls send() in a task of its own, so a slow send never delays the next; devices take messages round robin",
             "latency": "from the send() call (timestamp in the body) to the consumer's receipt; from_schedule is from the time the pacer meant to call send(), so it also counts a late pacer or a busy runtime",
+            "slow_episodes": "messages over 10 ms grouped into episodes (a gap of more than 20 ms between two of them starts a new one)",
+            "fsync_probe": probe,
             "runs": runs,
         }),
         unavailable: None,
@@ -387,6 +398,9 @@ struct LatencyRun {
     from_send: stats::Summary,
     from_schedule: stats::Summary,
     pacer_lag_max_ms: f64,
+    /// Messages slower than 10 ms, and how many separate episodes they form.
+    over_10ms: usize,
+    slow_episodes: usize,
     cpu: CpuSplit,
     #[serde(skip)]
     curve: Vec<(f64, f64)>,
@@ -482,6 +496,7 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, devices: usize, durability: 
             format!("{} of {total} messages never reached the consumer ({send_errors} send errors)", counts.missing),
         ));
     }
+    let (over_10ms, slow_episodes) = slow_episodes(&points, 10.0, 0.020);
     let step = (points.len() / 20_000).max(1);
     points = points.into_iter().step_by(step).collect();
     let from_send_summary = from_send.summary();
@@ -495,8 +510,45 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, devices: usize, durability: 
         from_send: from_send_summary,
         from_schedule: from_sched.summary(),
         pacer_lag_max_ms: stats::round(lag_max.as_secs_f64() * 1e3),
+        over_10ms,
+        slow_episodes,
         cpu,
         curve,
         points,
     })
+}
+
+/// Messages slower than `over_ms` among `(seconds, ms)` points, and the episodes they form
+/// (a gap longer than `gap_s` between two slow messages starts a new one).
+fn slow_episodes(points: &[(f64, f64)], over_ms: f64, gap_s: f64) -> (usize, usize) {
+    let mut slow: Vec<f64> = points.iter().filter(|p| p.1 > over_ms).map(|p| p.0).collect();
+    slow.sort_by(f64::total_cmp);
+    let episodes = slow.windows(2).filter(|w| w[1] - w[0] > gap_s).count() + usize::from(!slow.is_empty());
+    (slow.len(), episodes)
+}
+
+/// fdatasync latency of the disk under `dir`: `n` 4 KiB appends, each followed by fdatasync.
+fn fsync_probe(dir: &std::path::Path, n: usize) -> Result<stats::Summary, Error> {
+    use std::io::Write;
+    let path = dir.join("probe");
+    let mut f =
+        std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| Error::storage("create the fsync probe file", e))?;
+    let buf = [0x5au8; 4096];
+    let mut s = Samples::default();
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&buf).and_then(|()| f.sync_data()).map_err(|e| Error::storage("fsync probe", e))?;
+        s.push(t.elapsed());
+    }
+    Ok(s.summary())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slow_messages_group_into_episodes() {
+        let pts = [(0.0, 1.0), (0.100, 15.0), (0.105, 12.0), (0.5, 30.0), (0.9, 2.0)];
+        assert_eq!(super::slow_episodes(&pts, 10.0, 0.020), (3, 2));
+        assert_eq!(super::slow_episodes(&[], 10.0, 0.020), (0, 0));
+    }
 }

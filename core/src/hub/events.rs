@@ -126,12 +126,9 @@ impl EventLog {
         Ok(removed)
     }
 
-    /// Flushes and closes every partition.
+    /// Flushes and closes every partition (all of them, reporting the first error).
     pub fn close(&self) -> Result<()> {
-        for p in &self.partitions {
-            p.close()?;
-        }
-        Ok(())
+        self.partitions.iter().map(Log::close).fold(Ok(()), Result::and)
     }
 }
 
