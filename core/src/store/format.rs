@@ -361,6 +361,13 @@ pub(crate) struct SegmentIndex {
     pub entries: Vec<IndexEntry>,
 }
 
+impl SegmentIndex {
+    /// The index of a segment with these extents.
+    pub(crate) fn of(first_seq: u64, last_seq: u64, len: u64, ts: (u64, u64), entries: &[IndexEntry]) -> SegmentIndex {
+        SegmentIndex { first_seq, last_seq, len, first_ts: ts.0, last_ts: ts.1, entries: entries.to_vec() }
+    }
+}
+
 /// Encodes a sidecar index.
 pub(crate) fn encode_index(i: &SegmentIndex) -> Vec<u8> {
     let mut b = Vec::with_capacity(60 + i.entries.len() * 24);

@@ -237,14 +237,7 @@ impl Segment {
         SegmentInfo { first_seq: self.first_seq, last_seq: self.last_seq, bytes: self.len, last_timestamp_ms: self.last_ts }
     }
     fn sidecar(&self) -> format::SegmentIndex {
-        format::SegmentIndex {
-            first_seq: self.first_seq,
-            last_seq: self.last_seq,
-            len: self.len,
-            first_ts: self.first_ts,
-            last_ts: self.last_ts,
-            entries: self.index.clone(),
-        }
+        format::SegmentIndex::of(self.first_seq, self.last_seq, self.len, (self.first_ts, self.last_ts), &self.index)
     }
 }
 

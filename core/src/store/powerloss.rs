@@ -41,6 +41,25 @@ fn faults(rng: &mut fastrand::Rng, max_ops: u64) -> Faults {
     Faults { eio_sync: if noisy { 0.05 } else { 0.0 }, enospc_write: if noisy { 0.05 } else { 0.0 }, crash_at: Some(rng.u64(1..max_ops)) }
 }
 
+/// Arms a power loss at a random operation (and random faults) and runs `step` until it hits;
+/// then cuts the power for good, drops the store (`stop`) and brings the machine back.
+fn until_power_fails(
+    sim: &Sim,
+    rng: &mut fastrand::Rng,
+    max_ops: u64,
+    mut step: impl FnMut(&mut fastrand::Rng) -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
+    sim.set_faults(faults(rng, max_ops));
+    for _ in 0..2000 {
+        if sim.is_dead() {
+            break;
+        }
+        step(rng)?;
+    }
+    sim.power_off();
+    Ok(())
+}
+
 fn durability(rng: &mut fastrand::Rng) -> Durability {
     match rng.u8(0..3) {
         0 => Durability::Always,
@@ -105,12 +124,7 @@ fn log_case(seed: u64) -> std::result::Result<Count, String> {
             }
             break;
         }
-        // Run until the power fails.
-        sim.set_faults(faults(&mut rng, 300));
-        for _ in 0..2000 {
-            if sim.is_dead() {
-                break;
-            }
+        until_power_fails(&sim, &mut rng, 300, |rng| {
             match rng.u8(0..12) {
                 0..=6 => {
                     let mut last = None;
@@ -153,8 +167,8 @@ fn log_case(seed: u64) -> std::result::Result<Count, String> {
             if let Some((&s, _)) = payloads.range(..=log.synced()).next_back() {
                 acked = acked.max(s);
             }
-        }
-        sim.power_off();
+            Ok(())
+        })?;
         drop(log);
         sim.power_on();
         count.crashes += 1;
@@ -216,11 +230,7 @@ fn outbox_case(seed: u64) -> std::result::Result<Count, String> {
         if round == rounds {
             break;
         }
-        sim.set_faults(faults(&mut rng, 250));
-        for _ in 0..2000 {
-            if sim.is_dead() {
-                break;
-            }
+        until_power_fails(&sim, &mut rng, 250, |rng| {
             match rng.u8(0..10) {
                 0..=4 => {
                     let body = format!("m{n}");
@@ -243,8 +253,8 @@ fn outbox_case(seed: u64) -> std::result::Result<Count, String> {
             if let Some(st) = ob.store_stats() {
                 persisted_ack = persisted_ack.max(st.ack_persisted);
             }
-        }
-        sim.power_off();
+            Ok(())
+        })?;
         drop(ob);
         sim.power_on();
         count.crashes += 1;
@@ -314,11 +324,7 @@ fn state_case(seed: u64) -> std::result::Result<Count, String> {
         if round == rounds {
             break;
         }
-        sim.set_faults(faults(&mut rng, 250));
-        for _ in 0..2000 {
-            if sim.is_dead() {
-                break;
-            }
+        until_power_fails(&sim, &mut rng, 250, |rng| {
             match rng.u8(0..10) {
                 0..=6 => {
                     let id = committed + 1;
@@ -342,8 +348,8 @@ fn state_case(seed: u64) -> std::result::Result<Count, String> {
             if let Some((_, id)) = seq_of.range(..=synced).next_back() {
                 confirmed = confirmed.max(*id);
             }
-        }
-        sim.power_off();
+            Ok(())
+        })?;
         drop(s);
         sim.power_on();
         count.crashes += 1;

@@ -137,14 +137,7 @@ impl Found {
     }
     /// Its sidecar index.
     pub(crate) fn sidecar(&self) -> SegmentIndex {
-        SegmentIndex {
-            first_seq: self.first_seq,
-            last_seq: self.last_seq,
-            len: self.len,
-            first_ts: self.first_ts,
-            last_ts: self.last_ts,
-            entries: self.index.clone(),
-        }
+        SegmentIndex::of(self.first_seq, self.last_seq, self.len, (self.first_ts, self.last_ts), &self.index)
     }
 }
 
