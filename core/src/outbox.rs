@@ -4,7 +4,11 @@
 //! - a message is accepted ([`Outbox::push`] returns) only once it is durable per the configured
 //!   durability; what is durable is what the store holds on disk, and after any storage failure
 //!   the outbox reloads itself from disk, so memory never claims more than the disk has;
-//! - entries leave in sequence order and a message is only handed to the transport once durable;
+//! - entries leave in sequence order; a message is handed to the transport as soon as it is
+//!   queued, while its own fdatasync runs (the hub's PUBACK may even come first): `push` still
+//!   returns only once it is durable, so a message whose `push` returned survives any crash, and
+//!   one lost with an unfinished `push` was either never accepted or already at the hub — this
+//!   takes the outbox's fdatasync off the delivery latency;
 //! - every entry ends in exactly one [`Outcome`] (delivered, expired, dropped), and every drop and
 //!   expiry is counted in [`OutboxStats`]; nothing is discarded silently;
 //! - the persisted ack watermark only covers entries that reached an outcome, so a crash can only
@@ -269,6 +273,7 @@ impl Outbox {
     /// `Storage` (the disk refused it: nothing was accepted).
     pub async fn push(&self, msg: &Message) -> Result<(u64, oneshot::Receiver<Outcome>)> {
         let (seq, rx, log) = self.append(msg, None)?;
+        self.wake.notify_one();
         if let Some(log) = log {
             if let Err(e) = log.wait_durable(seq).await {
                 self.after_failure(&log, &e);
@@ -298,6 +303,7 @@ impl Outbox {
             last_log = log.map(|l| (l, seq));
             out.push((seq, rx));
         }
+        self.wake.notify_one();
         if let Some((log, seq)) = last_log {
             if let Err(e) = log.wait_durable(seq).await {
                 self.after_failure(&log, &e);
@@ -316,6 +322,7 @@ impl Outbox {
     /// [`Outbox::push_blocking`] with the message's transport form.
     pub fn push_blocking_prepared(&self, msg: &Message, prepared: Option<Prepared>) -> Result<(u64, oneshot::Receiver<Outcome>)> {
         let (seq, rx, log) = self.append(msg, prepared)?;
+        self.wake.notify_one();
         if let Some(log) = log {
             if let Err(e) = log.wait_durable_blocking(seq) {
                 self.after_failure(&log, &e);
@@ -427,23 +434,17 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Takes up to `max` durable, queued messages in order and marks them sent. Expired ones are
-    /// finished as [`Outcome::Expired`] and skipped.
+    /// Takes up to `max` queued messages in order (durable or with their fdatasync still
+    /// running) and marks them sent. Expired ones are finished as [`Outcome::Expired`] and
+    /// skipped.
     pub fn take_sendable(&self, max: usize) -> Vec<Sendable> {
         let now = now_ms();
         let mut g = self.inner.lock();
         let inner = &mut *g;
-        let durable = match &inner.backend {
-            Backend::Disk { log, .. } => *log.durable().borrow(),
-            Backend::Memory { durable, .. } => *durable.borrow(),
-        };
         let mut out = Vec::new();
         let mut i = 0;
         while i < inner.entries.len() && out.len() < max {
             let e = &inner.entries[i];
-            if e.seq > durable {
-                break;
-            }
             if e.state == State::Queued {
                 if e.expiry_ms.is_some_and(|x| x <= now) {
                     inner.finish(i, Outcome::Expired);

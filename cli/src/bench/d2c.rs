@@ -497,6 +497,12 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, devices: usize, durability: 
         ));
     }
     let (over_10ms, slow_episodes) = slow_episodes(&points, 10.0, 0.020);
+    if let Some(dir) = std::env::var_os("HUBMSG_BENCH_POINTS") {
+        // Every message's (seconds into the window, latency ms), for looking for bands.
+        let csv: String = points.iter().map(|(t, l)| format!("{t:.6},{l:.3}\n")).collect();
+        let path = std::path::Path::new(&dir).join(format!("latency-points-{devices}-{durability}.csv"));
+        std::fs::write(&path, csv).map_err(|e| Error::storage(format!("write {}", path.display()), e))?;
+    }
     let step = (points.len() / 20_000).max(1);
     points = points.into_iter().step_by(step).collect();
     let from_send_summary = from_send.summary();
