@@ -48,6 +48,7 @@ struct Restart {
 /// run), SIGKILLed and restarted on the same data each time.
 pub async fn recovery(ctx: &Ctx) -> Result<Outcome, Error> {
     let (stages, devices): (&[u64], usize) = if ctx.quick { (&[20_000, 100_000], 10) } else { (&[1_000_000, 10_000_000], 100) };
+    ctx.free_earlier_runs();
     let mut hub = Hub::start(ctx, "recovery", &[]).await?;
     let svc = common::service(&hub.proc.cs).await?;
     let mut ids = common::device_ids("fill", devices);
