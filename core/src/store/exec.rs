@@ -7,7 +7,9 @@
 //! Invariants: a job runs on one thread at a time per submission (a log that submits itself while
 //! queued is queued once, by its own bookkeeping); no lock of this module is held while a job
 //! runs; a worker that must wait for store progress helps run queued jobs instead of blocking, so
-//! waits inside jobs cannot deadlock the pool; the pool is recreated in a forked child.
+//! waits inside jobs cannot deadlock the pool; the pool is recreated in a forked child (a log
+//! opened before the fork belongs to the parent and must not be used in the child: its
+//! directory lock and its jobs stay with the parent's pool).
 
 use std::cell::Cell;
 use std::cmp::Reverse;
