@@ -13,7 +13,7 @@
 //!   expiry is counted in [`OutboxStats`]; nothing is discarded silently;
 //! - the persisted ack watermark only covers entries that reached an outcome, so a crash can only
 //!   cause re-sends (duplicates with the same message id), never losses; it is written in the
-//!   background by the store (at most every 100 ms), never under the outbox's lock;
+//!   background by the store (after 1,024 outcomes or a second), never under the outbox's lock;
 //! - a storage failure never leaves the outbox failing until a restart: the store retries a
 //!   failed write or fdatasync by itself (sends fail with `Storage` meanwhile and work again
 //!   once the disk takes data), and a log that had to be poisoned is reopened on the next send.

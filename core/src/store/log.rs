@@ -45,8 +45,11 @@ use crate::message::now_ms;
 /// How long a failed write or fdatasync waits before it is tried again (doubling to 2 s).
 const RETRY: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
-/// The ack watermark is written at most this often (and on close / [`Log::flush_ack`]).
-const ACK_EVERY: Duration = Duration::from_millis(100);
+/// The ack watermark is written once it moved this many records past the written one, or this
+/// long after the last write, whichever comes first (and on close / [`Log::flush_ack`]): a
+/// crash re-sends at most about that much, and a busy log adds one fdatasync per 1,024 records.
+const ACK_BATCH: u64 = 1024;
+const ACK_EVERY: Duration = Duration::from_secs(1);
 /// Free space is checked at most this often while writing (with a reserve set).
 const SPACE_EVERY: Duration = Duration::from_millis(50);
 
@@ -437,7 +440,7 @@ impl Shared {
             }
         }
         let ack_persisted = st.stats.ack_persisted;
-        let urgent = (st.closed || st.ack_flush) && !st.ack_error;
+        let urgent = (st.closed || st.ack_flush || st.acked - ack_persisted >= ACK_BATCH) && !st.ack_error;
         if st.acked > ack_persisted && !st.ack_busy && (urgent || now >= st.ack_next) {
             st.ack_busy = true;
             return Some(Action::Ack { seq: st.acked, file: st.ack_file.clone(), counter: st.ack_counter + 1 });
@@ -779,11 +782,11 @@ impl Shared {
             }
         })();
         let mut st = self.state.lock();
-        st.ack_busy = false;
         st.ack_next = self.now() + ACK_EVERY;
         let f = match r {
             Ok(f) => f,
             Err(e) => {
+                st.ack_busy = false;
                 tracing::warn!(dir = %self.dir.display(), error = %e, "writing the ack watermark failed; retrying (a crash meanwhile re-sends, never loses)");
                 st.ack_next = self.now() + Duration::from_secs(1);
                 st.ack_error = true;
@@ -800,7 +803,10 @@ impl Shared {
         st.ack_flush = st.acked > st.stats.ack_persisted && st.ack_flush;
         let victims = take_segments_below(&mut st, seq + 1);
         drop(st);
+        // Still busy until the consumed segments are gone, so close and flush_ack return with
+        // the directory in its final state.
         self.remove_segments(victims);
+        self.state.lock().ack_busy = false;
         self.notify();
     }
 
@@ -1398,9 +1404,9 @@ impl Log {
     }
 
     /// Marks every record `<= seq` consumed. The watermark is clamped to [`Log::synced`], never
-    /// moves backwards, and is written to disk in the background (at most every 100 ms, and on
-    /// [`Log::flush_ack`] and close); fully consumed segments are deleted once it is. No I/O
-    /// happens in the caller.
+    /// moves backwards, and is written to disk in the background — once it moved 1,024 records
+    /// or a second after the previous write, and on [`Log::flush_ack`] and close; fully consumed
+    /// segments are deleted once it is. No I/O happens in the caller.
     pub fn ack_through(&self, seq: u64) -> Result<()> {
         let sh = self.shared();
         let kick = {
@@ -1411,7 +1417,11 @@ impl Log {
                 return Ok(());
             }
             st.acked = seq;
-            !st.ack_busy && sh.kick(&mut st)
+            // Wake a store thread only when the watermark is due now or no timer will look at
+            // it later (one call per outcome must not cost a thread wake-up each).
+            let due = st.acked - st.stats.ack_persisted >= ACK_BATCH;
+            let timer_set = st.timer_at.is_some_and(|t| t > sh.now());
+            (due || !timer_set) && !st.ack_busy && sh.kick(&mut st)
         };
         if kick {
             sh.submit();
