@@ -1,9 +1,15 @@
 //! `hubmsg demo`: the whole promise in one command. A hub runs as a child process (so it can be
 //! SIGKILLed and restarted mid-run); simulated devices reach it through a fault-injecting TCP
 //! link (random disconnects and stalls); a service consumes the D2C events with a consumer group
-//! and sends C2D commands with `ack=full` that the devices complete, reject or abandon. At the
-//! end an accounting table shows what was sent, delivered, duplicated and lost in each
-//! direction; the exit status is 0 only when nothing was lost.
+//! of two members and sends C2D commands with `ack=full` that the devices complete, reject or
+//! abandon. At the end an accounting table shows what was sent, delivered, duplicated and lost
+//! in each direction; the exit status is 0 only when nothing was lost.
+//!
+//! `--backend nats` runs two hub nodes over a local 3-node JetStream cluster it starts from the
+//! installed `nats-server` (free loopback ports, stopped at the end; `--backend nats://…` uses a
+//! cluster you run). The link balances devices over the live nodes; one NATS node is SIGKILLed
+//! and restarted and one hub node is SIGKILLed for good mid-run, so its devices reconnect to the
+//! other node.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +43,11 @@ pub struct DemoArgs {
     /// D2C messages per device per second.
     #[arg(long, default_value_t = 50)]
     rate: u64,
+    /// `embedded` (one hub process), `nats` (two hub nodes over a local 3-node JetStream
+    /// cluster started from the installed nats-server) or `nats://HOST:PORT[,…]` (two hub nodes
+    /// over that cluster).
+    #[arg(long, default_value = "embedded")]
+    backend: String,
 }
 
 #[derive(Default)]
@@ -68,11 +79,38 @@ impl Rng {
     }
 }
 
-/// The fault-injecting link: forwards device connections to the hub, cutting each one after a
-/// random 1–6 s and stalling it now and then.
+/// Connects to the first hub node that accepts, starting at the `n`-th (round robin), as a TCP
+/// load balancer does: a dead node is skipped.
+async fn connect_any(ports: &[u16], n: u64) -> Option<TcpStream> {
+    for i in 0..ports.len() {
+        let port = ports[(n as usize + i) % ports.len()];
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)).await {
+            return Some(s);
+        }
+    }
+    None
+}
+
+/// A plain TCP load balancer over the hub nodes (the services' way in).
+async fn balancer(listener: TcpListener, hub_ports: Arc<Vec<u16>>) {
+    let mut n = 0u64;
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else { continue };
+        n += 1;
+        let ports = hub_ports.clone();
+        tokio::spawn(async move {
+            if let Some(mut outbound) = connect_any(&ports, n).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+/// The fault-injecting link: forwards device connections to a live hub node (round robin),
+/// cutting each one after a random 1–6 s and stalling it now and then.
 /// Once `calm` is set (the drain phase) new connections are forwarded without cuts or stalls;
 /// the link itself keeps accepting until the demo ends, so devices can always come back.
-async fn chaos_proxy(listener: TcpListener, hub_port: u16, seed: u64, calm: Arc<AtomicBool>, c: Arc<Counters>) {
+async fn chaos_proxy(listener: TcpListener, hub_ports: Arc<Vec<u16>>, seed: u64, calm: Arc<AtomicBool>, c: Arc<Counters>) {
     let mut conn_no = 0u64;
     loop {
         let Ok((inbound, _)) = listener.accept().await else { continue };
@@ -80,8 +118,9 @@ async fn chaos_proxy(listener: TcpListener, hub_port: u16, seed: u64, calm: Arc<
         conn_no += 1;
         let mut rng = Rng(seed ^ conn_no.wrapping_mul(0xA24B_AED4_963E_E407));
         let c = c.clone();
+        let ports = hub_ports.clone();
         tokio::spawn(async move {
-            let Ok(outbound) = TcpStream::connect(("127.0.0.1", hub_port)).await else { return };
+            let Some(outbound) = connect_any(&ports, conn_no).await else { return };
             let life = if calm { Duration::from_secs(24 * 3600) } else { Duration::from_millis(1000 + rng.below(5000)) };
             let stall_at = Duration::from_millis(rng.below(life.as_millis() as u64));
             let stall_for = Duration::from_millis(100 + rng.below(900));
@@ -149,33 +188,69 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     let seed =
         a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
     let dir = tempfile::tempdir().map_err(|e| Error::storage("create a temporary directory", e))?;
-    let hub_port = hubproc::free_port()?;
-    let data = dir.path().join("hub");
-    let hub_args = ["--feedback-interval".to_string(), "200ms".to_string()];
-    let mut hub = HubProcess::start(&data, hub_port, &hub_args, None).await?;
-    let proxy = TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::storage("bind the chaos link", e))?;
-    let proxy_port = proxy.local_addr().map_err(|e| Error::storage("chaos link address", e))?.port();
-    println!("hubmsg demo: hub process on 127.0.0.1:{hub_port}, {} devices behind a chaos link on :{proxy_port}, seed {seed}", a.devices);
+    let bind = |what: &'static str| async move {
+        let l = TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::storage(format!("bind the {what}"), e))?;
+        let port = l.local_addr().map_err(|e| Error::storage(format!("{what} address"), e))?.port();
+        Ok::<_, Error>((l, port))
+    };
+    let (proxy, proxy_port) = bind("chaos link").await?;
+    let (lb, lb_port) = bind("load balancer").await?;
+    let mut cluster = Cluster::for_backend(&a.backend).await?;
+    let nodes = if cluster.is_some() { 2 } else { 1 };
+    let mut hub_ports = Vec::new();
+    for _ in 0..nodes {
+        hub_ports.push(hubproc::free_port()?);
+    }
+    // Services reach the nodes through a plain balancer, devices through the chaos link; tokens
+    // may name either.
+    let mut hub_args: Vec<String> = ["--feedback-interval", "200ms", "--public-address", &format!("127.0.0.1:{lb_port}")]
+        .into_iter()
+        .chain(["--public-address", &format!("127.0.0.1:{proxy_port}")])
+        .map(String::from)
+        .collect();
+    if let Some(c) = &cluster {
+        hub_args.extend(["--backend".to_string(), c.urls(), "--replicas".into(), c.replicas().to_string()]);
+        hub_args.extend(["--retention-bytes", "67108864", "--lease-ttl", "3s"].map(String::from));
+    }
+    let data = |i: usize| dir.path().join(format!("hub{i}"));
+    let mut hubs = Vec::new();
+    for (i, port) in hub_ports.iter().enumerate() {
+        hubs.push(HubProcess::start(&data(i), *port, &hub_args, None).await?);
+    }
+    match &cluster {
+        None => println!("hubmsg demo: hub process on 127.0.0.1:{}, {} devices behind a chaos link on :{proxy_port}, seed {seed}", hub_ports[0], a.devices),
+        Some(c) => println!(
+            "hubmsg demo: 2 hub nodes on 127.0.0.1:{} and :{} over JetStream ({}), {} devices behind a chaos link on :{proxy_port}, seed {seed}",
+            hub_ports[0],
+            hub_ports[1],
+            c.describe(),
+            a.devices
+        ),
+    }
+    let hub_ports = Arc::new(hub_ports);
 
     let c = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let link = tokio::spawn(chaos_proxy(proxy, hub_port, seed, stop.clone(), c.clone()));
+    let link = tokio::spawn(chaos_proxy(proxy, hub_ports.clone(), seed, stop.clone(), c.clone()));
+    let balance = tokio::spawn(balancer(lb, hub_ports.clone()));
 
-    let mut sopts = ServiceOptions::from_connection_string(&hub.cs)?;
+    let mut sopts = ServiceOptions::from_connection_string(&hubs[0].cs)?;
     sopts.retry = retry();
     let svc = ServiceClient::connect(sopts.clone()).await?;
 
-    // Consumer group reader: every D2C message id and how often it arrived.
+    // A consumer group of two members: every D2C message id and how often it arrived.
     let d2c_seen: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let mut events = svc.events("$Default", StartPosition::Earliest).await?;
-    {
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let member = ServiceClient::connect(sopts.clone()).await?;
+        let mut events = member.events("$Default", StartPosition::Earliest).await?;
         let seen = d2c_seen.clone();
-        tokio::spawn(async move {
+        consumers.push(tokio::spawn(async move {
             while let Some(Ok(ev)) = events.next().await {
                 *seen.lock().entry(ev.message.message_id.clone().unwrap_or_default()).or_default() += 1;
                 ev.ack();
             }
-        });
+        }));
     }
     // Feedback: message id → final status.
     let feedback: Arc<Mutex<HashMap<String, FeedbackStatus>>> = Arc::default();
@@ -202,7 +277,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     for d in 0..a.devices {
         let id = format!("demo-{d:03}");
         let ident = svc.create_device(&id).await?;
-        let cs = svc.device_connection_string(&ident).replace(&format!(":{hub_port}"), &format!(":{proxy_port}"));
+        let cs = svc.device_connection_string(&ident).replace(&format!(":{lb_port}"), &format!(":{proxy_port}"));
         let mut o = DeviceOptions::from_connection_string(&cs)?;
         o.retry = retry();
         o.keep_alive = Duration::from_secs(5);
@@ -285,12 +360,15 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         }));
     }
 
-    // Live progress; the hub is SIGKILLed and restarted once half-way.
+    // Live progress. Embedded: the hub is SIGKILLed and restarted once half-way. JetStream: a
+    // NATS node is SIGKILLed (and restarted) at a third, a hub node for good at two thirds.
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {elapsed:>3} {msg}").expect("template"));
     bar.enable_steady_tick(Duration::from_millis(120));
     let started = Instant::now();
     let mut killed = false;
+    let mut nats_killed = false;
+    let mut nats_restarted = false;
     let status = |note: &str| {
         let fbn = feedback.lock().len();
         format!(
@@ -307,12 +385,33 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     };
     while started.elapsed() < a.duration {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if !killed && started.elapsed() >= a.duration / 2 {
-            killed = true;
-            hub.kill(); // SIGKILL
-            bar.println(format!("{:>5.1}s  hub process SIGKILLed; restarting it on the same data", started.elapsed().as_secs_f64()));
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            hub = HubProcess::start(&data, hub_port, &hub_args, None).await?;
+        let t = started.elapsed().as_secs_f64();
+        match &mut cluster {
+            None if !killed && started.elapsed() >= a.duration / 2 => {
+                killed = true;
+                hubs[0].kill(); // SIGKILL
+                bar.println(format!("{t:>5.1}s  hub process SIGKILLed; restarting it on the same data"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                hubs[0] = HubProcess::start(&data(0), hub_ports[0], &hub_args, None).await?;
+            }
+            Some(cl) if !nats_killed && started.elapsed() >= a.duration / 3 => {
+                nats_killed = true;
+                if let Some(name) = cl.kill_one().await? {
+                    bar.println(format!("{t:>5.1}s  NATS node {name} SIGKILLed"));
+                }
+            }
+            Some(cl) if nats_killed && !nats_restarted && started.elapsed() >= a.duration / 3 + Duration::from_secs(2) => {
+                nats_restarted = true;
+                if let Some(name) = cl.restart_killed().await? {
+                    bar.println(format!("{t:>5.1}s  NATS node {name} restarted"));
+                }
+            }
+            Some(_) if !killed && started.elapsed() >= a.duration * 2 / 3 => {
+                killed = true;
+                hubs[0].kill(); // SIGKILL, for good: its devices reconnect to the other node
+                bar.println(format!("{t:>5.1}s  hub node 1 (:{}) SIGKILLed; its devices move to hub node 2", hub_ports[0]));
+            }
+            _ => {}
         }
         bar.set_message(status("running"));
     }
@@ -408,16 +507,26 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     println!("{:<36}{:>10}", "  device reconnects", reconnects(&devices));
     println!("{:<36}{:>10}", "  link cuts", c.cuts.load(Ordering::Relaxed));
     println!("{:<36}{:>10}", "  link stalls", c.stalls.load(Ordering::Relaxed));
-    println!("{:<36}{:>10}", "  hub SIGKILL + restart", 1);
+    match &cluster {
+        None => println!("{:<36}{:>10}", "  hub SIGKILL + restart", 1),
+        Some(cl) => {
+            println!("{:<36}{:>10}", "  NATS node SIGKILL + restart", if cl.local() { "1" } else { "n/a" });
+            println!("{:<36}{:>10}", "  hub node SIGKILL (devices moved)", 1);
+        }
+    }
     for dev in &devices {
         let _ = dev.close().await;
     }
     svc.close().await;
     link.abort();
-    for r in receivers {
+    balance.abort();
+    for r in receivers.into_iter().chain(consumers) {
         r.abort();
     }
-    drop(hub);
+    drop(hubs);
+    if let Some(cl) = cluster {
+        cl.stop().await;
+    }
     if d2c_lost + c2d_lost > 0 {
         return Err(Error::new(ErrorKind::Internal, format!("{d2c_lost} D2C and {c2d_lost} C2D messages were lost (seed {seed})")));
     }
@@ -429,4 +538,96 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     }
     println!("nothing lost.");
     Ok(())
+}
+
+/// The JetStream cluster of `--backend nats…`: a local one this demo started (and can kill a
+/// node of), or one given by URL.
+enum Cluster {
+    #[cfg(feature = "nats")]
+    Local(hubmsg_nats::cluster::Cluster, Option<usize>),
+    Remote(String),
+}
+
+impl Cluster {
+    /// `embedded` → none; `nats` → a local 3-node cluster; `nats://…` → that cluster.
+    async fn for_backend(spec: &str) -> Result<Option<Cluster>, Error> {
+        match spec {
+            "embedded" => Ok(None),
+            "nats" => {
+                #[cfg(feature = "nats")]
+                {
+                    let c = hubmsg_nats::cluster::Cluster::start(3, Duration::from_secs(30)).await?;
+                    Ok(Some(Cluster::Local(c, None)))
+                }
+                #[cfg(not(feature = "nats"))]
+                Err(Error::invalid("this hubmsg was built without the NATS backend (cargo feature `nats` of hubmsg-cli)"))
+            }
+            s if s.starts_with("nats://") => Ok(Some(Cluster::Remote(s.to_string()))),
+            s => Err(Error::invalid(format!("--backend '{s}' is not embedded, nats or nats://HOST:PORT[,…]"))),
+        }
+    }
+
+    fn urls(&self) -> String {
+        match self {
+            #[cfg(feature = "nats")]
+            Cluster::Local(c, _) => c.urls(),
+            Cluster::Remote(u) => u.clone(),
+        }
+    }
+
+    fn replicas(&self) -> usize {
+        match self {
+            #[cfg(feature = "nats")]
+            Cluster::Local(..) => 3,
+            Cluster::Remote(u) => u.split(',').count().min(3),
+        }
+    }
+
+    fn local(&self) -> bool {
+        !matches!(self, Cluster::Remote(_))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            #[cfg(feature = "nats")]
+            Cluster::Local(c, _) => format!("a local 3-node nats-server cluster on {}", c.urls()),
+            Cluster::Remote(u) => u.clone(),
+        }
+    }
+
+    /// SIGKILLs one node of a local cluster; its name.
+    async fn kill_one(&mut self) -> Result<Option<String>, Error> {
+        match self {
+            #[cfg(feature = "nats")]
+            Cluster::Local(c, killed) => {
+                c.kill(0).await?;
+                *killed = Some(0);
+                Ok(Some(c.nodes()[0].name.clone()))
+            }
+            Cluster::Remote(_) => Ok(None),
+        }
+    }
+
+    /// Restarts the node [`Cluster::kill_one`] killed; its name.
+    async fn restart_killed(&mut self) -> Result<Option<String>, Error> {
+        match self {
+            #[cfg(feature = "nats")]
+            Cluster::Local(c, killed) => match killed.take() {
+                Some(i) => {
+                    c.restart(i, Duration::from_secs(30)).await?;
+                    Ok(Some(c.nodes()[i].name.clone()))
+                }
+                None => Ok(None),
+            },
+            Cluster::Remote(_) => Ok(None),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            #[cfg(feature = "nats")]
+            Cluster::Local(c, _) => c.stop().await,
+            Cluster::Remote(_) => {}
+        }
+    }
 }

@@ -62,9 +62,11 @@ impl HubProcess {
             let mut tx = Some(tx);
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
-                if let Some(cs) = line.strip_prefix("HUBMSG_HUB_CONNECTION_STRING=") {
+                // The hub is ready once it names the file with its owner connection string.
+                if let Some(path) = line.strip_prefix("HUBMSG_HUB_CONNECTION_STRING_FILE=") {
+                    let cs = std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_default();
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send((cs.to_string(), Instant::now()));
+                        let _ = tx.send((cs, Instant::now()));
                     }
                 }
             }

@@ -34,8 +34,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a hub (prints the iothubowner connection string on start).
+    /// Run a hub (writes the iothubowner connection string to a 0600 file in its data
+    /// directory; prints it only on the first start).
     Hub(HubArgs),
+    /// List or regenerate the hub's shared access policy keys (needs an owner policy).
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// Manage device identities.
     DeviceIdentity {
         #[command(subcommand)]
@@ -57,7 +63,7 @@ enum Command {
     MonitorFeedback(MonitorFeedbackArgs),
     /// Show D2C end to end: a hub, simulated devices and a consumer, with an accounting table.
     Demo(demo::DemoArgs),
-    /// Measure throughput, latency, connections and recovery against a Mosquitto baseline.
+    /// Measure throughput, latency, connections and recovery, with Mosquitto, RabbitMQ and NATS as baselines in the same run.
     Bench(bench::BenchArgs),
     /// Inspect or repair a data directory (a hub's, a device outbox, or one store).
     Store {
@@ -88,8 +94,14 @@ struct HubArgs {
     #[arg(long)]
     data: PathBuf,
     /// Plain MQTT listener address.
-    #[arg(long, default_value = "127.0.0.1:1883")]
+    #[arg(long, default_value = "127.0.0.1:1883", conflicts_with = "no_mqtt")]
     mqtt: SocketAddr,
+    /// No plain MQTT listener: TLS only (needs --mqtts).
+    #[arg(long, requires = "mqtts")]
+    no_mqtt: bool,
+    /// Most connections open at once; past it new ones get CONNACK 3 and are closed.
+    #[arg(long, default_value_t = 20_000)]
+    max_connections: usize,
     /// MQTT over TLS listener address (a self-signed certificate is generated without --cert/--key).
     #[arg(long)]
     mqtts: Option<SocketAddr>,
@@ -115,6 +127,34 @@ struct HubArgs {
     /// form on these ticks, so this bounds how soon a batch goes out).
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     sweep_interval: Duration,
+    /// Where durable state lives: `embedded` (the data directory, the default) or a NATS
+    /// JetStream cluster `nats://HOST:PORT[,nats://HOST:PORT…]` (server 2.11+ with JetStream;
+    /// any number of hub nodes may share it).
+    #[arg(long, default_value = "embedded")]
+    backend: String,
+    /// D2C retention by size per partition in bytes (a JetStream cluster reserves it per
+    /// partition stream).
+    #[arg(long, default_value_t = 10 * 1024 * 1024 * 1024)]
+    retention_bytes: u64,
+    /// Replicas of JetStream streams, buckets and consumers (3 for a 3-node cluster, 1 for a
+    /// single server).
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// `host:port` devices and services use when a TCP load balancer sits in front of the hub
+    /// nodes (repeatable; tokens may name any; printed connection strings use the first).
+    #[arg(long = "public-address")]
+    public_addresses: Vec<String>,
+    /// With a NATS backend: lease of consumer-group members, partition owners and the expiry
+    /// sweeper (a dead node's partitions move after about this long).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_ttl: Duration,
+    /// Operations endpoint (`/healthz`, `/readyz`, Prometheus `/metrics`), e.g. 127.0.0.1:9090;
+    /// off by default.
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// On SIGTERM, how long sessions get to send the PUBACKs they owe before they are closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 #[derive(Args, Clone)]
@@ -125,6 +165,23 @@ struct HubConn {
     /// CA certificate to trust (turns TLS on).
     #[arg(long)]
     ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Print every policy (name, rights, keys) as JSON lines.
+    List(HubConn),
+    /// Regenerate a policy's keys and print the policy.
+    Regenerate {
+        /// Policy name (iothubowner, service, device, registryRead, registryReadWrite).
+        #[arg(long)]
+        name: String,
+        /// Which key: primary, secondary or both.
+        #[arg(long, default_value = "primary")]
+        key: String,
+        #[command(flatten)]
+        hub: HubConn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -345,6 +402,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Hub(a) => run_hub(a).await,
         Command::DeviceIdentity { action } => identity(action).await,
+        Command::Policy { action: PolicyAction::List(hub) } => {
+            for p in service(&hub).await?.list_policies().await? {
+                print(&p);
+            }
+            Ok(())
+        }
+        Command::Policy { action: PolicyAction::Regenerate { name, key, hub } } => {
+            print(&service(&hub).await?.regenerate_policy_key(&name, &key).await?);
+            Ok(())
+        }
         Command::Device { action: DeviceAction::Send(a) } => send(a).await,
         Command::Device { action: DeviceAction::Receive(a) } => receive(a).await,
         Command::C2d { action: C2dAction::Send(a) } => c2d_send(a).await,
@@ -377,7 +444,8 @@ fn store(action: StoreAction) -> Result<(), Error> {
 
 async fn run_hub(a: HubArgs) -> Result<(), Error> {
     let mut config = HubConfig::new(&a.data);
-    config.mqtt = Some(a.mqtt);
+    config.mqtt = if a.no_mqtt { None } else { Some(a.mqtt) };
+    config.max_connections = a.max_connections;
     config.mqtts = a.mqtts;
     config.tls = a.cert.zip(a.key).map(|(cert, key)| TlsFiles { cert, key });
     config.partitions = a.partitions;
@@ -388,6 +456,10 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
         return Err(Error::invalid("--sweep-interval must be at least 1ms"));
     }
     config.sweep_interval = a.sweep_interval;
+    config.http = a.http;
+    config.retention_bytes = a.retention_bytes;
+    config.public_addresses = a.public_addresses;
+    config.backend = backend(&a.backend, a.replicas, a.lease_ttl)?;
     let hub = Hub::start(config).await?;
     if let Some(addr) = hub.mqtt_addr() {
         println!("mqtt listening on {addr}");
@@ -395,17 +467,59 @@ async fn run_hub(a: HubArgs) -> Result<(), Error> {
     if let Some(addr) = hub.mqtts_addr() {
         println!("mqtts listening on {addr} (CA file: {})", hub.ca_file().map(|p| p.display().to_string()).unwrap_or_default());
     }
-    println!("HUBMSG_HUB_CONNECTION_STRING={}", hub.service_connection_string());
+    if let Some(addr) = hub.http_addr() {
+        println!("http listening on {addr} (/healthz, /readyz, /metrics)");
+    }
+    println!("backend {}", hub.backend().kind());
+    // The owner key goes to a 0600 file, not to the output (logs, terminals, CI transcripts);
+    // only the very first start shows it once.
+    if hub.write_owner_connection_string()? {
+        println!("HUBMSG_HUB_CONNECTION_STRING={}", hub.service_connection_string());
+        println!("(shown once; kept in {})", hub.owner_file().display());
+    }
+    println!("HUBMSG_HUB_CONNECTION_STRING_FILE={}", hub.owner_file().display());
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::new(hubmsg_core::ErrorKind::Internal, format!("signal handler: {e}")))?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("hubmsg: shutting down");
+            hub.shutdown().await
+        }
+        _ = term.recv() => {
+            // Graceful drain: not ready, no new connections, PUBACKs owed go out, sessions close
+            // so devices reconnect to another node.
+            eprintln!("hubmsg: SIGTERM: draining (up to {:?})", a.drain_timeout);
+            hub.drain(a.drain_timeout).await
+        }
     }
-    eprintln!("hubmsg: shutting down");
-    hub.shutdown().await
+}
+
+/// The backend `--backend` names.
+fn backend(
+    spec: &str,
+    replicas: usize,
+    lease_ttl: Duration,
+) -> Result<Option<std::sync::Arc<dyn hubmsg_core::hub::backend::BackendConnector>>, Error> {
+    if spec == "embedded" {
+        return Ok(None);
+    }
+    if spec.starts_with("nats://") || spec.starts_with("tls://") {
+        #[cfg(feature = "nats")]
+        {
+            let mut c = hubmsg_nats::NatsConnector::new(spec);
+            c.config.replicas = replicas;
+            c.config.lease_ttl = lease_ttl;
+            return Ok(Some(std::sync::Arc::new(c)));
+        }
+        #[cfg(not(feature = "nats"))]
+        {
+            let _ = (replicas, lease_ttl);
+            return Err(Error::invalid("this hubmsg was built without the NATS backend (cargo feature `nats` of hubmsg-cli)"));
+        }
+    }
+    Err(Error::invalid(format!("--backend '{spec}' is neither 'embedded' nor nats://HOST:PORT[,…]")))
 }
 
 async fn service(hub: &HubConn) -> Result<ServiceClient, Error> {

@@ -48,11 +48,11 @@ fn spawn_hub(data: &Path, port: u16) -> HubProc {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         assert!(Instant::now() < deadline, "hub did not start");
-        let line = lines.next().expect("hub printed its connection string").unwrap();
-        if let Some(cs) = line.strip_prefix("HUBMSG_HUB_CONNECTION_STRING=") {
+        let line = lines.next().expect("hub named its connection string file").unwrap();
+        if let Some(path) = line.strip_prefix("HUBMSG_HUB_CONNECTION_STRING_FILE=") {
             // Keep draining stdout so the hub never blocks on a full pipe.
             std::thread::spawn(move || for _ in lines {});
-            hub.cs = cs.to_string();
+            hub.cs = std::fs::read_to_string(path).unwrap().trim().to_string();
             return hub;
         }
     }

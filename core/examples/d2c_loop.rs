@@ -39,7 +39,7 @@ async fn main() {
     for d in 0..devices {
         let id = format!("dev-{d}");
         hub.create_device(&id).await.unwrap();
-        let mut o = DeviceOptions::from_connection_string(&hub.device_connection_string(&id).unwrap()).unwrap();
+        let mut o = DeviceOptions::from_connection_string(&hub.device_connection_string(&id).await.unwrap()).unwrap();
         o.outbox = OutboxOptions {
             dir: Some(dir.path().join("dev").join(&id)),
             durability,

@@ -12,11 +12,22 @@ use crate::wire::{format_time_ms, url_decode, url_encode};
 const SAS_FORMAT: &str = "expected `SharedAccessSignature sr=…&sig=…&se=…[&skn=…]`";
 const VALID_KEYS: &str = "HostName, DeviceId, ModuleId, SharedAccessKeyName, SharedAccessKey, SharedAccessSignature, GatewayHostName";
 
+/// Stands in for a secret in `Debug` output: prints `<redacted>`.
+#[derive(Clone, Copy)]
+pub struct Redacted;
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// A parsed IoT Hub connection string (device or service / policy).
 ///
 /// `HostName` may carry a port (`127.0.0.1:18830`) to reach a local hub on a non-default port;
-/// plain IoT Hub strings mean TLS on 8883.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// plain IoT Hub strings mean TLS on 8883. `Debug` never prints the key or signature (`Display`
+/// formats the whole string, secrets included, for handing it on).
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct ConnectionString {
     /// `HostName`, exactly as written (may include `:port`).
     pub host_name: String,
@@ -32,6 +43,21 @@ pub struct ConnectionString {
     pub shared_access_signature: Option<String>,
     /// `GatewayHostName`.
     pub gateway_host_name: Option<String>,
+}
+
+impl std::fmt::Debug for ConnectionString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |v: &Option<String>| v.as_ref().map(|_| Redacted);
+        f.debug_struct("ConnectionString")
+            .field("host_name", &self.host_name)
+            .field("device_id", &self.device_id)
+            .field("module_id", &self.module_id)
+            .field("shared_access_key_name", &self.shared_access_key_name)
+            .field("shared_access_key", &secret(&self.shared_access_key))
+            .field("shared_access_signature", &secret(&self.shared_access_signature))
+            .field("gateway_host_name", &self.gateway_host_name)
+            .finish()
+    }
 }
 
 impl ConnectionString {
@@ -167,7 +193,8 @@ impl std::fmt::Display for ConnectionString {
 }
 
 /// A parsed SAS token (reference §2.1). `sr` is kept exactly as received (still URL-encoded).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` never prints the signature.
+#[derive(Clone, PartialEq, Eq)]
 pub struct SasToken {
     /// `sr` exactly as in the token (URL-encoded resource URI).
     pub sr_raw: String,
@@ -179,6 +206,17 @@ pub struct SasToken {
     pub expiry: u64,
     /// `skn` (policy name) if present.
     pub skn: Option<String>,
+}
+
+impl std::fmt::Debug for SasToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SasToken")
+            .field("sr_raw", &self.sr_raw)
+            .field("sig", &Redacted)
+            .field("se_raw", &self.se_raw)
+            .field("skn", &self.skn)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SasToken {
@@ -287,6 +325,24 @@ pub fn sign(key_b64: &str, message: &[u8]) -> Result<String> {
     let mut mac = hmac_sha256(key_b64)?;
     mac.update(message);
     Ok(STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+/// Shortest and longest symmetric key IoT Hub accepts for a device or policy, in bytes after
+/// base64 decoding.
+pub const KEY_BYTES: std::ops::RangeInclusive<usize> = 16..=64;
+
+/// Checks a symmetric key for an identity or policy: base64 of 16–64 bytes (IoT Hub's rule).
+/// The error never echoes the key.
+pub fn check_identity_key(key_b64: &str) -> Result<()> {
+    let n = decode_key(key_b64)?.len();
+    if !KEY_BYTES.contains(&n) {
+        return Err(Error::invalid(format!(
+            "a shared access key must decode to {} to {} bytes, this one has {n}; omit it to let the hub generate a 32-byte key",
+            KEY_BYTES.start(),
+            KEY_BYTES.end()
+        )));
+    }
+    Ok(())
 }
 
 fn decode_key(key_b64: &str) -> Result<Vec<u8>> {

@@ -25,8 +25,8 @@ use crate::dedupe::Completed;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, Message, MAX_D2C_SIZE};
 use crate::outbox::{Outbox, OutboxOptions, OutboxStats, Outcome, Prepared, Sendable};
-use crate::retry::{self, Backoff, RetryPolicy};
-use crate::transport::{self, ConnectParams, Endpoint, TlsOptions};
+use crate::retry::RetryPolicy;
+use crate::transport::{self, ConnectParams, End, Endpoint, Idle, TlsOptions};
 use crate::wire;
 
 /// How a device proves its identity.
@@ -191,7 +191,8 @@ pub struct DeviceStats {
     /// C2D redeliveries kept from the application: of messages it already completed (completed
     /// again without it) or of messages it still holds (its settle applies to the redelivery).
     pub c2d_duplicates: u64,
-    /// C2D messages that arrived expired and were not handed to the application.
+    /// Kept for the C ABI; always 0 since expiry is judged by the hub's clock (it never delivers
+    /// an expired message and records a late settle of one as `Expired`), not the device's.
     pub c2d_expired: u64,
     /// Token renewals performed.
     pub renewals: u64,
@@ -227,6 +228,7 @@ enum Command {
         generation: u64,
         pkid: u16,
         seq: u64,
+        /// The delivery identity ([`delivery_key`]).
         message_id: Option<String>,
         how: SettleHow,
     },
@@ -236,8 +238,65 @@ enum Command {
     },
     /// The application dropped a C2D message without settling it.
     Release {
-        message_id: String,
+        key: String,
     },
+}
+
+/// The identity of a C2D delivery the device de-duplicates on: the hub's queue sequence number
+/// with the message id (`{seq}:{id}`), so a service that reuses an id (say `reboot`) gets a new
+/// command each time; the message id alone where the hub sends no sequence number (Azure IoT
+/// Hub). `None` without either.
+pub fn delivery_key(message_id: Option<&str>, seq: u64) -> Option<String> {
+    match (message_id, seq) {
+        (None, 0) => None,
+        (Some(id), 0) => Some(id.to_string()),
+        (id, seq) => Some(format!("{seq}:{}", id.unwrap_or(""))),
+    }
+}
+
+/// What goes out for a settled C2D delivery once its turn comes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AckAction {
+    /// PUBACK this packet id (complete).
+    PubAck(u16),
+    /// Publish this hubmsg settle topic (abandon / reject).
+    Settle(String),
+    /// Nothing: the application released the message (the hub redelivers it after its lock).
+    Skip,
+}
+
+/// The C2D deliveries of one connection in receive order. Acknowledgements leave strictly in
+/// that order whatever order the application settles in (MQTT-4.6.0-2; IoT Hub clients check
+/// it): a settle waits until every earlier delivery was settled or released.
+#[derive(Debug, Default)]
+struct AckOrder {
+    queue: VecDeque<(u16, Option<AckAction>)>,
+}
+
+impl AckOrder {
+    /// A QoS 1 delivery arrived with `pkid`.
+    fn received(&mut self, pkid: u16) {
+        self.queue.push_back((pkid, None));
+    }
+
+    /// The delivery `pkid` (the oldest unsettled one with that id) is settled with `action`.
+    fn ready(&mut self, pkid: u16, action: AckAction) {
+        if let Some(slot) = self.queue.iter_mut().find(|(p, a)| *p == pkid && a.is_none()) {
+            slot.1 = Some(action);
+        }
+    }
+
+    /// The actions whose turn came, in receive order.
+    fn take_ready(&mut self) -> Vec<AckAction> {
+        let mut out = Vec::new();
+        while self.queue.front().is_some_and(|(_, a)| a.is_some()) {
+            match self.queue.pop_front().and_then(|(_, a)| a) {
+                Some(AckAction::Skip) | None => {}
+                Some(a) => out.push(a),
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,8 +324,8 @@ pub struct C2dMessage {
 impl Drop for C2dMessage {
     fn drop(&mut self) {
         if !self.settled {
-            if let Some(id) = &self.message.message_id {
-                let _ = self.cmd.send(Command::Release { message_id: id.clone() });
+            if let Some(key) = delivery_key(self.message.message_id.as_deref(), self.sequence_number) {
+                let _ = self.cmd.send(Command::Release { key });
             }
         }
     }
@@ -284,7 +343,7 @@ impl C2dMessage {
             generation: self.generation,
             pkid: self.pkid,
             seq: self.sequence_number,
-            message_id: self.message.message_id.clone(),
+            message_id: delivery_key(self.message.message_id.as_deref(), self.sequence_number),
             how,
         };
         self.settled = true;
@@ -399,6 +458,8 @@ impl DeviceClient {
             completed: completed.clone(),
             c2d_tx,
             held: HashMap::new(),
+            acks: AckOrder::default(),
+            closer: None,
             subscribed: false,
             generation: 0,
             cmd_tx: cmd_tx.clone(),
@@ -543,27 +604,23 @@ fn prepare(device_id: &str, msg: &mut Message) -> Result<(String, Prepared)> {
     Ok((id, Prepared { topic, payload: msg.body.clone() }))
 }
 
-/// Why a connection ended.
-enum End {
-    /// The application closed the client.
-    Closed,
-    /// Token renewal: reconnect immediately with a fresh token.
-    Renew,
-    /// The connection failed.
-    Failed(Error),
-}
-
 struct Driver {
     opts: DeviceOptions,
     endpoint: Endpoint,
     outbox: Outbox,
     completed: Completed,
     c2d_tx: mpsc::UnboundedSender<C2dMessage>,
-    /// C2D messages the application holds and has not settled: message id → the latest
-    /// delivery of it (generation, packet id, queue seq). A redelivery of a held id (after a
-    /// reconnect) only updates this, so the application never gets the same message twice, and
-    /// its eventual settle applies to the delivery the hub is waiting on.
+    /// C2D messages the application holds and has not settled: delivery identity (see
+    /// [`delivery_key`]) → the latest delivery of it (generation, packet id, queue seq). A
+    /// redelivery of a held message (after a reconnect) only updates this, so the application
+    /// never gets the same delivery twice, and its eventual settle applies to the delivery the
+    /// hub is waiting on.
     held: HashMap<String, (u64, u16, u64)>,
+    /// This connection's C2D deliveries in receive order, with what to send for each once the
+    /// application settled it: acknowledgements leave strictly in this order (MQTT-4.6.0-2).
+    acks: AckOrder,
+    /// Where to report the end of a `close()`.
+    closer: Option<oneshot::Sender<()>>,
     subscribed: bool,
     /// Connection counter: settles and acks from an earlier connection are ignored.
     generation: u64,
@@ -575,91 +632,88 @@ struct Driver {
 
 impl Driver {
     async fn run(mut self) {
-        let mut backoff = Backoff::new(self.opts.retry.clone());
-        let epoch = Instant::now();
-        let mut closer: Option<oneshot::Sender<()>> = None;
-        'outer: loop {
-            self.status.send_replace(ConnectionStatus::Connecting);
-            let failure = match self.connect_once().await {
-                Ok((halves, token_expiry)) => {
-                    backoff.connected(epoch.elapsed());
-                    self.generation += 1;
-                    self.stats.lock().connects += 1;
-                    self.status.send_replace(ConnectionStatus::Connected);
-                    let end = self.serve(halves, token_expiry, &mut closer).await;
-                    self.outbox.rewind();
-                    match end {
-                        End::Closed => break 'outer,
-                        End::Renew => {
-                            self.stats.lock().renewals += 1;
-                            continue;
-                        }
-                        End::Failed(e) => {
-                            self.status.send_replace(ConnectionStatus::Disconnected { reason: e.to_string() });
-                            e
-                        }
-                    }
-                }
-                Err(e) => e,
-            };
-            tracing::debug!(device = %self.opts.device_id, error = %failure, "connection failed");
-            self.stats.lock().last_error = Some(failure.to_string());
-            let delay = match retry::classify(&failure) {
-                retry::Retry::Permanent => None,
-                retry::Retry::Transient => backoff.failed(epoch.elapsed(), fastrand::f64()),
-            };
-            match delay {
-                Some(delay) => {
-                    self.stats.lock().retries += 1;
-                    self.status.send_replace(ConnectionStatus::Retrying { attempt: backoff.attempt(), delay });
-                    let sleep = tokio::time::sleep(delay);
-                    tokio::pin!(sleep);
-                    loop {
-                        tokio::select! {
-                            _ = &mut sleep => break,
-                            cmd = self.cmd.recv() => match cmd {
-                                Some(Command::Close(tx)) => { closer = Some(tx); break 'outer }
-                                None => break 'outer,
-                                Some(Command::Reconnect) => break,
-                                Some(Command::Subscribe) => self.subscribed = true,
-                                Some(Command::Settle { message_id, how, .. }) => self.settle_offline(message_id, how),
-                                Some(Command::Release { message_id }) => { self.held.remove(&message_id); }
-                                Some(Command::PubAckNow { .. }) => {}
-                            },
-                        }
-                    }
-                }
-                None => {
-                    self.status.send_replace(ConnectionStatus::Failed { kind: failure.kind(), reason: failure.to_string() });
-                    loop {
-                        match self.cmd.recv().await {
-                            Some(Command::Reconnect) => {
-                                backoff = Backoff::new(self.opts.retry.clone());
-                                break;
-                            }
-                            Some(Command::Close(tx)) => {
-                                closer = Some(tx);
-                                break 'outer;
-                            }
-                            None => break 'outer,
-                            Some(Command::Subscribe) => self.subscribed = true,
-                            Some(Command::Settle { message_id, how, .. }) => self.settle_offline(message_id, how),
-                            Some(Command::Release { message_id }) => {
-                                self.held.remove(&message_id);
-                            }
-                            Some(Command::PubAckNow { .. }) => {}
-                        }
-                    }
-                }
-            }
-        }
+        let policy = self.opts.retry.clone();
+        let status = self.status.clone();
+        transport::run_link(&mut self, &policy, &status).await;
         self.outbox.persist_ack();
         self.status.send_replace(ConnectionStatus::Closed);
-        if let Some(tx) = closer {
+        if let Some(tx) = self.closer.take() {
             let _ = tx.send(());
         }
     }
 
+    /// A command while not connected.
+    fn idle_command(&mut self, cmd: Option<Command>, failed: bool) -> Idle {
+        match cmd {
+            Some(Command::Close(tx)) => {
+                self.closer = Some(tx);
+                Idle::Close
+            }
+            None => Idle::Close,
+            Some(Command::Reconnect) => {
+                if failed {
+                    Idle::Reconnect
+                } else {
+                    Idle::Continue
+                }
+            }
+            Some(Command::Subscribe) => {
+                self.subscribed = true;
+                Idle::Continue
+            }
+            Some(Command::Settle { message_id, how, .. }) => {
+                self.settle_offline(message_id, how);
+                Idle::Continue
+            }
+            Some(Command::Release { key }) => {
+                self.held.remove(&key);
+                Idle::Continue
+            }
+            Some(Command::PubAckNow { .. }) => Idle::Continue,
+        }
+    }
+}
+
+impl transport::Link for Driver {
+    type Conn = (transport::ClientHalves, Option<Instant>);
+
+    async fn connect(&mut self) -> Result<Self::Conn> {
+        self.connect_once().await
+    }
+
+    async fn serve(&mut self, (halves, renew_at): Self::Conn) -> End {
+        self.serve_conn(halves, renew_at).await
+    }
+
+    async fn idle(&mut self, failed: Option<&Error>) -> Idle {
+        let cmd = self.cmd.recv().await;
+        self.idle_command(cmd, failed.is_some())
+    }
+
+    fn connected(&mut self) {
+        self.generation += 1;
+        self.acks = AckOrder::default();
+        self.stats.lock().connects += 1;
+    }
+
+    fn ended(&mut self, end: &End) {
+        self.outbox.rewind();
+        if matches!(end, End::Renew) {
+            self.stats.lock().renewals += 1;
+        }
+    }
+
+    fn failed(&mut self, err: &Error, retrying: bool) {
+        tracing::debug!(device = %self.opts.device_id, error = %err, "connection failed");
+        let mut st = self.stats.lock();
+        st.last_error = Some(err.to_string());
+        if retrying {
+            st.retries += 1;
+        }
+    }
+}
+
+impl Driver {
     /// One connection attempt: returns the halves and when the token expires (if renewable).
     async fn connect_once(&self) -> Result<(transport::ClientHalves, Option<Instant>)> {
         let now_secs = now_ms() / 1000;
@@ -692,12 +746,7 @@ impl Driver {
         Ok((halves, renew_at))
     }
 
-    async fn serve(
-        &mut self,
-        (mut reader, mut writer): transport::ClientHalves,
-        renew_at: Option<Instant>,
-        closer: &mut Option<oneshot::Sender<()>>,
-    ) -> End {
+    async fn serve_conn(&mut self, (mut reader, mut writer): transport::ClientHalves, renew_at: Option<Instant>) -> End {
         let keep_alive = self.opts.keep_alive.max(Duration::from_secs(1));
         let mut in_flight: VecDeque<(u16, u64)> = VecDeque::new();
         let mut next_pkid: u16 = 1;
@@ -736,8 +785,23 @@ impl Driver {
                     }
                 }
             }
+            // Settles whose turn came, in receive order.
+            for action in self.acks.take_ready() {
+                let r = match action {
+                    AckAction::PubAck(pkid) => writer.queue(&Packet::PubAck(PubAck::new(pkid))),
+                    AckAction::Settle(topic) => {
+                        let mut p = Publish::new(topic, QoS::AtLeastOnce, Vec::new());
+                        p.pkid = take_pkid(&mut next_pkid);
+                        writer.queue(&Packet::Publish(p))
+                    }
+                    AckAction::Skip => Ok(()),
+                };
+                if let Err(e) = r {
+                    return End::Failed(e);
+                }
+            }
             if writer.pending() > 0 {
-                if let Err(e) = writer.flush().await {
+                if let Err(e) = writer.flush_within(self.opts.connect_timeout).await {
                     return End::Failed(e);
                 }
                 last_tx = Instant::now();
@@ -772,13 +836,19 @@ impl Driver {
                             }
                             Ok(Some(Packet::PingResp)) => {}
                             Ok(Some(Packet::Publish(p))) => {
-                                if let Err(e) = self.on_c2d(p, &mut writer, &mut next_pkid) {
+                                if let Err(e) = self.on_c2d(p) {
                                     return End::Failed(e);
                                 }
                             }
                             Ok(Some(Packet::SubAck(_))) => {}
                             Ok(Some(other)) => return End::Failed(Error::protocol(format!("unexpected packet from hub: {other:?}"))),
                             Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
+                            // An oversize packet from the hub ends this connection, not the
+                            // client: it is not the application's message, so it must not stop
+                            // D2C as a permanent error would.
+                            Err(e) if e.kind() == ErrorKind::MessageTooLarge => {
+                                return End::Failed(Error::protocol(format!("the hub sent a packet this client cannot take: {}", e.message())))
+                            }
                             Err(e) => return End::Failed(e),
                         }
                         pkt = match drain.next(&mut reader) {
@@ -800,7 +870,7 @@ impl Driver {
                 }
                 cmd = self.cmd.recv() => match cmd {
                     Some(Command::Close(tx)) => {
-                        *closer = Some(tx);
+                        self.closer = Some(tx);
                         draining = Some((Instant::now() + self.opts.drain_timeout, true));
                     }
                     Some(Command::Reconnect) => {}
@@ -810,8 +880,12 @@ impl Driver {
                             return End::Failed(e);
                         }
                     }
-                    Some(Command::Release { message_id }) => {
-                        self.held.remove(&message_id);
+                    Some(Command::Release { key }) => {
+                        if let Some((generation, pkid, _)) = self.held.remove(&key) {
+                            if generation == self.generation {
+                                self.acks.ready(pkid, AckAction::Skip);
+                            }
+                        }
                     }
                     Some(Command::Settle { generation, pkid, seq, message_id, how }) => {
                         // Settle the latest delivery of the message (a reconnect may have
@@ -819,9 +893,7 @@ impl Driver {
                         let (generation, pkid, seq) =
                             message_id.as_ref().and_then(|id| self.held.remove(id)).unwrap_or((generation, pkid, seq));
                         if generation == self.generation {
-                            if let Err(e) = self.settle(&mut writer, &mut next_pkid, pkid, seq, message_id, how) {
-                                return End::Failed(e);
-                            }
+                            self.settle(pkid, seq, message_id, how);
                         } else {
                             // Settled after the connection it came on ended.
                             self.settle_offline(message_id, how);
@@ -829,9 +901,7 @@ impl Driver {
                     }
                     Some(Command::PubAckNow { generation, pkid }) => {
                         if generation == self.generation {
-                            if let Err(e) = writer.queue(&Packet::PubAck(PubAck::new(pkid))) {
-                                return End::Failed(e);
-                            }
+                            self.acks.ready(pkid, AckAction::PubAck(pkid));
                         }
                     }
                     None => draining = Some((Instant::now() + self.opts.drain_timeout, true)),
@@ -857,66 +927,66 @@ impl Driver {
     /// that redelivery is acknowledged as a duplicate and never reaches the application twice.
     /// Abandon needs nothing (the redelivery is the abandon); a reject cannot be sent, so the
     /// message comes back and the application sees it again (documented in docs/protocol.md).
-    fn settle_offline(&mut self, message_id: Option<String>, how: SettleHow) {
-        if let Some(id) = &message_id {
-            self.held.remove(id);
+    fn settle_offline(&mut self, key: Option<String>, how: SettleHow) {
+        if let Some(k) = &key {
+            self.held.remove(k);
         }
-        let (SettleHow::Complete, Some(id)) = (how, message_id) else { return };
+        let (SettleHow::Complete, Some(key)) = (how, key) else { return };
         let completed = self.completed.clone();
         tokio::spawn(async move {
-            if let Err(e) = completed.record(&id).await {
-                tracing::error!(error = %e, "recording a completed C2D id failed; the message will reach the app again");
+            if let Err(e) = completed.record(&key).await {
+                tracing::error!(error = %e, "recording a completed C2D delivery failed; the message will reach the app again");
             }
         });
     }
 
-    /// An incoming PUBLISH: a C2D message to hand over, complete again (duplicate) or refuse
-    /// (expired).
-    fn on_c2d(
-        &mut self,
-        p: Publish,
-        writer: &mut transport::PacketWriter<tokio::io::WriteHalf<transport::BoxStream>>,
-        next_pkid: &mut u16,
-    ) -> Result<()> {
-        let ack = |w: &mut transport::PacketWriter<_>| {
-            if p.qos == QoS::AtLeastOnce {
-                w.queue(&Packet::PubAck(PubAck::new(p.pkid)))
-            } else {
-                Ok(())
+    /// An incoming PUBLISH: a C2D message to hand over, or one to acknowledge without the
+    /// application (a redelivery of a completed delivery, or not C2D at all). Every QoS 1
+    /// delivery takes its place in [`AckOrder`]. Expiry is the hub's judgement (it never delivers
+    /// an expired message and records a late settle as `Expired`), not this device's clock.
+    fn on_c2d(&mut self, p: Publish) -> Result<()> {
+        let qos1 = p.qos == QoS::AtLeastOnce;
+        if qos1 {
+            self.acks.received(p.pkid);
+        }
+        let ack_now = |acks: &mut AckOrder| {
+            if qos1 {
+                acks.ready(p.pkid, AckAction::PubAck(p.pkid));
             }
         };
         let Some(bag) = wire::parse_c2d_topic(&p.topic) else {
-            tracing::warn!(topic = %p.topic, "ignoring a publish that is not C2D");
-            return ack(writer);
+            tracing::warn!(topic = %p.topic.escape_debug(), "ignoring a publish that is not C2D");
+            ack_now(&mut self.acks);
+            return Ok(());
         };
         let mut msg = Message::new(p.payload.clone());
         if let Err(e) = wire::decode_bag(bag).and_then(|b| wire::apply_bag(&mut msg, b)) {
             tracing::warn!(error = %e, "C2D message with a malformed property bag; completing it so it does not block the queue");
-            return ack(writer);
+            ack_now(&mut self.acks);
+            return Ok(());
         }
         let seq = msg.system_property("iothub-sequencenumber").and_then(|s| s.parse().ok()).unwrap_or(0);
-        if msg.is_expired(now_ms()) {
-            self.stats.lock().c2d_expired += 1;
-            return if seq > 0 && p.qos == QoS::AtLeastOnce {
-                self.settle(writer, next_pkid, p.pkid, seq, None, SettleHow::Reject)
-            } else {
-                ack(writer)
-            };
-        }
-        if msg.message_id.as_deref().is_some_and(|id| self.completed.contains(id)) {
+        let key = delivery_key(msg.message_id.as_deref(), seq);
+        if key.as_deref().is_some_and(|k| self.completed.contains(k)) {
             self.stats.lock().c2d_duplicates += 1;
-            return ack(writer);
+            ack_now(&mut self.acks);
+            return Ok(());
         }
-        if let Some(id) = &msg.message_id {
-            if let Some(held) = self.held.get_mut(id) {
-                // The application still holds this message from an earlier delivery: its settle
-                // will apply to this one.
+        if let Some(k) = &key {
+            if let Some(held) = self.held.get_mut(k) {
+                // The application still holds this delivery from an earlier transmission: its
+                // settle will apply to this one. An older transmission on this connection will
+                // never be acknowledged, so it no longer holds up the ones behind it.
+                let (old_generation, old_pkid, _) = *held;
                 *held = (self.generation, p.pkid, seq);
+                if old_generation == self.generation && qos1 {
+                    self.acks.ready(old_pkid, AckAction::Skip);
+                }
                 self.stats.lock().c2d_duplicates += 1;
                 return Ok(());
             }
-            if p.qos == QoS::AtLeastOnce {
-                self.held.insert(id.clone(), (self.generation, p.pkid, seq));
+            if qos1 {
+                self.held.insert(k.clone(), (self.generation, p.pkid, seq));
             }
         }
         self.stats.lock().c2d_received += 1;
@@ -933,42 +1003,35 @@ impl Driver {
         Ok(())
     }
 
-    fn settle(
-        &mut self,
-        writer: &mut transport::PacketWriter<tokio::io::WriteHalf<transport::BoxStream>>,
-        next_pkid: &mut u16,
-        pkid: u16,
-        seq: u64,
-        message_id: Option<String>,
-        how: SettleHow,
-    ) -> Result<()> {
+    /// Records how delivery `pkid` of this connection was settled; what it sends goes out when
+    /// its turn in [`AckOrder`] comes. A completion is made durable (the delivery identity
+    /// recorded) before its PUBACK may go.
+    fn settle(&mut self, pkid: u16, seq: u64, key: Option<String>, how: SettleHow) {
         if pkid == 0 {
-            return Ok(()); // QoS 0: nothing to acknowledge
+            return; // QoS 0: nothing to acknowledge
         }
         match how {
-            SettleHow::Complete => match message_id {
-                Some(id) => {
-                    // Record the id durably before the PUBACK, off the I/O task.
+            SettleHow::Complete => match key {
+                Some(key) => {
                     let completed = self.completed.clone();
                     let cmd = self.cmd_tx.clone();
                     let generation = self.generation;
                     tokio::spawn(async move {
-                        match completed.record(&id).await {
+                        match completed.record(&key).await {
                             Ok(()) => {
                                 let _ = cmd.send(Command::PubAckNow { generation, pkid });
                             }
-                            Err(e) => tracing::error!(error = %e, "recording a completed C2D id failed; the message will be redelivered"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "recording a completed C2D delivery failed; the message will be redelivered")
+                            }
                         }
                     });
-                    Ok(())
                 }
-                None => writer.queue(&Packet::PubAck(PubAck::new(pkid))),
+                None => self.acks.ready(pkid, AckAction::PubAck(pkid)),
             },
             SettleHow::Abandon | SettleHow::Reject => {
                 let verb = if how == SettleHow::Abandon { "abandon" } else { "reject" };
-                let mut p = Publish::new(format!("{}{verb}/{seq}", crate::proto::C2D_SETTLE_PREFIX), QoS::AtLeastOnce, Vec::new());
-                p.pkid = take_pkid(next_pkid);
-                writer.queue(&Packet::Publish(p))
+                self.acks.ready(pkid, AckAction::Settle(format!("{}{verb}/{seq}", crate::proto::C2D_SETTLE_PREFIX)));
             }
         }
     }
@@ -989,6 +1052,39 @@ fn d2c_publish(device_id: &str, record: &bytes::Bytes) -> Result<Publish> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_identity_is_seq_and_id() {
+        assert_eq!(delivery_key(Some("reboot"), 7).as_deref(), Some("7:reboot"));
+        assert_ne!(delivery_key(Some("reboot"), 7), delivery_key(Some("reboot"), 8));
+        assert_eq!(delivery_key(Some("reboot"), 0).as_deref(), Some("reboot"));
+        assert_eq!(delivery_key(None, 3).as_deref(), Some("3:"));
+        assert_eq!(delivery_key(None, 0), None);
+    }
+
+    #[test]
+    fn acks_leave_in_receive_order_whatever_the_settle_order() {
+        let mut o = AckOrder::default();
+        for p in [1, 2, 3, 4] {
+            o.received(p);
+        }
+        o.ready(3, AckAction::PubAck(3));
+        o.ready(2, AckAction::Settle("reject/2".into()));
+        assert!(o.take_ready().is_empty(), "1 is not settled yet");
+        o.ready(1, AckAction::PubAck(1));
+        assert_eq!(o.take_ready(), vec![AckAction::PubAck(1), AckAction::Settle("reject/2".into()), AckAction::PubAck(3)]);
+        // A released delivery no longer holds up the ones behind it.
+        o.received(5);
+        o.ready(5, AckAction::PubAck(5));
+        o.ready(4, AckAction::Skip);
+        assert_eq!(o.take_ready(), vec![AckAction::PubAck(5)]);
+        // A reused packet id settles the oldest unsettled delivery with it.
+        o.received(9);
+        o.received(9);
+        o.ready(9, AckAction::PubAck(9));
+        assert_eq!(o.take_ready(), vec![AckAction::PubAck(9)]);
+        assert_eq!(o.queue.len(), 1);
+    }
 
     #[test]
     fn host_port_split() {

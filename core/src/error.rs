@@ -42,6 +42,27 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in table order (the order of the C result codes, -1 downwards). Bindings
+    /// generate their tables from this list (C codes, Python exception classes, Node codes), so
+    /// a new kind appended here shows up in every language or fails their table tests.
+    pub const ALL: [ErrorKind; 15] = [
+        ErrorKind::InvalidArgument,
+        ErrorKind::Unauthorized,
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::QueueFull,
+        ErrorKind::MessageTooLarge,
+        ErrorKind::Timeout,
+        ErrorKind::Disconnected,
+        ErrorKind::Storage,
+        ErrorKind::Protocol,
+        ErrorKind::Closed,
+        ErrorKind::Expired,
+        ErrorKind::LockLost,
+        ErrorKind::Usage,
+        ErrorKind::Internal,
+    ];
+
     /// A short, stable, upper-case name (`QUEUE_FULL`), used by bindings as an error code.
     pub fn code(self) -> &'static str {
         match self {
@@ -174,25 +195,32 @@ impl Clone for Error {
 mod tests {
     use super::*;
 
+    /// The position of `k` in [`ErrorKind::ALL`]. The match is exhaustive, so adding a variant
+    /// without listing it here (and in `ALL`) does not compile.
+    fn ordinal(k: ErrorKind) -> usize {
+        match k {
+            ErrorKind::InvalidArgument => 0,
+            ErrorKind::Unauthorized => 1,
+            ErrorKind::NotFound => 2,
+            ErrorKind::AlreadyExists => 3,
+            ErrorKind::QueueFull => 4,
+            ErrorKind::MessageTooLarge => 5,
+            ErrorKind::Timeout => 6,
+            ErrorKind::Disconnected => 7,
+            ErrorKind::Storage => 8,
+            ErrorKind::Protocol => 9,
+            ErrorKind::Closed => 10,
+            ErrorKind::Expired => 11,
+            ErrorKind::LockLost => 12,
+            ErrorKind::Usage => 13,
+            ErrorKind::Internal => 14,
+        }
+    }
+
     #[test]
-    fn codes_round_trip() {
-        for k in [
-            ErrorKind::InvalidArgument,
-            ErrorKind::Unauthorized,
-            ErrorKind::NotFound,
-            ErrorKind::AlreadyExists,
-            ErrorKind::QueueFull,
-            ErrorKind::MessageTooLarge,
-            ErrorKind::Timeout,
-            ErrorKind::Disconnected,
-            ErrorKind::Storage,
-            ErrorKind::Protocol,
-            ErrorKind::Closed,
-            ErrorKind::Expired,
-            ErrorKind::LockLost,
-            ErrorKind::Usage,
-            ErrorKind::Internal,
-        ] {
+    fn all_lists_every_kind_once_and_codes_round_trip() {
+        for (i, k) in ErrorKind::ALL.into_iter().enumerate() {
+            assert_eq!(ordinal(k), i, "{k} is out of place in ErrorKind::ALL");
             assert_eq!(ErrorKind::from_code(k.code()), Some(k));
         }
         assert_eq!(ErrorKind::from_code("nope"), None);

@@ -193,7 +193,7 @@ pub struct CheckpointRequest {
 
 /// A device identity as the registry returns it (keys included: callers need a policy with
 /// registry read rights).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceIdentity {
     /// Device id.
@@ -210,6 +210,20 @@ pub struct DeviceIdentity {
     pub created_ms: u64,
 }
 
+impl std::fmt::Debug for DeviceIdentity {
+    /// Keys are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceIdentity")
+            .field("device_id", &self.device_id)
+            .field("generation_id", &self.generation_id)
+            .field("status", &self.status)
+            .field("primary_key", &crate::auth::Redacted)
+            .field("secondary_key", &crate::auth::Redacted)
+            .field("created_ms", &self.created_ms)
+            .finish()
+    }
+}
+
 /// Whether a device may connect.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -221,7 +235,7 @@ pub enum DeviceStatus {
 }
 
 /// `devices.create` request body.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateDevice {
     /// Device id.
@@ -235,6 +249,69 @@ pub struct CreateDevice {
     /// Initial status (default enabled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<DeviceStatus>,
+}
+
+impl std::fmt::Debug for CreateDevice {
+    /// Keys are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = |k: &Option<String>| k.as_ref().map(|_| crate::auth::Redacted);
+        f.debug_struct("CreateDevice")
+            .field("device_id", &self.device_id)
+            .field("primary_key", &key(&self.primary_key))
+            .field("secondary_key", &key(&self.secondary_key))
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+/// What a policy may do (reference §2.3, IoT Hub's permission names).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Right {
+    /// Read identities (`devices.get`, `devices.list`).
+    RegistryRead,
+    /// Read, create, update and delete identities (includes RegistryRead).
+    #[serde(alias = "registryWrite")]
+    RegistryReadWrite,
+    /// Read D2C events, send and purge C2D, receive feedback, checkpoints.
+    ServiceConnect,
+    /// Connect as a device (token service / protocol gateway); no service session.
+    DeviceConnect,
+}
+
+/// A hub-level shared access policy. `Debug` never prints the keys.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    /// Policy name (`skn` in tokens).
+    pub name: String,
+    /// Primary key (base64).
+    pub primary_key: String,
+    /// Secondary key (base64).
+    pub secondary_key: String,
+    /// Granted rights.
+    pub rights: Vec<Right>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("name", &self.name)
+            .field("primary_key", &crate::auth::Redacted)
+            .field("secondary_key", &crate::auth::Redacted)
+            .field("rights", &self.rights)
+            .finish()
+    }
+}
+
+/// `policies.regenerate` request body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RegeneratePolicyKey {
+    /// Policy name.
+    pub name: String,
+    /// `primary`, `secondary` or `both`.
+    pub key: String,
 }
 
 /// Body of requests naming one device (`devices.get`, `devices.delete`).
@@ -382,6 +459,10 @@ pub struct C2dSend {
     pub ttl_ms: Option<u64>,
     /// The message as a record ([`crate::Message::encode`]), base64.
     pub record: String,
+    /// Identity of this send, the same on every re-send of it: the hub answers a repeated
+    /// send id with the first copy's receipt instead of queueing the message twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_id: Option<String>,
 }
 
 /// `c2d.send` answer.

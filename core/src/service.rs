@@ -28,11 +28,11 @@ use crate::proto::{
     self, AckMode, C2dReceipt, ConsumeRequest, CreateDevice, DeviceIdentity, DeviceRef, DeviceStatus, FeedbackRecord, StartPosition,
     UpdateDevice,
 };
-use crate::retry::{self, Backoff, RetryPolicy};
-use crate::transport::{self, ConnectParams, Endpoint, TlsOptions};
+use crate::retry::RetryPolicy;
+use crate::transport::{self, ConnectParams, End, Endpoint, Idle, TlsOptions};
 
-/// Everything a [`ServiceClient`] needs.
-#[derive(Debug, Clone)]
+/// Everything a [`ServiceClient`] needs. `Debug` never prints the key.
+#[derive(Clone)]
 pub struct ServiceOptions {
     /// `HostName` as in the connection string (`:port` selects plain TCP to a local hub).
     pub host_name: String,
@@ -58,6 +58,24 @@ pub struct ServiceOptions {
     pub outbox: OutboxOptions,
     /// Most C2D sends in flight. Default 100.
     pub max_in_flight: usize,
+}
+
+impl std::fmt::Debug for ServiceOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceOptions")
+            .field("host_name", &self.host_name)
+            .field("policy", &self.policy)
+            .field("key", &auth::Redacted)
+            .field("tls", &self.tls)
+            .field("retry", &self.retry)
+            .field("keep_alive", &self.keep_alive)
+            .field("token_ttl", &self.token_ttl)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("outbox", &self.outbox)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
+    }
 }
 
 impl ServiceOptions {
@@ -124,8 +142,9 @@ pub struct C2dOptions {
 struct C2dShared {
     /// Outbox seq → the sender waiting for the hub's answer.
     waiting: HashMap<u64, oneshot::Sender<Result<C2dReceipt>>>,
-    /// Answers that arrived before their sender registered.
-    early: HashMap<u64, Result<C2dReceipt>>,
+    /// Answers that arrived before their sender registered (with when; dropped after the
+    /// request timeout if the sender never comes, e.g. it was cancelled).
+    early: HashMap<u64, (std::time::Instant, Result<C2dReceipt>)>,
     /// Message id → senders waiting for its feedback record.
     outcomes: HashMap<String, Vec<oneshot::Sender<FeedbackRecord>>>,
 }
@@ -203,6 +222,11 @@ impl ServiceClient {
         self.status.borrow().clone()
     }
 
+    /// A watch to await status changes on.
+    pub fn status_watch(&self) -> watch::Receiver<ConnectionStatus> {
+        self.status.clone()
+    }
+
     async fn call<T: DeserializeOwned>(&self, op: &str, body: &impl serde::Serialize) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         let body = serde_json::to_vec(body).expect("request serializes");
@@ -248,6 +272,19 @@ impl ServiceClient {
         self.call("devices.update", &UpdateDevice { device_id: device_id.into(), status: None, regenerate: Some(which.into()) }).await
     }
 
+    /// Every shared access policy of the hub with its keys and rights. Needs a policy holding
+    /// every right (like `iothubowner`).
+    pub async fn list_policies(&self) -> Result<Vec<proto::Policy>> {
+        self.call("policies.list", &serde_json::json!({})).await
+    }
+
+    /// Regenerates a policy's `primary`, `secondary` or `both` keys and returns the policy.
+    /// Tokens signed with a replaced key are refused from their next CONNECT on. Needs a
+    /// policy holding every right.
+    pub async fn regenerate_policy_key(&self, name: &str, which: &str) -> Result<proto::Policy> {
+        self.call("policies.regenerate", &proto::RegeneratePolicyKey { name: name.into(), key: which.into() }).await
+    }
+
     /// A device connection string for `identity` on this client's hub (primary key).
     pub fn device_connection_string(&self, identity: &DeviceIdentity) -> String {
         ConnectionString {
@@ -280,12 +317,24 @@ impl ServiceClient {
             ack: opts.ack,
             ttl_ms: ttl.map(|t| t.as_millis() as u64),
             record: base64::engine::general_purpose::STANDARD.encode(message.to_bytes()),
+            send_id: Some(uuid::Uuid::new_v4().to_string()),
         };
         let envelope = Message::new(serde_json::to_vec(&req).expect("c2d.send serializes")).with_message_id(message_id);
+        // The request must fit one MQTT packet, or it could never leave the outbox.
+        if envelope.body.len() + 256 > transport::MAX_PACKET_SIZE {
+            return Err(Error::new(
+                ErrorKind::MessageTooLarge,
+                format!(
+                    "C2D message of {} bytes does not fit a request ({} bytes at most after base64); IoT Hub allows 64 KB",
+                    message.body.len(),
+                    transport::MAX_PACKET_SIZE
+                ),
+            ));
+        }
         let (seq, _) = self.outbox.push(&envelope).await?;
         let rx = {
             let mut g = self.c2d.lock();
-            if let Some(r) = g.early.remove(&seq) {
+            if let Some((_, r)) = g.early.remove(&seq) {
                 return r;
             }
             let (tx, rx) = oneshot::channel();
@@ -318,6 +367,14 @@ impl ServiceClient {
         self.c2d.lock().outcomes.entry(message_id.to_string()).or_default().push(tx);
         self.cmd.send(Cmd::Feedback { tx: None }).map_err(|_| Error::closed("service client"))?;
         Ok(rx)
+    }
+
+    /// Sizes of the client's bookkeeping maps: (C2D sends awaiting an answer, answers not yet
+    /// collected, message ids awaiting feedback). For leak checks in tests.
+    #[doc(hidden)]
+    pub fn pending_counts(&self) -> (usize, usize, usize) {
+        let g = self.c2d.lock();
+        (g.waiting.len(), g.early.len(), g.outcomes.len())
     }
 
     /// Removes every pending C2D message of `device_id`; returns how many.
@@ -430,6 +487,11 @@ impl EventStream {
         self.status.borrow().clone()
     }
 
+    /// A watch to await status changes on.
+    pub fn status_watch(&self) -> watch::Receiver<ConnectionStatus> {
+        self.status.clone()
+    }
+
     /// Leaves the group (its partitions move to the other members) and stops.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
@@ -464,6 +526,8 @@ struct Driver {
     c2d_in_flight: HashMap<u64, u64>,
     /// Feedback wanted, and where batches go.
     feedback: Option<Option<mpsc::UnboundedSender<FeedbackBatch>>>,
+    /// Where to report the end of a `close()`.
+    closer: Option<oneshot::Sender<()>>,
 }
 
 /// Request id the driver uses for its own `consume` request.
@@ -473,9 +537,38 @@ const FEEDBACK_RID: u64 = 1 << 62;
 /// C2D sends use request ids from here on (base + outbox seq).
 const C2D_RID_BASE: u64 = 1 << 63;
 
-enum End {
-    Closed(Option<oneshot::Sender<()>>),
-    Failed(Error),
+impl transport::Link for Driver {
+    type Conn = transport::ClientHalves;
+
+    async fn connect(&mut self) -> Result<Self::Conn> {
+        self.connect_once().await
+    }
+
+    async fn serve(&mut self, conn: Self::Conn) -> End {
+        self.serve_conn(conn).await
+    }
+
+    async fn idle(&mut self, failed: Option<&Error>) -> Idle {
+        // Wake up now and then to time out requests and prune abandoned waiters.
+        match tokio::time::timeout(Duration::from_millis(500), self.cmd.recv()).await {
+            Ok(cmd) => self.idle_command(cmd, failed),
+            Err(_) => {
+                self.expire_requests();
+                Idle::Continue
+            }
+        }
+    }
+
+    fn connected(&mut self) {
+        self.generation += 1;
+    }
+
+    fn failed(&mut self, err: &Error, retrying: bool) {
+        self.expire_requests();
+        if !retrying {
+            self.fail_all(err);
+        }
+    }
 }
 
 impl Driver {
@@ -500,78 +593,44 @@ impl Driver {
             c2d,
             c2d_in_flight: HashMap::new(),
             feedback: None,
+            closer: None,
         };
         tokio::spawn(d.run());
         Ok((cmd_tx, status_rx))
     }
 
     async fn run(mut self) {
-        let mut backoff = Backoff::new(self.opts.retry.clone());
-        let epoch = Instant::now();
-        let closer = 'outer: loop {
-            self.status.send_replace(ConnectionStatus::Connecting);
-            let err = match self.connect_once().await {
-                Ok(halves) => {
-                    backoff.connected(epoch.elapsed());
-                    self.generation += 1;
-                    self.status.send_replace(ConnectionStatus::Connected);
-                    match self.serve(halves).await {
-                        End::Closed(c) => break c,
-                        End::Failed(e) => {
-                            self.status.send_replace(ConnectionStatus::Disconnected { reason: e.to_string() });
-                            e
-                        }
-                    }
-                }
-                Err(e) => e,
-            };
-            self.expire_requests();
-            let delay = match retry::classify(&err) {
-                retry::Retry::Permanent => None,
-                retry::Retry::Transient => backoff.failed(epoch.elapsed(), fastrand::f64()),
-            };
-            let Some(delay) = delay else {
-                self.status.send_replace(ConnectionStatus::Failed { kind: err.kind(), reason: err.to_string() });
-                self.fail_all(&err);
-                // Keep answering commands so callers get the error instead of hanging.
-                loop {
-                    match self.cmd.recv().await {
-                        Some(Cmd::Request { tx, .. }) => {
-                            let _ = tx.send(Err(err.clone()));
-                        }
-                        Some(Cmd::Ack { .. }) => {}
-                        Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
-                        Some(Cmd::Close(tx)) => break 'outer Some(tx),
-                        None => break 'outer None,
-                    }
-                }
-            };
-            self.status.send_replace(ConnectionStatus::Retrying { attempt: backoff.attempt(), delay });
-            let sleep = tokio::time::sleep(delay);
-            tokio::pin!(sleep);
-            let closed = loop {
-                tokio::select! {
-                    _ = &mut sleep => break None,
-                    cmd = self.cmd.recv() => match cmd {
-                        Some(Cmd::Request { op, body, deadline, tx }) => {
-                            self.queue_request(op, body, deadline, tx);
-                        }
-                        Some(Cmd::Ack { .. }) => {}
-                        Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
-                        Some(Cmd::Close(tx)) => break Some(Some(tx)),
-                        None => break Some(None),
-                    },
-                }
-            };
-            if let Some(c) = closed {
-                break c;
-            }
-        };
+        let policy = self.opts.retry.clone();
+        let status = self.status.clone();
+        transport::run_link(&mut self, &policy, &status).await;
         self.fail_all(&Error::closed("service client"));
         self.status.send_replace(ConnectionStatus::Closed);
-        if let Some(tx) = closer {
+        if let Some(tx) = self.closer.take() {
             let _ = tx.send(());
         }
+    }
+
+    /// A command while not connected: requests wait for the next connection (or fail with the
+    /// permanent error once the driver gave up).
+    fn idle_command(&mut self, cmd: Option<Cmd>, failed: Option<&Error>) -> Idle {
+        match cmd {
+            Some(Cmd::Request { op, body, deadline, tx }) => match failed {
+                Some(e) => {
+                    let _ = tx.send(Err(e.clone()));
+                }
+                None => {
+                    self.queue_request(op, body, deadline, tx);
+                }
+            },
+            Some(Cmd::Ack { .. }) => {}
+            Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
+            Some(Cmd::Close(tx)) => {
+                self.closer = Some(tx);
+                return Idle::Close;
+            }
+            None => return Idle::Close,
+        }
+        Idle::Continue
     }
 
     fn want_feedback(&mut self, tx: Option<mpsc::UnboundedSender<FeedbackBatch>>) {
@@ -598,14 +657,36 @@ impl Driver {
         }
     }
 
+    /// Fails requests past their deadline, forgets requests and waiters whose caller went away
+    /// (a timed-out or cancelled future), and answers that nobody will collect, so none of the
+    /// maps grows with abandoned entries.
     fn expire_requests(&mut self) {
         let now = Instant::now();
-        let expired: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(k, _)| *k).collect();
+        let expired: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now || p.tx.is_closed()).map(|(k, _)| *k).collect();
         for rid in expired {
             if let Some(p) = self.pending.remove(&rid) {
                 let _ = p.tx.send(Err(Error::new(ErrorKind::Timeout, format!("request '{}' got no answer in time", p.op))));
             }
         }
+        if let Some((_, shared)) = &self.c2d {
+            let mut g = shared.lock();
+            g.waiting.retain(|_, w| !w.is_closed());
+            g.outcomes.retain(|_, ws| {
+                ws.retain(|w| !w.is_closed());
+                !ws.is_empty()
+            });
+            let keep_early = self.opts.request_timeout;
+            g.early.retain(|_, (at, _)| at.elapsed() < keep_early);
+        }
+    }
+
+    /// Whether anything waits that [`Driver::expire_requests`] may have to clean up.
+    fn has_waiters(&self) -> bool {
+        !self.pending.is_empty()
+            || self.c2d.as_ref().is_some_and(|(_, s)| {
+                let g = s.lock();
+                !g.waiting.is_empty() || !g.outcomes.is_empty() || !g.early.is_empty()
+            })
     }
 
     fn queue_request(&mut self, op: String, body: Vec<u8>, deadline: Instant, tx: oneshot::Sender<Result<serde_json::Value>>) -> u64 {
@@ -629,7 +710,7 @@ impl Driver {
         Ok(halves)
     }
 
-    async fn serve(&mut self, (mut reader, mut writer): transport::ClientHalves) -> End {
+    async fn serve_conn(&mut self, (mut reader, mut writer): transport::ClientHalves) -> End {
         let keep_alive = self.opts.keep_alive.max(Duration::from_secs(1));
         let renew_at = Instant::now() + self.opts.token_ttl.mul_f64(0.8);
         let mut next_pkid: u16 = 1;
@@ -690,7 +771,7 @@ impl Driver {
                 }
             }
             if writer.pending() > 0 {
-                if let Err(e) = writer.flush().await {
+                if let Err(e) = writer.flush_within(self.opts.connect_timeout).await {
                     return End::Failed(e);
                 }
                 last_tx = Instant::now();
@@ -743,13 +824,15 @@ impl Driver {
                             }
                             Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
                             Some(Cmd::Close(tx)) => {
-                                let _ = writer.send(&Packet::Disconnect).await;
+                                writer.queue(&Packet::Disconnect).ok();
                                 writer.shutdown().await;
-                                return End::Closed(Some(tx));
+                                self.closer = Some(tx);
+                                return End::Closed;
                             }
                             None => {
-                                let _ = writer.send(&Packet::Disconnect).await;
-                                return End::Closed(None);
+                                writer.queue(&Packet::Disconnect).ok();
+                                writer.shutdown().await;
+                                return End::Closed;
                             }
                         }
                         budget -= 1;
@@ -770,12 +853,14 @@ impl Driver {
                 _ = tokio::time::sleep_until(last_rx + keep_alive.mul_f64(1.5)) => {
                     return End::Failed(Error::new(ErrorKind::Timeout, "no traffic from the hub within keep-alive"));
                 }
-                _ = tokio::time::sleep(Duration::from_millis(500)), if !self.pending.is_empty() => self.expire_requests(),
+                _ = tokio::time::sleep(Duration::from_millis(500)), if self.has_waiters() => self.expire_requests(),
                 _ = outbox_changed(&self.c2d), if self.c2d_in_flight.len() < self.opts.max_in_flight => {}
                 _ = tokio::time::sleep_until(renew_at) => {
-                    // Token renewal over MQTT 3.1.1 = reconnect; unacked events are redelivered.
-                    let _ = writer.send(&Packet::Disconnect).await;
-                    return End::Failed(Error::new(ErrorKind::Disconnected, "renewing the SAS token"));
+                    // Token renewal over MQTT 3.1.1 = reconnect (not a failure: no backoff);
+                    // unacked events are redelivered.
+                    writer.queue(&Packet::Disconnect).ok();
+                    writer.shutdown().await;
+                    return End::Renew;
                 }
             }
         }
@@ -802,7 +887,7 @@ impl Driver {
                         let _ = w.send(result);
                     }
                     None => {
-                        g.early.insert(seq, result);
+                        g.early.insert(seq, (std::time::Instant::now(), result));
                     }
                 }
                 return Ok(());

@@ -4,8 +4,10 @@
 //! across connections.
 //!
 //! Invariants: a [`PacketReader`] never yields a partial packet and never buffers more than one
-//! maximum-size packet plus one read chunk; an oversize or malformed frame is an error, after
-//! which the connection must be closed.
+//! maximum-size packet plus one read chunk; an oversize or malformed frame (including fixed-header
+//! flags MQTT 3.1.1 §2.2.2 reserves) is an error, after which the connection must be closed. A
+//! reader or writer allocates nothing before its first byte, so an idle connection costs only
+//! its socket.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -84,17 +86,147 @@ pub fn encode(packet: &Packet, buf: &mut BytesMut) -> Result<()> {
     r.map(|_| ()).map_err(|e| Error::protocol(format!("cannot encode MQTT packet: {e}")))
 }
 
+/// Largest CONNECT the hub reads (user name, SAS token, client id and a small will); anything
+/// bigger is refused before authentication, so an unauthenticated peer cannot make the hub
+/// reserve a full-size packet buffer.
+pub const MAX_CONNECT_SIZE: usize = 8 * 1024;
+
+/// The first packet of a connection as the hub sees it (see [`PacketReader::next_connect`]).
+#[derive(Debug)]
+pub enum ConnectRead {
+    /// An MQTT 3.1.1 CONNECT.
+    Connect(v4::Connect),
+    /// A CONNECT of another protocol version (`MQIsdp` level 3, MQTT 5, …): the spec wants
+    /// CONNACK 1 and a close (MQTT-3.1.2-2).
+    UnsupportedVersion {
+        /// The protocol name as sent.
+        name: String,
+        /// The protocol level as sent.
+        level: u8,
+    },
+    /// Any other packet.
+    Other(Packet),
+    /// End of stream before a packet.
+    Closed,
+}
+
+/// Checks the flags of an MQTT 3.1.1 fixed header's first byte (§2.2.2): PUBREL, SUBSCRIBE and
+/// UNSUBSCRIBE must carry `0010`, PUBLISH any flags but QoS 3 and DUP on QoS 0, every other type
+/// `0000`; packet types 0 and 15 are reserved. The error says what is wrong.
+pub fn check_fixed_header(byte1: u8) -> std::result::Result<(), String> {
+    let (kind, flags) = (byte1 >> 4, byte1 & 0x0f);
+    let want = match kind {
+        0 | 15 => return Err(format!("reserved packet type {kind}")),
+        3 => {
+            let qos = (flags >> 1) & 0b11;
+            if qos == 3 {
+                return Err("PUBLISH with QoS 3".into());
+            }
+            if qos == 0 && flags & 0b1000 != 0 {
+                return Err("PUBLISH with QoS 0 and DUP set (MQTT-3.3.1-2)".into());
+            }
+            return Ok(());
+        }
+        6 | 8 | 10 => 0b0010,
+        _ => 0,
+    };
+    if flags != want {
+        return Err(format!("packet type {kind} with fixed-header flags {flags:04b}; MQTT 3.1.1 requires {want:04b} (§2.2.2)"));
+    }
+    Ok(())
+}
+
+/// Protocol name and level of a whole CONNECT frame (`None` if it is too short to tell).
+pub fn connect_version(frame: &[u8]) -> Option<(String, u8)> {
+    // Skip the fixed header: type byte plus 1–4 remaining-length bytes.
+    let mut i = 1;
+    while i < frame.len() && i <= 4 && frame[i] & 0x80 != 0 {
+        i += 1;
+    }
+    let rest = frame.get(i + 1..)?;
+    let len = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]) as usize;
+    let name = rest.get(2..2 + len)?;
+    let level = *rest.get(2 + len)?;
+    Some((String::from_utf8_lossy(name).into_owned(), level))
+}
+
 /// Reads whole MQTT packets from a byte stream.
 pub struct PacketReader<R> {
     inner: R,
     buf: BytesMut,
     max_size: usize,
+    min_read: usize,
 }
 
 impl<R: AsyncRead + Unpin> PacketReader<R> {
     /// Wraps `inner`; frames larger than `max_size` are rejected.
     pub fn new(inner: R, max_size: usize) -> Self {
-        PacketReader { inner, buf: BytesMut::with_capacity(16 * 1024), max_size }
+        PacketReader { inner, buf: BytesMut::new(), max_size, min_read: 16 * 1024 }
+    }
+
+    /// Changes the largest frame accepted from now on and the smallest read buffer reserved
+    /// (e.g. small before CONNECT, full size once authenticated).
+    pub fn set_limits(&mut self, max_size: usize, min_read: usize) {
+        self.max_size = max_size;
+        self.min_read = min_read.max(64);
+    }
+
+    /// The first packet of a connection: like [`PacketReader::next`], but a CONNECT whose
+    /// protocol is not MQTT 3.1.1 (name `MQTT`, level 4) comes back as
+    /// [`ConnectRead::UnsupportedVersion`] instead of an error or a parsed MQTT 5 CONNECT.
+    pub async fn next_connect(&mut self) -> Result<ConnectRead> {
+        loop {
+            if let Some(len) = self.buffered_frame_len()? {
+                if self.buf[0] >> 4 == 1 {
+                    if let Some((name, level)) = connect_version(&self.buf[..len]) {
+                        if (name.as_str(), level) != ("MQTT", 4) {
+                            let _ = self.buf.split_to(len);
+                            return Ok(ConnectRead::UnsupportedVersion { name, level });
+                        }
+                    }
+                }
+            }
+            match self.parse()? {
+                Ok(Packet::Connect(c)) => return Ok(ConnectRead::Connect(c)),
+                Ok(p) => return Ok(ConnectRead::Other(p)),
+                Err(missing) => self.buf.reserve(missing.max(self.min_read)),
+            }
+            if !self.fill().await? {
+                return if self.buf.is_empty() {
+                    Ok(ConnectRead::Closed)
+                } else {
+                    Err(Error::new(ErrorKind::Disconnected, "connection closed in the middle of a packet"))
+                };
+            }
+        }
+    }
+
+    /// Length of the whole frame at the front of the buffer, if it is all there.
+    fn buffered_frame_len(&self) -> Result<Option<usize>> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        check_fixed_header(self.buf[0]).map_err(|e| Error::protocol(format!("malformed MQTT packet: {e}")))?;
+        match rumqttc::mqttbytes::check(self.buf.iter(), self.max_size) {
+            Ok(h) => Ok(Some(h.frame_length())),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n)) => Err(self.too_large(n)),
+            Err(e) => Err(Error::protocol(format!("malformed MQTT packet: {e}"))),
+        }
+    }
+
+    /// Reads once into the buffer; false at end of stream.
+    async fn fill(&mut self) -> Result<bool> {
+        let n = self
+            .inner
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Disconnected, format!("connection read failed: {e}")).with_source(e))?;
+        Ok(n > 0)
+    }
+
+    fn too_large(&self, n: usize) -> Error {
+        Error::new(ErrorKind::MessageTooLarge, format!("MQTT packet of {n} bytes exceeds the limit of {} bytes", self.max_size))
     }
 
     /// The next packet; `Ok(None)` on a clean end of stream between packets. Cancel-safe: a
@@ -103,14 +235,9 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
         loop {
             match self.parse()? {
                 Ok(p) => return Ok(Some(p)),
-                Err(missing) => self.buf.reserve(missing.max(4096)),
+                Err(missing) => self.buf.reserve(missing.max(self.min_read)),
             }
-            let n = self
-                .inner
-                .read_buf(&mut self.buf)
-                .await
-                .map_err(|e| Error::new(ErrorKind::Disconnected, format!("connection read failed: {e}")).with_source(e))?;
-            if n == 0 {
+            if !self.fill().await? {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
@@ -138,13 +265,11 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
         if self.buf.is_empty() {
             return Ok(Err(2));
         }
+        check_fixed_header(self.buf[0]).map_err(|e| Error::protocol(format!("malformed MQTT packet: {e}")))?;
         match v4::read(&mut self.buf, self.max_size) {
             Ok(p) => Ok(Ok(p)),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(n)) => Ok(Err(n.max(1))),
-            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n)) => Err(Error::new(
-                ErrorKind::MessageTooLarge,
-                format!("MQTT packet of {n} bytes exceeds the limit of {} bytes", self.max_size),
-            )),
+            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n)) => Err(self.too_large(n)),
             Err(e) => Err(Error::protocol(format!("malformed MQTT packet: {e}"))),
         }
     }
@@ -171,12 +296,18 @@ pub struct PacketWriter<W> {
 impl<W: AsyncWrite + Unpin> PacketWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        PacketWriter { inner, buf: BytesMut::with_capacity(16 * 1024) }
+        PacketWriter { inner, buf: BytesMut::new() }
     }
 
     /// Queues a packet (no I/O).
     pub fn queue(&mut self, packet: &Packet) -> Result<()> {
         encode(packet, &mut self.buf)
+    }
+
+    /// Queues bytes exactly as given (no encoding): for proxies and for tests that must put
+    /// malformed packets on the wire.
+    pub fn queue_raw(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes queued and not yet flushed.
@@ -198,16 +329,33 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
         r.map_err(|e| Error::new(ErrorKind::Disconnected, format!("connection write failed: {e}")).with_source(e))
     }
 
+    /// [`PacketWriter::flush`] within `limit`: a peer that does not take the bytes in time (it
+    /// stopped reading, its window stays closed) gets a `Timeout` error, after which the
+    /// connection must be closed (part of the buffer may have been written).
+    pub async fn flush_within(&mut self, limit: Duration) -> Result<()> {
+        match tokio::time::timeout(limit, self.flush()).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("the peer did not read {} queued bytes within {limit:?}; closing the connection", self.buf.len()),
+            )),
+        }
+    }
+
     /// Queues and flushes one packet.
     pub async fn send(&mut self, packet: &Packet) -> Result<()> {
         self.queue(packet)?;
         self.flush().await
     }
 
-    /// Shuts the write side down (best effort).
+    /// Shuts the write side down (best effort, at most 1 s: a peer that does not read cannot
+    /// hold it up).
     pub async fn shutdown(&mut self) {
-        let _ = self.flush().await;
-        let _ = self.inner.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = self.flush().await;
+            let _ = self.inner.shutdown().await;
+        })
+        .await;
     }
 }
 
@@ -242,6 +390,46 @@ impl Endpoint {
     }
 }
 
+/// TCP keep-alive and user-timeout settings put on every socket (hub and clients), so a peer
+/// that vanished (power cut, cable pulled, NAT entry dropped) is noticed by the kernel even
+/// while nothing is being sent, and written data that stays unacknowledged ends the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketTuning {
+    /// Idle time before the first keep-alive probe. Default 30 s.
+    pub keepalive_idle: Duration,
+    /// Time between probes. Default 10 s.
+    pub keepalive_interval: Duration,
+    /// Unanswered probes before the connection is dropped. Default 3.
+    pub keepalive_probes: u32,
+    /// Longest time written data may stay unacknowledged by the peer (`TCP_USER_TIMEOUT`).
+    /// Default 60 s.
+    pub user_timeout: Duration,
+}
+
+impl Default for SocketTuning {
+    fn default() -> Self {
+        SocketTuning {
+            keepalive_idle: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_probes: 3,
+            user_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Applies [`SocketTuning`] and `TCP_NODELAY` to a socket (best effort: a setting the platform
+/// lacks is skipped).
+pub fn tune_socket(tcp: &TcpStream, t: &SocketTuning) {
+    let _ = tcp.set_nodelay(true);
+    let sock = socket2::SockRef::from(tcp);
+    let ka = socket2::TcpKeepalive::new().with_time(t.keepalive_idle).with_interval(t.keepalive_interval);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "freebsd"))]
+    let ka = ka.with_retries(t.keepalive_probes);
+    let _ = sock.set_tcp_keepalive(&ka);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = sock.set_tcp_user_timeout(Some(t.user_timeout));
+}
+
 /// Opens a TCP (and, if configured, TLS) connection to `endpoint` within `timeout`.
 pub async fn dial(endpoint: &Endpoint, timeout: Duration) -> Result<BoxStream> {
     let fut = async {
@@ -249,7 +437,7 @@ pub async fn dial(endpoint: &Endpoint, timeout: Duration) -> Result<BoxStream> {
         let tcp = TcpStream::connect(&addr)
             .await
             .map_err(|e| Error::new(ErrorKind::Disconnected, format!("cannot connect to {addr}: {e}")).with_source(e))?;
-        let _ = tcp.set_nodelay(true);
+        tune_socket(&tcp, &SocketTuning::default());
         match &endpoint.tls {
             None => Ok(Box::new(tcp) as BoxStream),
             Some(tls) => tls_connect(tcp, &endpoint.host, tls).await,
@@ -433,5 +621,120 @@ pub async fn client_connect(endpoint: &Endpoint, params: &ConnectParams, timeout
         C::BadClientId => Err(Error::invalid("the hub rejected the client id (CONNACK 2): it must equal the device id")),
         C::RefusedProtocolVersion => Err(Error::invalid("the hub does not speak MQTT 3.1.1 (CONNACK 1)")),
         C::ServiceUnavailable => Err(Error::new(ErrorKind::Disconnected, "the hub is busy (CONNACK 3); retrying later")),
+    }
+}
+
+/// Why one connection of a client driver ended (see [`Link`]).
+#[derive(Debug)]
+pub(crate) enum End {
+    /// The application closed the client: stop.
+    Closed,
+    /// The SAS token is due for renewal: reconnect at once with a fresh one. Not a failure: no
+    /// backoff, no `Disconnected` status, counted as a renewal.
+    Renew,
+    /// The connection failed: retry per the policy (or stop on a permanent error).
+    Failed(Error),
+}
+
+/// What a command that arrived while a driver waited (backing off, or failed) asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Idle {
+    /// Handled; keep waiting.
+    Continue,
+    /// Try to connect now (e.g. [`crate::DeviceClient::reconnect`]).
+    Reconnect,
+    /// The application closed the client: stop.
+    Close,
+}
+
+/// One client driver's connection lifecycle. The device driver and the service drivers (main
+/// client and event streams) implement it; [`run_link`] is the one reconnect / renewal loop
+/// they share.
+pub(crate) trait Link {
+    /// An established connection and when its token must be renewed.
+    type Conn;
+    /// One connection attempt (token generation, dial, CONNECT, CONNACK).
+    fn connect(&mut self) -> impl std::future::Future<Output = Result<Self::Conn>> + Send;
+    /// Runs one connection until it ends.
+    fn serve(&mut self, conn: Self::Conn) -> impl std::future::Future<Output = End> + Send;
+    /// Waits for the next command while not connected and handles it; `failed` is the
+    /// permanent error when the driver gave up (commands should then fail with it).
+    fn idle(&mut self, failed: Option<&Error>) -> impl std::future::Future<Output = Idle> + Send;
+    /// A connection came up (before `serve`).
+    fn connected(&mut self) {}
+    /// A connection ended (after `serve`), whatever the reason.
+    fn ended(&mut self, _end: &End) {}
+    /// A connect attempt or a connection failed; `retrying` says whether a retry follows.
+    fn failed(&mut self, _err: &Error, _retrying: bool) {}
+}
+
+/// The reconnect loop of every client: connect; serve; on [`End::Renew`] reconnect at once; on
+/// a failure wait per `policy` (the backoff resets only after a healthy connection, see
+/// [`crate::retry::Backoff`]) or, for a permanent error, stay `Failed` until a command asks to
+/// reconnect; publish every state on `status`. Returns when the link is closed.
+pub(crate) async fn run_link<L: Link + Send>(
+    link: &mut L,
+    policy: &crate::retry::RetryPolicy,
+    status: &tokio::sync::watch::Sender<crate::device::ConnectionStatus>,
+) {
+    use crate::device::ConnectionStatus;
+    use crate::retry::{classify, Backoff, Retry};
+    let mut backoff = Backoff::new(policy.clone());
+    let epoch = tokio::time::Instant::now();
+    loop {
+        status.send_replace(ConnectionStatus::Connecting);
+        let err = match link.connect().await {
+            Ok(conn) => {
+                backoff.connected(epoch.elapsed());
+                link.connected();
+                status.send_replace(ConnectionStatus::Connected);
+                let end = link.serve(conn).await;
+                link.ended(&end);
+                match end {
+                    End::Closed => return,
+                    End::Renew => continue,
+                    End::Failed(e) => {
+                        status.send_replace(ConnectionStatus::Disconnected { reason: e.to_string() });
+                        e
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        let delay = match classify(&err) {
+            Retry::Permanent => None,
+            Retry::Transient => backoff.failed(epoch.elapsed(), fastrand::f64()),
+        };
+        link.failed(&err, delay.is_some());
+        match delay {
+            Some(delay) => {
+                status.send_replace(ConnectionStatus::Retrying { attempt: backoff.attempt(), delay });
+                let sleep = tokio::time::sleep(delay);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        _ = &mut sleep => break,
+                        i = link.idle(None) => match i {
+                            Idle::Continue => {}
+                            Idle::Reconnect => break,
+                            Idle::Close => return,
+                        },
+                    }
+                }
+            }
+            None => {
+                status.send_replace(ConnectionStatus::Failed { kind: err.kind(), reason: err.to_string() });
+                loop {
+                    match link.idle(Some(&err)).await {
+                        Idle::Continue => {}
+                        Idle::Reconnect => {
+                            backoff = Backoff::new(policy.clone());
+                            break;
+                        }
+                        Idle::Close => return,
+                    }
+                }
+            }
+        }
     }
 }

@@ -470,6 +470,33 @@ pub fn apply_bag(msg: &mut Message, bag: Vec<(String, Option<String>)>) -> Resul
     Ok(())
 }
 
+/// Checks a PUBLISH topic name as MQTT 3.1.1 requires (§4.7.3, MQTT-3.3.2-2, MQTT-1.5.3-2):
+/// not empty, no wildcard (`+`, `#`) and no U+0000. The error names the problem.
+pub fn check_topic_name(topic: &str) -> Result<()> {
+    if topic.is_empty() {
+        return Err(Error::protocol("PUBLISH with an empty topic name (MQTT-4.7.3-1)"));
+    }
+    if topic.contains(['+', '#']) {
+        return Err(Error::protocol("PUBLISH topic names must not contain the wildcards '+' or '#' (MQTT-3.3.2-2)"));
+    }
+    if topic.contains('\0') {
+        return Err(Error::protocol("MQTT strings must not contain U+0000 (MQTT-1.5.3-2)"));
+    }
+    Ok(())
+}
+
+/// Checks a message id against IoT Hub's rule (reference §4.5): 1–128 characters, none of them
+/// a control character (NUL included). `InvalidArgument` with the reason.
+pub fn check_message_id(id: &str) -> Result<()> {
+    if id.is_empty() || id.chars().count() > 128 {
+        return Err(Error::invalid(format!("message id must be 1 to 128 characters, got {}", id.chars().count())));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Error::invalid("message id contains a control character (such as NUL); use printable characters only"));
+    }
+    Ok(())
+}
+
 /// A time property of a decoded bag; errors name the property.
 fn bag_time(name: &str, value: Option<&str>) -> Result<Option<u64>> {
     value.map(|v| parse_time_ms(v).map_err(|e| Error::invalid(format!("property {name}: {}", e.message())))).transpose()

@@ -35,14 +35,14 @@ fn params(hub: &Hub, id: &str, key: &str, expiry: u64) -> ConnectParams {
     }
 }
 
-fn key(hub: &Hub, id: &str) -> String {
-    hub.registry().device(id).unwrap().primary_key
+async fn key(hub: &Hub, id: &str) -> String {
+    hub.registry().device(id).await.unwrap().unwrap().primary_key
 }
 
 /// Connects raw, sends `packet`, and returns true if the hub closed the connection without
 /// acknowledging it.
 async fn closes_on(hub: &Hub, id: &str, packet: Packet) -> bool {
-    let p = params(hub, id, &key(hub, id), now_ms() / 1000 + 3600);
+    let p = params(hub, id, &key(hub, id).await, now_ms() / 1000 + 3600);
     let ((mut r, mut w), _) = transport::client_connect(&endpoint(hub), &p, T).await.unwrap();
     if w.send(&packet).await.is_err() {
         return true; // closed while we were still writing (oversize packets)
@@ -74,17 +74,17 @@ async fn every_bad_input_is_contained_and_the_hub_keeps_serving() {
     let wrong = params(hub, "d1", &auth::generate_key(), now_ms() / 1000 + 3600);
     assert_eq!(transport::client_connect(&endpoint(hub), &wrong, T).await.unwrap_err().kind(), ErrorKind::Unauthorized);
     // Expired token → CONNACK 5.
-    let expired = params(hub, "d1", &key(hub, "d1"), now_ms() / 1000 - 10);
+    let expired = params(hub, "d1", &key(hub, "d1").await, now_ms() / 1000 - 10);
     assert_eq!(transport::client_connect(&endpoint(hub), &expired, T).await.unwrap_err().kind(), ErrorKind::Unauthorized);
     // Unknown device → CONNACK 5.
-    let unknown = params(hub, "ghost", &key(hub, "d1"), now_ms() / 1000 + 3600);
+    let unknown = params(hub, "ghost", &key(hub, "d1").await, now_ms() / 1000 + 3600);
     assert_eq!(transport::client_connect(&endpoint(hub), &unknown, T).await.unwrap_err().kind(), ErrorKind::Unauthorized);
     // Client id that is not the device id → CONNACK 2.
-    let mut mismatched = params(hub, "d1", &key(hub, "d1"), now_ms() / 1000 + 3600);
+    let mut mismatched = params(hub, "d1", &key(hub, "d1").await, now_ms() / 1000 + 3600);
     mismatched.client_id = "d2".into();
     assert_eq!(transport::client_connect(&endpoint(hub), &mismatched, T).await.unwrap_err().kind(), ErrorKind::InvalidArgument);
     // Garbage password → CONNACK 4.
-    let mut garbage = params(hub, "d1", &key(hub, "d1"), now_ms() / 1000 + 3600);
+    let mut garbage = params(hub, "d1", &key(hub, "d1").await, now_ms() / 1000 + 3600);
     garbage.password = "not a token".into();
     assert_eq!(transport::client_connect(&endpoint(hub), &garbage, T).await.unwrap_err().kind(), ErrorKind::Unauthorized);
 
@@ -131,8 +131,8 @@ async fn every_bad_input_is_contained_and_the_hub_keeps_serving() {
 async fn wrong_key_is_permanent_not_a_retry_loop() {
     let h = start_hub().await;
     h.hub.create_device("d1").await.unwrap();
-    let cs = h.hub.device_connection_string("d1").unwrap();
-    let cs = cs.replace(&key(&h.hub, "d1"), &auth::generate_key());
+    let cs = h.hub.device_connection_string("d1").await.unwrap();
+    let cs = cs.replace(&key(&h.hub, "d1").await, &auth::generate_key());
     let mut o = hubmsg_core::DeviceOptions::from_connection_string(&cs).unwrap();
     o.retry = fast_retry();
     o.outbox = hubmsg_core::outbox::OutboxOptions::in_memory();
@@ -155,7 +155,7 @@ async fn one_connection_per_device_and_keep_alive_enforced() {
     let h = start_hub().await;
     let hub = &h.hub;
     hub.create_device("dup").await.unwrap();
-    let p = params(hub, "dup", &key(hub, "dup"), now_ms() / 1000 + 3600);
+    let p = params(hub, "dup", &key(hub, "dup").await, now_ms() / 1000 + 3600);
     let ((mut r1, _w1), _) = transport::client_connect(&endpoint(hub), &p, T).await.unwrap();
     let ((_r2, _w2), _) = transport::client_connect(&endpoint(hub), &p, T).await.unwrap();
     // The first connection is dropped by the second (IoT Hub 400027).
@@ -163,7 +163,7 @@ async fn one_connection_per_device_and_keep_alive_enforced() {
 
     // Keep-alive 1 s and silence → closed after 1.5 s.
     hub.create_device("quiet").await.unwrap();
-    let mut p = params(hub, "quiet", &key(hub, "quiet"), now_ms() / 1000 + 3600);
+    let mut p = params(hub, "quiet", &key(hub, "quiet").await, now_ms() / 1000 + 3600);
     p.keep_alive_secs = 1;
     let ((mut r, _w), _) = transport::client_connect(&endpoint(hub), &p, T).await.unwrap();
     let started = std::time::Instant::now();

@@ -37,10 +37,10 @@ pub fn fast_retry() -> RetryPolicy {
 
 /// Registers `id` if needed and connects a device client with fast retries.
 pub async fn device(hub: &Hub, id: &str) -> DeviceClient {
-    if hub.registry().device(id).is_none() {
+    if hub.registry().device(id).await.unwrap().is_none() {
         hub.create_device(id).await.unwrap();
     }
-    let mut opts = DeviceOptions::from_connection_string(&hub.device_connection_string(id).unwrap()).unwrap();
+    let mut opts = DeviceOptions::from_connection_string(&hub.device_connection_string(id).await.unwrap()).unwrap();
     opts.retry = fast_retry();
     // These tests are about the protocol, not the disk: an in-memory outbox, asked for
     // explicitly (the durable default is tested in default_outbox.rs and the store tests).
@@ -53,6 +53,18 @@ pub async fn service(hub: &Hub) -> ServiceClient {
     let mut opts = ServiceOptions::from_connection_string(&hub.service_connection_string()).unwrap();
     opts.retry = fast_retry();
     ServiceClient::connect(opts).await.unwrap()
+}
+
+/// Waits for the async `cond` up to `limit`, polling every 10 ms. Returns whether it became true.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(limit: Duration, mut cond: impl FnMut() -> F) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond().await
 }
 
 /// Waits for `cond` up to `limit`, polling every 10 ms. Returns whether it became true.

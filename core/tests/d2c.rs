@@ -159,7 +159,7 @@ async fn hub_restart_keeps_events_registry_and_checkpoints() {
     hub.shutdown().await.unwrap();
 
     let hub = hubmsg_core::hub::Hub::start(hubmsg_core::hub::HubConfig::new(dir.path())).await.unwrap();
-    assert!(hub.registry().device("keeper").is_some());
+    assert!(hub.registry().device("keeper").await.unwrap().is_some());
     let svc = service(&hub).await;
     let mut ev = svc.events("$Default", StartPosition::Checkpoint).await.unwrap();
     let e = ev.next_timeout(T).await.unwrap().unwrap();
@@ -185,6 +185,7 @@ async fn device_identity_management() {
     let dev = hubmsg_core::DeviceClient::connect({
         let mut o = hubmsg_core::DeviceOptions::from_connection_string(&svc.device_connection_string(&r)).unwrap();
         o.retry = fast_retry();
+        o.outbox = OutboxOptions::in_memory(); // about the registry, not the disk
         o
     })
     .await
@@ -206,7 +207,7 @@ async fn device_identity_management() {
 async fn outbox_bounds_reject_or_drop_oldest_while_offline() {
     let h = start_hub().await;
     h.hub.create_device("offline").await.unwrap();
-    let cs = h.hub.device_connection_string("offline").unwrap();
+    let cs = h.hub.device_connection_string("offline").await.unwrap();
     // Point the device at a port where nothing listens: it stays offline.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let cs = cs.replace(&h.hub.host_name(), &format!("127.0.0.1:{dead}"));
@@ -242,8 +243,9 @@ async fn outbox_bounds_reject_or_drop_oldest_while_offline() {
 async fn sas_renewal_drains_and_reconnects_without_loss() {
     let h = start_hub().await;
     h.hub.create_device("renewer").await.unwrap();
-    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&h.hub.device_connection_string("renewer").unwrap()).unwrap();
+    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&h.hub.device_connection_string("renewer").await.unwrap()).unwrap();
     o.retry = fast_retry();
+    o.outbox = OutboxOptions::in_memory(); // about token renewal, not the disk
     o.token_ttl = Duration::from_millis(800); // renew every ~640 ms
     let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
     let mut n = 0;
@@ -277,9 +279,10 @@ async fn tls_listener_with_generated_certificate() {
     cfg.host_name = "localhost".into();
     let hub = hubmsg_core::hub::Hub::start(cfg).await.unwrap();
     hub.create_device("secure").await.unwrap();
-    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("secure").unwrap()).unwrap();
+    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("secure").await.unwrap()).unwrap();
     o.tls = Some(hubmsg_core::transport::TlsOptions { ca_file: hub.ca_file().map(|p| p.to_path_buf()) });
     o.retry = fast_retry();
+    o.outbox = OutboxOptions::in_memory(); // about TLS, not the disk
     let dev = hubmsg_core::DeviceClient::connect(o.clone()).await.unwrap();
     let d = dev.send(Message::new("over tls")).await.unwrap();
     assert_eq!(tokio::time::timeout(T, d.outcome()).await.unwrap().unwrap(), Outcome::Delivered);

@@ -83,10 +83,10 @@ fn skip(why: &str) {
 }
 
 async fn device_with_outbox(hub: &Hub, id: &str, dir: &Path) -> DeviceClient {
-    if hub.registry().device(id).is_none() {
+    if hub.registry().device(id).await.unwrap().is_none() {
         hub.create_device(id).await.unwrap();
     }
-    let mut o = DeviceOptions::from_connection_string(&hub.device_connection_string(id).unwrap()).unwrap();
+    let mut o = DeviceOptions::from_connection_string(&hub.device_connection_string(id).await.unwrap()).unwrap();
     o.retry = fast_retry();
     o.outbox = OutboxOptions { dir: Some(dir.to_path_buf()), ..OutboxOptions::default() };
     DeviceClient::connect(o).await.unwrap()

@@ -155,3 +155,21 @@ pub(crate) unsafe fn free_handle<T>(p: *mut T) {
 pub(crate) fn c_ptr(s: &Option<CString>) -> *const c_char {
     s.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())
 }
+
+/// A pull from `inbox` for an export: the item, converted, goes to `out` (`HUBMSG_OK`), or
+/// `HUBMSG_EMPTY` on timeout (`out` stays NULL).
+pub(crate) fn recv_into<S: hubmsg_bind::Source, U>(
+    inbox: &hubmsg_bind::Inbox<S>,
+    rt: &hubmsg_bind::Runtime,
+    timeout_ms: u32,
+    out: Out<U>,
+    convert: impl FnOnce(S::Item) -> U,
+) -> Result<crate::result::hubmsg_result> {
+    Ok(match inbox.recv(rt, ms(timeout_ms))? {
+        Some(item) => {
+            out.put(convert(item));
+            crate::result::HUBMSG_OK
+        }
+        None => crate::result::HUBMSG_EMPTY,
+    })
+}

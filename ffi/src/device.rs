@@ -10,7 +10,7 @@ use std::ffi::{c_char, c_void, CString};
 use std::sync::{Arc, Condvar, Mutex as StdMutex};
 use std::time::Duration;
 
-use hubmsg_core::device::{C2dMessage, C2dReceiver, DeviceStats};
+use hubmsg_core::device::{C2dMessage, DeviceStats};
 use hubmsg_core::outbox::{Outcome, Overflow};
 use hubmsg_core::retry::RetryPolicy;
 use hubmsg_core::store::Durability;
@@ -20,11 +20,12 @@ use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
 use crate::args::{arg_enum, arg_mut, arg_ref, arg_str, free_box, free_handle, ms, opt_str, Out};
-use crate::callback::{Closure, Dispatcher};
-use crate::inbox::{Inbox, Source};
+use crate::callback::Closure;
 use crate::message::hubmsg_message;
 use crate::result::{code_of, guard, guard_or, hubmsg_result, to_cstring, HUBMSG_OK, HUBMSG_PENDING};
-use crate::runtime::{block_on, dispose, ensure_may_block, runtime, Rt};
+use hubmsg_bind::sources::C2dSource;
+use hubmsg_bind::{block_on, dispose, ensure_may_block, runtime, Rt};
+use hubmsg_bind::{Dispatcher, Inbox};
 
 /// Outbox overflow policy: refuse the new message with HUBMSG_QUEUE_FULL (default).
 pub const HUBMSG_OVERFLOW_REJECT: i32 = 0;
@@ -441,15 +442,6 @@ pub struct hubmsg_outcome_callback {
 type StatusFn = unsafe extern "C-unwind" fn(*mut c_void, i32, hubmsg_result, *const c_char);
 type C2dFn = unsafe extern "C-unwind" fn(*mut c_void, *mut hubmsg_c2d);
 type OutcomeFn = unsafe extern "C-unwind" fn(*mut c_void, i32, *const c_char);
-
-struct C2dSource(C2dReceiver);
-
-impl Source for C2dSource {
-    type Item = C2dMessage;
-    async fn next(&mut self) -> Option<Result<C2dMessage>> {
-        self.0.recv().await.map(Ok)
-    }
-}
 
 /// A device client. Thread-safe: any thread may send, flush, receive or read stats concurrently.
 /// Its callbacks (status, C2D, per-message outcomes) run on the client's own callback thread, one
@@ -948,7 +940,7 @@ pub unsafe extern "C" fn hubmsg_device_recv(dev: *mut hubmsg_device, timeout_ms:
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, d) = unsafe { (Out::new(out, "out")?, device(dev)?) };
-        d.c2d.recv_into(&d.rt, timeout_ms, out, hubmsg_c2d::new)
+        crate::args::recv_into(&d.c2d, &d.rt, timeout_ms, out, hubmsg_c2d::new)
     })
 }
 

@@ -14,7 +14,7 @@ use hubmsg_core::{store::Durability, Error, Result};
 
 use crate::args::{arg_mut, arg_ref, arg_str, free_box, free_handle, ms, Out};
 use crate::result::{guard, guard_or, hubmsg_result, HUBMSG_OK};
-use crate::runtime::{dispose, Rt};
+use hubmsg_bind::{dispose, Rt};
 
 /// Embedded hub settings. Not thread-safe (one thread at a time).
 #[allow(non_camel_case_types)]
@@ -127,8 +127,8 @@ fn start(o: &hubmsg_hub_options) -> Result<hubmsg_hub> {
     if let Some(d) = o.durability {
         cfg.durability = d;
     }
-    let rt = crate::runtime::runtime()?;
-    let hub = crate::runtime::block_on(&rt, "hubmsg_hub_start", hubmsg_core::hub::Hub::start(cfg))??;
+    let rt = hubmsg_bind::runtime()?;
+    let hub = hubmsg_bind::block_on(&rt, "hubmsg_hub_start", hubmsg_core::hub::Hub::start(cfg))??;
     let address = hub.mqtt_addr().map(|a| a.to_string()).ok_or_else(|| Error::new(ErrorKind::Internal, "the hub has no plain listener"))?;
     Ok(hubmsg_hub {
         address: crate::result::to_cstring(&address),
@@ -245,9 +245,9 @@ pub unsafe extern "C" fn hubmsg_hub_create_device(
         #[cfg(feature = "hub")]
         {
             let hub = running(h)?;
-            crate::runtime::block_on(&h.rt, "hubmsg_hub_create_device", hub.create_device(id))??;
+            hubmsg_bind::block_on(&h.rt, "hubmsg_hub_create_device", hub.create_device(id))??;
             if let Some(out) = out {
-                out.put_string(&hub.device_connection_string(id)?);
+                out.put_string(&hubmsg_bind::block_on(&h.rt, "hubmsg_hub_create_device", hub.device_connection_string(id))??);
             }
             Ok(HUBMSG_OK)
         }
@@ -281,7 +281,7 @@ pub unsafe extern "C" fn hubmsg_hub_device_connection_string(
         // SAFETY: the C API contract for all pointers.
         let (out, h, id) = unsafe { (Out::new(out, "out")?, arg_ref(hub, "hub")?, arg_str(device_id, "device_id")?) };
         #[cfg(feature = "hub")]
-        out.put_string(&running(h)?.device_connection_string(id)?);
+        out.put_string(&hubmsg_bind::block_on(&h.rt, "hubmsg_hub_device_connection_string", running(h)?.device_connection_string(id))??);
         #[cfg(not(feature = "hub"))]
         let _ = (out, h, id);
         Ok(HUBMSG_OK)

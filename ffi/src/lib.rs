@@ -13,9 +13,10 @@
 //! - Callbacks are `{context, call, drop}` structs; each client runs its callbacks on its own
 //!   callback thread. Blocking functions refuse to run on a runtime thread (`HUBMSG_USAGE`).
 //!
-//! Modules: [`result`] (codes, last error, panic boundary), [`runtime`] (the shared runtime),
-//! [`callback`] (closures and callback threads), [`message`], [`device`], [`service`], [`hub`],
-//! [`log`].
+//! Modules: [`result`] (codes, last error, panic boundary), [`callback`] (C closures),
+//! [`message`], [`device`], [`service`], [`hub`], [`log`]. The language-neutral parts — the
+//! shared runtime, stream pumps, callback threads, the tracing bridge — are `hubmsg-bind`
+//! (`bindings/common`), which the Python and Node packages use too.
 
 #![allow(clippy::missing_safety_doc)] // every export's safety contract is the C API documentation
 
@@ -23,11 +24,9 @@ mod args;
 pub mod callback;
 pub mod device;
 pub mod hub;
-mod inbox;
 pub mod log;
 pub mod message;
 pub mod result;
-pub mod runtime;
 pub mod service;
 
 pub use device::*;

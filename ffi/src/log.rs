@@ -1,24 +1,17 @@
-//! Routes the engine's `tracing` events to a C log callback.
-//!
-//! A minimal `tracing` subscriber is installed as the process-wide default the first time a
-//! callback is set (once per process; `HUBMSG_USAGE` if the host already installed another);
-//! later calls only swap the callback and the level. Events of every thread go to the callback,
-//! which therefore may run concurrently on several threads, runtime threads included.
+//! Routes the engine's `tracing` events to a C log callback, through the shared subscriber of
+//! `hubmsg_bind::log` (installed as the process default by the first
+//! hubmsg_set_log_callback(); `HUBMSG_USAGE` if the host already installed another). Later calls
+//! only swap the callback and the level. Events of every thread go to the callback, which
+//! therefore may run concurrently on several threads, runtime threads included.
 //!
 //! Invariants: an event raised while the callback runs on the same thread is dropped (no
 //! recursion); a replaced callback's `drop` runs once no thread is inside it.
 
 use std::ffi::{c_char, c_void};
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use hubmsg_core::{Error, ErrorKind};
-use parking_lot::RwLock;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::subscriber::Interest;
-use tracing::{Event, Level, Metadata, Subscriber};
+use hubmsg_bind::log::{level_code, set_sink, Binding, LogSink};
+use tracing::Level;
 
 use crate::args::{arg_enum, arg_ref};
 use crate::callback::Closure;
@@ -55,91 +48,17 @@ pub struct hubmsg_log_callback {
 
 type LogFn = unsafe extern "C-unwind" fn(*mut c_void, i32, *const c_char, *const c_char);
 
-static MAX_LEVEL: AtomicI32 = AtomicI32::new(HUBMSG_LOG_OFF);
-static CALLBACK: RwLock<Option<Arc<Closure<LogFn>>>> = RwLock::new(None);
-static INSTALLED: OnceLock<bool> = OnceLock::new();
+/// The C callback as a log sink.
+struct CallbackSink(Arc<Closure<LogFn>>);
 
-thread_local! {
-    static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-fn level_code(l: &Level) -> i32 {
-    match *l {
-        Level::ERROR => HUBMSG_LOG_ERROR,
-        Level::WARN => HUBMSG_LOG_WARN,
-        Level::INFO => HUBMSG_LOG_INFO,
-        Level::DEBUG => HUBMSG_LOG_DEBUG,
-        _ => HUBMSG_LOG_TRACE,
+impl LogSink for CallbackSink {
+    fn log(&self, level: Level, target: &str, message: &str) {
+        let message = to_cstring(message);
+        let target = to_cstring(target);
+        let level = i32::from(level_code(&level));
+        // SAFETY: the user's callback with its own context; the strings live during the call.
+        self.0.invoke(|f: LogFn, ctx| unsafe { f(ctx, level, target.as_ptr(), message.as_ptr()) });
     }
-}
-
-/// Formats the `message` field first, then the others as `name=value`.
-#[derive(Default)]
-struct Text {
-    message: String,
-    fields: String,
-}
-
-impl Visit for Text {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.message.push_str(value);
-        } else {
-            let _ = write!(self.fields, " {}={}", field.name(), value);
-        }
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            let _ = write!(self.message, "{value:?}");
-        } else {
-            let _ = write!(self.fields, " {}={:?}", field.name(), value);
-        }
-    }
-}
-
-/// The subscriber: events only (spans get ids and are otherwise ignored).
-struct CallbackSubscriber {
-    next_span: AtomicU64,
-}
-
-impl Subscriber for CallbackSubscriber {
-    fn register_callsite(&self, _: &'static Metadata<'static>) -> Interest {
-        Interest::sometimes() // the level can change at any time
-    }
-
-    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.is_event() && level_code(metadata.level()) <= MAX_LEVEL.load(Ordering::Relaxed)
-    }
-
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(self.next_span.fetch_add(1, Ordering::Relaxed).max(1))
-    }
-
-    fn record(&self, _: &Id, _: &Record<'_>) {}
-
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-
-    fn event(&self, event: &Event<'_>) {
-        if IN_CALLBACK.with(|c| c.replace(true)) {
-            return;
-        }
-        let cb = CALLBACK.read().clone();
-        if let Some(cb) = cb {
-            let mut text = Text::default();
-            event.record(&mut text);
-            let message = to_cstring(&(text.message + &text.fields));
-            let target = to_cstring(event.metadata().target());
-            let level = level_code(event.metadata().level());
-            // SAFETY: the user's callback with its own context; the strings live during the call.
-            cb.invoke(|f: LogFn, ctx| unsafe { f(ctx, level, target.as_ptr(), message.as_ptr()) });
-        }
-        IN_CALLBACK.with(|c| c.set(false));
-    }
-
-    fn enter(&self, _: &Id) {}
-
-    fn exit(&self, _: &Id) {}
 }
 
 /// Sets (or, with NULL, removes) the process-wide log callback and its level. The first call
@@ -169,16 +88,8 @@ pub unsafe extern "C" fn hubmsg_set_log_callback(callback: *const hubmsg_log_cal
             let cb = unsafe { arg_ref(callback, "callback") }?;
             Some(Closure::<LogFn>::new("log callback", cb.context, cb.call, cb.drop)?)
         };
-        let installed =
-            *INSTALLED.get_or_init(|| tracing::subscriber::set_global_default(CallbackSubscriber { next_span: AtomicU64::new(1) }).is_ok());
-        if !installed && new.is_some() {
-            return Err(Error::new(
-                ErrorKind::Usage,
-                "another tracing subscriber is already the process default; hubmsg cannot route logs to a callback",
-            ));
-        }
-        MAX_LEVEL.store(if new.is_some() { max_level } else { HUBMSG_LOG_OFF }, Ordering::SeqCst);
-        let old = std::mem::replace(&mut *CALLBACK.write(), new);
+        let new = new.map(|cb| (Arc::new(CallbackSink(cb)) as Arc<dyn LogSink>, max_level as u8));
+        let old = set_sink(Binding::C, new)?;
         drop(old); // runs the old `drop` once every in-flight call has released its reference
         Ok(HUBMSG_OK)
     })

@@ -8,6 +8,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use hubmsg_bind::panic_text;
 use hubmsg_core::{Error, ErrorKind};
 
 /// The result of every fallible hubmsg call: 0 (`HUBMSG_OK`) on success, a negative
@@ -104,13 +105,6 @@ pub(crate) fn to_cstring(s: &str) -> CString {
     CString::new(&s[..end]).expect("no interior NUL before `end`")
 }
 
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
 /// The panic boundary of a fallible export: runs `f`, maps its error to a code (recording the
 /// message) and a panic to `HUBMSG_INTERNAL`.
 pub(crate) fn guard(f: impl FnOnce() -> Result<hubmsg_result, Error>) -> hubmsg_result {
@@ -137,15 +131,6 @@ pub(crate) fn guard_or<T>(default: T, f: impl FnOnce() -> Result<T, Error>) -> T
             set_last_error(&format!("INTERNAL: hubmsg panicked (a bug; please report it): {}", panic_text(&*p)));
             default
         }
-    }
-}
-
-/// Runs a user callback: a panic that unwinds out of it (a Rust callback, or a foreign
-/// exception the platform turns into one) is caught and logged instead of crossing into the
-/// engine.
-pub(crate) fn call_user(what: &str, f: impl FnOnce()) {
-    if let Err(p) = catch_unwind(AssertUnwindSafe(f)) {
-        tracing::error!(callback = what, panic = %panic_text(&*p), "a user callback panicked; the panic was caught and ignored");
     }
 }
 
@@ -194,6 +179,15 @@ mod tests {
                 None => assert!(a.0 >= 0, "{} is a status and must not be negative", a.1),
             }
         }
+    }
+
+    #[test]
+    fn every_core_kind_has_its_own_code() {
+        for kind in ErrorKind::ALL {
+            let row = RESULTS.iter().find(|r| r.2 == Some(kind));
+            assert!(row.is_some(), "core ErrorKind::{kind:?} has no C result code: append a HUBMSG_{} row to RESULTS", kind.code());
+        }
+        assert_eq!(RESULTS.iter().filter(|r| r.2.is_some()).count(), ErrorKind::ALL.len());
     }
 
     #[test]

@@ -11,17 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hubmsg_core::proto::{AckMode, DeviceIdentity, DeviceStatus, FeedbackRecord, FeedbackStatus, StartPosition};
-use hubmsg_core::service::{C2dOptions, Event, EventStream, FeedbackBatch, FeedbackStream, ServiceClient, ServiceOptions};
+use hubmsg_core::service::{C2dOptions, Event, FeedbackBatch, ServiceClient, ServiceOptions};
 use hubmsg_core::transport::TlsOptions;
 use hubmsg_core::{Error, ErrorKind, Result};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::args::{arg_enum, arg_mut, arg_ref, arg_str, free_box, free_handle, ms, opt_str, put_opt, Out};
-use crate::callback::{Closure, Dispatcher};
-use crate::inbox::{Inbox, Source};
+use crate::callback::Closure;
 use crate::message::hubmsg_message;
 use crate::result::{guard, guard_or, hubmsg_result, to_cstring, HUBMSG_OK};
-use crate::runtime::{block_on, dispose, runtime, Rt};
+use hubmsg_bind::sources::{EventsControl, EventsSource, FeedbackSource};
+use hubmsg_bind::{block_on, dispose, runtime, Rt};
+use hubmsg_bind::{Dispatcher, Inbox};
 
 /// C2D feedback request: none (default).
 pub const HUBMSG_ACK_NONE: i32 = 0;
@@ -301,15 +301,6 @@ pub struct hubmsg_feedback_callback {
 
 type FeedbackFn = unsafe extern "C-unwind" fn(*mut c_void, *mut hubmsg_feedback_batch);
 
-struct FeedbackSource(FeedbackStream);
-
-impl Source for FeedbackSource {
-    type Item = FeedbackBatch;
-    async fn next(&mut self) -> Option<Result<FeedbackBatch>> {
-        self.0.next().await.map(Ok)
-    }
-}
-
 /// A service (back-end) client. Thread-safe: any thread may call it concurrently. Its feedback
 /// callback runs on the client's own callback thread (never a runtime thread), which may call any
 /// hubmsg function, including hubmsg_service_free() on this client.
@@ -451,7 +442,7 @@ pub unsafe extern "C" fn hubmsg_service_send_c2d_and_wait(
         }
         let mut message = m.msg.clone();
         let id = message.message_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
-        crate::runtime::ensure_may_block("hubmsg_service_send_c2d_and_wait")?;
+        hubmsg_bind::ensure_may_block("hubmsg_service_send_c2d_and_wait")?;
         let rx = s.client.await_outcome(&id)?;
         let record = call(s, "hubmsg_service_send_c2d_and_wait", async {
             s.client.send_c2d_with(device, message, opts).await?;
@@ -521,7 +512,7 @@ pub unsafe extern "C" fn hubmsg_service_feedback_next(
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, s) = unsafe { (Out::new(out, "out")?, service(svc)?) };
-        s.feedback.recv_into(&s.rt, timeout_ms, out, hubmsg_feedback_batch::from)
+        crate::args::recv_into(&s.feedback, &s.rt, timeout_ms, out, hubmsg_feedback_batch::from)
     })
 }
 
@@ -740,48 +731,13 @@ pub struct hubmsg_event_callback {
 
 type EventFn = unsafe extern "C-unwind" fn(*mut c_void, *mut hubmsg_event);
 
-enum Ctl {
-    Checkpoint(oneshot::Sender<Result<()>>),
-    Close(oneshot::Sender<()>),
-}
-
-struct EventsSource {
-    stream: EventStream,
-    ctl: mpsc::UnboundedReceiver<Ctl>,
-}
-
-impl Source for EventsSource {
-    type Item = Event;
-    async fn next(&mut self) -> Option<Result<Event>> {
-        loop {
-            tokio::select! {
-                ev = self.stream.next() => return ev,
-                ctl = self.ctl.recv() => match ctl {
-                    Some(Ctl::Checkpoint(tx)) => {
-                        let _ = tx.send(self.stream.checkpoint().await);
-                    }
-                    Some(Ctl::Close(tx)) => {
-                        self.stream.close().await;
-                        let _ = tx.send(());
-                        return None;
-                    }
-                    None => {
-                        self.stream.close().await;
-                        return None;
-                    }
-                },
-            }
-        }
-    }
-}
-
 /// A consumer-group reader of D2C events. Thread-safe. Its event callback runs on the stream's
 /// own callback thread (never a runtime thread), which may call any hubmsg function, including
 /// hubmsg_events_free() on this stream.
 #[allow(non_camel_case_types)]
 pub struct hubmsg_events {
     inbox: Inbox<EventsSource>,
-    ctl: mpsc::UnboundedSender<Ctl>,
+    ctl: EventsControl,
     dispatcher: Arc<Dispatcher>,
     rt: Rt,
 }
@@ -858,9 +814,9 @@ pub unsafe extern "C" fn hubmsg_service_events_open(
         };
         let cb = cb.map(|cb| Closure::<EventFn>::new("event callback", cb.context, cb.call, cb.drop)).transpose()?;
         let stream = call(s, "hubmsg_service_events_open", s.client.events(group, from))?;
-        let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        let (source, ctl) = EventsSource::new(stream);
         let events = hubmsg_events {
-            inbox: Inbox::lazy("events", move || Ok(EventsSource { stream, ctl: ctl_rx })),
+            inbox: Inbox::lazy("events", move || Ok(source)),
             ctl,
             dispatcher: Dispatcher::new("hubmsg-events-cb"),
             rt: s.rt.clone(),
@@ -896,7 +852,7 @@ pub unsafe extern "C" fn hubmsg_events_next(events: *mut hubmsg_events, timeout_
     guard(|| {
         // SAFETY: the C API contract for both pointers.
         let (out, e) = unsafe { (Out::new(out, "out")?, self::events(events)?) };
-        e.inbox.recv_into(&e.rt, timeout_ms, out, hubmsg_event::from)
+        crate::args::recv_into(&e.inbox, &e.rt, timeout_ms, out, hubmsg_event::from)
     })
 }
 
@@ -910,9 +866,7 @@ pub unsafe extern "C" fn hubmsg_events_checkpoint(events: *mut hubmsg_events) ->
     guard(|| {
         // SAFETY: the C API contract for `events`.
         let e = unsafe { self::events(events) }?;
-        let (tx, rx) = oneshot::channel();
-        e.ctl.send(Ctl::Checkpoint(tx)).map_err(|_| Error::closed("event stream"))?;
-        block_on(&e.rt, "hubmsg_events_checkpoint", rx)?.map_err(|_| Error::closed("event stream"))??;
+        block_on(&e.rt, "hubmsg_events_checkpoint", e.ctl.checkpoint())??;
         Ok(HUBMSG_OK)
     })
 }
@@ -928,10 +882,7 @@ pub unsafe extern "C" fn hubmsg_events_free(events: *mut hubmsg_events) {
         if let Some(e) = unsafe { free_box(events) } {
             dispose(move || {
                 e.dispatcher.close();
-                let (tx, rx) = oneshot::channel();
-                if e.ctl.send(Ctl::Close(tx)).is_ok() {
-                    let _ = e.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), rx).await });
-                }
+                let _ = e.rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), e.ctl.close()).await });
                 e.inbox.stop(&e.rt);
                 e.dispatcher.shutdown();
             });

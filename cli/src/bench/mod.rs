@@ -6,9 +6,11 @@
 //! helper child processes). Every scenario counts every message id end to end and fails when one
 //! is missing; timings are reported next to their targets but never fail the run.
 //!
-//! Scenarios: `d2c-throughput`, `baseline` (Mosquitto), `d2c-latency`, `c2d-roundtrip`,
-//! `connections`, `recovery`. Results: a table on stdout, `results.json`, `results.md` and PNG
-//! plots in `--out`.
+//! Scenarios: `d2c-throughput`, the same workload against the baseline brokers
+//! (`baseline-mosquitto`, `baseline-rabbitmq`, `baseline-nats`), `d2c-latency`, `c2d-roundtrip`,
+//! `connections` (hubmsg and Mosquitto holding the same connections), `recovery`, `scale-out` (2 hub
+//! nodes on a 3-node JetStream cluster beside the embedded hub). Results: a table on stdout,
+//! `results.json`, `results.md` and PNG plots in `--out`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,14 +19,22 @@ use clap::{Args, Subcommand, ValueEnum};
 use hubmsg_core::{Error, ErrorKind};
 use serde::Serialize;
 
+mod baselines;
+mod broker;
 mod c2d;
 mod common;
 mod conns;
 mod d2c;
+mod install;
+mod limits;
 mod mosquitto;
+mod mqtt;
+mod nats;
 mod plot;
 pub mod procstat;
+mod rabbitmq;
 mod recovery;
+mod scaleout;
 mod stats;
 
 /// Options of `hubmsg bench`.
@@ -52,6 +62,9 @@ enum Worker {
     /// Holds many device connections for the `connections` scenario (driven over stdin/stdout).
     #[command(hide = true)]
     ConnWorker(conns::WorkerArgs),
+    /// Installs the baseline brokers (Mosquitto, RabbitMQ, NATS) when missing, then exits; a
+    /// bench run does the same before each baseline, this does it ahead of time.
+    Install,
 }
 
 /// The scenarios, in the order a full run executes them.
@@ -60,27 +73,38 @@ enum Worker {
 pub enum Scenario {
     /// D2C messages/s to an acknowledging consumer: 1 and 100 devices, fsync'd and `never`.
     D2cThroughput,
-    /// The same D2C workload against Mosquitto (rumqttc publisher and subscriber).
-    Baseline,
+    /// The same D2C workload against Mosquitto 2.0 (`persistence true`).
+    BaselineMosquitto,
+    /// The same D2C workload against RabbitMQ's MQTT plugin (durable session queues).
+    BaselineRabbitmq,
+    /// The same D2C workload against NATS JetStream-backed MQTT (sync always / default).
+    BaselineNats,
     /// D2C latency percentiles at a fixed offered load (paced open-loop sender).
     D2cLatency,
     /// C2D send with ack=full → device complete → feedback at the service.
     C2dRoundtrip,
-    /// Many idle-ish device connections: hub RSS per connection and hub CPU.
+    /// Many device connections sending telemetry: hub RSS per connection and hub CPU, and
+    /// Mosquitto holding the same connections.
     Connections,
     /// Hub restart with many stored D2C messages: time to CONNACK and to the first event.
     Recovery,
+    /// D2C throughput and p99 through 2 hub nodes on a local 3-node JetStream cluster, beside
+    /// the embedded hub, with the commit latency and CPU of each side.
+    ScaleOut,
 }
 
 impl Scenario {
     fn all() -> Vec<Scenario> {
         vec![
             Scenario::D2cThroughput,
-            Scenario::Baseline,
+            Scenario::BaselineMosquitto,
+            Scenario::BaselineRabbitmq,
+            Scenario::BaselineNats,
             Scenario::D2cLatency,
             Scenario::C2dRoundtrip,
             Scenario::Connections,
             Scenario::Recovery,
+            Scenario::ScaleOut,
         ]
     }
 
@@ -88,11 +112,14 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::D2cThroughput => "d2c-throughput",
-            Scenario::Baseline => "baseline",
+            Scenario::BaselineMosquitto => "baseline-mosquitto",
+            Scenario::BaselineRabbitmq => "baseline-rabbitmq",
+            Scenario::BaselineNats => "baseline-nats",
             Scenario::D2cLatency => "d2c-latency",
             Scenario::C2dRoundtrip => "c2d-roundtrip",
             Scenario::Connections => "connections",
             Scenario::Recovery => "recovery",
+            Scenario::ScaleOut => "scale-out",
         }
     }
 }
@@ -162,6 +189,26 @@ impl Target {
     }
 }
 
+/// Which baselines a throughput row is compared with.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Compare {
+    /// Baselines with this many publishers.
+    pub publishers: usize,
+    /// Only baselines whose PUBACK waits for their disk.
+    pub durable_only: bool,
+}
+
+/// What a baseline row is, for comparisons.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineOf {
+    /// Publishers in the run.
+    pub publishers: usize,
+    /// Whether the broker's PUBACK waits for its disk.
+    pub acks_after_disk: bool,
+    /// Short name for the ratio column (`NATS sync always (transport)`).
+    pub short: String,
+}
+
 /// One line of the results table.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -175,22 +222,49 @@ pub struct Row {
     pub unit: &'static str,
     /// The target, if the issue sets one.
     pub target: Option<Target>,
-    /// For throughput rows: the baseline row to compare with (`baseline/<key>`) and the ratio
-    /// the target asks for (e.g. 2.0), if any.
-    #[serde(skip)]
-    pub compare: Option<(String, Option<f64>)>,
-    /// hubmsg / Mosquitto for throughput rows (filled in once the baseline ran).
-    pub vs_mosquitto: Option<f64>,
-    /// The ratio target (hubmsg / Mosquitto at least this).
+    /// For hubmsg throughput rows: the baselines to compare with.
+    pub compare: Option<Compare>,
+    /// For baseline rows: what they measured.
+    pub baseline: Option<BaselineOf>,
+    /// hubmsg / the best baseline of [`Row::compare`] (filled in once every scenario ran).
+    pub vs_baseline: Option<f64>,
+    /// Which baseline that was.
+    pub vs_which: Option<String>,
+    /// The ratio target (hubmsg / best baseline at least this).
     pub ratio_target: Option<f64>,
     /// `met`, `missed`, or `-` without a target.
     pub status: String,
     /// Cores busy outside the server and bench processes during the measurement (kernel work
     /// they cause, and anything else running on the machine).
     pub other_cpu: Option<f64>,
-    /// Key other rows compare against (baseline rows).
-    #[serde(skip)]
-    pub key: Option<String>,
+    /// For throughput rows: CPU time per message.
+    pub cpu_per_msg: Option<CpuPerMsg>,
+}
+
+/// CPU time per message of a throughput run, in µs, split by process and by user / system.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuPerMsg {
+    /// The hub or broker, in user space.
+    pub server_user: f64,
+    /// The hub or broker, in the kernel.
+    pub server_system: f64,
+    /// The bench process (senders and receiver), in user space.
+    pub client_user: f64,
+    /// The bench process, in the kernel.
+    pub client_system: f64,
+}
+
+impl CpuPerMsg {
+    /// From a run's CPU split.
+    pub fn of(run: &d2c::ThroughputRun) -> CpuPerMsg {
+        let per = |cores: f64| stats::round(cores * run.seconds * 1e6 / run.messages.max(1) as f64);
+        CpuPerMsg {
+            server_user: per(run.cpu.server.user_cores),
+            server_system: per(run.cpu.server.system_cores),
+            client_user: per(run.cpu.client.user_cores),
+            client_system: per(run.cpu.client.system_cores),
+        }
+    }
 }
 
 impl Row {
@@ -203,12 +277,20 @@ impl Row {
             unit,
             target: None,
             compare: None,
-            vs_mosquitto: None,
+            baseline: None,
+            vs_baseline: None,
+            vs_which: None,
             ratio_target: None,
             status: "-".into(),
             other_cpu: None,
-            key: None,
+            cpu_per_msg: None,
         }
+    }
+
+    /// Notes the CPU time per message of the throughput run behind this row.
+    pub fn cpu_per_msg(mut self, run: &d2c::ThroughputRun) -> Row {
+        self.cpu_per_msg = Some(CpuPerMsg::of(run));
+        self
     }
 
     /// Notes how busy the rest of the machine was while this figure was measured.
@@ -223,17 +305,32 @@ impl Row {
         self
     }
 
-    /// Compares with baseline row `key`, optionally asking for `ratio`× its value.
-    pub fn compare(mut self, key: &str, ratio: Option<f64>) -> Row {
-        self.compare = Some((key.to_string(), ratio));
+    /// Compares with the best baseline run with `publishers` publishers (only those that ack
+    /// after their disk when `durable_only`), optionally asking for `ratio`x its value.
+    pub fn compare(mut self, publishers: usize, durable_only: bool, ratio: Option<f64>) -> Row {
+        self.compare = Some(Compare { publishers, durable_only });
         self.ratio_target = ratio;
         self
     }
 
-    /// Marks this row as the baseline figure `key`.
-    pub fn key(mut self, key: &str) -> Row {
-        self.key = Some(key.to_string());
+    /// Marks this row as a baseline figure.
+    pub fn baseline(mut self, publishers: usize, acks_after_disk: bool, short: String) -> Row {
+        self.baseline = Some(BaselineOf { publishers, acks_after_disk, short });
         self
+    }
+
+    /// Fills in [`Row::vs_baseline`] from the best of `rows` that [`Row::compare`] names.
+    fn compare_with(&mut self, rows: &[Row]) {
+        let Some(c) = self.compare else { return };
+        let best = rows
+            .iter()
+            .filter_map(|r| r.baseline.as_ref().map(|b| (b, r.value)))
+            .filter(|(b, v)| b.publishers == c.publishers && (b.acks_after_disk || !c.durable_only) && *v > 0.0)
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((b, v)) = best {
+            self.vs_baseline = Some(stats::round(self.value / v));
+            self.vs_which = Some(b.short.clone());
+        }
     }
 
     fn evaluate(&mut self) {
@@ -242,7 +339,7 @@ impl Row {
             verdicts.push(Some(t.met(self.value)));
         }
         if let Some(r) = self.ratio_target {
-            verdicts.push(self.vs_mosquitto.map(|v| v >= r));
+            verdicts.push(self.vs_baseline.map(|v| v >= r));
         }
         self.status = if verdicts.is_empty() {
             "-".into()
@@ -291,8 +388,10 @@ struct ScenarioReport {
 
 /// Runs `hubmsg bench` (or one of its helper processes).
 pub async fn run(a: BenchArgs) -> Result<(), Error> {
-    if let Some(Worker::ConnWorker(w)) = a.worker {
-        return conns::worker(w).await;
+    match a.worker {
+        Some(Worker::ConnWorker(w)) => return conns::worker(w).await,
+        Some(Worker::Install) => return baselines::install_all().await,
+        None => {}
     }
     let started = Instant::now();
     let nofile = procstat::raise_nofile();
@@ -312,6 +411,17 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         machine.memory_mib
     );
     let load = load_average();
+    let probe = |when: &str| match procstat::fsync_probe(ctx.tmp.path(), 200) {
+        Ok(p) => {
+            println!("disk {when}: fdatasync of a 4 KiB append {p} (other work on the disk raises every durable figure)");
+            Some(p)
+        }
+        Err(e) => {
+            println!("disk {when}: cannot probe fdatasync: {e}");
+            None
+        }
+    };
+    let disk_before = probe("before the run");
     println!("all runs: 256-byte bodies, QoS 1, 127.0.0.1, every message id counted at the receiver");
     println!("load average before the run: {load} (other work on this machine lowers every figure; each run reports the CPU of the rest of the machine)");
     println!();
@@ -324,11 +434,14 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         let t = Instant::now();
         let result = match s {
             Scenario::D2cThroughput => d2c::throughput(&ctx, &mut plots).await,
-            Scenario::Baseline => mosquitto::baseline(&ctx, &mut plots).await,
+            Scenario::BaselineMosquitto => baselines::mosquitto(&ctx, &mut plots).await,
+            Scenario::BaselineRabbitmq => baselines::rabbitmq(&ctx, &mut plots).await,
+            Scenario::BaselineNats => baselines::nats(&ctx, &mut plots).await,
             Scenario::D2cLatency => d2c::latency(&ctx, &mut plots).await,
             Scenario::C2dRoundtrip => c2d::roundtrip(&ctx, &mut plots).await,
-            Scenario::Connections => conns::connections(&ctx).await,
+            Scenario::Connections => conns::connections(&ctx, &mut plots).await,
             Scenario::Recovery => recovery::recovery(&ctx).await,
+            Scenario::ScaleOut => scaleout::scale_out(&ctx).await,
         };
         let (status, detail) = match result {
             Ok(Outcome { unavailable: Some(why), detail, .. }) => {
@@ -348,20 +461,25 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         println!();
     }
 
-    // Ratios against the baseline, then verdicts.
-    let baseline: Vec<(String, f64)> = rows.iter().filter_map(|r| r.key.clone().map(|k| (k, r.value))).collect();
+    // Ratios against the baselines, then verdicts.
+    let snapshot = rows.clone();
     for r in rows.iter_mut() {
-        if let Some((key, _)) = &r.compare {
-            r.vs_mosquitto = baseline.iter().find(|(k, _)| k == key).filter(|(_, v)| *v > 0.0).map(|(_, v)| stats::round(r.value / v));
-        }
+        r.compare_with(&snapshot);
         r.evaluate();
     }
     let table = table_text(&rows);
     println!("{table}");
+    let cpu = cpu_cells(&rows);
+    if !cpu.is_empty() {
+        println!();
+        println!("CPU time per message (server = hub or broker; clients = this process):");
+        println!("{}", grid(&CPU_HEADERS, cpu, &[2, 3, 4, 5, 6]));
+    }
     println!(
         "other CPU: cores busy outside the server and bench processes during that measurement (kernel work they cause, and any other load)"
     );
 
+    let disk_after = probe("after the run");
     let passed = reports.iter().filter(|r| matches!(r.status, Status::Ok)).count();
     let failed = reports.iter().filter(|r| matches!(r.status, Status::Failed(_))).count();
     let skipped = reports.iter().filter(|r| matches!(r.status, Status::Unavailable(_))).count();
@@ -375,6 +493,7 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         "duration_s": stats::round(started.elapsed().as_secs_f64()),
         "machine": machine,
         "load_average": {"before": load, "after": load_average()},
+        "disk_fdatasync_4k": {"before": disk_before, "after": disk_after},
         "workload": {"body_bytes": common::BODY_BYTES, "qos": 1, "network": "127.0.0.1"},
         "rows": rows,
         "scenarios": reports,
@@ -385,7 +504,14 @@ pub async fn run(a: BenchArgs) -> Result<(), Error> {
         std::fs::create_dir_all(parent).map_err(|e| Error::storage(format!("create {}", parent.display()), e))?;
     }
     std::fs::write(&json_path, text).map_err(|e| Error::storage(format!("write {}", json_path.display()), e))?;
-    let md = markdown(&rows, &machine, a.quick);
+    let show = |p: Option<procstat::FsyncProbe>| p.map_or_else(|| "not measured".to_string(), |p| p.to_string());
+    let conditions = format!(
+        "Load average before / after: {load} / {}. `fdatasync` of a 4 KiB append before / after: {} / {}.",
+        load_average(),
+        show(disk_before),
+        show(disk_after)
+    );
+    let md = markdown(&rows, &machine, a.quick, &conditions);
     let md_path = a.out.join("results.md");
     std::fs::write(&md_path, md).map_err(|e| Error::storage(format!("write {}", md_path.display()), e))?;
     let pngs = plots.render(&a.out)?;
@@ -442,7 +568,7 @@ fn target_text(r: &Row) -> String {
         None => {}
     }
     if let Some(x) = r.ratio_target {
-        parts.push(format!(">= {x}x Mosquitto"));
+        parts.push(format!(">= {x}x best {}baseline", if r.compare.is_some_and(|c| c.durable_only) { "durable " } else { "" }));
     }
     if parts.is_empty() {
         "-".into()
@@ -451,9 +577,15 @@ fn target_text(r: &Row) -> String {
     }
 }
 
-const HEADERS: [&str; 8] = ["scenario", "figure", "value", "unit", "target", "status", "hubmsg / Mosquitto", "other CPU"];
+const HEADERS: [&str; 9] =
+    ["scenario", "figure", "value", "unit", "target", "status", "acks after disk", "hubmsg / best baseline", "other CPU"];
 
-fn cells(r: &Row) -> [String; 8] {
+fn cells(r: &Row) -> [String; 9] {
+    let vs = match (r.vs_baseline, &r.vs_which) {
+        (Some(v), Some(which)) => format!("{v:.2}x {which}"),
+        _ if r.compare.is_some() => "n/a (no baseline ran)".into(),
+        _ => "-".into(),
+    };
     [
         r.scenario.to_string(),
         r.figure.clone(),
@@ -461,15 +593,20 @@ fn cells(r: &Row) -> [String; 8] {
         r.unit.to_string(),
         target_text(r),
         r.status.clone(),
-        r.vs_mosquitto.map_or_else(|| if r.compare.is_some() { "n/a".into() } else { "-".into() }, |v| format!("{v:.2}x")),
+        r.baseline.as_ref().map_or_else(|| "-".into(), |b| if b.acks_after_disk { "yes".into() } else { "no".into() }),
+        vs,
         r.other_cpu.map_or_else(|| "-".into(), |c| format!("{c:.2}")),
     ]
 }
 
 fn table_text(rows: &[Row]) -> String {
-    let all: Vec<[String; 8]> = rows.iter().map(cells).collect();
-    let mut w = HEADERS.map(|h| h.chars().count());
-    for c in &all {
+    grid(&HEADERS, rows.iter().map(|r| cells(r).to_vec()).collect(), &[2])
+}
+
+/// A plain-text table: columns padded to their widest cell, the columns in `right` right-aligned.
+fn grid(headers: &[&str], rows: Vec<Vec<String>>, right: &[usize]) -> String {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for c in &rows {
         for (i, s) in c.iter().enumerate() {
             w[i] = w[i].max(s.chars().count());
         }
@@ -477,35 +614,67 @@ fn table_text(rows: &[Row]) -> String {
     let line = |c: &[String]| {
         c.iter()
             .enumerate()
-            .map(|(i, s)| if i == 2 { format!("{s:>width$}", width = w[i]) } else { format!("{s:<width$}", width = w[i]) })
+            .map(|(i, s)| if right.contains(&i) { format!("{s:>width$}", width = w[i]) } else { format!("{s:<width$}", width = w[i]) })
             .collect::<Vec<_>>()
             .join("  ")
             .trim_end()
             .to_string()
     };
-    let mut out = line(&HEADERS.map(String::from));
+    let mut out = line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>());
     out.push('\n');
     out.push_str(&w.iter().map(|n| "-".repeat(*n)).collect::<Vec<_>>().join("  "));
-    for c in &all {
+    for c in &rows {
         out.push('\n');
         out.push_str(&line(c));
     }
     out
 }
 
-fn markdown(rows: &[Row], m: &procstat::Machine, quick: bool) -> String {
+/// A Markdown table.
+fn md_table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut s = format!("| {} |\n|{}\n", headers.join(" | "), "---|".repeat(headers.len()));
+    for c in rows {
+        s.push_str(&format!("| {} |\n", c.join(" | ")));
+    }
+    s
+}
+
+const CPU_HEADERS: [&str; 7] =
+    ["scenario", "run", "server user µs", "server system µs", "clients user µs", "clients system µs", "server + clients µs"];
+
+/// The CPU-per-message table: one line per throughput run (hubmsg and baselines).
+fn cpu_cells(rows: &[Row]) -> Vec<Vec<String>> {
+    rows.iter()
+        .filter_map(|r| {
+            let c = r.cpu_per_msg?;
+            let f = |v: f64| format!("{v:.1}");
+            Some(vec![
+                r.scenario.to_string(),
+                r.figure.clone(),
+                f(c.server_user),
+                f(c.server_system),
+                f(c.client_user),
+                f(c.client_system),
+                f(c.server_user + c.server_system + c.client_user + c.client_system),
+            ])
+        })
+        .collect()
+}
+
+fn markdown(rows: &[Row], m: &procstat::Machine, quick: bool, conditions: &str) -> String {
     let mut s = format!(
-        "Results of `hubmsg bench{}` on {} CPUs ({}), Linux {}, {} MiB.\n\n",
+        "Results of `hubmsg bench{}` on {} CPUs ({}), Linux {}, {} MiB. {conditions}\n\n",
         if quick { " --quick" } else { "" },
         m.nproc,
         m.cpu_model,
         m.kernel,
         m.memory_mib
     );
-    s.push_str(&format!("| {} |\n|{}\n", HEADERS.join(" | "), "---|".repeat(HEADERS.len())));
-    for r in rows {
-        let c = cells(r);
-        s.push_str(&format!("| {} |\n", c.join(" | ")));
+    s.push_str(&md_table(&HEADERS, rows.iter().map(|r| cells(r).to_vec()).collect()));
+    let cpu = cpu_cells(rows);
+    if !cpu.is_empty() {
+        s.push_str("\nCPU time per message of every throughput run (server = hub or broker process; clients = the bench process: devices or publishers, and the consumer or subscriber):\n\n");
+        s.push_str(&md_table(&CPU_HEADERS, cpu));
     }
     s.push_str("\n*other CPU*: cores busy outside the server (hub or broker) and bench processes during that measurement, from `/proc/stat`: kernel work they cause (loopback TCP, journal commits) and any other load on the machine.\n");
     s
@@ -549,15 +718,39 @@ mod tests {
         r.evaluate();
         assert_eq!(r.status, "met");
         let mut r =
-            Row::new(Scenario::D2cThroughput, "x", 200_000.0, "msg/s").target(Target::AtLeast(150_000.0)).compare("d2c-1", Some(2.0));
+            Row::new(Scenario::D2cThroughput, "x", 200_000.0, "msg/s").target(Target::AtLeast(150_000.0)).compare(1, true, Some(2.0));
         r.evaluate();
         assert_eq!(r.status, "n/a", "a ratio target without a baseline is not met or missed");
-        r.vs_mosquitto = Some(1.5);
+        r.vs_baseline = Some(1.5);
         r.evaluate();
         assert_eq!(r.status, "missed");
-        r.vs_mosquitto = Some(2.5);
+        r.vs_baseline = Some(2.5);
         r.evaluate();
         assert_eq!(r.status, "met");
+    }
+
+    #[test]
+    fn ratio_uses_the_best_matching_baseline() {
+        let b = |name: &str, publishers, durable, v| {
+            Row::new(Scenario::BaselineNats, name, v, "msg/s").baseline(publishers, durable, name.to_string())
+        };
+        let rows = vec![
+            b("fast but not durable", 1, false, 30_000.0),
+            b("durable slow", 1, true, 1_000.0),
+            b("durable faster", 1, true, 3_000.0),
+            b("durable, other publisher count", 100, true, 50_000.0),
+        ];
+        let mut r = Row::new(Scenario::D2cThroughput, "hubmsg", 90_000.0, "msg/s").compare(1, true, Some(2.0));
+        r.compare_with(&rows);
+        assert_eq!((r.vs_baseline, r.vs_which.as_deref()), (Some(30.0), Some("durable faster")));
+        let mut r = Row::new(Scenario::D2cThroughput, "hubmsg never", 90_000.0, "msg/s").compare(1, false, None);
+        r.compare_with(&rows);
+        assert_eq!((r.vs_baseline, r.vs_which.as_deref()), (Some(3.0), Some("fast but not durable")));
+        let mut r = Row::new(Scenario::D2cThroughput, "no match", 1.0, "msg/s").compare(10, true, Some(2.0));
+        r.compare_with(&rows);
+        r.evaluate();
+        assert_eq!((r.vs_baseline, r.status.as_str()), (None, "n/a"));
+        assert!(table_text(&[r]).contains("n/a (no baseline ran)"));
     }
 
     #[test]

@@ -10,18 +10,51 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
     s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|n| n.parse().ok())
 }
 
-/// `utime + stime` in clock ticks from a `stat` file's contents.
-fn stat_ticks(stat: &str) -> Option<u64> {
+/// The fields of a `stat` file after the command name: `rest[0]` is field 3 (state).
+fn stat_fields(stat: &str) -> Option<Vec<&str>> {
     // The command name is in parentheses and may contain spaces: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime and stime are fields 14 and 15.
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    Some(stat.get(stat.rfind(')')? + 2..)?.split_whitespace().collect())
 }
 
-/// CPU time of `pid` (all threads, user + system) in clock ticks.
-pub fn cpu_ticks(pid: u32) -> Option<u64> {
-    stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+/// `(utime, stime)` in clock ticks from a `stat` file's contents (fields 14 and 15).
+fn stat_user_sys(stat: &str) -> Option<(u64, u64)> {
+    let f = stat_fields(stat)?;
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+}
+
+/// `utime + stime` in clock ticks from a `stat` file's contents.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    stat_user_sys(stat).map(|(u, s)| u + s)
+}
+
+/// CPU time of `pid` (all threads) in clock ticks: `(user, system)`.
+pub fn cpu_user_sys(pid: u32) -> Option<(u64, u64)> {
+    stat_user_sys(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The first process below `pid` (children, their children …) whose command name is `name`.
+pub fn descendant_named(pid: u32, name: &str) -> Option<u32> {
+    // (pid, parent, command name) of every process.
+    let mut procs = Vec::new();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        let comm = stat.find('(').zip(stat.rfind(')')).map(|(a, b)| stat[a + 1..b].to_string()).unwrap_or_default();
+        let Some(ppid) = stat_fields(&stat).and_then(|f| f.get(1).and_then(|v| v.parse::<u32>().ok())) else { continue };
+        procs.push((p, ppid, comm));
+    }
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for (p, pp, comm) in &procs {
+            if *pp == parent {
+                if comm == name {
+                    return Some(*p);
+                }
+                frontier.push(*p);
+            }
+        }
+    }
+    None
 }
 
 /// Clock ticks per second (`_SC_CLK_TCK`).
@@ -60,7 +93,7 @@ pub fn thread_ticks(pid: u32) -> BTreeMap<String, u64> {
 pub struct CpuMeter {
     pid: u32,
     at: Instant,
-    ticks: u64,
+    ticks: (u64, u64),
     threads: BTreeMap<String, u64>,
 }
 
@@ -69,6 +102,10 @@ pub struct CpuMeter {
 pub struct CpuUse {
     /// Cores busy on average (user + system).
     pub cores: f64,
+    /// Of that, in user space.
+    pub user_cores: f64,
+    /// Of that, in the kernel on the process's behalf (system calls, page faults).
+    pub system_cores: f64,
     /// The same split by thread group.
     pub by_threads: BTreeMap<String, f64>,
 }
@@ -76,14 +113,14 @@ pub struct CpuUse {
 impl CpuMeter {
     /// Starts measuring `pid`.
     pub fn start(pid: u32) -> CpuMeter {
-        CpuMeter { pid, at: Instant::now(), ticks: cpu_ticks(pid).unwrap_or(0), threads: thread_ticks(pid) }
+        CpuMeter { pid, at: Instant::now(), ticks: cpu_user_sys(pid).unwrap_or((0, 0)), threads: thread_ticks(pid) }
     }
 
     /// CPU used since `start`. Threads that ended meanwhile are missing from the split only.
     pub fn finish(&self) -> CpuUse {
         let secs = self.at.elapsed().as_secs_f64().max(1e-6);
         let tps = ticks_per_sec();
-        let now = cpu_ticks(self.pid).unwrap_or(self.ticks);
+        let now = cpu_user_sys(self.pid).unwrap_or(self.ticks);
         let by_threads = thread_ticks(self.pid)
             .into_iter()
             .map(|(k, v)| {
@@ -91,7 +128,9 @@ impl CpuMeter {
                 (k, round3(v.saturating_sub(before) as f64 / tps / secs))
             })
             .collect();
-        CpuUse { cores: round3(now.saturating_sub(self.ticks) as f64 / tps / secs), by_threads }
+        let cores = |ticks: u64| round3(ticks as f64 / tps / secs);
+        let (user, system) = (now.0.saturating_sub(self.ticks.0), now.1.saturating_sub(self.ticks.1));
+        CpuUse { cores: cores(user + system), user_cores: cores(user), system_cores: cores(system), by_threads }
     }
 }
 
@@ -171,6 +210,43 @@ pub fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
+/// Latency of `fdatasync` after a 4 KiB append, the disk's cost of one durable write.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct FsyncProbe {
+    /// Samples taken.
+    pub samples: usize,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+}
+
+impl std::fmt::Display for FsyncProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "p50 {:.2} ms, p99 {:.2} ms ({} samples)", self.p50_ms, self.p99_ms, self.samples)
+    }
+}
+
+/// Appends 4 KiB and `fdatasync`s it `samples` times in a file under `dir` (removed after).
+pub fn fsync_probe(dir: &std::path::Path, samples: usize) -> std::io::Result<FsyncProbe> {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
+    let block = [b'.'; 4096];
+    let mut lat = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        f.write_all(&block)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    lat.sort_by(f64::total_cmp);
+    let q = |p: f64| lat.get(((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len().max(1)) - 1).copied().unwrap_or(0.0);
+    Ok(FsyncProbe { samples, p50_ms: round3(q(0.5)), p99_ms: round3(q(0.99)) })
+}
+
 /// The machine the figures come from.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Machine {
@@ -209,15 +285,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stat_fields() {
+    fn stat_fields_are_found_after_the_command_name() {
         let stat = "123 (tokio runtime) S 1 123 123 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
         assert_eq!(stat_ticks(stat), Some(325));
+        assert_eq!(stat_user_sys(stat), Some((250, 75)));
+        assert_eq!(stat_fields(stat).unwrap()[1], "1", "the parent pid follows the state");
+    }
+
+    #[test]
+    fn fsync_probe_measures_something() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = fsync_probe(dir.path(), 5).unwrap();
+        assert_eq!(p.samples, 5);
+        assert!(p.p50_ms > 0.0 && p.p99_ms >= p.p50_ms, "{p:?}");
+        assert!(!dir.path().join("fsync-probe").exists());
     }
 
     #[test]
     fn own_process_is_readable() {
         let pid = std::process::id();
         assert!(rss_kb(pid).unwrap() > 0);
-        assert!(cpu_ticks(pid).is_some());
+        assert!(cpu_user_sys(pid).is_some());
+    }
+
+    #[test]
+    fn finds_a_child_by_name() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let found = descendant_named(std::process::id(), "sleep");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(found, Some(child.id()));
+        assert_eq!(descendant_named(std::process::id(), "no-such-command-name"), None);
     }
 }

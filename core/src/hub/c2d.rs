@@ -23,6 +23,9 @@ use tokio::sync::{watch, Notify};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
+use rumqttc::mqttbytes::v4::Publish;
+use rumqttc::mqttbytes::QoS;
+
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, MAX_C2D_SIZE};
 pub use crate::proto::{AckMode, FeedbackRecord, FeedbackStatus};
@@ -42,7 +45,8 @@ pub struct C2dLimits {
     pub default_ttl: Duration,
     /// Longest TTL accepted (48 h).
     pub max_ttl: Duration,
-    /// Largest message (64 KB).
+    /// Largest delivery (64 KB), counted as the whole PUBLISH a device receives: body, topic
+    /// with every property the hub adds, and framing.
     pub max_size: usize,
     /// Feedback records per batch (64).
     pub feedback_batch: usize,
@@ -77,6 +81,9 @@ pub struct Entry {
     pub expiry_ms: u64,
     /// Explicit abandons so far.
     pub delivery_count: u32,
+    /// The service's identity of this send (repeated sends of it are answered, not queued).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_id: Option<String>,
     /// The message record ([`crate::Message::encode`]), base64 in the event log.
     #[serde(with = "b64")]
     pub record: Vec<u8>,
@@ -98,7 +105,14 @@ struct Queue {
     next_seq: u64,
     generation_id: String,
     entries: VecDeque<Entry>,
+    /// The newest [`RECENT_SENDS`] send ids accepted for this device: (send id, seq).
+    #[serde(default)]
+    recent_sends: VecDeque<(String, u64)>,
 }
+
+/// Send ids remembered per device, so a service's re-send after a lost answer is recognised
+/// even when the first copy was already delivered and completed.
+pub const RECENT_SENDS: usize = 16;
 
 /// A batch of feedback records awaiting a service's acknowledgement.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +136,9 @@ pub enum Settle {
     Reject,
     /// The TTL passed: dead-lettered.
     Expire,
+    /// The delivery would exceed the MQTT packet limit devices accept: dead-lettered
+    /// (`Rejected` feedback), so it can never block the device's connection.
+    TooLarge,
 }
 
 /// Events of the C2D state machine (JSON in the event log). Each variant's doc describes its
@@ -143,6 +160,9 @@ pub enum Event {
     },
     /// Every message of `device` was removed.
     Purge { device: String, at_ms: u64 },
+    /// `device` was deleted from the registry: its messages are purged (`Purged` feedback) and
+    /// its persistent subscription dropped; sequence numbers keep counting up.
+    DeleteDevice { device: String, at_ms: u64 },
     /// Pending feedback (up to the batch size) became batch `id`.
     Batch { id: u64, at_ms: u64, max: usize },
     /// A service acknowledged batch `id`.
@@ -151,6 +171,42 @@ pub enum Event {
     BatchExpire { id: u64 },
     /// `device` has (or no longer has) a persistent C2D subscription (clean session 0).
     Subscription { device: String, on: bool },
+}
+
+/// A reject or abandon of a message whose TTL passed counts as its expiry; a complete wins.
+pub fn effective(how: Settle, expired: bool) -> Settle {
+    if how != Settle::Complete && expired {
+        Settle::Expire
+    } else {
+        how
+    }
+}
+
+/// The terminal outcome a settle reaches, if any: an abandon raises `delivery_count` and
+/// dead-letters at `max_delivery` (the only thing that counts: IoT Hub's rule), every other
+/// settle is terminal. The one decision both backends apply.
+pub fn outcome(how: Settle, delivery_count: &mut u32, max_delivery: u32) -> Option<FeedbackStatus> {
+    match how {
+        Settle::Complete => Some(FeedbackStatus::Success),
+        Settle::Reject | Settle::TooLarge => Some(FeedbackStatus::Rejected),
+        Settle::Expire => Some(FeedbackStatus::Expired),
+        Settle::Abandon => {
+            *delivery_count += 1;
+            (*delivery_count >= max_delivery).then_some(FeedbackStatus::DeliveryCountExceeded)
+        }
+    }
+}
+
+/// The feedback record of a terminal outcome (IoT Hub's JSON shape), stamped `at_ms`.
+pub fn feedback_record(message_id: &str, device: &str, generation_id: &str, status: FeedbackStatus, at_ms: u64) -> FeedbackRecord {
+    FeedbackRecord {
+        original_message_id: message_id.to_string(),
+        device_id: device.to_string(),
+        device_generation_id: generation_id.to_string(),
+        enqueued_time_utc: wire::format_time_ms(at_ms),
+        status_code: status,
+        description: status.as_str().to_string(),
+    }
 }
 
 fn default_max_delivery() -> u32 {
@@ -203,25 +259,29 @@ impl State {
                 let q = self.queues.entry(device).or_default();
                 q.generation_id = generation_id;
                 q.next_seq = q.next_seq.max(entry.seq + 1);
+                if let Some(id) = &entry.send_id {
+                    q.recent_sends.push_back((id.clone(), entry.seq));
+                    while q.recent_sends.len() > RECENT_SENDS {
+                        q.recent_sends.pop_front();
+                    }
+                }
                 q.entries.push_back(entry);
             }
             Event::Settle { device, seq, how, at_ms, max_delivery } => {
                 let Some(q) = self.queues.get_mut(&device) else { return };
                 let Some(i) = q.entries.iter().position(|e| e.seq == seq) else { return };
-                let status = match how {
-                    Settle::Complete => Some(FeedbackStatus::Success),
-                    Settle::Reject => Some(FeedbackStatus::Rejected),
-                    Settle::Expire => Some(FeedbackStatus::Expired),
-                    Settle::Abandon => {
-                        q.entries[i].delivery_count += 1;
-                        (q.entries[i].delivery_count >= max_delivery).then_some(FeedbackStatus::DeliveryCountExceeded)
-                    }
-                };
-                if let Some(status) = status {
+                if let Some(status) = outcome(how, &mut q.entries[i].delivery_count, max_delivery) {
                     let e = q.entries.remove(i).expect("index exists");
                     let gen = q.generation_id.clone();
                     self.finish(&device, &gen, &e, status, at_ms);
                 }
+            }
+            Event::DeleteDevice { device, at_ms } => {
+                self.subscriptions.remove(&device);
+                if let Some(q) = self.queues.get_mut(&device) {
+                    q.recent_sends.clear();
+                }
+                self.apply_event(Event::Purge { device, at_ms });
             }
             Event::Purge { device, at_ms } => {
                 if let Some(q) = self.queues.get_mut(&device) {
@@ -261,14 +321,7 @@ impl State {
     fn finish(&mut self, device: &str, generation_id: &str, e: &Entry, status: FeedbackStatus, at_ms: u64) {
         *self.outcomes.entry(status.as_str().to_string()).or_default() += 1;
         if e.ack.wants(status) {
-            self.pending_feedback.push(FeedbackRecord {
-                original_message_id: e.message_id.clone(),
-                device_id: device.to_string(),
-                device_generation_id: generation_id.to_string(),
-                enqueued_time_utc: wire::format_time_ms(at_ms),
-                status_code: status,
-                description: status.as_str().to_string(),
-            });
+            self.pending_feedback.push(feedback_record(&e.message_id, device, generation_id, status, at_ms));
         }
     }
 
@@ -315,9 +368,15 @@ impl State {
                 enqueued_ms: now_ms,
                 expiry_ms: now_ms + ttl.as_millis() as u64,
                 delivery_count: 0,
+                send_id: None,
                 record,
             },
         })
+    }
+
+    /// The seq a send id was accepted as, if `device` still remembers it.
+    pub fn find_send(&self, device: &str, send_id: &str) -> Option<u64> {
+        self.queues.get(device)?.recent_sends.iter().find(|(id, _)| id == send_id).map(|(_, seq)| *seq)
     }
 
     /// The messages of `device`, in order.
@@ -328,6 +387,16 @@ impl State {
     /// Number of messages queued for `device` (including locked ones).
     pub fn depth(&self, device: &str) -> usize {
         self.queues.get(device).map_or(0, |q| q.entries.len())
+    }
+
+    /// Messages queued for all devices.
+    pub fn total_depth(&self) -> usize {
+        self.queues.values().map(|q| q.entries.len()).sum()
+    }
+
+    /// Feedback records not yet acknowledged (waiting for a batch or in one).
+    pub fn feedback_records(&self) -> usize {
+        self.pending_feedback.len() + self.batches.values().map(|b| b.records.len()).sum::<usize>()
     }
 
     /// Whether message `seq` is still in `device`'s queue.
@@ -596,12 +665,95 @@ pub struct C2d {
 }
 
 /// What a device session sends: the message with its C2D system properties filled in.
-#[derive(Debug, Clone)]
-pub struct Delivery {
+pub type Delivery = super::backend::C2dDelivery;
+
+/// The message and PUBLISH a device receives for `e` (reference §5.1: `$.to`, `iothub-ack`
+/// and hubmsg's sequence number, enqueued time and delivery count in the bag).
+pub fn delivery(device: &str, e: &Entry) -> Result<(crate::Message, Publish)> {
+    let what = DeliveryOf {
+        seq: e.seq,
+        message_id: &e.message_id,
+        ack: e.ack,
+        enqueued_ms: e.enqueued_ms,
+        expiry_ms: e.expiry_ms,
+        delivery_count: e.delivery_count,
+    };
+    build_delivery(device, &e.record, &what)
+}
+
+/// What a delivery of one queued message carries besides its record.
+#[derive(Debug, Clone, Copy)]
+pub struct DeliveryOf<'a> {
     /// Sequence number in the device queue.
     pub seq: u64,
-    /// The message (`$.to`, `iothub-ack`, sequence number and enqueued time in `system`).
-    pub message: crate::Message,
+    /// Message id.
+    pub message_id: &'a str,
+    /// Requested feedback.
+    pub ack: AckMode,
+    /// Enqueue time (ms since the Unix epoch).
+    pub enqueued_ms: u64,
+    /// Absolute expiry (ms since the Unix epoch).
+    pub expiry_ms: u64,
+    /// Explicit abandons so far.
+    pub delivery_count: u32,
+}
+
+/// The message and PUBLISH a device receives for a queued `record` (the one function both
+/// backends build deliveries with).
+pub fn build_delivery(device: &str, record: &[u8], d: &DeliveryOf<'_>) -> Result<(crate::Message, Publish)> {
+    let mut message = crate::Message::decode(&bytes::Bytes::copy_from_slice(record))?;
+    message.message_id = Some(d.message_id.to_string());
+    message.expiry_time_ms = Some(d.expiry_ms);
+    message.system.retain(|(k, _)| {
+        !matches!(k.as_str(), "$.to" | "iothub-ack" | "iothub-sequencenumber" | "iothub-enqueuedtime" | "iothub-deliverycount")
+    });
+    message.system.extend([
+        ("$.to".to_string(), format!("/devices/{device}/messages/devicebound")),
+        ("iothub-ack".to_string(), d.ack.as_str().to_string()),
+        ("iothub-sequencenumber".to_string(), d.seq.to_string()),
+        ("iothub-enqueuedtime".to_string(), d.enqueued_ms.to_string()),
+        ("iothub-deliverycount".to_string(), d.delivery_count.to_string()),
+    ]);
+    let topic = wire::c2d_topic(device, &wire::c2d_bag(&message));
+    let publish = Publish::from_bytes(topic, QoS::AtLeastOnce, message.body.clone());
+    Ok((message, publish))
+}
+
+/// Why a delivery cannot go to a device (a packet over what devices accept, or a topic over
+/// MQTT's 65,535 bytes — possible only with a raised `max_size`); such a message is
+/// dead-lettered (`Rejected`) instead, so it never costs the device its connection.
+pub fn undeliverable(publish: &Publish) -> Option<String> {
+    if publish_len(publish) <= crate::transport::MAX_PACKET_SIZE && publish.topic.len() <= u16::MAX as usize {
+        return None;
+    }
+    Some(format!("its delivery packet has {} bytes with a {}-byte topic", publish_len(publish), publish.topic.len()))
+}
+
+/// The size a send is checked with: the whole delivery packet, with the worst case for the
+/// numbers the hub fills in at delivery time.
+pub fn delivery_size(device: &str, message_id: &str, ack: AckMode, record: &[u8], limits: &C2dLimits) -> Result<usize> {
+    let now = now_ms();
+    let probe = DeliveryOf {
+        seq: u64::MAX,
+        message_id,
+        ack,
+        enqueued_ms: now,
+        expiry_ms: now + limits.max_ttl.as_millis() as u64,
+        delivery_count: u32::MAX,
+    };
+    Ok(publish_len(&build_delivery(device, record, &probe).map_err(|e| Error::invalid(format!("c2d.send: {e}")))?.1))
+}
+
+/// Bytes of a QoS 1 PUBLISH on the wire: fixed header, topic, packet id, payload.
+pub fn publish_len(p: &Publish) -> usize {
+    let rem = 2 + p.topic.len() + 2 + p.payload.len();
+    let len_len = match rem {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_len + rem
 }
 
 impl C2d {
@@ -650,30 +802,54 @@ impl C2d {
         Ok(seq)
     }
 
-    /// Accepts a message for `device`; returns its sequence number once durable.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn send(
-        &self,
-        device: &str,
-        generation_id: &str,
-        message_id: String,
-        ack: AckMode,
-        ttl: Option<Duration>,
-        record: Vec<u8>,
-        size: usize,
-    ) -> Result<u64> {
+    /// Accepts a message; returns its sequence number once durable. The size limit applies to
+    /// the whole delivery packet (`msg.size`, see [`delivery_size`]). A `send_id` already
+    /// accepted for this device answers with the first copy's sequence number and queues
+    /// nothing.
+    pub async fn send(&self, msg: &super::backend::C2dEnqueue) -> Result<u64> {
         let now = now_ms();
+        let device = msg.device_id.as_str();
         let mut seq_out = 0;
-        let seq = self.commit(|s| {
-            let ev = s.enqueue(&self.limits, device, generation_id, message_id, ack, ttl, record, size, now)?;
-            if let Event::Enqueue { entry, .. } = &ev {
+        let mut repeated = None;
+        let r = self.commit(|s| {
+            if let Some(seq) = msg.send_id.as_deref().and_then(|id| s.find_send(device, id)) {
+                repeated = Some(seq);
+                return Err(Error::new(ErrorKind::AlreadyExists, "repeated send"));
+            }
+            let mut ev = s.enqueue(
+                &self.limits,
+                device,
+                &msg.generation_id,
+                msg.message_id.clone(),
+                msg.ack,
+                msg.ttl,
+                msg.record.to_vec(),
+                msg.size,
+                now,
+            )?;
+            if let Event::Enqueue { entry, .. } = &mut ev {
+                entry.send_id = msg.send_id.clone();
                 seq_out = entry.seq;
             }
             Ok(ev)
-        })?;
+        });
+        let seq = match (r, repeated) {
+            (_, Some(seq)) => return Ok(seq),
+            (r, None) => r?,
+        };
         self.log.wait_durable(seq).await?;
         self.wake_device(device);
         Ok(seq_out)
+    }
+
+    /// Removes `device`'s messages (`Purged` feedback) and its persistent subscription because
+    /// the device was deleted; durable on return. Idempotent.
+    pub async fn delete_device(&self, device: &str) -> Result<()> {
+        let seq = self.commit(|_| Ok(Event::DeleteDevice { device: device.to_string(), at_ms: now_ms() }))?;
+        self.log.wait_durable(seq).await?;
+        self.locks.lock().held.retain(|(d, _), _| d != device);
+        self.feedback.send_modify(|v| *v += 1);
+        Ok(())
     }
 
     /// Settles message `seq` of `device`. A reject or abandon of a message whose TTL passed is
@@ -687,7 +863,7 @@ impl C2d {
                 return Err(Error::new(ErrorKind::LockLost, format!("message {seq} of '{device}' is no longer queued")));
             };
             found = true;
-            let how = if how != Settle::Complete && e.expiry_ms <= now { Settle::Expire } else { how };
+            let how = effective(how, e.expiry_ms <= now);
             Ok(Event::Settle { device: device.to_string(), seq, how, at_ms: now, max_delivery: self.limits.max_delivery_count })
         });
         match r {
@@ -723,34 +899,38 @@ impl C2d {
         self.log.wait_durable(seq).await
     }
 
-    /// Locks and returns the next deliverable message of `device` for connection `conn`.
+    /// Locks and returns the next deliverable message of `device` for connection `conn`. A
+    /// message whose delivery would exceed the MQTT packet limit of devices
+    /// ([`crate::transport::MAX_PACKET_SIZE`]), whose topic (property bag) exceeds MQTT's 65,535
+    /// bytes, or that cannot be decoded is dead-lettered
+    /// (`Rejected` feedback) instead, so it never costs the device its connection.
     pub fn take_deliverable(&self, device: &str, conn: u64) -> Option<Delivery> {
-        let now = now_ms();
-        self.log.read(|s| {
-            let mut locks = self.locks.lock();
-            let e = next_deliverable(s, &locks, device, now)?;
-            locks.lock(device, e.seq, conn, now + self.limits.lock.as_millis() as u64);
-            let mut message = match crate::Message::decode(&bytes::Bytes::copy_from_slice(&e.record)) {
-                Ok(m) => m,
-                Err(err) => {
-                    tracing::error!(device, seq = e.seq, error = %err, "undecodable C2D record");
-                    return None;
+        loop {
+            let now = now_ms();
+            let found = self.log.read(|s| {
+                let mut locks = self.locks.lock();
+                let e = next_deliverable(s, &locks, device, now)?;
+                match delivery(device, e) {
+                    Ok((message, publish)) => match undeliverable(&publish) {
+                        None => {
+                            locks.lock(device, e.seq, conn, now + self.limits.lock.as_millis() as u64);
+                            Some(Ok(Delivery { seq: e.seq, message, publish }))
+                        }
+                        Some(why) => Some(Err((e.seq, why))),
+                    },
+                    Err(err) => Some(Err((e.seq, format!("its record cannot be decoded: {err}")))),
                 }
-            };
-            message.message_id = Some(e.message_id.clone());
-            message.expiry_time_ms = Some(e.expiry_ms);
-            message.system.retain(|(k, _)| {
-                !matches!(k.as_str(), "$.to" | "iothub-ack" | "iothub-sequencenumber" | "iothub-enqueuedtime" | "iothub-deliverycount")
-            });
-            message.system.extend([
-                ("$.to".to_string(), format!("/devices/{device}/messages/devicebound")),
-                ("iothub-ack".to_string(), e.ack.as_str().to_string()),
-                ("iothub-sequencenumber".to_string(), e.seq.to_string()),
-                ("iothub-enqueuedtime".to_string(), e.enqueued_ms.to_string()),
-                ("iothub-deliverycount".to_string(), e.delivery_count.to_string()),
-            ]);
-            Some(Delivery { seq: e.seq, message })
-        })
+            })?;
+            match found {
+                Ok(d) => return Some(d),
+                Err((seq, why)) => {
+                    tracing::warn!(device, seq, reason = %why, "dead-lettering an undeliverable C2D message");
+                    if self.settle(device, seq, Settle::TooLarge).is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Whether connection `conn` holds the lock of (device, seq).
@@ -777,10 +957,14 @@ impl C2d {
     /// Periodic work: dead-letter expired messages, release expired locks, form feedback
     /// batches (by count, or once the oldest record waited `batch_interval`), drop feedback
     /// batches older than `feedback_ttl`.
-    pub fn sweep(&self, batch_interval: Duration, feedback_ttl: Duration, oldest_pending_ms: &mut Option<u64>) -> Result<()> {
+    /// Returns how many messages expired.
+    pub fn sweep(&self, batch_interval: Duration, feedback_ttl: Duration, oldest_pending_ms: &mut Option<u64>) -> Result<usize> {
         let now = now_ms();
+        let mut expired = 0;
         for (device, seq) in self.log.read(|s| s.expired(now)) {
-            self.settle(&device, seq, Settle::Expire)?;
+            if self.settle(&device, seq, Settle::Expire)? {
+                expired += 1;
+            }
         }
         for device in self.locks.lock().expire(now) {
             self.wake_device(&device);
@@ -795,7 +979,7 @@ impl C2d {
         }
         if pending == 0 {
             *oldest_pending_ms = None;
-            return Ok(());
+            return Ok(expired);
         }
         let since = *oldest_pending_ms.get_or_insert(now);
         let mut formed = false;
@@ -810,7 +994,7 @@ impl C2d {
             *oldest_pending_ms = if remaining > 0 { Some(now) } else { None };
             self.feedback.send_modify(|v| *v += 1);
         }
-        Ok(())
+        Ok(expired)
     }
 
     /// Locks and returns the oldest feedback batch no other connection holds.

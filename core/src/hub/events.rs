@@ -221,7 +221,10 @@ impl Groups {
         Groups::validate_name(group)?;
         let mut g = self.inner.lock();
         if !g.contains_key(group) && g.len() >= MAX_GROUPS {
-            return Err(Error::new(ErrorKind::QueueFull, format!("this hub already has {MAX_GROUPS} consumer groups")));
+            // A quota, not a full queue: nothing drains it by waiting (QUEUE_FULL would say so).
+            return Err(Error::invalid(format!(
+                "this hub already has {MAX_GROUPS} consumer groups (the limit); use one of them, e.g. '$Default'"
+            )));
         }
         let grp = g.entry(group.to_string()).or_default();
         let (tx, rx) = watch::channel(Vec::new());

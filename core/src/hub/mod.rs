@@ -9,16 +9,27 @@
 //!
 //! Invariants: a PUBACK for a D2C message is written only after the message is durable in its
 //! partition; a misbehaving connection is closed without affecting any other; one connection per
-//! device identity (a new one drops the old); one hub process per data directory (it is locked,
-//! a second hub on it fails to start naming the first one's pid); a full disk refuses new D2C
+//! device identity (a new one drops the old); one hub process per data directory (the embedded
+//! backend locks it: a second hub on it fails to start naming the first one's pid); a full disk
+//! refuses new D2C
 //! (devices keep them in their outboxes and retry) while reads, C2D settles and checkpoints go
 //! on in the space kept free by `disk_reserve_bytes`.
 
+pub mod backend;
 pub mod c2d;
+pub mod embedded;
 pub mod events;
+pub mod guard;
+pub mod metrics;
 pub mod registry;
 mod session;
 pub mod tls;
+
+/// Pure pieces of the hub's packet handling, exposed for the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::session::d2c_message;
+}
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +39,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
 
@@ -36,6 +46,7 @@ use crate::auth::ConnectionString;
 use crate::error::{Error, ErrorKind, Result};
 use crate::proto::{CreateDevice, DeviceIdentity};
 use crate::store::Durability;
+use backend::{Backend, BackendConnector, RegistryChange};
 
 pub use registry::{Policy, Registry, Right};
 pub use tls::TlsFiles;
@@ -43,10 +54,18 @@ pub use tls::TlsFiles;
 /// Hub settings.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
-    /// Where the hub keeps everything (registry, event log, checkpoints, generated TLS files).
+    /// Where the hub keeps everything (registry, event log, checkpoints, generated TLS files);
+    /// with another backend only the owner connection string and TLS files.
     pub data_dir: PathBuf,
+    /// Where durable state lives: `None` = the embedded stores in `data_dir` (the default);
+    /// otherwise the connector of another backend (NATS JetStream: crate `hubmsg-nats`).
+    pub backend: Option<Arc<dyn BackendConnector>>,
     /// Host name put in printed connection strings (default `127.0.0.1`).
     pub host_name: String,
+    /// `host:port`s devices and services reach this hub by when that is not one of its own
+    /// listeners — TCP load balancers in front of several hub nodes. Tokens and user names may
+    /// name any of them; printed connection strings use the first.
+    pub public_addresses: Vec<String>,
     /// Plain MQTT listener (local use; Azure has none). Port 0 picks a free port.
     pub mqtt: Option<SocketAddr>,
     /// MQTT over TLS listener.
@@ -70,8 +89,31 @@ pub struct HubConfig {
     pub retention_interval: Duration,
     /// How often acknowledged consumer positions are persisted. Default 50 ms.
     pub checkpoint_interval: Duration,
-    /// Time a new connection has to send CONNECT. Default 10 s.
+    /// Time a new connection has (from the TCP accept, TLS handshake included) to send its
+    /// CONNECT; it is read with a buffer of at most 8 KB. Default 5 s.
     pub connect_timeout: Duration,
+    /// Most connections open at once (authenticated or not); past it a new connection gets
+    /// CONNACK 3 (server unavailable) and is closed. Default 20,000.
+    pub max_connections: usize,
+    /// Longest time one write to a peer may take; a peer that does not read is closed after it.
+    /// Default 10 s.
+    pub write_timeout: Duration,
+    /// TCP keep-alive and user timeout on every accepted socket.
+    pub socket: crate::transport::SocketTuning,
+    /// D2C messages (QoS 0 and 1) one device session may have appended but not yet durable;
+    /// past it the hub stops reading from that device. Default 1,000.
+    pub session_pending_messages: usize,
+    /// Bytes of such messages per device session. Default 4 MiB.
+    pub session_pending_bytes: usize,
+    /// Bytes of such messages across the hub; while used up, no session reads. Default 256 MiB.
+    pub hub_pending_bytes: usize,
+    /// Payload bytes of unacknowledged events one consumer connection may have in flight (on
+    /// top of the per-partition `window` count), so large events cannot make a consumer — or
+    /// the hub writing to it — hold gigabytes. Default 8 MiB.
+    pub consumer_window_bytes: usize,
+    /// A consumer with events outstanding that acknowledges none for this long is closed, so
+    /// its partitions move to the other members of its group. Default 60 s.
+    pub consumer_stall_timeout: Duration,
     /// C2D queue limits (50 per device, 60 s lock, max delivery 10, TTL 1 h / 48 h, 64 KB).
     pub c2d: c2d::C2dLimits,
     /// Unacknowledged C2D messages in flight to one device connection. Default 10.
@@ -83,6 +125,8 @@ pub struct HubConfig {
     pub feedback_ttl: Duration,
     /// How often expiries, lock timeouts and feedback batching are checked. Default 100 ms.
     pub sweep_interval: Duration,
+    /// The operations endpoint (`/healthz`, `/readyz`, `/metrics`); off by default.
+    pub http: Option<SocketAddr>,
 }
 
 impl HubConfig {
@@ -90,7 +134,9 @@ impl HubConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> HubConfig {
         HubConfig {
             data_dir: data_dir.into(),
+            backend: None,
             host_name: "127.0.0.1".into(),
+            public_addresses: Vec::new(),
             mqtt: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             mqtts: None,
             tls: None,
@@ -102,12 +148,21 @@ impl HubConfig {
             retention_bytes: 10 * 1024 * 1024 * 1024,
             retention_interval: Duration::from_secs(60),
             checkpoint_interval: Duration::from_millis(50),
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_connections: 20_000,
+            write_timeout: Duration::from_secs(10),
+            socket: crate::transport::SocketTuning::default(),
+            session_pending_messages: 1000,
+            session_pending_bytes: 4 * 1024 * 1024,
+            hub_pending_bytes: 256 * 1024 * 1024,
+            consumer_window_bytes: 8 * 1024 * 1024,
+            consumer_stall_timeout: Duration::from_secs(60),
             c2d: c2d::C2dLimits::default(),
             c2d_window: 10,
             feedback_interval: Duration::from_secs(15),
             feedback_ttl: Duration::from_secs(3600),
             sweep_interval: Duration::from_millis(100),
+            http: None,
         }
     }
 }
@@ -119,8 +174,10 @@ pub struct HubStats {
     pub connections: AtomicU64,
     /// Connections currently open.
     pub open_connections: AtomicU64,
-    /// CONNECTs refused (bad credentials etc.).
+    /// CONNECTs refused (bad credentials, unsupported protocol version etc.).
     pub refused: AtomicU64,
+    /// Connections refused because `max_connections` were open.
+    pub refused_capacity: AtomicU64,
     /// Connections closed for a protocol or authorization violation.
     pub violations: AtomicU64,
     /// D2C messages appended.
@@ -132,36 +189,173 @@ pub struct HubStats {
     pub d2c_refused: AtomicU64,
     /// Events delivered to consumers (including redeliveries).
     pub events_delivered: AtomicU64,
+    /// D2C messages the backend recognised as re-sends (de-duplicated by message id).
+    pub d2c_duplicates: AtomicU64,
+    /// C2D messages accepted into a queue by this node.
+    pub c2d_sent: AtomicU64,
+    /// C2D deliveries completed by devices on this node.
+    pub c2d_completed: AtomicU64,
+    /// C2D deliveries abandoned by devices on this node (each a redelivery).
+    pub c2d_abandoned: AtomicU64,
+    /// C2D deliveries rejected by devices on this node (and undeliverable ones dead-lettered).
+    pub c2d_rejected: AtomicU64,
+    /// C2D messages whose TTL passed (expiry sweep and late settles on this node).
+    pub c2d_expired: AtomicU64,
+    /// C2D messages dead-lettered at the maximum delivery count on this node.
+    pub c2d_dead_lettered: AtomicU64,
+    /// C2D messages purged through this node.
+    pub c2d_purged: AtomicU64,
+    /// Feedback batches delivered to services (including redeliveries).
+    pub feedback_batches: AtomicU64,
+    /// Feedback records in acknowledged batches.
+    pub feedback_records: AtomicU64,
+    /// Backend operations that failed (storage errors, an unreachable cluster).
+    pub backend_errors: AtomicU64,
+    /// Time from a D2C append to its durability (the store's commit latency as the hub sees it).
+    pub commit_latency: metrics::Histogram,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Meta {
-    partitions: u32,
+impl HubStats {
+    /// Counts one settle outcome of a C2D message.
+    pub(crate) fn count_outcome(&self, status: c2d::FeedbackStatus) {
+        use c2d::FeedbackStatus as S;
+        let c = match status {
+            S::Success => &self.c2d_completed,
+            S::Rejected => &self.c2d_rejected,
+            S::Expired => &self.c2d_expired,
+            S::DeliveryCountExceeded => &self.c2d_dead_lettered,
+            S::Purged => &self.c2d_purged,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A device session of this hub node, for kicking it when its identity changes.
+pub(crate) struct LiveDevice {
+    pub(crate) conn: u64,
+    pub(crate) kick: Arc<Notify>,
+    /// The keys it was registered with when it connected (a regeneration ends the session).
+    pub(crate) keys: (String, String),
 }
 
 pub(crate) struct Shared {
-    /// The data directory's lock, held while the hub runs (released by shutdown).
-    dir_lock: Mutex<Option<Box<dyn std::any::Any + Send + Sync>>>,
     pub(crate) config: HubConfig,
-    pub(crate) registry: Registry,
-    pub(crate) events: Arc<events::EventLog>,
-    pub(crate) groups: Arc<events::Groups>,
-    pub(crate) c2d: Arc<c2d::C2d>,
-    /// device id → (connection id, kick signal) of the one live connection.
-    pub(crate) devices: Mutex<HashMap<String, (u64, Arc<Notify>)>>,
+    pub(crate) backend: Arc<dyn Backend>,
+    /// D2C partitions (fixed when the backend's state was created).
+    pub(crate) partitions: u32,
+    /// Policies as last read (connection strings this hub prints; authentication reads the
+    /// backend).
+    pub(crate) policies: Mutex<Vec<Policy>>,
+    /// device id → its live session on this node.
+    pub(crate) devices: Mutex<HashMap<String, LiveDevice>>,
     pub(crate) next_conn: AtomicU64,
+    /// This hub process's id (members of consumer groups are `{node_id}/{connection}`).
+    pub(crate) node_id: String,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Set when the hub drains: sessions finish what they owe and close.
+    pub(crate) drain: watch::Receiver<bool>,
+    pub(crate) draining: std::sync::atomic::AtomicBool,
     pub(crate) stats: HubStats,
+    /// Host names tokens and user names may carry: `host_name` alone and with each listener port.
+    pub(crate) host_names: Vec<String>,
+    /// Bytes of D2C messages appended and not yet durable, hub-wide.
+    pub(crate) budget: guard::Budget,
+    logs: guard::LogLimits,
     live: AtomicUsize,
     all_closed: Notify,
 }
 
 impl Shared {
-    /// Drops the live connection of `device_id`, if any.
-    pub(crate) fn kick(&self, device_id: &str) {
-        if let Some((_, kick)) = self.devices.lock().remove(device_id) {
-            kick.notify_one();
+    pub(crate) fn owner_file(&self) -> PathBuf {
+        self.config.data_dir.join("owner.connection-string")
+    }
+
+    /// Writes `cs` to the owner file, 0600, atomically; true if the file did not exist.
+    pub(crate) fn write_owner_file(&self, cs: &str) -> Result<bool> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.owner_file();
+        let fresh = !path.exists();
+        let tmp = path.with_extension("tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            f.write_all(cs.as_bytes())?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| Error::storage(format!("write {}", path.display()), e))?;
+        Ok(fresh)
+    }
+
+    /// A policy as last read by this hub.
+    pub(crate) fn cached_policy(&self, name: &str) -> Option<Policy> {
+        self.policies.lock().iter().find(|p| p.name == name).cloned()
+    }
+
+    /// Rewrites the owner file after the `iothubowner` keys changed (if the hub keeps one).
+    pub(crate) async fn refresh_owner_file(&self) -> Result<()> {
+        *self.policies.lock() = self.backend.registry().policies().await?;
+        let (Some(host), Some(p)) = (self.host_names.last(), self.cached_policy("iothubowner")) else { return Ok(()) };
+        if !self.owner_file().exists() {
+            return Ok(());
         }
+        let cs = ConnectionString {
+            host_name: host.clone(),
+            shared_access_key_name: Some(p.name),
+            shared_access_key: Some(p.primary_key),
+            ..Default::default()
+        };
+        self.write_owner_file(&cs.to_string()).map(|_| ())
+    }
+
+    /// Logs a refused CONNECT (rate-limited: a flood of bad peers writes one line per 10 s).
+    pub(crate) fn log_refusal(&self, peer: &SocketAddr, why: &str) {
+        if let Some(suppressed) = self.logs.refusal.allow() {
+            tracing::info!(%peer, reason = %why, suppressed, "CONNECT refused");
+        }
+    }
+
+    /// Logs a connection closed for a violation (rate-limited).
+    pub(crate) fn log_violation(&self, peer: &SocketAddr, e: &Error) {
+        if let Some(suppressed) = self.logs.violation.allow() {
+            tracing::info!(%peer, error = %e, suppressed, "closing connection");
+        }
+    }
+
+    /// Logs a store failure of periodic or per-packet work (rate-limited: a full disk logs one
+    /// line per 10 s with the count of repeats, not one per attempt).
+    pub(crate) fn log_store_error(&self, what: &str, e: &Error) {
+        if let Some(suppressed) = self.logs.store.allow() {
+            tracing::error!(error = %e, suppressed, "{what}");
+        }
+    }
+
+    /// Drops the live connection of `device_id` on this node, if any.
+    pub(crate) fn kick(&self, device_id: &str) {
+        if let Some(d) = self.devices.lock().remove(device_id) {
+            d.kick.notify_one();
+        }
+    }
+
+    /// Ends this node's session of a device whose identity changed anywhere: deleted, disabled,
+    /// or re-keyed.
+    pub(crate) fn on_registry_change(&self, change: &RegistryChange) {
+        let id = match change {
+            RegistryChange::Deleted(id) => id.as_str(),
+            RegistryChange::Put(d) => {
+                let stale = self.devices.lock().get(&d.device_id).is_some_and(|live| {
+                    d.status == crate::proto::DeviceStatus::Disabled || live.keys != (d.primary_key.clone(), d.secondary_key.clone())
+                });
+                if !stale {
+                    return;
+                }
+                d.device_id.as_str()
+            }
+        };
+        tracing::debug!(device = %id, "identity changed; closing its session");
+        self.kick(id);
     }
 }
 
@@ -170,64 +364,30 @@ pub struct Hub {
     shared: Arc<Shared>,
     mqtt_addr: Option<SocketAddr>,
     mqtts_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     ca_file: Option<PathBuf>,
     stop: watch::Sender<bool>,
+    drain: watch::Sender<bool>,
+    accept: Vec<tokio::task::JoinHandle<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Hub {
-    /// Opens the stores in `config.data_dir`, binds the listeners and starts serving.
+    /// Opens the backend (the embedded stores in `config.data_dir` unless `config.backend`
+    /// names another), binds the listeners and starts serving.
     pub async fn start(mut config: HubConfig) -> Result<Hub> {
         if config.mqtt.is_none() && config.mqtts.is_none() {
             return Err(Error::invalid("the hub needs at least one listener (mqtt or mqtts)"));
         }
         let dir = config.data_dir.clone();
-        let fs = crate::store::io::real();
-        crate::store::io::create_dir_durable(&*fs, &dir)?;
-        let lock = crate::store::io::lock_dir(&*fs, &dir, "hub data directory")?;
-        // Partition count is fixed at creation.
-        let meta_path = dir.join("hub.json");
-        match std::fs::read(&meta_path) {
-            Ok(b) => {
-                let meta: Meta =
-                    serde_json::from_slice(&b).map_err(|e| Error::new(ErrorKind::Storage, format!("{}: {e}", meta_path.display())))?;
-                if meta.partitions != config.partitions {
-                    tracing::warn!(
-                        existing = meta.partitions,
-                        requested = config.partitions,
-                        "partition count is fixed at creation; using the existing one"
-                    );
-                    config.partitions = meta.partitions;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if config.partitions == 0 || config.partitions > 128 {
-                    return Err(Error::invalid("partitions must be between 1 and 128"));
-                }
-                let b = serde_json::to_vec(&Meta { partitions: config.partitions }).expect("meta serializes");
-                crate::store::io::write_atomic(&*fs, &meta_path, &b, false)?;
-            }
-            Err(e) => return Err(Error::storage(format!("read {}", meta_path.display()), e)),
-        }
-        let (registry, events, groups, c2d) = {
-            let c = config.clone();
-            let registry = tokio::task::spawn_blocking(move || Registry::open(&c.data_dir.join("registry"), c.durability))
-                .await
-                .map_err(|e| Error::new(ErrorKind::Internal, format!("registry open task: {e}")))??;
-            let groups = events::Groups::open(&dir.join("checkpoints"), config.partitions, config.durability)?;
-            // No partition hands out a sequence number a consumer group's checkpoint has seen.
-            let floors: Vec<u64> = (0..config.partitions).map(|p| groups.max_checkpoint(p) + 1).collect();
-            let events = events::EventLog::open(
-                &dir.join("events"),
-                config.partitions,
-                config.durability,
-                config.segment_bytes,
-                config.disk_reserve_bytes,
-                &floors,
-            )?;
-            let c2d = c2d::C2d::open(&dir.join("c2d"), config.durability, config.c2d.clone())?;
-            (registry, events, groups, c2d)
+        crate::store::io::create_dir_durable(&*crate::store::io::real(), &dir)?;
+        let backend: Arc<dyn Backend> = match config.backend.clone() {
+            None => embedded::Embedded::open(&config).await?,
+            Some(c) => c.connect(&config).await?,
         };
+        let partitions = backend.events().partitions();
+        config.partitions = partitions;
+        let policies = backend.registry().policies().await?;
         let tls_config = match config.mqtts {
             None => None,
             Some(_) => {
@@ -243,39 +403,80 @@ impl Hub {
             }
         };
         let (stop, shutdown) = watch::channel(false);
+        let (drain_tx, drain) = watch::channel(false);
+        let mqtt_listener = match config.mqtt {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let mqtts_listener = match config.mqtts {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let local = |l: &Option<TcpListener>| -> Result<Option<SocketAddr>> {
+            l.as_ref().map(|l| l.local_addr().map_err(|e| Error::storage("listener address", e))).transpose()
+        };
+        let (mqtt_addr, mqtts_addr) = (local(&mqtt_listener)?, local(&mqtts_listener)?);
+        let bare = config.host_name.trim_start_matches('[').trim_end_matches(']').to_string();
+        let mut host_names = vec![bare.clone()];
+        for a in [mqtt_addr, mqtts_addr].into_iter().flatten() {
+            host_names.push(if bare.contains(':') { format!("[{bare}]:{}", a.port()) } else { format!("{bare}:{}", a.port()) });
+        }
+        // The name connection strings carry goes last (the owner file uses it).
+        host_names.extend(config.public_addresses.iter().rev().cloned());
+        if config.public_addresses.is_empty() {
+            let first = host_names.get(1).cloned().unwrap_or_else(|| bare.clone());
+            host_names.push(first);
+        }
         let shared = Arc::new(Shared {
-            dir_lock: Mutex::new(Some(lock)),
             config: config.clone(),
-            registry,
-            events,
-            groups,
-            c2d,
+            backend,
+            partitions,
+            policies: Mutex::new(policies),
             devices: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            node_id: uuid::Uuid::new_v4().to_string(),
             shutdown,
+            drain,
+            draining: std::sync::atomic::AtomicBool::new(false),
             stats: HubStats::default(),
+            host_names,
+            budget: guard::Budget::new(config.hub_pending_bytes),
+            logs: guard::LogLimits::default(),
             live: AtomicUsize::new(0),
             all_closed: Notify::new(),
         });
-        let mut tasks = Vec::new();
-        let mut mqtt_addr = None;
-        let mut mqtts_addr = None;
-        if let Some(addr) = config.mqtt {
-            let l = bind(addr).await?;
-            mqtt_addr = Some(l.local_addr().map_err(|e| Error::storage("listener address", e))?);
-            tasks.push(tokio::spawn(accept_loop(shared.clone(), l, None)));
+        let mut accept = Vec::new();
+        if let Some(l) = mqtt_listener {
+            accept.push(tokio::spawn(accept_loop(shared.clone(), l, None)));
         }
-        if let Some(addr) = config.mqtts {
-            let l = bind(addr).await?;
-            mqtts_addr = Some(l.local_addr().map_err(|e| Error::storage("listener address", e))?);
+        if let Some(l) = mqtts_listener {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls_config.expect("tls config built with mqtts"));
-            tasks.push(tokio::spawn(accept_loop(shared.clone(), l, Some(acceptor))));
+            accept.push(tokio::spawn(accept_loop(shared.clone(), l, Some(acceptor))));
         }
-        tasks.push(tokio::spawn(checkpoint_loop(shared.clone())));
-        tasks.push(tokio::spawn(retention_loop(shared.clone())));
+        let mut tasks = Vec::new();
+        let http_addr = match config.http {
+            Some(addr) => {
+                let l = metrics::bind(addr).await?;
+                let a = l.local_addr().map_err(|e| Error::storage("HTTP listener address", e))?;
+                tasks.push(tokio::spawn(metrics::serve(shared.clone(), l)));
+                Some(a)
+            }
+            None => None,
+        };
         tasks.push(tokio::spawn(sweep_loop(shared.clone())));
-        tracing::info!(?mqtt_addr, ?mqtts_addr, partitions = config.partitions, "hub started");
-        Ok(Hub { ca_file: config.tls.as_ref().map(|t| t.cert.clone()), shared, mqtt_addr, mqtts_addr, stop, tasks })
+        tasks.push(tokio::spawn(registry_watch(shared.clone())));
+        tracing::info!(?mqtt_addr, ?mqtts_addr, partitions, backend = shared.backend.kind(), "hub started");
+        Ok(Hub {
+            ca_file: config.tls.as_ref().map(|t| t.cert.clone()),
+            shared,
+            mqtt_addr,
+            mqtts_addr,
+            http_addr,
+            stop,
+            drain: drain_tx,
+            accept,
+            tasks,
+        })
     }
 
     /// The bound plain MQTT address.
@@ -288,6 +489,35 @@ impl Hub {
         self.mqtts_addr
     }
 
+    /// The bound address of the operations endpoint (`HubConfig::http`).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Graceful drain (what `hubmsg hub` does on SIGTERM): stop accepting connections and
+    /// report not ready, let every device session send the PUBACKs it owes for messages
+    /// already received (nothing more is read), close every session so devices reconnect to
+    /// another node, then shut down. Sessions still open after `timeout` are closed anyway.
+    pub async fn drain(self, timeout: Duration) -> Result<()> {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        for t in &self.accept {
+            t.abort();
+        }
+        let _ = self.drain.send(true);
+        let _ = tokio::time::timeout(timeout, self.all_closed()).await;
+        self.shutdown().await
+    }
+
+    async fn all_closed(&self) {
+        while self.shared.live.load(Ordering::SeqCst) > 0 {
+            let notified = self.shared.all_closed.notified();
+            if self.shared.live.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            notified.await;
+        }
+    }
+
     /// The certificate file clients must trust for `mqtts` (self-signed or configured).
     pub fn ca_file(&self) -> Option<&std::path::Path> {
         self.ca_file.as_deref()
@@ -295,7 +525,11 @@ impl Hub {
 
     /// `HostName` for connection strings: `host:port` of the plain listener if there is one,
     /// otherwise of the TLS listener (clients then need the CA file).
+    /// With `public_addresses` set, the first of them.
     pub fn host_name(&self) -> String {
+        if let Some(p) = self.shared.config.public_addresses.first() {
+            return p.clone();
+        }
         let addr = self.mqtt_addr.or(self.mqtts_addr).expect("at least one listener");
         let host = &self.shared.config.host_name;
         if host.contains(':') {
@@ -305,15 +539,26 @@ impl Hub {
         }
     }
 
+    /// Writes the `iothubowner` connection string to [`Hub::owner_file`] (created with mode
+    /// 0600, replaced atomically, so the key never sits in a world-readable file or in the
+    /// hub's output); returns whether the file is new (the hub's first start).
+    pub fn write_owner_connection_string(&self) -> Result<bool> {
+        self.shared.write_owner_file(&self.service_connection_string())
+    }
+
+    /// Where the hub keeps its owner connection string: `{data_dir}/owner.connection-string`.
+    pub fn owner_file(&self) -> PathBuf {
+        self.shared.owner_file()
+    }
+
     /// The connection string of the `iothubowner` policy.
     pub fn service_connection_string(&self) -> String {
         self.policy_connection_string("iothubowner").expect("iothubowner exists")
     }
 
-    /// The connection string of a policy.
+    /// The connection string of a policy (keys as this hub last read them).
     pub fn policy_connection_string(&self, policy: &str) -> Result<String> {
-        let p =
-            self.shared.registry.policy(policy).ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no policy named '{policy}'")))?;
+        let p = self.shared.cached_policy(policy).ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no policy named '{policy}'")))?;
         Ok(ConnectionString {
             host_name: self.host_name(),
             shared_access_key_name: Some(p.name),
@@ -323,22 +568,29 @@ impl Hub {
         .to_string())
     }
 
-    /// The C2D queues and feedback (for inspection and in-process use).
-    pub fn c2d(&self) -> &c2d::C2d {
-        &self.shared.c2d
+    /// The storage backend (embedded or JetStream).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.shared.backend
+    }
+
+    /// The C2D queues (for inspection and in-process use).
+    pub fn c2d(&self) -> &dyn backend::C2dQueues {
+        self.shared.backend.c2d()
     }
 
     /// Creates a device identity (durable on return).
     pub async fn create_device(&self, device_id: &str) -> Result<DeviceIdentity> {
-        self.shared.registry.create(CreateDevice { device_id: device_id.into(), ..Default::default() }).await
+        self.shared.backend.registry().create(CreateDevice { device_id: device_id.into(), ..Default::default() }).await
     }
 
     /// The connection string of a registered device (primary key).
-    pub fn device_connection_string(&self, device_id: &str) -> Result<String> {
+    pub async fn device_connection_string(&self, device_id: &str) -> Result<String> {
         let d = self
             .shared
-            .registry
+            .backend
+            .registry()
             .device(device_id)
+            .await?
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("device '{device_id}' is not registered")))?;
         Ok(ConnectionString {
             host_name: self.host_name(),
@@ -350,8 +602,8 @@ impl Hub {
     }
 
     /// The identity registry.
-    pub fn registry(&self) -> &Registry {
-        &self.shared.registry
+    pub fn registry(&self) -> &dyn backend::RegistryStore {
+        self.shared.backend.registry()
     }
 
     /// Counters.
@@ -363,28 +615,11 @@ impl Hub {
     /// closes the stores.
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.stop.send(true);
-        for t in &self.tasks {
+        for t in self.accept.iter().chain(&self.tasks) {
             t.abort();
         }
-        let wait = async {
-            while self.shared.live.load(Ordering::SeqCst) > 0 {
-                let notified = self.shared.all_closed.notified();
-                if self.shared.live.load(Ordering::SeqCst) == 0 {
-                    break;
-                }
-                notified.await;
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
-        self.shared.groups.flush(&self.shared.events).await?;
-        let s = self.shared.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            let r = s.events.close().and(s.groups.close()).and(s.c2d.close()).and(s.registry.close());
-            s.dir_lock.lock().take();
-            r
-        })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Internal, format!("shutdown task: {e}")))?
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.all_closed()).await;
+        self.shared.backend.close().await
     }
 }
 
@@ -395,17 +630,29 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+    let accept_errors = guard::LogLimit::default();
+    let capacity = guard::LogLimit::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(suppressed) = accept_errors.allow() {
+                    tracing::warn!(error = %e, suppressed, "accept failed (raise the open-file limit or lower max_connections)");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let _ = tcp.set_nodelay(true);
+        crate::transport::tune_socket(&tcp, &shared.config.socket);
+        if shared.live.load(Ordering::SeqCst) >= shared.config.max_connections {
+            shared.stats.refused_capacity.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = capacity.allow() {
+                tracing::warn!(%peer, max = shared.config.max_connections, suppressed, "connection refused: the hub is at max_connections");
+            }
+            tokio::spawn(refuse_busy(tcp, tls.is_some()));
+            continue;
+        }
         let shared = shared.clone();
         let tls = tls.clone();
         shared.live.fetch_add(1, Ordering::SeqCst);
@@ -431,41 +678,53 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
     }
 }
 
-async fn checkpoint_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.config.checkpoint_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Err(e) = shared.groups.flush(&shared.events).await {
-            tracing::error!(error = %e, "persisting consumer checkpoints failed; will retry");
+/// The refusal of a connection past `max_connections`: CONNACK 3 (server unavailable, which
+/// MQTT clients treat as "retry later") on a plain listener, then close; a TLS listener just
+/// closes (a CONNACK would need a handshake first, which is what the cap saves).
+async fn refuse_busy(mut tcp: tokio::net::TcpStream, tls: bool) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        if !tls {
+            let _ = tcp.write_all(&[0x20, 0x02, 0x00, 0x03]).await;
         }
-    }
+        let _ = tcp.shutdown().await;
+    })
+    .await;
 }
 
 async fn sweep_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(shared.config.sweep_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut oldest_pending = None;
     loop {
         tick.tick().await;
-        if let Err(e) = shared.c2d.sweep(shared.config.feedback_interval, shared.config.feedback_ttl, &mut oldest_pending) {
-            tracing::error!(error = %e, "C2D sweep failed; will retry");
+        match shared.backend.c2d().sweep().await {
+            Ok(n) => {
+                shared.stats.c2d_expired.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) => shared.log_store_error("C2D sweep failed; will retry", &e),
         }
     }
 }
 
-async fn retention_loop(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(shared.config.retention_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Ends this node's sessions of devices deleted, disabled or re-keyed on any node.
+async fn registry_watch(shared: Arc<Shared>) {
+    let mut rx = shared.backend.registry().watch();
     loop {
-        tick.tick().await;
-        let s = shared.clone();
-        let r = tokio::task::spawn_blocking(move || s.events.apply_retention(s.config.retention_age, s.config.retention_bytes)).await;
-        match r {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(removed = n, "retention removed old events"),
-            Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
-            Err(e) => tracing::error!(error = %e, "retention task failed"),
+        match rx.recv().await {
+            Ok(change) => shared.on_registry_change(&change),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                // Changes were missed: re-check every live session against the registry.
+                tracing::warn!(missed = n, "registry watch lagged; re-checking live sessions");
+                let ids: Vec<String> = shared.devices.lock().keys().cloned().collect();
+                for id in ids {
+                    match shared.backend.registry().device(&id).await {
+                        Ok(Some(d)) => shared.on_registry_change(&RegistryChange::Put(d)),
+                        Ok(None) => shared.on_registry_change(&RegistryChange::Deleted(id)),
+                        Err(e) => shared.log_store_error("re-checking a session's identity failed", &e),
+                    }
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
 }

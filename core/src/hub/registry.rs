@@ -16,33 +16,7 @@ use crate::message::now_ms;
 use crate::proto::{CreateDevice, DeviceIdentity, DeviceStatus};
 use crate::store::{Durability, Machine, StateLog, StateOptions};
 
-/// What a policy may do (reference §2.3).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub enum Right {
-    /// Read identities.
-    RegistryRead,
-    /// Create, update, delete identities.
-    RegistryWrite,
-    /// Read D2C events, send C2D, receive feedback.
-    ServiceConnect,
-    /// Act as any device.
-    DeviceConnect,
-}
-
-/// A hub-level shared access policy.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Policy {
-    /// Policy name (`skn` in tokens).
-    pub name: String,
-    /// Primary key (base64).
-    pub primary_key: String,
-    /// Secondary key (base64).
-    pub secondary_key: String,
-    /// Granted rights.
-    pub rights: Vec<Right>,
-}
+pub use crate::proto::{Policy, Right};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
@@ -116,15 +90,8 @@ impl Registry {
     pub fn open(dir: &Path, durability: Durability) -> Result<Registry> {
         let log = StateLog::<State>::open(dir, StateOptions { durability, ..StateOptions::default() })?;
         let reg = Registry { log };
-        for (name, rights) in [
-            ("iothubowner", vec![Right::RegistryRead, Right::RegistryWrite, Right::ServiceConnect, Right::DeviceConnect]),
-            ("service", vec![Right::ServiceConnect]),
-            ("device", vec![Right::DeviceConnect]),
-            ("registryRead", vec![Right::RegistryRead]),
-            ("registryReadWrite", vec![Right::RegistryRead, Right::RegistryWrite]),
-        ] {
-            if reg.policy(name).is_none() {
-                let p = Policy { name: name.to_string(), primary_key: auth::generate_key(), secondary_key: auth::generate_key(), rights };
+        for p in default_policies() {
+            if reg.policy(&p.name).is_none() {
                 let seq = reg.log.commit(&encode(&Event::PutPolicy(p)))?;
                 reg.log.wait_durable_blocking(seq)?;
             }
@@ -135,6 +102,23 @@ impl Registry {
     /// A policy by name.
     pub fn policy(&self, name: &str) -> Option<Policy> {
         self.log.read(|s| s.policies.get(name).cloned())
+    }
+
+    /// Every policy, ordered by name (with keys: for owners only).
+    pub fn policies(&self) -> Vec<Policy> {
+        self.log.read(|s| s.policies.values().cloned().collect())
+    }
+
+    /// Regenerates a policy's `primary`, `secondary` or `both` keys; durable when this returns.
+    /// Tokens signed with a replaced key stop being accepted at their next CONNECT.
+    pub async fn regenerate_policy(&self, name: &str, which: &str) -> Result<Policy> {
+        let (p, seq) = self.log.commit_with(|s| {
+            let mut p = s.policies.get(name).cloned().ok_or_else(|| no_policy(name))?;
+            regenerate(&mut p.primary_key, &mut p.secondary_key, which)?;
+            Ok((encode(&Event::PutPolicy(p.clone())), p))
+        })?;
+        self.log.wait_durable(seq).await?;
+        Ok(p)
     }
 
     /// A device by id.
@@ -149,22 +133,12 @@ impl Registry {
 
     /// Creates a device; durable when this returns. `AlreadyExists` if the id is taken.
     pub async fn create(&self, req: CreateDevice) -> Result<DeviceIdentity> {
-        validate_device_id(&req.device_id)?;
-        for k in [&req.primary_key, &req.secondary_key].into_iter().flatten() {
-            auth::sign(k, b"probe").map_err(|_| Error::invalid("keys must be base64"))?;
-        }
+        validate_create(&req)?;
         let (dev, seq) = self.log.commit_with(|s| {
             if s.devices.contains_key(&req.device_id) {
-                return Err(Error::new(ErrorKind::AlreadyExists, format!("device '{}' already exists", req.device_id)));
+                return Err(already_exists(&req.device_id));
             }
-            let dev = DeviceIdentity {
-                device_id: req.device_id.clone(),
-                generation_id: generation_id(),
-                status: req.status.unwrap_or(DeviceStatus::Enabled),
-                primary_key: req.primary_key.clone().unwrap_or_else(auth::generate_key),
-                secondary_key: req.secondary_key.clone().unwrap_or_else(auth::generate_key),
-                created_ms: now_ms(),
-            };
+            let dev = new_identity(&req);
             Ok((encode(&Event::PutDevice(dev.clone())), dev))
         })?;
         self.log.wait_durable(seq).await?;
@@ -175,19 +149,7 @@ impl Registry {
     pub async fn update(&self, id: &str, status: Option<DeviceStatus>, regenerate: Option<&str>) -> Result<DeviceIdentity> {
         let (dev, seq) = self.log.commit_with(|s| {
             let mut dev = s.devices.get(id).cloned().ok_or_else(|| not_found(id))?;
-            if let Some(st) = status {
-                dev.status = st;
-            }
-            match regenerate {
-                None => {}
-                Some("primary") => dev.primary_key = auth::generate_key(),
-                Some("secondary") => dev.secondary_key = auth::generate_key(),
-                Some("both") => {
-                    dev.primary_key = auth::generate_key();
-                    dev.secondary_key = auth::generate_key();
-                }
-                Some(other) => return Err(Error::invalid(format!("regenerate '{other}' is not primary, secondary or both"))),
-            }
+            apply_update(&mut dev, status, regenerate)?;
             Ok((encode(&Event::PutDevice(dev.clone())), dev))
         })?;
         self.log.wait_durable(seq).await?;
@@ -211,14 +173,89 @@ impl Registry {
     }
 }
 
-fn not_found(id: &str) -> Error {
+/// The five policies every hub has from its first start on (IoT Hub's names and rights), with
+/// fresh random keys.
+pub fn default_policies() -> Vec<Policy> {
+    [
+        ("iothubowner", vec![Right::RegistryRead, Right::RegistryReadWrite, Right::ServiceConnect, Right::DeviceConnect]),
+        ("service", vec![Right::ServiceConnect]),
+        ("device", vec![Right::DeviceConnect]),
+        ("registryRead", vec![Right::RegistryRead]),
+        ("registryReadWrite", vec![Right::RegistryRead, Right::RegistryReadWrite]),
+    ]
+    .into_iter()
+    .map(|(name, rights)| Policy { name: name.to_string(), primary_key: auth::generate_key(), secondary_key: auth::generate_key(), rights })
+    .collect()
+}
+
+/// Checks a create request: the device id (IoT Hub's rules) and any given keys (16–64 bytes).
+pub fn validate_create(req: &CreateDevice) -> Result<()> {
+    validate_device_id(&req.device_id)?;
+    for k in [&req.primary_key, &req.secondary_key].into_iter().flatten() {
+        auth::check_identity_key(k)?;
+    }
+    Ok(())
+}
+
+/// The identity a validated create request makes: a new generation id, the given or generated
+/// keys, enabled unless asked otherwise.
+pub fn new_identity(req: &CreateDevice) -> DeviceIdentity {
+    DeviceIdentity {
+        device_id: req.device_id.clone(),
+        generation_id: generation_id(),
+        status: req.status.unwrap_or(DeviceStatus::Enabled),
+        primary_key: req.primary_key.clone().unwrap_or_else(auth::generate_key),
+        secondary_key: req.secondary_key.clone().unwrap_or_else(auth::generate_key),
+        created_ms: now_ms(),
+    }
+}
+
+/// Applies an update (status, key regeneration) to an identity.
+pub fn apply_update(dev: &mut DeviceIdentity, status: Option<DeviceStatus>, regenerate_keys: Option<&str>) -> Result<()> {
+    if let Some(st) = status {
+        dev.status = st;
+    }
+    if let Some(which) = regenerate_keys {
+        regenerate(&mut dev.primary_key, &mut dev.secondary_key, which)
+            .map_err(|_| Error::invalid(format!("regenerate '{which}' is not primary, secondary or both")))?;
+    }
+    Ok(())
+}
+
+/// Replaces the `primary`, `secondary` or `both` keys with fresh random ones.
+pub fn regenerate(primary: &mut String, secondary: &mut String, which: &str) -> Result<()> {
+    match which {
+        "primary" => *primary = auth::generate_key(),
+        "secondary" => *secondary = auth::generate_key(),
+        "both" => {
+            *primary = auth::generate_key();
+            *secondary = auth::generate_key();
+        }
+        other => return Err(Error::invalid(format!("key '{other}' is not primary, secondary or both"))),
+    }
+    Ok(())
+}
+
+/// The error for an id that is taken.
+pub fn already_exists(id: &str) -> Error {
+    Error::new(ErrorKind::AlreadyExists, format!("device '{id}' already exists"))
+}
+
+/// The error for an id that is not registered.
+pub fn not_found(id: &str) -> Error {
     Error::new(
         ErrorKind::NotFound,
         format!("device '{id}' is not registered; create it with `hubmsg device-identity create --device-id {id}`"),
     )
 }
 
-fn generation_id() -> String {
+/// The error for a policy name that does not exist.
+pub fn no_policy(name: &str) -> Error {
+    Error::new(ErrorKind::NotFound, format!("no policy named '{name}'; `hubmsg policy list` shows them"))
+}
+
+/// A new generation id: 18 decimal digits like IoT Hub's, unique per creation.
+pub fn generation_id() -> String {
     // 18 decimal digits like IoT Hub's (reference §1.1), unique per creation.
     format!("{:018}", (now_ms() as u128 * 10_000 + fastrand::u128(0..10_000)) % 1_000_000_000_000_000_000)
 }

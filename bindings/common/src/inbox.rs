@@ -1,0 +1,281 @@
+//! One incoming stream (C2D messages, feedback batches, D2C events) consumed either by pull
+//! (blocking `recv(timeout)` from an application thread, or an async [`Inbox::next`]) or by a
+//! callback on the client's callback thread — one or the other, fixed by the first use.
+//!
+//! Shape: a pump task on the runtime owns the core stream and forwards every item to the chosen
+//! sink (a channel that pulls read, or jobs for the [`Dispatcher`]). The pump is the only code
+//! that polls the stream, so control requests a source needs (an event stream's checkpoint) are
+//! served from inside [`Source::next`].
+//!
+//! Invariants: a pull is cancel-safe — dropping a pending [`Inbox::next`] (a timeout, a
+//! cancelled `await`) loses no item; an item a binding could not hand over after all (its
+//! awaiting future was cancelled at the last moment) goes back with [`Inbox::give_back`] and is
+//! the next one pulled.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubmsg_core::{Error, ErrorKind, Result};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::dispatch::Dispatcher;
+use crate::runtime::{block_on, Runtime};
+
+/// A core stream as the pump sees it.
+pub trait Source: Send + 'static {
+    /// What it yields.
+    type Item: Send + 'static;
+    /// The next item; `None` when the stream ended; an `Err` is passed on to the consumer.
+    fn next(&mut self) -> impl Future<Output = Option<Result<Self::Item>>> + Send;
+}
+
+type Opener<S> = Box<dyn FnOnce() -> Result<S> + Send>;
+type PullRx<T> = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<T>>>>;
+
+enum State<S: Source> {
+    /// Not consumed yet; opening the source (e.g. subscribing) waits for the first use.
+    Lazy(Opener<S>),
+    Pull(PullRx<S::Item>),
+    Callback,
+    Broken,
+}
+
+/// A stream consumed by pull or by callback.
+pub struct Inbox<S: Source> {
+    what: &'static str,
+    state: Mutex<State<S>>,
+    /// Items handed back by [`Inbox::give_back`], pulled before the channel.
+    returned: Arc<Mutex<VecDeque<S::Item>>>,
+    pump: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl<S: Source> Inbox<S> {
+    /// An inbox that opens its source with `open` on first use; `what` names the items in
+    /// messages (`"C2D messages"`).
+    pub fn lazy(what: &'static str, open: impl FnOnce() -> Result<S> + Send + 'static) -> Inbox<S> {
+        Inbox { what, state: Mutex::new(State::Lazy(Box::new(open))), returned: Arc::default(), pump: Mutex::new(None) }
+    }
+
+    /// What the items are called.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    fn open(&self, state: &mut State<S>) -> Result<S> {
+        match std::mem::replace(state, State::Broken) {
+            State::Lazy(open) => open(),
+            other => {
+                *state = other;
+                Err(Error::new(
+                    ErrorKind::Usage,
+                    format!(
+                        "{} are already consumed by {}; use either pull (recv / iteration) or a callback, once",
+                        self.what,
+                        if matches!(state, State::Pull(_)) { "pull" } else { "a callback" }
+                    ),
+                ))
+            }
+        }
+    }
+
+    fn spawn_pump(&self, rt: &Runtime, mut source: S, mut deliver: impl FnMut(Result<S::Item>) -> bool + Send + 'static) {
+        let task = rt.spawn(async move {
+            while let Some(item) = source.next().await {
+                if !deliver(item) {
+                    break;
+                }
+            }
+        });
+        *self.pump.lock() = Some(task);
+    }
+
+    /// Switches to pull mode if not consumed yet (no-op when already in pull mode) and returns
+    /// the receiver pulls read.
+    fn pull_rx(&self, rt: &Runtime) -> Result<PullRx<S::Item>> {
+        let mut state = self.state.lock();
+        if let State::Pull(rx) = &*state {
+            return Ok(rx.clone());
+        }
+        let source = self.open(&mut state)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.spawn_pump(rt, source, move |item| tx.send(item).is_ok());
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        *state = State::Pull(rx.clone());
+        Ok(rx)
+    }
+
+    /// Switches to pull mode if not consumed yet (no-op when already in pull mode).
+    pub fn start_pull(&self, rt: &Runtime) -> Result<()> {
+        self.pull_rx(rt).map(drop)
+    }
+
+    /// The next item within `timeout` (`None`: wait as long as it takes): `Ok(None)` on
+    /// timeout, `Closed` when the stream ended. Cancel-safe. Switches to pull mode on first use
+    /// (`Usage` if a callback consumes the stream).
+    pub fn next(&self, rt: &Runtime, timeout: Option<Duration>) -> impl Future<Output = Result<Option<S::Item>>> + Send + 'static
+    where
+        S::Item: Send,
+    {
+        let rx = self.pull_rx(rt);
+        let returned = self.returned.clone();
+        let what = self.what;
+        async move {
+            let rx = rx?;
+            let early = returned.lock().pop_front();
+            if let Some(item) = early {
+                return Ok(Some(item));
+            }
+            let recv = async {
+                let mut rx = rx.lock().await;
+                rx.recv().await
+            };
+            let got = match timeout {
+                Some(t) => match tokio::time::timeout(t, recv).await {
+                    Err(_) => return Ok(None),
+                    Ok(got) => got,
+                },
+                None => recv.await,
+            };
+            match got {
+                None => Err(Error::closed(what)),
+                Some(item) => item.map(Some),
+            }
+        }
+    }
+
+    /// Puts an item taken by [`Inbox::next`] back in front (its consumer went away before it
+    /// could take it).
+    pub fn give_back(&self, item: S::Item) {
+        self.returned.lock().push_front(item);
+    }
+
+    /// Blocking [`Inbox::next`] from an application thread (`Usage` on a runtime thread).
+    pub fn recv(&self, rt: &Runtime, timeout: Duration) -> Result<Option<S::Item>> {
+        crate::runtime::ensure_may_block(self.what)?;
+        let next = self.next(rt, Some(timeout));
+        block_on(rt, self.what, next)?
+    }
+
+    /// Switches to callback mode: every item becomes a job on `dispatcher` that runs `deliver`.
+    pub fn set_callback(
+        &self,
+        rt: &Runtime,
+        dispatcher: &Arc<Dispatcher>,
+        deliver: impl Fn(S::Item) + Send + Sync + 'static,
+    ) -> Result<()> {
+        dispatcher.start()?;
+        let mut state = self.state.lock();
+        let source = self.open(&mut state)?;
+        let deliver = Arc::new(deliver);
+        let dispatcher = dispatcher.clone();
+        let what = self.what;
+        self.spawn_pump(rt, source, move |item| match item {
+            Ok(item) => {
+                let deliver = deliver.clone();
+                dispatcher.post(move || deliver(item));
+                true
+            }
+            Err(e) => {
+                tracing::error!(stream = what, error = %e, "stream failed; no more callbacks");
+                false
+            }
+        });
+        *state = State::Callback;
+        Ok(())
+    }
+
+    /// Stops the pump: aborts it and returns its task, to await until it is gone (items not yet
+    /// delivered are dropped, and with them the callback's references).
+    pub fn stop_task(&self) -> Option<JoinHandle<()>> {
+        self.returned.lock().clear();
+        let pump = self.pump.lock().take();
+        if let Some(t) = &pump {
+            t.abort();
+        }
+        pump
+    }
+
+    /// [`Inbox::stop_task`] and a blocking wait for the pump to be gone. Not on a runtime
+    /// thread; does nothing more (the pump is leaked with its runtime) in a process the runtime
+    /// does not belong to.
+    pub fn stop(&self, rt: &Runtime) {
+        if let Some(t) = self.stop_task() {
+            if rt.is_current_process() {
+                let _ = rt.block_on(t);
+            } else {
+                std::mem::forget(t);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::runtime;
+
+    /// A source fed by a channel.
+    struct Chan(mpsc::UnboundedReceiver<u32>);
+
+    impl Source for Chan {
+        type Item = u32;
+        async fn next(&mut self) -> Option<Result<u32>> {
+            self.0.recv().await.map(Ok)
+        }
+    }
+
+    fn inbox() -> (Inbox<Chan>, mpsc::UnboundedSender<u32>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Inbox::lazy("numbers", move || Ok(Chan(rx))), tx)
+    }
+
+    #[test]
+    fn pull_times_out_then_gets_items_in_order_then_closed() {
+        let rt = runtime().unwrap();
+        let (inbox, tx) = inbox();
+        assert_eq!(inbox.recv(&rt, Duration::from_millis(10)).unwrap(), None);
+        tx.send(1).unwrap();
+        tx.send(2).unwrap();
+        assert_eq!(inbox.recv(&rt, Duration::from_secs(5)).unwrap(), Some(1));
+        assert_eq!(inbox.recv(&rt, Duration::from_secs(5)).unwrap(), Some(2));
+        drop(tx);
+        assert_eq!(inbox.recv(&rt, Duration::from_secs(5)).unwrap_err().kind(), ErrorKind::Closed);
+    }
+
+    #[test]
+    fn a_cancelled_pull_loses_nothing_and_given_back_items_come_first() {
+        let rt = runtime().unwrap();
+        let (inbox, tx) = inbox();
+        // A pull that is dropped while waiting (as a cancelled await is).
+        let pending = inbox.next(&rt, None);
+        rt.block_on(async { tokio::time::timeout(Duration::from_millis(20), pending).await }).unwrap_err();
+        tx.send(7).unwrap();
+        tx.send(8).unwrap();
+        let got = rt.block_on(inbox.next(&rt, None)).unwrap().unwrap();
+        assert_eq!(got, 7);
+        inbox.give_back(got);
+        assert_eq!(inbox.recv(&rt, Duration::from_secs(5)).unwrap(), Some(7));
+        assert_eq!(inbox.recv(&rt, Duration::from_secs(5)).unwrap(), Some(8));
+    }
+
+    #[test]
+    fn pull_and_callback_exclude_each_other() {
+        let rt = runtime().unwrap();
+        let (inbox, tx) = inbox();
+        let d = Dispatcher::new("inbox-test-cb");
+        let (seen_tx, seen) = std::sync::mpsc::channel();
+        let seen_tx = Mutex::new(seen_tx);
+        inbox.set_callback(&rt, &d, move |n| seen_tx.lock().send(n).unwrap()).unwrap();
+        tx.send(3).unwrap();
+        assert_eq!(seen.recv_timeout(Duration::from_secs(5)).unwrap(), 3);
+        let err = inbox.recv(&rt, Duration::from_millis(1)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Usage);
+        assert!(err.message().contains("callback"), "{err}");
+        inbox.stop(&rt);
+        d.shutdown();
+    }
+}

@@ -1,0 +1,95 @@
+//! Two hub nodes in one process over one 3-node JetStream cluster: a device's new connection on
+//! one node ends its old session on the other (IoT Hub 400027), a device disabled through one
+//! node is disconnected from the other, and what one node accepted the other serves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubmsg_core::hub::{Hub, HubConfig};
+use hubmsg_core::message::now_ms;
+use hubmsg_core::proto::{AckMode, DeviceStatus};
+use hubmsg_core::transport::{self, ConnectParams, Endpoint};
+use hubmsg_core::{auth, wire, Message};
+use hubmsg_nats::cluster::Cluster;
+use hubmsg_nats::NatsConnector;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn node(c: &Cluster, dir: &std::path::Path) -> Hub {
+    let mut cfg = HubConfig::new(dir);
+    cfg.retention_bytes = 64 << 20;
+    cfg.feedback_interval = Duration::from_millis(50);
+    let mut n = NatsConnector::new(c.urls());
+    n.config.lease_ttl = Duration::from_secs(2);
+    cfg.backend = Some(Arc::new(n));
+    Hub::start(cfg).await.unwrap()
+}
+
+/// A raw device connection to `hub` (no reconnects): true once the hub closed it.
+async fn raw_device(hub: &Hub, id: &str, key: &str) -> tokio::task::JoinHandle<bool> {
+    let a = hub.mqtt_addr().unwrap();
+    let host = hub.host_name();
+    let params = ConnectParams {
+        client_id: id.into(),
+        username: wire::device_username(&host, id, None),
+        password: auth::generate_sas_token(&auth::device_resource_uri(&host, id), key, now_ms() / 1000 + 3600, None).unwrap(),
+        keep_alive_secs: 60,
+        clean_session: true,
+    };
+    let ((mut r, _w), _) =
+        transport::client_connect(&Endpoint { host: a.ip().to_string(), port: a.port(), tls: None }, &params, T).await.unwrap();
+    tokio::spawn(async move {
+        let _keep = _w;
+        loop {
+            match r.next().await {
+                Ok(Some(_)) => continue,
+                _ => return true,
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moves_between_nodes_and_identity_changes_reach_every_node() {
+    let c = Cluster::start(3, T).await.expect("start a 3-node cluster (nats/install-server.sh)");
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node(&c, da.path()).await;
+    let b = node(&c, db.path()).await;
+    let d = a.create_device("roamer").await.unwrap();
+    assert_eq!(b.registry().device("roamer").await.unwrap().unwrap(), d, "one registry for both nodes");
+
+    // Connected to node a; a new connection of the same device on node b ends it.
+    let on_a = raw_device(&a, "roamer", &d.primary_key).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!on_a.is_finished());
+    let on_b = raw_device(&b, "roamer", &d.primary_key).await;
+    assert!(tokio::time::timeout(T, on_a).await.expect("node a closed the old session").unwrap());
+    assert!(!on_b.is_finished(), "the newest connection stays");
+
+    // Disabled through node a: node b disconnects it.
+    let svc_cs = a.service_connection_string();
+    let mut so = hubmsg_core::service::ServiceOptions::from_connection_string(&svc_cs).unwrap();
+    so.retry.max_elapsed = Some(T);
+    let svc = hubmsg_core::service::ServiceClient::connect(so).await.unwrap();
+    svc.set_device_status("roamer", DeviceStatus::Disabled).await.unwrap();
+    assert!(tokio::time::timeout(T, on_b).await.expect("node b closed the disabled device").unwrap());
+
+    // A C2D message accepted through node a reaches the device connected to node b.
+    svc.set_device_status("roamer", DeviceStatus::Enabled).await.unwrap();
+    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&b.device_connection_string("roamer").await.unwrap()).unwrap();
+    o.retry.max_elapsed = Some(T);
+    o.outbox = hubmsg_core::outbox::OutboxOptions::in_memory(); // about the hub nodes, not the disk
+    let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
+    let mut rx = dev.c2d().unwrap();
+    let fb = svc.await_outcome("hop").unwrap();
+    svc.send_c2d("roamer", Message::new("across nodes").with_message_id("hop"), AckMode::Full).await.unwrap();
+    let m = rx.recv_timeout(T).await.unwrap().expect("delivered by node b");
+    assert_eq!(m.message.body, "across nodes");
+    m.complete().unwrap();
+    assert_eq!(tokio::time::timeout(T, fb).await.unwrap().unwrap().status_code, hubmsg_core::proto::FeedbackStatus::Success);
+    dev.close().await.unwrap();
+    svc.close().await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    c.stop().await;
+}
