@@ -733,6 +733,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn messages_dropped_by_drop_oldest_stay_dropped_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts =
+            OutboxOptions { dir: Some(dir.path().to_path_buf()), max_messages: 3, overflow: Overflow::DropOldest, ..Default::default() };
+        {
+            // Never connected: nothing is sent or acknowledged, only dropped.
+            let ob = Outbox::open(opts.clone()).unwrap();
+            for i in 0..5 {
+                ob.push(&Message::new(format!("{i}"))).await.unwrap();
+            }
+            assert_eq!((ob.stats().depth, ob.stats().dropped), (3, 2));
+            ob.close().unwrap();
+        }
+        let ob = Outbox::open(opts).unwrap();
+        assert_eq!(ob.stats().recovered, 3, "the 2 messages reported dropped must not come back");
+        let bodies: Vec<_> = ob.take_sendable(10).into_iter().map(|s| Message::decode(&s.record).unwrap().body).collect();
+        assert_eq!(bodies, vec!["2", "3", "4"]);
+    }
+
+    #[tokio::test]
     async fn durable_outbox_recovers_unacked_messages() {
         let dir = tempfile::tempdir().unwrap();
         let opts = OutboxOptions { dir: Some(dir.path().to_path_buf()), ..Default::default() };
