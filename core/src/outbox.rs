@@ -13,7 +13,9 @@
 //!   expiry is counted in [`OutboxStats`]; nothing is discarded silently;
 //! - the persisted ack watermark only covers entries that reached an outcome, so a crash can only
 //!   cause re-sends (duplicates with the same message id), never losses; it is written in the
-//!   background by the store (after 1,024 outcomes or a second), never under the outbox's lock;
+//!   background by the store (after 1,024 outcomes or a second), never under the outbox's lock,
+//!   and on close; drops by `drop_oldest` move it like deliveries (a dropped message comes back
+//!   only after a crash within that second, never after a close);
 //! - a storage failure never leaves the outbox failing until a restart: the store retries a
 //!   failed write or fdatasync by itself (sends fail with `Storage` meanwhile and work again
 //!   once the disk takes data), and a log that had to be poisoned is reopened on the next send.
@@ -368,6 +370,10 @@ impl Outbox {
                 }
             }
         }
+        // A drop is an outcome like a delivery: the oldest entries are done, so the ack
+        // watermark moves over them (or they would come back when the outbox is reopened).
+        inner.pop_done_front();
+        inner.persist_ack();
         let appended = match &mut inner.backend {
             Backend::Disk { log, .. } => log.append(&record).map(|s| (s, Some(log.clone()))).map_err(|e| (e, log.clone())),
             Backend::Memory { next_seq, durable } => {
@@ -611,6 +617,11 @@ impl Inner {
                 tracing::debug!(error = %e, "could not hand the outbox ack watermark to the store (messages may be sent again)");
                 return;
             }
+            if log.acked() < self.last_popped {
+                // Clamped to what is fsync'd (an entry dropped while its own write was in
+                // flight): hand it again on the next outcome or on close.
+                return;
+            }
         }
         self.acked_unpersisted = 0;
     }
@@ -746,10 +757,18 @@ mod tests {
             assert_eq!((ob.stats().depth, ob.stats().dropped), (3, 2));
             ob.close().unwrap();
         }
+        {
+            let ob = Outbox::open(opts.clone()).unwrap();
+            assert_eq!(ob.stats().recovered, 3, "the 2 messages reported dropped must not come back");
+            // One batch that drops what it queued itself, before its fdatasync.
+            let batch: Vec<Message> = (5..9).map(|i| Message::new(format!("{i}"))).collect();
+            ob.push_batch(&batch).await.unwrap();
+            assert_eq!((ob.stats().depth, ob.stats().dropped), (3, 4));
+            ob.close().unwrap();
+        }
         let ob = Outbox::open(opts).unwrap();
-        assert_eq!(ob.stats().recovered, 3, "the 2 messages reported dropped must not come back");
         let bodies: Vec<_> = ob.take_sendable(10).into_iter().map(|s| Message::decode(&s.record).unwrap().body).collect();
-        assert_eq!(bodies, vec!["2", "3", "4"]);
+        assert_eq!(bodies, vec!["6", "7", "8"]);
     }
 
     #[tokio::test]

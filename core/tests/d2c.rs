@@ -295,3 +295,45 @@ async fn tls_listener_with_generated_certificate() {
     assert!(matches!(s, ConnectionStatus::Failed { kind: ErrorKind::Unauthorized, .. }), "{s:?}");
     hub.shutdown().await.unwrap();
 }
+
+/// A `send` future dropped while its fdatasync runs (an asyncio task cancelled, a `select!` that
+/// took another branch) has queued its message: it must still be announced to the connection
+/// and delivered, not wait in the outbox for the next send. Nothing else is sent afterwards, so
+/// only that announcement can deliver them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_dropped_during_its_fsync_is_still_delivered() {
+    let h = start_hub().await;
+    h.hub.create_device("dropper").await.unwrap();
+    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&h.hub.device_connection_string("dropper").await.unwrap()).unwrap();
+    o.retry = fast_retry();
+    let outbox = tempfile::tempdir().unwrap();
+    o.outbox = OutboxOptions { dir: Some(outbox.path().join("dropper")), ..OutboxOptions::default() };
+    let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
+    let svc = service(&h.hub).await;
+    let mut events = svc.events("$Default", StartPosition::Earliest).await.unwrap();
+    assert!(eventually(T, || dev.status() == ConnectionStatus::Connected).await);
+    const N: usize = 20;
+    let mut dropped_pending = 0;
+    for i in 0..N {
+        // Poll the send once (it queues the message and starts waiting for its fdatasync),
+        // then drop it.
+        let send = dev.send(Message::new(format!("m{i}")).with_message_id(format!("m{i}")));
+        tokio::select! {
+            biased;
+            r = send => { r.unwrap(); }
+            () = std::future::ready(()) => dropped_pending += 1,
+        }
+        // Let the connection drain what it was told about before the next one.
+        assert!(eventually(T, || dev.stats().outbox.depth == 0).await, "message m{i} was never sent (outbox: {:?})", dev.stats().outbox);
+    }
+    assert!(dropped_pending > 0, "no send was still waiting for its fdatasync when dropped: the test proved nothing");
+    let mut seen = HashSet::new();
+    while seen.len() < N {
+        let ev = events.next_timeout(T).await.unwrap().expect("every queued message arrives");
+        seen.insert(ev.message.body.clone());
+        ev.ack();
+    }
+    events.close().await;
+    dev.close().await.unwrap();
+    h.hub.shutdown().await.unwrap();
+}
