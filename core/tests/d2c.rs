@@ -185,6 +185,7 @@ async fn device_identity_management() {
     let dev = hubmsg_core::DeviceClient::connect({
         let mut o = hubmsg_core::DeviceOptions::from_connection_string(&svc.device_connection_string(&r)).unwrap();
         o.retry = fast_retry();
+        o.outbox = OutboxOptions::in_memory(); // about the registry, not the disk
         o
     })
     .await
@@ -212,7 +213,7 @@ async fn outbox_bounds_reject_or_drop_oldest_while_offline() {
     let cs = cs.replace(&h.hub.host_name(), &format!("127.0.0.1:{dead}"));
     let mut o = hubmsg_core::DeviceOptions::from_connection_string(&cs).unwrap();
     o.retry = fast_retry();
-    o.outbox = OutboxOptions { max_messages: 3, overflow: Overflow::Reject, ..OutboxOptions::default() };
+    o.outbox = OutboxOptions { max_messages: 3, overflow: Overflow::Reject, ..OutboxOptions::in_memory() };
     let dev = hubmsg_core::DeviceClient::connect(o.clone()).await.unwrap();
     for i in 0..3 {
         dev.send(Message::new(format!("{i}"))).await.unwrap();
@@ -244,6 +245,7 @@ async fn sas_renewal_drains_and_reconnects_without_loss() {
     h.hub.create_device("renewer").await.unwrap();
     let mut o = hubmsg_core::DeviceOptions::from_connection_string(&h.hub.device_connection_string("renewer").await.unwrap()).unwrap();
     o.retry = fast_retry();
+    o.outbox = OutboxOptions::in_memory(); // about token renewal, not the disk
     o.token_ttl = Duration::from_millis(800); // renew every ~640 ms
     let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
     let mut n = 0;
@@ -280,6 +282,7 @@ async fn tls_listener_with_generated_certificate() {
     let mut o = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("secure").await.unwrap()).unwrap();
     o.tls = Some(hubmsg_core::transport::TlsOptions { ca_file: hub.ca_file().map(|p| p.to_path_buf()) });
     o.retry = fast_retry();
+    o.outbox = OutboxOptions::in_memory(); // about TLS, not the disk
     let dev = hubmsg_core::DeviceClient::connect(o.clone()).await.unwrap();
     let d = dev.send(Message::new("over tls")).await.unwrap();
     assert_eq!(tokio::time::timeout(T, d.outcome()).await.unwrap().unwrap(), Outcome::Delivered);
@@ -291,4 +294,98 @@ async fn tls_listener_with_generated_certificate() {
     let s = tokio::time::timeout(T, st.wait_for(|s| matches!(s, ConnectionStatus::Failed { .. }))).await.unwrap().unwrap().clone();
     assert!(matches!(s, ConnectionStatus::Failed { kind: ErrorKind::Unauthorized, .. }), "{s:?}");
     hub.shutdown().await.unwrap();
+}
+
+/// An application that does not take events keeps at most `event_buffer` of them in the client:
+/// the stream stops reading from the hub instead. (Without the bound the hub closing the
+/// consumer — here after 300 ms without acknowledgements or with a stalled write — made it
+/// reconnect and buffer the redelivered window again, 1000 more events each time.) Once the
+/// application reads, every event arrives: none was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_event_stream_holds_a_bounded_buffer_and_loses_nothing() {
+    const N: usize = 3000;
+    const BUFFER: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = hubmsg_core::hub::HubConfig::new(dir.path());
+    cfg.partitions = 1;
+    cfg.consumer_stall_timeout = Duration::from_millis(300);
+    cfg.write_timeout = Duration::from_millis(300);
+    let hub = hubmsg_core::hub::Hub::start(cfg).await.unwrap();
+    let dev = device(&hub, "chatty").await;
+    let mut last = None;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
+        let batch = chunk.iter().map(|i| Message::new(format!("{i}")).with_message_id(format!("m{i}"))).collect();
+        last = dev.send_batch(batch).await.unwrap().pop();
+    }
+    assert_eq!(tokio::time::timeout(T, last.unwrap().outcome()).await.unwrap().unwrap(), Outcome::Delivered);
+
+    let mut opts = hubmsg_core::service::ServiceOptions::from_connection_string(&hub.service_connection_string()).unwrap();
+    opts.retry = fast_retry();
+    opts.event_buffer = BUFFER;
+    let svc = hubmsg_core::service::ServiceClient::connect(opts).await.unwrap();
+    tokio::time::timeout(T, svc.status_watch().wait_for(|s| *s == ConnectionStatus::Connected)).await.unwrap().unwrap();
+    let connections = || hub.stats().connections.load(std::sync::atomic::Ordering::Relaxed);
+    let open = || hub.stats().open_connections.load(std::sync::atomic::Ordering::Relaxed);
+    let (before, open_before) = (connections(), open());
+    let mut events = svc.events("$Default", StartPosition::Earliest).await.unwrap();
+    // Not reading until the hub has closed the consumer that stopped acknowledging.
+    assert!(eventually(T, || connections() > before && open() == open_before).await, "the hub did not close the stalled consumer");
+    let buffered = events.buffered();
+    assert!(buffered <= BUFFER, "{buffered} events buffered in the client (bound {BUFFER})");
+
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + T;
+    while seen.len() < N && tokio::time::Instant::now() < deadline {
+        if let Some(e) = events.next_timeout(Duration::from_secs(1)).await.unwrap() {
+            seen.insert(e.message.message_id.clone().unwrap());
+            e.ack();
+        }
+    }
+    assert_eq!(seen.len(), N, "every event arrives once the application reads");
+    events.close().await;
+    svc.close().await;
+    dev.close().await.unwrap();
+    hub.shutdown().await.unwrap();
+}
+
+/// A `send` future dropped while its fdatasync runs (an asyncio task cancelled, a `select!` that
+/// took another branch) has queued its message: it must still be announced to the connection
+/// and delivered, not wait in the outbox for the next send. Nothing else is sent afterwards, so
+/// only that announcement can deliver them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_dropped_during_its_fsync_is_still_delivered() {
+    let h = start_hub().await;
+    h.hub.create_device("dropper").await.unwrap();
+    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&h.hub.device_connection_string("dropper").await.unwrap()).unwrap();
+    o.retry = fast_retry();
+    let outbox = tempfile::tempdir().unwrap();
+    o.outbox = OutboxOptions { dir: Some(outbox.path().join("dropper")), ..OutboxOptions::default() };
+    let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
+    let svc = service(&h.hub).await;
+    let mut events = svc.events("$Default", StartPosition::Earliest).await.unwrap();
+    assert!(eventually(T, || dev.status() == ConnectionStatus::Connected).await);
+    const N: usize = 20;
+    let mut dropped_pending = 0;
+    for i in 0..N {
+        // Poll the send once (it queues the message and starts waiting for its fdatasync),
+        // then drop it.
+        let send = dev.send(Message::new(format!("m{i}")).with_message_id(format!("m{i}")));
+        tokio::select! {
+            biased;
+            r = send => { r.unwrap(); }
+            () = std::future::ready(()) => dropped_pending += 1,
+        }
+        // Let the connection drain what it was told about before the next one.
+        assert!(eventually(T, || dev.stats().outbox.depth == 0).await, "message m{i} was never sent (outbox: {:?})", dev.stats().outbox);
+    }
+    assert!(dropped_pending > 0, "no send was still waiting for its fdatasync when dropped: the test proved nothing");
+    let mut seen = HashSet::new();
+    while seen.len() < N {
+        let ev = events.next_timeout(T).await.unwrap().expect("every queued message arrives");
+        seen.insert(ev.message.body.clone());
+        ev.ack();
+    }
+    events.close().await;
+    dev.close().await.unwrap();
+    h.hub.shutdown().await.unwrap();
 }

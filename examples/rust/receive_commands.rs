@@ -11,6 +11,7 @@ mod example;
 
 use std::time::Duration;
 
+use hubmsg_core::outbox::OutboxOptions;
 use hubmsg_core::proto::AckMode;
 use hubmsg_core::service::{C2dOptions, ServiceClient};
 use hubmsg_core::{DeviceClient, DeviceOptions, Message};
@@ -53,7 +54,9 @@ async fn main() -> hubmsg_core::Result<()> {
             hub.device_connection_string("valve-1").await?
         }
     };
-    let dev = DeviceClient::connect(DeviceOptions::from_connection_string(&cs)?).await?;
+    let mut opts = DeviceOptions::from_connection_string(&cs)?;
+    opts.outbox = OutboxOptions::in_memory(); // it only receives
+    let dev = DeviceClient::connect(opts).await?;
     let mut commands = dev.c2d()?;
     let mut received = 0;
     while received < count {

@@ -2,8 +2,8 @@
 //! properties and counts their outcomes, then waits until all are delivered.
 //!
 //! HUBMSG_DEVICE_CONNECTION_STRING: the device to send as (else: demo mode with an embedded hub).
-//! HUBMSG_OUTBOX_DIR: where the durable outbox lives (default: in the demo directory, or in
-//!                    memory with a connection string).
+//! HUBMSG_OUTBOX_DIR: where the durable outbox lives (default: in the demo directory, or the
+//!                    engine's default with a connection string).
 //! HUBMSG_DURABILITY: always (default) | interval | never.
 //!
 //! `cargo run -p hubmsg-core --example send_telemetry -- 1000`

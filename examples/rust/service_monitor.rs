@@ -11,12 +11,15 @@ mod example;
 
 use std::time::Duration;
 
+use hubmsg_core::outbox::OutboxOptions;
 use hubmsg_core::proto::StartPosition;
 use hubmsg_core::service::ServiceClient;
 use hubmsg_core::{DeviceClient, DeviceOptions, Message};
 
 async fn produce(cs: &str, count: usize) -> hubmsg_core::Result<()> {
-    let dev = DeviceClient::connect(DeviceOptions::from_connection_string(cs)?).await?;
+    let mut opts = DeviceOptions::from_connection_string(cs)?;
+    opts.outbox = OutboxOptions::in_memory(); // a demo producer
+    let dev = DeviceClient::connect(opts).await?;
     dev.send_batch((0..count).map(|i| Message::new(format!("reading {i}"))).collect()).await?;
     dev.flush(Duration::from_secs(30)).await?;
     dev.close().await

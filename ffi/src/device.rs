@@ -115,7 +115,8 @@ pub struct hubmsg_device_options {
 }
 
 /// Creates device options for `device_id` at `host_name`, with defaults for everything else
-/// (in-memory outbox of 100,000 messages / 64 MiB, reject when full, durability always,
+/// (a durable outbox of 100,000 messages / 64 MiB in the default directory of the device id —
+/// see hubmsg_device_options_set_outbox_dir() —, reject when full, durability always,
 /// exponential retry 1 s → 60 s forever). Set a key or a SAS token before creating the device.
 ///
 /// @param host_name The hub's host name; `host:port` selects plain TCP to a local hub, a bare
@@ -216,11 +217,15 @@ pub unsafe extern "C" fn hubmsg_device_options_set_sas_token(opts: *mut hubmsg_d
     }
 }
 
-/// Keeps the outbox in a directory so queued messages survive restarts and power loss (NULL:
-/// in memory only, lost when the process ends).
+/// Chooses the directory of the durable outbox, so queued messages survive restarts and power
+/// loss. NULL (the default) uses the default directory of the device id:
+/// `$HUBMSG_OUTBOX_DIR/<device id>`, else `$XDG_STATE_HOME/hubmsg/outbox/<device id>`, else
+/// `$HOME/.local/state/hubmsg/outbox/<device id>`. The directory is locked while the client
+/// runs: a second client on it fails with HUBMSG_STORAGE naming the holder's pid.
+/// Also turns off an in-memory outbox chosen before.
 ///
 /// @param opts The options.
-/// @param dir The directory (created if missing), or NULL.
+/// @param dir The directory (created if missing), or NULL for the default one.
 /// @return HUBMSG_OK, or HUBMSG_INVALID_ARGUMENT.
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_device_options_set_outbox_dir(opts: *mut hubmsg_device_options, dir: *const c_char) -> hubmsg_result {
@@ -228,6 +233,28 @@ pub unsafe extern "C" fn hubmsg_device_options_set_outbox_dir(opts: *mut hubmsg_
     unsafe {
         with_options(opts, |o| {
             o.opts.outbox.dir = opt_str(dir, "dir")?.map(Into::into);
+            o.opts.outbox.in_memory = false;
+            Ok(())
+        })
+    }
+}
+
+/// Keeps the outbox in memory only (non-zero) or on disk (0, the default). In memory, every
+/// queued message is lost when the process ends or the machine loses power, and
+/// hubmsg_device_send() returning means only "queued".
+///
+/// @param opts The options.
+/// @param in_memory Non-zero for an in-memory outbox.
+/// @return HUBMSG_OK, or HUBMSG_INVALID_ARGUMENT.
+#[no_mangle]
+pub unsafe extern "C" fn hubmsg_device_options_set_outbox_in_memory(opts: *mut hubmsg_device_options, in_memory: i32) -> hubmsg_result {
+    // SAFETY: forwarded contract.
+    unsafe {
+        with_options(opts, |o| {
+            o.opts.outbox.in_memory = in_memory != 0;
+            if o.opts.outbox.in_memory {
+                o.opts.outbox.dir = None;
+            }
             Ok(())
         })
     }
@@ -525,7 +552,8 @@ pub unsafe extern "C" fn hubmsg_device_new(opts: *const hubmsg_device_options, o
     })
 }
 
-/// Creates a device client from a connection string with default options (in-memory outbox).
+/// Creates a device client from a connection string with default options (a durable outbox in
+/// the default directory of the device id; see hubmsg_device_options_set_outbox_dir()).
 ///
 /// @param connection_string A device connection string.
 /// @param out Receives the client (NULL on failure); free with hubmsg_device_free().

@@ -70,6 +70,7 @@ fn offline_device() -> *mut hubmsg_device {
         assert_eq!(hubmsg_device_options_new(c"127.0.0.1:1".as_ptr(), c"abi".as_ptr(), &mut o), HUBMSG_OK);
         assert_eq!(hubmsg_device_options_set_key(o, c"a2V5a2V5a2V5".as_ptr()), HUBMSG_OK);
         assert_eq!(hubmsg_device_options_set_retry(o, 10, 50, 2.0, 5, HUBMSG_FOREVER), HUBMSG_OK);
+        assert_eq!(hubmsg_device_options_set_outbox_in_memory(o, 1), HUBMSG_OK);
         assert_eq!(hubmsg_device_new(o, &mut d), HUBMSG_OK, "{}", last_error());
         hubmsg_device_options_free(o);
     }

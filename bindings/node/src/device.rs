@@ -91,7 +91,9 @@ pub(crate) fn retry_policy(r: RetryOptions) -> napi::Result<RetryPolicy> {
 #[napi(object, object_to_js = false)]
 pub struct DeviceOptions {
     /// Directory of the durable outbox (created if missing; messages left there by an earlier
-    /// client are recovered and delivered). Unset: the engine's default (in memory today).
+    /// client are recovered and delivered). Unset: the engine's durable default for the device
+    /// id, `$HUBMSG_OUTBOX_DIR/<id>`, else `$XDG_STATE_HOME/hubmsg/outbox/<id>`, else
+    /// `~/.local/state/hubmsg/outbox/<id>`.
     pub outbox_dir: Option<String>,
     /// An explicitly in-memory outbox (lost on a crash); not together with `outboxDir`.
     pub in_memory: Option<bool>,
@@ -143,9 +145,10 @@ fn device_options(cs: &str, o: Option<DeviceOptions>) -> napi::Result<hubmsg_cor
     if o.outbox_dir.is_some() && o.in_memory == Some(true) {
         return Err(invalid("give either outboxDir or inMemory: true, not both"));
     }
-    // Until core has a durable per-device default directory, an unset outboxDir and
-    // inMemory: true both mean core's in-memory outbox (docs/python.md, "Outbox directory").
+    // An unset outboxDir is core's durable default directory of the device id
+    // (`OutboxOptions::default_dir`); inMemory: true an explicit in-memory outbox.
     opts.outbox.dir = o.outbox_dir.map(PathBuf::from);
+    opts.outbox.in_memory = o.in_memory.unwrap_or(false);
     if let Some(d) = o.durability {
         opts.outbox.durability = d.parse::<Durability>().js()?;
     }
