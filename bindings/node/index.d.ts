@@ -459,7 +459,9 @@ export interface DeviceIdentity {
 export interface DeviceOptions {
   /**
    * Directory of the durable outbox (created if missing; messages left there by an earlier
-   * client are recovered and delivered). Unset: the engine's default (in memory today).
+   * client are recovered and delivered). Unset: the engine's durable default for the device
+   * id, `$HUBMSG_OUTBOX_DIR/<id>`, else `$XDG_STATE_HOME/hubmsg/outbox/<id>`, else
+   * `~/.local/state/hubmsg/outbox/<id>`.
    */
   outboxDir?: string
   /** An explicitly in-memory outbox (lost on a crash); not together with `outboxDir`. */
