@@ -4,7 +4,8 @@
 # lockfile; the install script builds the addon with cargo), and `npm install <path>` into a
 # fresh consumer project under target/ (install scripts only, no @napi-rs/cli there) — then
 # `require('hubmsg')` and `import { DeviceClient } from 'hubmsg'` in that project, the types
-# drift check, the TypeScript check of the examples against index.d.ts, and `node --test` on
+# drift check, the TypeScript check of __test__/types-usage.ts against index.d.ts, a quick run of
+# the Node benchmark (bindings/node/bench, mqtt.js from its lockfile) and `node --test` on
 # bindings/node/__test__/*.test.mjs. Ends with `node: N passed, M failed`.
 # Needs: the Rust toolchain (cargo on PATH), Node >= 20 with npm.
 set -uo pipefail
