@@ -560,10 +560,15 @@ impl DeviceClient {
                 return Ok(());
             }
             let r = inner.client.close().await;
+            // The status watcher ends by itself once it handed "closed" to the callback (or the
+            // client's status channel ended); aborting it at once could lose that last status
+            // under load (the onStatus test saw "connected" last). Only a stuck one is aborted.
             let status = inner.status_task.lock().take();
-            if let Some(t) = status {
-                t.abort();
-                let _ = t.await;
+            if let Some(mut t) = status {
+                if tokio::time::timeout(Duration::from_secs(2), &mut t).await.is_err() {
+                    t.abort();
+                    let _ = t.await;
+                }
             }
             // Stopping the pump drops C2D messages not handed out yet (they are released) and
             // ends pending pulls.
