@@ -915,12 +915,15 @@ const char *hubmsg_delivery_message_id(const hubmsg_delivery *delivery);
 void hubmsg_delivery_free(hubmsg_delivery *delivery);
 
 /**
- * Waits until every queued message reached an outcome.
+ * Waits until every queued message reached an outcome and every outcome callback of those
+ * messages has returned (called from inside a callback, the callbacks still queued behind it
+ * run after it returns).
  *
  * @param dev The client.
  * @param timeout_ms The limit.
- * @return HUBMSG_OK, HUBMSG_TIMEOUT (messages still pending; nothing is lost, delivery goes on),
- *         HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE (runtime thread).
+ * @return HUBMSG_OK, HUBMSG_TIMEOUT (messages still pending, or their callbacks still running;
+ *         nothing is lost, delivery goes on), HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE (runtime
+ *         thread).
  */
 hubmsg_result hubmsg_device_flush(hubmsg_device *dev,
                                   uint32_t timeout_ms);

@@ -8,7 +8,7 @@
 
 use std::ffi::{c_char, c_void, CString};
 use std::sync::{Arc, Condvar, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hubmsg_core::device::{C2dMessage, DeviceStats};
 use hubmsg_core::outbox::{Outcome, Overflow};
@@ -735,20 +735,36 @@ pub unsafe extern "C" fn hubmsg_delivery_free(delivery: *mut hubmsg_delivery) {
     unsafe { free_handle(delivery) }
 }
 
-/// Waits until every queued message reached an outcome.
+/// Waits until every queued message reached an outcome and every outcome callback of those
+/// messages has returned (called from inside a callback, the callbacks still queued behind it
+/// run after it returns).
 ///
 /// @param dev The client.
 /// @param timeout_ms The limit.
-/// @return HUBMSG_OK, HUBMSG_TIMEOUT (messages still pending; nothing is lost, delivery goes on),
-///         HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE (runtime thread).
+/// @return HUBMSG_OK, HUBMSG_TIMEOUT (messages still pending, or their callbacks still running;
+///         nothing is lost, delivery goes on), HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE (runtime
+///         thread).
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_device_flush(dev: *mut hubmsg_device, timeout_ms: u32) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for `dev`.
         let d = unsafe { device(dev) }?;
-        block_on(&d.rt, "hubmsg_device_flush", d.client.flush(ms(timeout_ms)))??;
+        let deadline = Instant::now() + ms(timeout_ms);
+        block_on(&d.rt, "hubmsg_device_flush", async {
+            d.client.flush(ms(timeout_ms)).await?;
+            // Every message has its outcome: the tasks that post their callbacks end promptly.
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout(left, d.outcomes.idle()).await.map_err(|_| callbacks_pending())
+        })??;
+        if !d.dispatcher.barrier(deadline.saturating_duration_since(Instant::now())) {
+            return Err(callbacks_pending());
+        }
         Ok(HUBMSG_OK)
     })
+}
+
+fn callbacks_pending() -> Error {
+    Error::new(ErrorKind::Timeout, "flush: every message reached its outcome, but outcome callbacks are still running")
 }
 
 /// The current connection status.
