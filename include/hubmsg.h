@@ -682,7 +682,8 @@ const char *hubmsg_version(void);
 
 /**
  * Creates device options for `device_id` at `host_name`, with defaults for everything else
- * (in-memory outbox of 100,000 messages / 64 MiB, reject when full, durability always,
+ * (a durable outbox of 100,000 messages / 64 MiB in the default directory of the device id —
+ * see hubmsg_device_options_set_outbox_dir() —, reject when full, durability always,
  * exponential retry 1 s → 60 s forever). Set a key or a SAS token before creating the device.
  *
  * @param host_name The hub's host name; `host:port` selects plain TCP to a local hub, a bare
@@ -736,15 +737,31 @@ hubmsg_result hubmsg_device_options_set_sas_token(hubmsg_device_options *opts,
                                                   const char *sas_token);
 
 /**
- * Keeps the outbox in a directory so queued messages survive restarts and power loss (NULL:
- * in memory only, lost when the process ends).
+ * Chooses the directory of the durable outbox, so queued messages survive restarts and power
+ * loss. NULL (the default) uses the default directory of the device id:
+ * `$HUBMSG_OUTBOX_DIR/<device id>`, else `$XDG_STATE_HOME/hubmsg/outbox/<device id>`, else
+ * `$HOME/.local/state/hubmsg/outbox/<device id>`. The directory is locked while the client
+ * runs: a second client on it fails with HUBMSG_STORAGE naming the holder's pid.
+ * Also turns off an in-memory outbox chosen before.
  *
  * @param opts The options.
- * @param dir The directory (created if missing), or NULL.
+ * @param dir The directory (created if missing), or NULL for the default one.
  * @return HUBMSG_OK, or HUBMSG_INVALID_ARGUMENT.
  */
 hubmsg_result hubmsg_device_options_set_outbox_dir(hubmsg_device_options *opts,
                                                    const char *dir);
+
+/**
+ * Keeps the outbox in memory only (non-zero) or on disk (0, the default). In memory, every
+ * queued message is lost when the process ends or the machine loses power, and
+ * hubmsg_device_send() returning means only "queued".
+ *
+ * @param opts The options.
+ * @param in_memory Non-zero for an in-memory outbox.
+ * @return HUBMSG_OK, or HUBMSG_INVALID_ARGUMENT.
+ */
+hubmsg_result hubmsg_device_options_set_outbox_in_memory(hubmsg_device_options *opts,
+                                                         int32_t in_memory);
 
 /**
  * Bounds the outbox and chooses what happens when a message does not fit.
@@ -827,7 +844,8 @@ hubmsg_result hubmsg_device_new(const hubmsg_device_options *opts,
                                 hubmsg_device **out);
 
 /**
- * Creates a device client from a connection string with default options (in-memory outbox).
+ * Creates a device client from a connection string with default options (a durable outbox in
+ * the default directory of the device id; see hubmsg_device_options_set_outbox_dir()).
  *
  * @param connection_string A device connection string.
  * @param out Receives the client (NULL on failure); free with hubmsg_device_free().
@@ -897,12 +915,15 @@ const char *hubmsg_delivery_message_id(const hubmsg_delivery *delivery);
 void hubmsg_delivery_free(hubmsg_delivery *delivery);
 
 /**
- * Waits until every queued message reached an outcome.
+ * Waits until every queued message reached an outcome and every outcome callback of those
+ * messages has returned (called from inside a callback, the callbacks still queued behind it
+ * run after it returns).
  *
  * @param dev The client.
  * @param timeout_ms The limit.
- * @return HUBMSG_OK, HUBMSG_TIMEOUT (messages still pending; nothing is lost, delivery goes on),
- *         HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE (runtime thread).
+ * @return HUBMSG_OK, HUBMSG_TIMEOUT (messages still pending, or their callbacks still running;
+ *         nothing is lost, delivery goes on), HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE (runtime
+ *         thread).
  */
 hubmsg_result hubmsg_device_flush(hubmsg_device *dev,
                                   uint32_t timeout_ms);

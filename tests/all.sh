@@ -20,6 +20,12 @@ echo "== layer: rust (core unit + integration, CLI crash tests, C ABI from Rust)
 cargo test --workspace --exclude hubmsg-nats --no-fail-fast -- --skip two_hub_nodes_over_a_cluster --skip a_hub_refuses_a_server_without_jetstream 2>&1 | tee target/rust-tests.log || status=$?
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "rust: %d passed, %d failed\n", p, f }' target/rust-tests.log
+# The storage power-loss simulation's tally, and tests that could not run here (with why).
+grep -E "^(store-powerloss: |SKIP )" target/rust-tests.log || true
+if ! grep -q "^store-powerloss: " target/rust-tests.log; then
+    echo "store-powerloss: the power-loss simulation did not report (it failed or did not run)"
+    status=1
+fi
 
 echo "== layer: c (C tests and examples built with gcc -Werror; under valgrind when CI=true) =="
 grep "^SKIP \|^FAIL " target/c-tests.log || true

@@ -93,6 +93,27 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput, latency, connections and recovery, with Mosquitto, RabbitMQ and NATS as baselines in the same run.
     Bench(bench::BenchArgs),
+    /// Inspect or repair a data directory (a hub's, a device outbox, or one store).
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreAction {
+    /// Report what every store under DIR holds and what is damaged (reads everything, changes
+    /// nothing; exit status 1 if anything is damaged).
+    Check {
+        /// The data directory.
+        dir: PathBuf,
+    },
+    /// Move damaged segments aside into `quarantine/` (never deleted), keep every valid record,
+    /// and accept the lost ranges so the stores open again. Refuses stores in use.
+    Repair {
+        /// The data directory.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -295,9 +316,13 @@ struct ReceiveArgs {
     /// Abandon this percentage of the messages, picked at random.
     #[arg(long, default_value_t = 0, conflicts_with_all = ["reject", "abandon"], value_parser = clap::value_parser!(u64).range(0..=100))]
     abandon_percent: u64,
-    /// Durable state directory (outbox and completed-id window).
-    #[arg(long)]
+    /// Durable state directory (outbox and completed-id window; default: the device's default
+    /// outbox directory, `$HUBMSG_OUTBOX_DIR/<device id>` or `~/.local/state/hubmsg/outbox/<device id>`).
+    #[arg(long, conflicts_with = "in_memory")]
     outbox: Option<PathBuf>,
+    /// Keep the outbox and completed ids in memory only (lost when the process ends).
+    #[arg(long)]
+    in_memory: bool,
     /// CA certificate to trust (turns TLS on).
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -332,9 +357,13 @@ struct SendArgs {
     /// Application property `name=value` (repeatable).
     #[arg(long = "prop", value_parser = parse_prop)]
     props: Vec<(String, String)>,
-    /// Durable outbox directory (default: in memory).
-    #[arg(long)]
+    /// Durable outbox directory (default: the device's default outbox directory,
+    /// `$HUBMSG_OUTBOX_DIR/<device id>` or `~/.local/state/hubmsg/outbox/<device id>`).
+    #[arg(long, conflicts_with = "in_memory")]
     outbox: Option<PathBuf>,
+    /// Keep the outbox in memory only: messages not yet delivered are lost when the process ends.
+    #[arg(long)]
+    in_memory: bool,
     /// Outbox durability: always, interval[:250ms], never.
     #[arg(long, default_value = "always")]
     durability: String,
@@ -463,7 +492,22 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::MonitorEvents(a) => monitor(a).await,
         Command::Demo(a) => demo::run(a).await,
         Command::Bench(a) => bench::run(a).await,
+        Command::Store { action } => store(action),
     }
+}
+
+fn store(action: StoreAction) -> Result<(), Error> {
+    let (report, repairing) = match action {
+        StoreAction::Check { dir } => (hubmsg_core::store::check::check(&dir)?, false),
+        StoreAction::Repair { dir } => (hubmsg_core::store::check::repair(&dir)?, true),
+    };
+    println!("{report}");
+    if report.is_clean() {
+        return Ok(());
+    }
+    let what =
+        if repairing { "damage remains after the repair (see above)" } else { "damage found; `hubmsg store repair DIR` moves it aside" };
+    Err(Error::new(hubmsg_core::ErrorKind::Storage, what))
 }
 
 async fn run_hub(a: HubArgs) -> Result<(), Error> {
@@ -585,6 +629,7 @@ async fn send(a: SendArgs) -> Result<(), Error> {
     opts.tls = a.ca.clone().map(|ca| TlsOptions { ca_file: Some(ca) });
     opts.outbox = OutboxOptions {
         dir: a.outbox.clone(),
+        in_memory: a.in_memory,
         durability: a.durability.parse::<Durability>()?,
         overflow: a.overflow.parse::<Overflow>()?,
         ..OutboxOptions::default()
@@ -685,6 +730,7 @@ async fn receive(a: ReceiveArgs) -> Result<(), Error> {
     opts.retry = retry_policy();
     opts.tls = a.ca.clone().map(|ca| TlsOptions { ca_file: Some(ca) });
     opts.outbox.dir = a.outbox.clone();
+    opts.outbox.in_memory = a.in_memory;
     let client = DeviceClient::connect(opts).await?;
     let mut rx = client.c2d()?;
     let idle = a.idle_timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));

@@ -246,3 +246,46 @@ fn hub_sigkilled_with_c2d_in_flight_loses_and_doubles_nothing() {
     hub.child.kill().unwrap();
     let _ = hub.child.wait();
 }
+
+/// The operator's mistake the data directory lock exists for: a second `hubmsg hub` started on
+/// the data of a running one. It must refuse to start, naming the first one's pid, and the first
+/// keeps serving every message.
+#[test]
+fn a_second_hub_on_the_same_data_is_refused_and_the_first_loses_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("hub");
+    let mut hub = spawn_hub(&data, free_port());
+    let mut second = Command::new(BIN)
+        .args(["hub", "--data", data.to_str().unwrap(), "--mqtt", &format!("127.0.0.1:{}", free_port())])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the second hub");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second hub kept running on the same data directory");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains(&format!("process {}", hub.child.id())), "the error names the running hub: {err}");
+
+    let dev_cs = create_device(&rt, &hub.cs, "after-refusal");
+    let seen = consume(&rt, &hub.cs);
+    let (mut child, rx) = spawn_sender(&dev_cs, &dir.path().join("outbox"), 0, 2000);
+    assert!(child.wait().unwrap().success());
+    let accepted: Vec<u64> = rx.iter().collect();
+    assert_eq!(accepted.len(), 2000);
+    assert_eq!(wait_all(&seen, &accepted, Duration::from_secs(60)).0, 0, "the first hub delivers everything");
+    hub.child.kill().unwrap();
+    let _ = hub.child.wait();
+}

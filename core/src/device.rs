@@ -60,7 +60,8 @@ pub struct DeviceOptions {
     pub credential: Credential,
     /// TLS settings (e.g. a CA file); forces TLS even with an explicit port.
     pub tls: Option<TlsOptions>,
-    /// Outbox directory, bounds, overflow policy and durability.
+    /// Outbox directory, bounds, overflow policy and durability. Without a directory (and
+    /// without `in_memory`) the outbox lives in [`OutboxOptions::default_dir`] of the device id.
     pub outbox: OutboxOptions,
     /// Reconnect pacing.
     pub retry: RetryPolicy,
@@ -111,14 +112,14 @@ impl DeviceOptions {
         Ok(DeviceOptions::new(cs.host_name.clone(), device_id, credential))
     }
 
-    /// Where completed C2D ids are remembered: beside the outbox (`{outbox}.c2d-completed`), or
-    /// in memory with an in-memory outbox.
-    fn completed_dir(&self) -> Option<std::path::PathBuf> {
-        self.outbox.dir.as_ref().map(|d| {
-            let mut name = d.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-            name.push(".c2d-completed");
-            d.with_file_name(name)
-        })
+    /// The outbox options with the directory filled in: the one given, or the default directory
+    /// of the device id (none for an in-memory outbox).
+    fn resolved_outbox(&self) -> Result<OutboxOptions> {
+        let mut o = self.outbox.clone();
+        if o.dir.is_none() && !o.in_memory {
+            o.dir = Some(OutboxOptions::default_dir(&self.device_id)?);
+        }
+        Ok(o)
     }
 
     fn endpoint(&self) -> Result<Endpoint> {
@@ -431,8 +432,14 @@ impl DeviceClient {
         if let Credential::SymmetricKey(k) = &opts.credential {
             auth::sign(k, b"probe")?; // reject a malformed key now, not in the retry loop
         }
-        let outbox_opts = opts.outbox.clone();
-        let completed_dir = opts.completed_dir();
+        let outbox_opts = opts.resolved_outbox()?;
+        // Completed C2D ids are remembered beside the outbox (`{outbox}.c2d-completed`), or in
+        // memory with an in-memory outbox.
+        let completed_dir = outbox_opts.dir.as_ref().map(|d| {
+            let mut name = d.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+            name.push(".c2d-completed");
+            d.with_file_name(name)
+        });
         let durability = opts.outbox.durability;
         let (outbox, completed) = tokio::task::spawn_blocking(move || -> Result<_> {
             Ok((Outbox::open(outbox_opts)?, Completed::open(completed_dir.as_deref(), durability)?))

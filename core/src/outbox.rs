@@ -4,11 +4,24 @@
 //! - a message is accepted ([`Outbox::push`] returns) only once it is durable per the configured
 //!   durability; what is durable is what the store holds on disk, and after any storage failure
 //!   the outbox reloads itself from disk, so memory never claims more than the disk has;
-//! - entries leave in sequence order and a message is only handed to the transport once durable;
+//! - entries leave in sequence order; a message is handed to the transport as soon as it is
+//!   queued, while its own fdatasync runs (the hub's PUBACK may even come first): `push` still
+//!   returns only once it is durable, so a message whose `push` returned survives any crash, and
+//!   one lost with an unfinished `push` was either never accepted or already at the hub — this
+//!   takes the outbox's fdatasync off the delivery latency;
 //! - every entry ends in exactly one [`Outcome`] (delivered, expired, dropped), and every drop and
 //!   expiry is counted in [`OutboxStats`]; nothing is discarded silently;
 //! - the persisted ack watermark only covers entries that reached an outcome, so a crash can only
-//!   cause re-sends (duplicates with the same message id), never losses.
+//!   cause re-sends (duplicates with the same message id), never losses; it is written in the
+//!   background by the store (after 1,024 outcomes or a second), never under the outbox's lock,
+//!   and on close; drops by `drop_oldest` move it like deliveries (a dropped message comes back
+//!   only after a crash within that second, never after a close);
+//! - a storage failure never leaves the outbox failing until a restart: the store retries a
+//!   failed write or fdatasync by itself (sends fail with `Storage` meanwhile and work again
+//!   once the disk takes data), and a log that had to be poisoned is reopened on the next send.
+//!
+//! Where it lives: `dir`, or — for a device client given neither a directory nor `in_memory` —
+//! the default directory [`OutboxOptions::default_dir`] of its device id.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -20,7 +33,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, Message};
-use crate::store::{Durability, Log, LogOptions};
+use crate::store::{Durability, Env, Log, LogOptions, OnDamage};
 
 /// What to do when a new message does not fit in the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +59,13 @@ impl std::str::FromStr for Overflow {
 /// Outbox settings.
 #[derive(Debug, Clone)]
 pub struct OutboxOptions {
-    /// Directory of the durable outbox; `None` keeps messages in memory only (lost on crash).
+    /// Directory of the durable outbox. `None`: a device client uses
+    /// [`OutboxOptions::default_dir`] of its device id (unless `in_memory`); opening an
+    /// [`Outbox`] directly needs one.
     pub dir: Option<PathBuf>,
+    /// Keep messages in memory only: a crash or restart loses every queued message, and
+    /// `send()` returning means only "queued". Must be asked for explicitly. Default false.
+    pub in_memory: bool,
     /// Most messages held (queued + in flight). Default 100,000.
     pub max_messages: usize,
     /// Most bytes held (encoded records). Default 64 MiB.
@@ -62,11 +80,50 @@ impl Default for OutboxOptions {
     fn default() -> Self {
         OutboxOptions {
             dir: None,
+            in_memory: false,
             max_messages: 100_000,
             max_bytes: 64 * 1024 * 1024,
             overflow: Overflow::Reject,
             durability: Durability::Always,
         }
+    }
+}
+
+impl OutboxOptions {
+    /// Options for an outbox in memory only (see [`OutboxOptions::in_memory`]).
+    pub fn in_memory() -> OutboxOptions {
+        OutboxOptions { in_memory: true, ..OutboxOptions::default() }
+    }
+
+    /// The directory a device client without an outbox directory uses for `device_id`:
+    /// `$HUBMSG_OUTBOX_DIR/<device id>` if that variable is set, else
+    /// `$XDG_STATE_HOME/hubmsg/outbox/<device id>`, else `$HOME/.local/state/hubmsg/outbox/<device id>`
+    /// (like Paho's default file persistence, one directory per client id). A leading `.` and
+    /// `%` in the id are percent-encoded so every id maps to its own directory.
+    pub fn default_dir(device_id: &str) -> Result<PathBuf> {
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let base = var("HUBMSG_OUTBOX_DIR")
+            .or_else(|| var("XDG_STATE_HOME").map(|d| d.join("hubmsg").join("outbox")))
+            .or_else(|| var("HOME").map(|h| h.join(".local").join("state").join("hubmsg").join("outbox")))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "no outbox directory: set the outbox directory option, or HUBMSG_OUTBOX_DIR (or HOME), or ask for an in-memory outbox explicitly",
+                )
+            })?;
+        if device_id.is_empty() || device_id.contains(['/', '\0']) {
+            return Err(Error::invalid(format!("device id '{device_id}' cannot name an outbox directory")));
+        }
+        let mut name = device_id.replace('%', "%25");
+        if name.starts_with('.') {
+            name = format!("%2E{}", &name[1..]);
+        }
+        Ok(base.join(name))
+    }
+
+    fn log_options(&self) -> LogOptions {
+        // The outbox bounds itself (max_bytes); a device has no operator to repair damage, so
+        // damaged data is moved aside and every valid message kept.
+        LogOptions { durability: self.durability, max_pending_bytes: usize::MAX, on_damage: OnDamage::Quarantine, ..LogOptions::default() }
     }
 }
 
@@ -144,7 +201,7 @@ pub struct Sendable {
 }
 
 enum Backend {
-    Disk { log: Log, opts: LogOptions, dir: PathBuf },
+    Disk { log: Log, opts: LogOptions, dir: PathBuf, env: Env },
     Memory { next_seq: u64, durable: watch::Sender<u64> },
 }
 
@@ -170,23 +227,31 @@ pub struct Outbox {
     wake: Arc<tokio::sync::Notify>,
 }
 
-/// Persist the ack watermark after this many newly completed entries.
-const ACK_PERSIST_EVERY: u64 = 1024;
-
 impl Outbox {
-    /// Opens the outbox (recovering unsent messages from `opts.dir`).
+    /// Opens the outbox (recovering unsent messages from `opts.dir`, which is locked: a second
+    /// opener gets a `Storage` error naming the holder). Needs `dir` or `in_memory`.
     pub fn open(opts: OutboxOptions) -> Result<Outbox> {
+        Outbox::open_with(opts, Env::real())
+    }
+
+    pub(crate) fn open_with(opts: OutboxOptions, env: Env) -> Result<Outbox> {
         if opts.max_messages == 0 || opts.max_bytes == 0 {
             return Err(Error::invalid("outbox bounds must be at least 1 message and 1 byte"));
         }
-        let (backend, entries) = match &opts.dir {
-            Some(dir) => {
-                let lopts = LogOptions { durability: opts.durability, ..LogOptions::default() };
-                let log = Log::open(dir, lopts.clone())?;
-                let entries = load_entries(&log)?;
-                (Backend::Disk { log, opts: lopts, dir: dir.clone() }, entries)
+        let (backend, entries) = match (&opts.dir, opts.in_memory) {
+            (Some(_), true) => return Err(Error::invalid("an outbox is either in a directory or in memory, not both")),
+            (None, false) => {
+                return Err(Error::invalid(
+                    "the outbox needs a directory (or in_memory: true); a device client uses OutboxOptions::default_dir",
+                ))
             }
-            None => (Backend::Memory { next_seq: 1, durable: watch::channel(0).0 }, VecDeque::new()),
+            (Some(dir), false) => {
+                let lopts = opts.log_options();
+                let log = Log::open_with(dir, lopts.clone(), env.clone())?;
+                let entries = load_entries(&log)?;
+                (Backend::Disk { log, opts: lopts, dir: dir.clone(), env }, entries)
+            }
+            (None, true) => (Backend::Memory { next_seq: 1, durable: watch::channel(0).0 }, VecDeque::new()),
         };
         let bytes = entries.iter().map(|e| e.record.len()).sum();
         let live = entries.len();
@@ -210,9 +275,10 @@ impl Outbox {
     /// `Storage` (the disk refused it: nothing was accepted).
     pub async fn push(&self, msg: &Message) -> Result<(u64, oneshot::Receiver<Outcome>)> {
         let (seq, rx, log) = self.append(msg, None)?;
+        self.wake.notify_one();
         if let Some(log) = log {
             if let Err(e) = log.wait_durable(seq).await {
-                self.reload_after_failure(&e);
+                self.after_failure(&log, &e);
                 return Err(e);
             }
         }
@@ -239,9 +305,10 @@ impl Outbox {
             last_log = log.map(|l| (l, seq));
             out.push((seq, rx));
         }
+        self.wake.notify_one();
         if let Some((log, seq)) = last_log {
             if let Err(e) = log.wait_durable(seq).await {
-                self.reload_after_failure(&e);
+                self.after_failure(&log, &e);
                 return Err(e);
             }
         }
@@ -257,9 +324,10 @@ impl Outbox {
     /// [`Outbox::push_blocking`] with the message's transport form.
     pub fn push_blocking_prepared(&self, msg: &Message, prepared: Option<Prepared>) -> Result<(u64, oneshot::Receiver<Outcome>)> {
         let (seq, rx, log) = self.append(msg, prepared)?;
+        self.wake.notify_one();
         if let Some(log) = log {
             if let Err(e) = log.wait_durable_blocking(seq) {
-                self.reload_after_failure(&e);
+                self.after_failure(&log, &e);
                 return Err(e);
             }
         }
@@ -302,13 +370,25 @@ impl Outbox {
                 }
             }
         }
-        let (seq, log) = match &mut inner.backend {
-            Backend::Disk { log, .. } => (log.append(&record)?, Some(log.clone())),
+        // A drop is an outcome like a delivery: the oldest entries are done, so the ack
+        // watermark moves over them (or they would come back when the outbox is reopened).
+        inner.pop_done_front();
+        inner.persist_ack();
+        let appended = match &mut inner.backend {
+            Backend::Disk { log, .. } => log.append(&record).map(|s| (s, Some(log.clone()))).map_err(|e| (e, log.clone())),
             Backend::Memory { next_seq, durable } => {
                 let s = *next_seq;
                 *next_seq += 1;
                 durable.send_replace(s);
-                (s, None)
+                Ok((s, None))
+            }
+        };
+        let (seq, log) = match appended {
+            Ok(x) => x,
+            Err((e, log)) => {
+                drop(g);
+                self.after_failure(&log, &e);
+                return Err(e);
             }
         };
         inner.entries.push_back(Entry { seq, record, expiry_ms: msg.expiry_time_ms, state: State::Queued, prepared });
@@ -319,14 +399,25 @@ impl Outbox {
         Ok((seq, rx, log))
     }
 
-    /// After a storage failure, what is on disk is the truth: reopen the log and rebuild.
+    /// After a storage error: the store heals a failed write or fdatasync by itself, so only a
+    /// poisoned (or unexpectedly closed) log needs more — reopening it, since what is on disk
+    /// is then the truth.
+    fn after_failure(&self, failed: &Log, err: &Error) {
+        if failed.is_poisoned() {
+            self.reload_after_failure(err);
+        }
+    }
+
     fn reload_after_failure(&self, err: &Error) {
         let mut g = self.inner.lock();
         let inner = &mut *g;
-        let Backend::Disk { log, opts, dir } = &mut inner.backend else { return };
+        let Backend::Disk { log, opts, dir, env } = &mut inner.backend else { return };
+        if !log.is_poisoned() {
+            return; // reloaded already
+        }
         tracing::warn!(error = %err, "outbox store failed; reloading from disk");
         let _ = log.close();
-        match Log::open(dir, opts.clone()).and_then(|l| load_entries(&l).map(|e| (l, e))) {
+        match Log::open_with(dir, opts.clone(), env.clone()).and_then(|l| load_entries(&l).map(|e| (l, e))) {
             Ok((new_log, entries)) => {
                 *log = new_log;
                 // Keep outcomes already reached in memory; everything else is queued again.
@@ -349,23 +440,17 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Takes up to `max` durable, queued messages in order and marks them sent. Expired ones are
-    /// finished as [`Outcome::Expired`] and skipped.
+    /// Takes up to `max` queued messages in order (durable or with their fdatasync still
+    /// running) and marks them sent. Expired ones are finished as [`Outcome::Expired`] and
+    /// skipped.
     pub fn take_sendable(&self, max: usize) -> Vec<Sendable> {
         let now = now_ms();
         let mut g = self.inner.lock();
         let inner = &mut *g;
-        let durable = match &inner.backend {
-            Backend::Disk { log, .. } => *log.durable().borrow(),
-            Backend::Memory { durable, .. } => *durable.borrow(),
-        };
         let mut out = Vec::new();
         let mut i = 0;
         while i < inner.entries.len() && out.len() < max {
             let e = &inner.entries[i];
-            if e.seq > durable {
-                break;
-            }
             if e.state == State::Queued {
                 if e.expiry_ms.is_some_and(|x| x <= now) {
                     inner.finish(i, Outcome::Expired);
@@ -401,9 +486,7 @@ impl Outbox {
             }
         }
         inner.pop_done_front();
-        if inner.acked_unpersisted >= ACK_PERSIST_EVERY {
-            inner.persist_ack();
-        }
+        inner.persist_ack();
     }
 
     /// Marks every sent-but-unacknowledged message queued again (after a disconnect).
@@ -419,15 +502,33 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Persists the ack watermark now (on flush and close).
+    /// Hands the ack watermark to the store and has it written now (on flush).
     pub fn persist_ack(&self) {
-        self.inner.lock().persist_ack();
+        let log = {
+            let mut g = self.inner.lock();
+            g.persist_ack();
+            match &g.backend {
+                Backend::Disk { log, .. } => log.clone(),
+                Backend::Memory { .. } => return,
+            }
+        };
+        if let Err(e) = log.flush_ack() {
+            tracing::warn!(error = %e, "could not persist the outbox ack watermark (messages may be sent again)");
+        }
     }
 
     /// Counters.
     pub fn stats(&self) -> OutboxStats {
         let g = self.inner.lock();
         OutboxStats { depth: g.live, bytes: g.bytes, in_flight: g.in_flight, ..g.stats.clone() }
+    }
+
+    /// The store's counters (`None` for an in-memory outbox).
+    pub fn store_stats(&self) -> Option<crate::store::LogStats> {
+        match &self.inner.lock().backend {
+            Backend::Disk { log, .. } => Some(log.stats()),
+            Backend::Memory { .. } => None,
+        }
     }
 
     /// Whether nothing is held (every message reached an outcome).
@@ -453,14 +554,17 @@ impl Outbox {
         }
     }
 
-    /// Persists the watermark and closes the store.
+    /// Persists the watermark and closes the store (releasing its directory lock).
     pub fn close(&self) -> Result<()> {
-        let mut g = self.inner.lock();
-        g.persist_ack();
-        if let Backend::Disk { log, .. } = &g.backend {
-            log.close()?;
-        }
-        Ok(())
+        let log = {
+            let mut g = self.inner.lock();
+            g.persist_ack();
+            match &g.backend {
+                Backend::Disk { log, .. } => log.clone(),
+                Backend::Memory { .. } => return Ok(()),
+            }
+        };
+        log.close()
     }
 }
 
@@ -503,13 +607,19 @@ impl Inner {
         }
     }
 
+    /// Hands the watermark to the store, which writes it in the background (no I/O here).
     fn persist_ack(&mut self) {
         if self.acked_unpersisted == 0 {
             return;
         }
         if let Backend::Disk { log, .. } = &self.backend {
             if let Err(e) = log.ack_through(self.last_popped) {
-                tracing::warn!(error = %e, "could not persist the outbox ack watermark (messages may be sent again)");
+                tracing::debug!(error = %e, "could not hand the outbox ack watermark to the store (messages may be sent again)");
+                return;
+            }
+            if log.acked() < self.last_popped {
+                // Clamped to what is fsync'd (an entry dropped while its own write was in
+                // flight): hand it again on the next outcome or on close.
                 return;
             }
         }
@@ -537,7 +647,7 @@ mod tests {
     use super::*;
 
     fn mem(max_messages: usize, overflow: Overflow) -> Outbox {
-        Outbox::open(OutboxOptions { max_messages, overflow, ..Default::default() }).unwrap()
+        Outbox::open(OutboxOptions { max_messages, overflow, ..OutboxOptions::in_memory() }).unwrap()
     }
 
     #[tokio::test]
@@ -582,6 +692,83 @@ mod tests {
         assert!(ob.is_empty());
         assert_eq!(ob.stats().delivered, 2);
         assert_eq!(ob.stats().expired, 1);
+    }
+
+    #[test]
+    fn a_failed_write_or_fdatasync_does_not_leave_sends_failing() {
+        use crate::store::sim::{Faults, Sim};
+        let root = std::path::Path::new("/device");
+        let sim = Sim::new(11, root);
+        let (env, inline) = sim.env();
+        let ob = Outbox::open_with(OutboxOptions { dir: Some(root.join("outbox")), ..Default::default() }, env).unwrap();
+        ob.push_blocking(&Message::new("before")).unwrap();
+        for fault in [Faults { enospc_write: 1.0, ..Faults::default() }, Faults { eio_sync: 1.0, ..Faults::default() }] {
+            sim.set_faults(fault);
+            let e = ob.push_blocking(&Message::new("while failing")).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Storage, "{e}");
+            assert_eq!(ob.push_blocking(&Message::new("again")).unwrap_err().kind(), ErrorKind::Storage);
+            sim.set_faults(Faults::default());
+            inline.fire_timers(); // the store retries by itself
+            ob.push_blocking(&Message::new("after")).expect("sending works again without a restart");
+        }
+        let bodies: Vec<String> =
+            ob.take_sendable(100).iter().map(|s| String::from_utf8_lossy(&Message::decode(&s.record).unwrap().body).into_owned()).collect();
+        // The message whose send failed may still be delivered (at-least-once); all accepted are.
+        assert_eq!(bodies.iter().filter(|b| *b == "before" || *b == "after").count(), 3, "{bodies:?}");
+    }
+
+    #[test]
+    fn a_poisoned_store_is_reopened_on_the_next_send() {
+        use crate::store::sim::{Faults, Sim};
+        let root = std::path::Path::new("/device");
+        let sim = Sim::new(12, root);
+        let (env, inline) = sim.env();
+        let dir = root.join("outbox");
+        let ob = Outbox::open_with(OutboxOptions { dir: Some(dir.clone()), ..Default::default() }, env).unwrap();
+        ob.push_blocking(&Message::new("kept")).unwrap();
+        // An fdatasync fails and the unsynced bytes come back changed: the store cannot tell
+        // what is on disk and poisons itself.
+        sim.set_faults(Faults { eio_sync: 1.0, ..Faults::default() });
+        assert!(ob.push_blocking(&Message::new("lost in the cache")).is_err());
+        sim.set_faults(Faults::default());
+        let seg = dir.join("00000000000000000001.seg");
+        let len = sim.fs().open(&seg, false, 0o644).unwrap().len().unwrap() as usize;
+        assert!(sim.rot(&seg, len - 3));
+        inline.fire_timers();
+        assert!(ob.push_blocking(&Message::new("during")).is_err(), "the poisoned log refuses");
+        ob.push_blocking(&Message::new("after")).expect("the outbox reopened its store from disk");
+        let bodies: Vec<String> =
+            ob.take_sendable(100).iter().map(|s| String::from_utf8_lossy(&Message::decode(&s.record).unwrap().body).into_owned()).collect();
+        assert_eq!(bodies.first().map(String::as_str), Some("kept"));
+        assert_eq!(bodies.last().map(String::as_str), Some("after"));
+    }
+
+    #[tokio::test]
+    async fn messages_dropped_by_drop_oldest_stay_dropped_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts =
+            OutboxOptions { dir: Some(dir.path().to_path_buf()), max_messages: 3, overflow: Overflow::DropOldest, ..Default::default() };
+        {
+            // Never connected: nothing is sent or acknowledged, only dropped.
+            let ob = Outbox::open(opts.clone()).unwrap();
+            for i in 0..5 {
+                ob.push(&Message::new(format!("{i}"))).await.unwrap();
+            }
+            assert_eq!((ob.stats().depth, ob.stats().dropped), (3, 2));
+            ob.close().unwrap();
+        }
+        {
+            let ob = Outbox::open(opts.clone()).unwrap();
+            assert_eq!(ob.stats().recovered, 3, "the 2 messages reported dropped must not come back");
+            // One batch that drops what it queued itself, before its fdatasync.
+            let batch: Vec<Message> = (5..9).map(|i| Message::new(format!("{i}"))).collect();
+            ob.push_batch(&batch).await.unwrap();
+            assert_eq!((ob.stats().depth, ob.stats().dropped), (3, 4));
+            ob.close().unwrap();
+        }
+        let ob = Outbox::open(opts).unwrap();
+        let bodies: Vec<_> = ob.take_sendable(10).into_iter().map(|s| Message::decode(&s.record).unwrap().body).collect();
+        assert_eq!(bodies, vec!["6", "7", "8"]);
     }
 
     #[tokio::test]

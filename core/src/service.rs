@@ -56,8 +56,9 @@ pub struct ServiceOptions {
     pub connect_timeout: Duration,
     /// Limit for one request, across reconnects. Default 30 s.
     pub request_timeout: Duration,
-    /// The outbox C2D sends go through (in memory by default; give a directory to survive
-    /// restarts of the service process).
+    /// The outbox C2D sends go through: in memory by default (`send_c2d` resolves only once
+    /// the hub holds the message durably; the outbox only re-sends across reconnects); give a
+    /// directory to survive restarts of the service process.
     pub outbox: OutboxOptions,
     /// Most C2D sends in flight. Default 100.
     pub max_in_flight: usize,
@@ -110,7 +111,7 @@ impl ServiceOptions {
             token_ttl: Duration::from_secs(3600),
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
-            outbox: OutboxOptions::default(),
+            outbox: OutboxOptions::in_memory(),
             max_in_flight: 100,
             event_buffer: 10_000,
             event_buffer_bytes: 16 * 1024 * 1024,

@@ -135,6 +135,7 @@ async fn wrong_key_is_permanent_not_a_retry_loop() {
     let cs = cs.replace(&key(&h.hub, "d1").await, &auth::generate_key());
     let mut o = hubmsg_core::DeviceOptions::from_connection_string(&cs).unwrap();
     o.retry = fast_retry();
+    o.outbox = hubmsg_core::outbox::OutboxOptions::in_memory();
     let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
     // It still accepts messages into the outbox while failed.
     dev.send(Message::new("kept")).await.unwrap();

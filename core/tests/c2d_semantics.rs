@@ -168,6 +168,7 @@ fn fake_device(port: u16) -> DeviceOptions {
     let key = hubmsg_core::auth::generate_key();
     let mut o = DeviceOptions::from_connection_string(&format!("HostName=127.0.0.1:{port};DeviceId=dev;SharedAccessKey={key}")).unwrap();
     o.retry = fast_retry();
+    o.outbox = hubmsg_core::outbox::OutboxOptions::in_memory(); // about the wire, not the disk
     o
 }
 
@@ -219,6 +220,7 @@ async fn sas_renewal_is_not_a_failure_for_either_client() {
     let svc = ServiceClient::connect(so).await.unwrap();
     let mut o = DeviceOptions::from_connection_string(&hub.device_connection_string("renewer").await.unwrap()).unwrap();
     o.retry = fast_retry();
+    o.outbox = hubmsg_core::outbox::OutboxOptions::in_memory(); // about token renewal, not the disk
     o.token_ttl = Duration::from_secs(1);
     let dev = DeviceClient::connect(o).await.unwrap();
     let mut svc_status = svc.status_watch();

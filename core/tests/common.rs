@@ -42,7 +42,9 @@ pub async fn device(hub: &Hub, id: &str) -> DeviceClient {
     }
     let mut opts = DeviceOptions::from_connection_string(&hub.device_connection_string(id).await.unwrap()).unwrap();
     opts.retry = fast_retry();
-    opts.outbox = OutboxOptions::default();
+    // These tests are about the protocol, not the disk: an in-memory outbox, asked for
+    // explicitly (the durable default is tested in default_outbox.rs and the store tests).
+    opts.outbox = OutboxOptions::in_memory();
     DeviceClient::connect(opts).await.unwrap()
 }
 

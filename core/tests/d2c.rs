@@ -185,6 +185,7 @@ async fn device_identity_management() {
     let dev = hubmsg_core::DeviceClient::connect({
         let mut o = hubmsg_core::DeviceOptions::from_connection_string(&svc.device_connection_string(&r)).unwrap();
         o.retry = fast_retry();
+        o.outbox = OutboxOptions::in_memory(); // about the registry, not the disk
         o
     })
     .await
@@ -212,7 +213,7 @@ async fn outbox_bounds_reject_or_drop_oldest_while_offline() {
     let cs = cs.replace(&h.hub.host_name(), &format!("127.0.0.1:{dead}"));
     let mut o = hubmsg_core::DeviceOptions::from_connection_string(&cs).unwrap();
     o.retry = fast_retry();
-    o.outbox = OutboxOptions { max_messages: 3, overflow: Overflow::Reject, ..OutboxOptions::default() };
+    o.outbox = OutboxOptions { max_messages: 3, overflow: Overflow::Reject, ..OutboxOptions::in_memory() };
     let dev = hubmsg_core::DeviceClient::connect(o.clone()).await.unwrap();
     for i in 0..3 {
         dev.send(Message::new(format!("{i}"))).await.unwrap();
@@ -244,6 +245,7 @@ async fn sas_renewal_drains_and_reconnects_without_loss() {
     h.hub.create_device("renewer").await.unwrap();
     let mut o = hubmsg_core::DeviceOptions::from_connection_string(&h.hub.device_connection_string("renewer").await.unwrap()).unwrap();
     o.retry = fast_retry();
+    o.outbox = OutboxOptions::in_memory(); // about token renewal, not the disk
     o.token_ttl = Duration::from_millis(800); // renew every ~640 ms
     let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
     let mut n = 0;
@@ -280,6 +282,7 @@ async fn tls_listener_with_generated_certificate() {
     let mut o = hubmsg_core::DeviceOptions::from_connection_string(&hub.device_connection_string("secure").await.unwrap()).unwrap();
     o.tls = Some(hubmsg_core::transport::TlsOptions { ca_file: hub.ca_file().map(|p| p.to_path_buf()) });
     o.retry = fast_retry();
+    o.outbox = OutboxOptions::in_memory(); // about TLS, not the disk
     let dev = hubmsg_core::DeviceClient::connect(o.clone()).await.unwrap();
     let d = dev.send(Message::new("over tls")).await.unwrap();
     assert_eq!(tokio::time::timeout(T, d.outcome()).await.unwrap().unwrap(), Outcome::Delivered);
@@ -343,4 +346,46 @@ async fn an_unread_event_stream_holds_a_bounded_buffer_and_loses_nothing() {
     svc.close().await;
     dev.close().await.unwrap();
     hub.shutdown().await.unwrap();
+}
+
+/// A `send` future dropped while its fdatasync runs (an asyncio task cancelled, a `select!` that
+/// took another branch) has queued its message: it must still be announced to the connection
+/// and delivered, not wait in the outbox for the next send. Nothing else is sent afterwards, so
+/// only that announcement can deliver them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_dropped_during_its_fsync_is_still_delivered() {
+    let h = start_hub().await;
+    h.hub.create_device("dropper").await.unwrap();
+    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&h.hub.device_connection_string("dropper").await.unwrap()).unwrap();
+    o.retry = fast_retry();
+    let outbox = tempfile::tempdir().unwrap();
+    o.outbox = OutboxOptions { dir: Some(outbox.path().join("dropper")), ..OutboxOptions::default() };
+    let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
+    let svc = service(&h.hub).await;
+    let mut events = svc.events("$Default", StartPosition::Earliest).await.unwrap();
+    assert!(eventually(T, || dev.status() == ConnectionStatus::Connected).await);
+    const N: usize = 20;
+    let mut dropped_pending = 0;
+    for i in 0..N {
+        // Poll the send once (it queues the message and starts waiting for its fdatasync),
+        // then drop it.
+        let send = dev.send(Message::new(format!("m{i}")).with_message_id(format!("m{i}")));
+        tokio::select! {
+            biased;
+            r = send => { r.unwrap(); }
+            () = std::future::ready(()) => dropped_pending += 1,
+        }
+        // Let the connection drain what it was told about before the next one.
+        assert!(eventually(T, || dev.stats().outbox.depth == 0).await, "message m{i} was never sent (outbox: {:?})", dev.stats().outbox);
+    }
+    assert!(dropped_pending > 0, "no send was still waiting for its fdatasync when dropped: the test proved nothing");
+    let mut seen = HashSet::new();
+    while seen.len() < N {
+        let ev = events.next_timeout(T).await.unwrap().expect("every queued message arrives");
+        seen.insert(ev.message.body.clone());
+        ev.ack();
+    }
+    events.close().await;
+    dev.close().await.unwrap();
+    h.hub.shutdown().await.unwrap();
 }

@@ -2,8 +2,9 @@
  * and counts their outcomes, then waits until all are delivered.
  *
  * HUBMSG_DEVICE_CONNECTION_STRING: the device to send as (else: demo mode with an embedded hub).
- * HUBMSG_OUTBOX_DIR: where the durable outbox lives (default: in the demo directory, or in
- *                    memory with a connection string).
+ * HUBMSG_OUTBOX_DIR: the directory under which each device keeps its durable outbox
+ *                    (`$HUBMSG_OUTBOX_DIR/<device id>`; without it the library's default,
+ *                    `~/.local/state/hubmsg/outbox/<device id>`); demo mode uses the demo directory.
  * HUBMSG_DURABILITY: always (default) | interval | never.
  *
  * Build: see examples/c/README.md (cc … send_telemetry.c $(pkg-config --cflags --libs hubmsg)). */
@@ -24,11 +25,11 @@ int main(int argc, char **argv) {
     demo d = {0};
     char *owned_cs = NULL;
     const char *cs = getenv("HUBMSG_DEVICE_CONNECTION_STRING");
-    const char *outbox = getenv("HUBMSG_OUTBOX_DIR");
+    const char *outbox = NULL; /* NULL: the library's default directory for the device id */
     if (!cs) {
         demo_start(&d);
         cs = owned_cs = demo_device(&d, "sensor-1");
-        if (!outbox) outbox = demo_path(&d, "outbox");
+        outbox = demo_path(&d, "outbox");
     }
 
     hubmsg_device_options *opts = NULL;

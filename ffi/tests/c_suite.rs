@@ -83,7 +83,13 @@ fn run(exe: &Path, args: &[&str], valgrind: bool, limit: Duration) -> Run {
     // cargo's LD_LIBRARY_PATH may name target/<profile> first, whose libhubmsg.so is whatever
     // `cargo build` left there (maybe other features); the rpath to deps/ must decide.
     cmd.env_remove("LD_LIBRARY_PATH");
-    cmd.args(args).env("HUBMSG_TEST_DIR", scratch.path()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // Device outboxes without a directory go to $HUBMSG_OUTBOX_DIR/<device id>: keep them in
+    // the scratch directory, not in the user's home.
+    cmd.args(args)
+        .env("HUBMSG_TEST_DIR", scratch.path())
+        .env("HUBMSG_OUTBOX_DIR", scratch.path().join("outboxes"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
     let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());

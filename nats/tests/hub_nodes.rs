@@ -78,6 +78,7 @@ async fn a_device_moves_between_nodes_and_identity_changes_reach_every_node() {
     svc.set_device_status("roamer", DeviceStatus::Enabled).await.unwrap();
     let mut o = hubmsg_core::DeviceOptions::from_connection_string(&b.device_connection_string("roamer").await.unwrap()).unwrap();
     o.retry.max_elapsed = Some(T);
+    o.outbox = hubmsg_core::outbox::OutboxOptions::in_memory(); // about the hub nodes, not the disk
     let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
     let mut rx = dev.c2d().unwrap();
     let fb = svc.await_outcome("hop").unwrap();

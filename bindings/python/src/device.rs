@@ -108,14 +108,16 @@ impl PyRetryPolicy {
     }
 }
 
-/// The outbox directory core is given. `outbox_dir=None` means core's default and
-/// `in_memory=True` an explicit in-memory outbox; until core has a durable per-device default
-/// both map to `dir: None` — this is the one place to change when it does.
-fn outbox_dir(dir: Option<PathBuf>, in_memory: bool) -> PyResult<Option<PathBuf>> {
-    match (dir, in_memory) {
-        (Some(_), true) => Err(invalid("give either outbox_dir or in_memory=True, not both")),
-        (dir, _) => Ok(dir),
+/// Sets the outbox's place in core's options: `outbox_dir=None` means core's durable default
+/// directory of the device id (`OutboxOptions::default_dir`), `in_memory=True` an explicit
+/// in-memory outbox; both at once is an error.
+fn set_outbox_place(o: &mut hubmsg_core::outbox::OutboxOptions, dir: Option<PathBuf>, in_memory: bool) -> PyResult<()> {
+    if dir.is_some() && in_memory {
+        return Err(invalid("give either outbox_dir or in_memory=True, not both"));
     }
+    o.dir = dir;
+    o.in_memory = in_memory;
+    Ok(())
 }
 
 /// Applies the keyword options of `DeviceClient(...)` (the one list: see `_hubmsg.pyi`).
@@ -183,7 +185,7 @@ fn device_options(connection_string: Option<&str>, options: Option<&Bound<'_, Py
     }
     let dir: Option<PathBuf> = get("outbox_dir")?.map(|v| v.extract()).transpose()?;
     let in_memory: bool = get("in_memory")?.map(|v| v.extract()).transpose()?.unwrap_or(false);
-    o.outbox.dir = outbox_dir(dir, in_memory)?;
+    set_outbox_place(&mut o.outbox, dir, in_memory)?;
     if let Some(d) = text("durability")? {
         o.outbox.durability = d.parse::<Durability>().py()?;
     }

@@ -184,7 +184,6 @@ def test_host_id_key_options_overflow_drop_oldest_and_retry(hub: HubInfo, servic
         assert dev.send(b"up").wait(20) == "delivered"
 
 
-@pytest.mark.xfail(strict=True, reason="core outbox: messages dropped by drop_oldest come back when a durable outbox is reopened")
 def test_messages_dropped_by_drop_oldest_stay_dropped_after_a_restart(hub: HubInfo) -> None:
     _, cs = hub.device()
     down = cs.replace(f"HostName={hub.hub.host_name}", "HostName=127.0.0.1:1")
@@ -195,6 +194,21 @@ def test_messages_dropped_by_drop_oldest_stay_dropped_after_a_restart(hub: HubIn
         assert dev.stats().depth == 3
     with hubmsg.DeviceClient.from_connection_string(down, **opts) as dev:  # type: ignore[arg-type]
         assert dev.stats().depth == 3, f"{dev.stats().depth} messages recovered; 2 of them were reported dropped"
+
+
+def test_without_outbox_dir_the_outbox_is_durable_in_the_default_directory(hub: HubInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = hub.root / "default-outboxes"
+    monkeypatch.setenv("HUBMSG_OUTBOX_DIR", str(base))
+    device_id, cs = hub.device()
+    down = cs.replace(f"HostName={hub.hub.host_name}", "HostName=127.0.0.1:1")
+    with hubmsg.DeviceClient.from_connection_string(down, retry=hubmsg.RetryPolicy.never()) as dev:
+        for i in range(4):
+            dev.send(str(i))
+    assert (base / device_id).is_dir(), "the outbox lives in HUBMSG_OUTBOX_DIR/<device id>"
+    with hubmsg.DeviceClient.from_connection_string(down, retry=hubmsg.RetryPolicy.never()) as dev:
+        assert dev.stats().recovered == 4, "every accepted message survives in the default outbox"
+    with hubmsg.DeviceClient.from_connection_string(down, in_memory=True, retry=hubmsg.RetryPolicy.never()) as dev:
+        assert dev.stats().recovered == 0, "in_memory=True keeps nothing on disk"
 
 
 def test_the_gil_is_released_while_the_engine_waits(hub: HubInfo) -> None:

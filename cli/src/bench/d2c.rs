@@ -51,6 +51,7 @@ impl Rig {
         for id in &ids {
             let outbox = OutboxOptions {
                 dir: Some(hub.run_dir.join("devices").join(id)),
+                in_memory: false,
                 durability,
                 max_messages: per_device as usize + 1,
                 max_bytes: 1 << 30,
@@ -341,6 +342,13 @@ pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> 
     };
     let mut rows = Vec::new();
     let mut runs = Vec::new();
+    // What the disk itself takes for one fdatasync, measured on the same file system first: the
+    // fsync'd figures below pay two of them in a row (device outbox, then hub log).
+    let probe = procstat::fsync_probe(&ctx.dir("fsync-probe")?, if ctx.quick { 300 } else { 2000 })
+        .map_err(|e| Error::storage("fsync probe", e))?;
+    println!("  disk      fdatasync of a 4 KiB append: {probe}");
+    rows.push(Row::new(Scenario::D2cLatency, "disk: fdatasync of a 4 KiB append, p50", probe.p50_ms, "ms"));
+    rows.push(Row::new(Scenario::D2cLatency, "disk: fdatasync of a 4 KiB append, p99", probe.p99_ms, "ms"));
     for (devices, durability) in [(1usize, "always"), (1, "never"), (10, "always")] {
         let r = latency_run(ctx, &plan, devices, durability).await?;
         let s = &r.from_send;
@@ -350,8 +358,8 @@ pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> 
             if durability == "always" { "fsync'd" } else { "durability never" }
         );
         println!(
-            "  hubmsg    {what:<26} p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms; from schedule p99 {:.2} ms  ({} samples; pacer lag max {:.2} ms; {})",
-            s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, r.from_schedule.p99_ms, s.count, r.pacer_lag_max_ms, r.cpu
+            "  hubmsg    {what:<26} p50 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms; from schedule p99 {:.2} ms  ({} samples; {} over 10 ms in {} episodes; pacer lag max {:.2} ms; {})",
+            s.p50_ms, s.p99_ms, s.p999_ms, s.max_ms, r.from_schedule.p99_ms, s.count, r.over_10ms, r.slow_episodes, r.pacer_lag_max_ms, r.cpu
         );
         for (name, v) in [("p50", s.p50_ms), ("p99", s.p99_ms), ("p99.9", s.p999_ms)] {
             let mut row = Row::new(Scenario::D2cLatency, format!("{name} at 10,000 msg/s, {what}"), v, "ms").other_cpu(r.cpu.rest_cores);
@@ -372,6 +380,8 @@ pub async fn latency(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> 
             "window_s": plan.window.as_secs_f64(),
             "sender": "open loop: a pacer thread releases each message at its scheduled time and calls send() in a task of its own, so a slow send never delays the next; devices take messages round robin",
             "latency": "from the send() call (timestamp in the body) to the consumer's receipt; from_schedule is from the time the pacer meant to call send(), so it also counts a late pacer or a busy runtime",
+            "slow_episodes": "messages over 10 ms grouped into episodes (a gap of more than 20 ms between two of them starts a new one)",
+            "fsync_probe": probe,
             "runs": runs,
         }),
         unavailable: None,
@@ -388,6 +398,9 @@ struct LatencyRun {
     from_send: stats::Summary,
     from_schedule: stats::Summary,
     pacer_lag_max_ms: f64,
+    /// Messages slower than 10 ms, and how many separate episodes they form.
+    over_10ms: usize,
+    slow_episodes: usize,
     cpu: CpuSplit,
     #[serde(skip)]
     curve: Vec<(f64, f64)>,
@@ -483,6 +496,13 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, devices: usize, durability: 
             format!("{} of {total} messages never reached the consumer ({send_errors} send errors)", counts.missing),
         ));
     }
+    let (over_10ms, slow_episodes) = slow_episodes(&points, 10.0, 0.020);
+    if let Some(dir) = std::env::var_os("HUBMSG_BENCH_POINTS") {
+        // Every message's (seconds into the window, latency ms), for looking for bands.
+        let csv: String = points.iter().map(|(t, l)| format!("{t:.6},{l:.3}\n")).collect();
+        let path = std::path::Path::new(&dir).join(format!("latency-points-{devices}-{durability}.csv"));
+        std::fs::write(&path, csv).map_err(|e| Error::storage(format!("write {}", path.display()), e))?;
+    }
     let step = (points.len() / 20_000).max(1);
     points = points.into_iter().step_by(step).collect();
     let from_send_summary = from_send.summary();
@@ -496,8 +516,29 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, devices: usize, durability: 
         from_send: from_send_summary,
         from_schedule: from_sched.summary(),
         pacer_lag_max_ms: stats::round(lag_max.as_secs_f64() * 1e3),
+        over_10ms,
+        slow_episodes,
         cpu,
         curve,
         points,
     })
+}
+
+/// Messages slower than `over_ms` among `(seconds, ms)` points, and the episodes they form
+/// (a gap longer than `gap_s` between two slow messages starts a new one).
+fn slow_episodes(points: &[(f64, f64)], over_ms: f64, gap_s: f64) -> (usize, usize) {
+    let mut slow: Vec<f64> = points.iter().filter(|p| p.1 > over_ms).map(|p| p.0).collect();
+    slow.sort_by(f64::total_cmp);
+    let episodes = slow.windows(2).filter(|w| w[1] - w[0] > gap_s).count() + usize::from(!slow.is_empty());
+    (slow.len(), episodes)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slow_messages_group_into_episodes() {
+        let pts = [(0.0, 1.0), (0.100, 15.0), (0.105, 12.0), (0.5, 30.0), (0.9, 2.0)];
+        assert_eq!(super::slow_episodes(&pts, 10.0, 0.020), (3, 2));
+        assert_eq!(super::slow_episodes(&[], 10.0, 0.020), (0, 0));
+    }
 }

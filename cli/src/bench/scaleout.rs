@@ -75,7 +75,7 @@ async fn run(ctx: &Ctx, t: Target<'_>, total: u64) -> Result<Run, Error> {
     common::register(&svc, &ids, &ctx.device_key, 32).await?;
     let mut devices = Vec::new();
     for (i, id) in ids.iter().enumerate() {
-        let o = common::device_options(&hosts[i % hosts.len()], id, &ctx.device_key, OutboxOptions::default());
+        let o = common::device_options(&hosts[i % hosts.len()], id, &ctx.device_key, OutboxOptions::in_memory());
         devices.push(DeviceClient::connect(o).await?);
     }
     for d in &devices {

@@ -41,6 +41,8 @@ struct Meta {
 
 /// The embedded backend of one hub.
 pub struct Embedded {
+    /// The data directory's lock, held until [`Backend::close`] (or the drop).
+    dir_lock: Mutex<Option<Box<dyn std::any::Any + Send + Sync>>>,
     config: HubConfig,
     registry: Registry,
     changes: broadcast::Sender<RegistryChange>,
@@ -73,7 +75,7 @@ fn fixed_partitions(dir: &std::path::Path, requested: u32) -> Result<u32> {
                 return Err(Error::invalid("partitions must be between 1 and 128"));
             }
             let b = serde_json::to_vec(&Meta { partitions: requested }).expect("meta serializes");
-            std::fs::write(&meta_path, b).map_err(|e| Error::storage(format!("write {}", meta_path.display()), e))?;
+            crate::store::io::write_atomic(&*crate::store::io::real(), &meta_path, &b, false)?;
             Ok(requested)
         }
         Err(e) => Err(Error::storage(format!("read {}", meta_path.display()), e)),
@@ -85,19 +87,31 @@ impl Embedded {
     /// checkpoint and retention loops.
     pub async fn open(config: &HubConfig) -> Result<Arc<Embedded>> {
         let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::storage(format!("create {}", dir.display()), e))?;
+        let fs = crate::store::io::real();
+        crate::store::io::create_dir_durable(&*fs, &dir)?;
+        let lock = crate::store::io::lock_dir(&*fs, &dir, "hub data directory")?;
         let partitions = fixed_partitions(&dir, config.partitions)?;
         let c = config.clone();
         let registry = tokio::task::spawn_blocking(move || Registry::open(&c.data_dir.join("registry"), c.durability))
             .await
             .map_err(|e| Error::new(ErrorKind::Internal, format!("registry open task: {e}")))??;
-        let events = events::EventLog::open(&dir.join("events"), partitions, config.durability, config.segment_bytes)?;
         let groups = events::Groups::open(&dir.join("checkpoints"), partitions, config.durability)?;
+        // No partition hands out a sequence number a consumer group's checkpoint has seen.
+        let floors: Vec<u64> = (0..partitions).map(|p| groups.max_checkpoint(p) + 1).collect();
+        let events = events::EventLog::open(
+            &dir.join("events"),
+            partitions,
+            config.durability,
+            config.segment_bytes,
+            config.disk_reserve_bytes,
+            &floors,
+        )?;
         let c2d = c2d::C2d::open(&dir.join("c2d"), config.durability, config.c2d.clone())?;
         let (changes, _) = broadcast::channel(1024);
         let mut config = config.clone();
         config.partitions = partitions;
         let e = Arc::new(Embedded {
+            dir_lock: Mutex::new(Some(lock)),
             config,
             registry,
             changes,
@@ -133,7 +147,7 @@ async fn checkpoint_loop(e: Arc<Embedded>) {
     let limit = super::guard::LogLimit::default();
     loop {
         tick.tick().await;
-        if let Err(err) = e.groups.flush().await {
+        if let Err(err) = e.groups.flush(&e.events).await {
             if let Some(suppressed) = limit.allow() {
                 tracing::error!(error = %err, suppressed, "persisting consumer checkpoints failed; will retry");
             }
@@ -194,16 +208,16 @@ impl Backend for Embedded {
             for t in self.tasks.lock().drain(..) {
                 t.abort();
             }
-            self.groups.flush().await?;
+            self.groups.flush(&self.events).await?;
             let (ev, gr, c2, reg) = (self.events.clone(), self.groups.clone(), self.c2d.clone(), self.registry.clone());
-            tokio::task::spawn_blocking(move || -> Result<()> {
-                ev.close()?;
-                gr.close()?;
-                c2.close()?;
-                reg.close()
+            let r = tokio::task::spawn_blocking(move || -> Result<()> {
+                // Every store is closed even when one fails (the first error is reported).
+                ev.close().and(gr.close()).and(c2.close()).and(reg.close())
             })
             .await
-            .map_err(|e| Error::new(ErrorKind::Internal, format!("shutdown task: {e}")))?
+            .map_err(|e| Error::new(ErrorKind::Internal, format!("shutdown task: {e}")))?;
+            self.dir_lock.lock().take();
+            r
         })
     }
 }
@@ -309,6 +323,7 @@ impl Membership for EmbeddedMember {
                 window: window.max(1),
                 in_flight: VecDeque::new(),
                 groups: self.groups.clone(),
+                events: self.events.clone(),
                 group: self.group.clone(),
                 member: self.id,
                 partition,
@@ -346,6 +361,8 @@ struct EmbeddedReader {
     /// (seq, acknowledged) in delivery order.
     in_flight: VecDeque<(u64, bool)>,
     groups: Arc<events::Groups>,
+    /// For the checkpoint request (a checkpoint never points past what a partition fsync'd).
+    events: Arc<events::EventLog>,
     group: String,
     member: u64,
     partition: u32,
@@ -409,7 +426,7 @@ impl PartitionReader for EmbeddedReader {
 
     fn checkpoint(&mut self) -> BoxFut<'_, u64> {
         Box::pin(async move {
-            self.groups.flush().await?;
+            self.groups.flush(&self.events).await?;
             Ok(self.groups.checkpoint(&self.group, self.partition).unwrap_or(0))
         })
     }

@@ -6,9 +6,13 @@
 //! - a partition is owned by at most one member of a group at a time; only the owner's
 //!   acknowledgements move the group's checkpoint, and the checkpoint only moves forward over a
 //!   contiguous acknowledged prefix, so a crash or a takeover redelivers, never skips;
-//! - checkpoints are persisted within `checkpoint_interval` of an ack (and immediately on an
-//!   explicit checkpoint request); a hub crash can only rewind a checkpoint to its last durable
-//!   value, which redelivers.
+//! - checkpoints are persisted within `checkpoint_interval` of an ack (and on an explicit
+//!   checkpoint request, which is answered only once every position acknowledged before it is
+//!   durable, whoever wrote it); a failed write keeps the positions queued; a checkpoint never
+//!   points past what its partition has fsync'd, so a power loss (durability `interval`) can
+//!   only rewind it, which redelivers;
+//! - a partition never hands out a sequence number at or below a group's checkpoint, even when
+//!   its newest segment went missing (the checkpoint is the floor it opens with).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -37,11 +41,21 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    /// Opens `n` partitions under `dir/p{i}`.
-    pub fn open(dir: &Path, n: u32, durability: Durability, segment_bytes: u64) -> Result<Arc<EventLog>> {
+    /// Opens `n` partitions under `dir/p{i}`. Appends are refused while the disk has less than
+    /// `reserve_bytes` free (so C2D settles and checkpoints keep working on a full disk);
+    /// partition `i` continues at least at `floors[i]` (the highest checkpoint + 1).
+    pub fn open(
+        dir: &Path,
+        n: u32,
+        durability: Durability,
+        segment_bytes: u64,
+        reserve_bytes: u64,
+        floors: &[u64],
+    ) -> Result<Arc<EventLog>> {
         let mut partitions = Vec::new();
         for i in 0..n {
-            let opts = LogOptions { durability, segment_bytes, ..LogOptions::default() };
+            let min_next_seq = floors.get(i as usize).copied().unwrap_or(0);
+            let opts = LogOptions { durability, segment_bytes, reserve_bytes, min_next_seq, ..LogOptions::default() };
             partitions.push(Log::open(&dir.join(format!("p{i}")), opts)?);
         }
         let (version, _) = watch::channel(0u64);
@@ -112,12 +126,9 @@ impl EventLog {
         Ok(removed)
     }
 
-    /// Flushes and closes every partition.
+    /// Flushes and closes every partition (all of them, reporting the first error).
     pub fn close(&self) -> Result<()> {
-        for p in &self.partitions {
-            p.close()?;
-        }
-        Ok(())
+        self.partitions.iter().map(Log::close).fold(Ok(()), Result::and)
     }
 }
 
@@ -173,6 +184,8 @@ pub struct Groups {
     partitions: u32,
     inner: Mutex<HashMap<String, Group>>,
     store: StateLog<Checkpoints>,
+    /// Sequence number of the newest checkpoint event committed (by any flush).
+    last_commit: std::sync::atomic::AtomicU64,
 }
 
 /// Most consumer groups a hub keeps (IoT Hub allows 20 per hub, plus `$Default`).
@@ -181,8 +194,17 @@ pub const MAX_GROUPS: usize = 64;
 impl Groups {
     /// Opens the checkpoint store in `dir`.
     pub fn open(dir: &Path, partitions: u32, durability: Durability) -> Result<Arc<Groups>> {
-        let store = StateLog::<Checkpoints>::open(dir, StateOptions { durability, ..StateOptions::default() })?;
-        Ok(Arc::new(Groups { partitions, inner: Mutex::new(HashMap::new()), store }))
+        Groups::open_with(dir, partitions, durability, crate::store::Env::real())
+    }
+
+    pub(crate) fn open_with(dir: &Path, partitions: u32, durability: Durability, env: crate::store::Env) -> Result<Arc<Groups>> {
+        let store = StateLog::<Checkpoints>::open_with(dir, StateOptions { durability, ..StateOptions::default() }, env)?;
+        Ok(Arc::new(Groups { partitions, inner: Mutex::new(HashMap::new()), store, last_commit: std::sync::atomic::AtomicU64::new(0) }))
+    }
+
+    /// The highest durable checkpoint of any group in partition `p` (0 if none).
+    pub fn max_checkpoint(&self, p: u32) -> u64 {
+        self.store.read(|c| c.by_group.values().filter_map(|m| m.get(&p).copied()).max().unwrap_or(0))
     }
 
     /// Validates a consumer group name.
@@ -260,25 +282,122 @@ impl Groups {
         }
     }
 
-    /// Persists every changed checkpoint; returns once durable.
-    pub async fn flush(&self) -> Result<()> {
-        let dirty: Vec<(String, u32, u64)> = {
+    /// Persists every changed checkpoint (each clamped to what its partition has fsync'd) and
+    /// returns once every checkpoint acknowledged before the call is durable — also those a
+    /// concurrent flush is writing. On an error the positions stay queued for the next flush.
+    pub async fn flush(&self, events: &EventLog) -> Result<()> {
+        self.flush_clamped(|p| if p < events.count() { events.partition(p).synced() } else { u64::MAX }).await
+    }
+
+    /// [`Groups::flush`] with `on_disk(p)`: how far partition `p` is fsync'd.
+    async fn flush_clamped(&self, on_disk: impl Fn(u32) -> u64) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let (committed, target, err) = {
             let mut g = self.inner.lock();
-            g.iter_mut().flat_map(|(name, grp)| grp.dirty.drain().map(move |(p, s)| (name.clone(), p, s)).collect::<Vec<_>>()).collect()
+            let mut committed: Vec<(String, u32, u64)> = Vec::new();
+            let mut err = None;
+            'groups: for (name, grp) in g.iter_mut() {
+                let mut dirty: Vec<(u32, u64)> = grp.dirty.iter().map(|(p, s)| (*p, *s)).collect();
+                dirty.sort();
+                for (p, s) in dirty {
+                    let s = s.min(on_disk(p));
+                    if s == 0 {
+                        continue;
+                    }
+                    let ev = serde_json::to_vec(&CheckpointEvent { g: name.clone(), p, s }).expect("checkpoint serializes");
+                    match self.store.commit(&ev) {
+                        Ok(seq) => {
+                            self.last_commit.fetch_max(seq, Ordering::SeqCst);
+                            if grp.dirty.get(&p) == Some(&s) {
+                                grp.dirty.remove(&p);
+                            }
+                            committed.push((name.clone(), p, s));
+                        }
+                        Err(e) => {
+                            err = Some(e);
+                            break 'groups;
+                        }
+                    }
+                }
+            }
+            (committed, self.last_commit.load(Ordering::SeqCst), err)
         };
-        let mut last = None;
-        for (g, p, s) in dirty {
-            let ev = serde_json::to_vec(&CheckpointEvent { g, p, s }).expect("checkpoint serializes");
-            last = Some(self.store.commit(&ev)?);
+        let r = match err {
+            Some(e) => Err(e),
+            None if target > 0 => self.store.wait_durable(target).await,
+            None => Ok(()),
+        };
+        if r.is_err() {
+            // Not known to be durable: write them again next time (checkpoints only move forward).
+            let mut g = self.inner.lock();
+            for (name, p, s) in committed {
+                if let Some(grp) = g.get_mut(&name) {
+                    let d = grp.dirty.entry(p).or_insert(s);
+                    *d = (*d).max(s);
+                }
+            }
         }
-        if let Some(seq) = last {
-            self.store.wait_durable(seq).await?;
-        }
-        Ok(())
+        r
     }
 
     /// Closes the checkpoint store.
     pub fn close(&self) -> Result<()> {
         self.store.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sim::{Faults, Sim};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_request_waits_for_positions_a_concurrent_flush_is_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = Groups::open(dir.path(), 1, Durability::Always).unwrap();
+        let _a = groups.join("g", 1).unwrap();
+        for round in 1..=100u64 {
+            groups.advance("g", 0, 1, round);
+            let g = groups.clone();
+            let first = tokio::spawn(async move { g.flush_clamped(|_| u64::MAX).await });
+            // The first flush took the position; the request that comes now finds nothing new
+            // to write, yet must not answer before that position is durable.
+            while groups.store.log().last_seq() < round {
+                tokio::task::yield_now().await;
+            }
+            groups.flush_clamped(|_| u64::MAX).await.unwrap();
+            let durable = *groups.store.log().durable().borrow();
+            assert!(durable >= round, "round {round}: the checkpoint request was answered with the position not durable ({durable})");
+            first.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_checkpoint_write_keeps_the_positions_queued() {
+        let root = std::path::Path::new("/hub");
+        let sim = Sim::new(3, root);
+        let (env, inline) = sim.env();
+        let groups = Groups::open_with(&root.join("checkpoints"), 2, Durability::Always, env).unwrap();
+        let _a = groups.join("g", 1).unwrap();
+        groups.advance("g", 0, 1, 40);
+        groups.advance("g", 1, 1, 7);
+        sim.set_faults(Faults { enospc_write: 1.0, ..Faults::default() });
+        assert_eq!(groups.flush_clamped(|_| u64::MAX).await.unwrap_err().kind(), ErrorKind::Storage);
+        sim.set_faults(Faults::default());
+        inline.fire_timers(); // the store retries its write
+        groups.flush_clamped(|_| u64::MAX).await.unwrap();
+        assert_eq!(groups.store.read(|c| c.by_group["g"].clone()), BTreeMap::from([(0, 40), (1, 7)]));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_never_points_past_what_its_partition_fsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let groups = Groups::open(dir.path(), 1, Durability::Always).unwrap();
+        let _a = groups.join("g", 1).unwrap();
+        groups.advance("g", 0, 1, 100);
+        groups.flush_clamped(|_| 60).await.unwrap();
+        assert_eq!(groups.max_checkpoint(0), 60, "clamped to the partition's fsync'd head");
+        groups.flush_clamped(|_| 1000).await.unwrap();
+        assert_eq!(groups.max_checkpoint(0), 100, "the rest follows once it is on disk");
     }
 }

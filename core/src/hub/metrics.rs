@@ -115,6 +115,12 @@ pub(crate) async fn render(shared: &Shared) -> String {
         l(&s.d2c_messages),
     );
     counter(&mut out, "hubmsg_d2c_telemetry_ingress_bytes_total", "D2C body bytes stored.", l(&s.d2c_bytes));
+    counter(
+        &mut out,
+        "hubmsg_d2c_refused_total",
+        "D2C messages the store could not take (a full disk); the device retries from its outbox.",
+        l(&s.d2c_refused),
+    );
     counter(&mut out, "hubmsg_d2c_duplicates_total", "D2C re-sends the backend de-duplicated by message id.", l(&s.d2c_duplicates));
     counter(
         &mut out,

@@ -9,7 +9,11 @@
 //!
 //! Invariants: a PUBACK for a D2C message is written only after the message is durable in its
 //! partition; a misbehaving connection is closed without affecting any other; one connection per
-//! device identity (a new one drops the old).
+//! device identity (a new one drops the old); one hub process per data directory (the embedded
+//! backend locks it: a second hub on it fails to start naming the first one's pid); a full disk
+//! refuses new D2C
+//! (devices keep them in their outboxes and retry) while reads, C2D settles and checkpoints go
+//! on in the space kept free by `disk_reserve_bytes`.
 
 pub mod backend;
 pub mod c2d;
@@ -76,6 +80,9 @@ pub struct HubConfig {
     pub durability: Durability,
     /// Event log segment size. Default 64 MiB.
     pub segment_bytes: u64,
+    /// D2C messages are refused while the data directory's disk has less free space than this,
+    /// which keeps room for C2D, checkpoints and the registry. Default 64 MiB.
+    pub disk_reserve_bytes: u64,
     /// Drop events older than this. Default 1 day.
     pub retention_age: Duration,
     /// Keep at most about this many bytes per partition. Default 10 GiB.
@@ -138,6 +145,7 @@ impl HubConfig {
             partitions: 4,
             durability: Durability::Always,
             segment_bytes: 64 * 1024 * 1024,
+            disk_reserve_bytes: 64 * 1024 * 1024,
             retention_age: Duration::from_secs(86_400),
             retention_bytes: 10 * 1024 * 1024 * 1024,
             retention_interval: Duration::from_secs(60),
@@ -178,6 +186,9 @@ pub struct HubStats {
     pub d2c_messages: AtomicU64,
     /// D2C body bytes appended.
     pub d2c_bytes: AtomicU64,
+    /// D2C messages refused because the store could not take them (a full disk, a damaged
+    /// partition); the connection is closed and the device retries from its outbox.
+    pub d2c_refused: AtomicU64,
     /// Events delivered to consumers (including redeliveries).
     pub events_delivered: AtomicU64,
     /// D2C messages the backend recognised as re-sends (de-duplicated by message id).
@@ -418,7 +429,7 @@ impl Hub {
             return Err(Error::invalid("the hub needs at least one listener (mqtt or mqtts)"));
         }
         let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::storage(format!("create {}", dir.display()), e))?;
+        crate::store::io::create_dir_durable(&*crate::store::io::real(), &dir)?;
         let backend: Arc<dyn Backend> = match config.backend.clone() {
             None => embedded::Embedded::open(&config).await?,
             Some(c) => c.connect(&config).await?,

@@ -277,6 +277,9 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
         if matches!(e.kind(), ErrorKind::Protocol | ErrorKind::Unauthorized | ErrorKind::MessageTooLarge) {
             shared.stats.violations.fetch_add(1, Ordering::Relaxed);
             shared.log_violation(&peer, &e);
+        } else if e.kind() == ErrorKind::Storage {
+            // E.g. a full disk: the device keeps the message in its outbox and retries.
+            shared.log_store_error("refusing the connection's messages: the store cannot take them", &e);
         } else {
             tracing::debug!(%peer, error = %e, "connection ended");
         }
@@ -537,6 +540,7 @@ impl DeviceSession<'_> {
                                         Ok(t) => t,
                                         Err(e) => {
                                             self.shared.stats.backend_errors.fetch_add(1, Ordering::Relaxed);
+                                            self.shared.stats.d2c_refused.fetch_add(1, Ordering::Relaxed);
                                             return Err(e);
                                         }
                                     };
@@ -638,6 +642,7 @@ impl DeviceSession<'_> {
         self.shared.budget.release(p.bytes);
         let a = r.inspect_err(|_| {
             self.shared.stats.backend_errors.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.d2c_refused.fetch_add(1, Ordering::Relaxed);
         })?;
         self.shared.stats.commit_latency.observe(p.submitted.elapsed());
         if a.duplicate {

@@ -16,31 +16,22 @@ pub struct TlsFiles {
 }
 
 /// Returns the files in `dir/tls/`, generating a self-signed certificate for `names` there first
-/// if none exists. The certificate is also the CA file clients must trust.
+/// if none exists. The certificate is also the CA file clients must trust. Both files are
+/// written atomically and fsync'd (the key readable by the owner only), the key first, so a
+/// crash leaves either no certificate (both are made again) or a matching pair.
 pub fn ensure_self_signed(dir: &Path, names: &[String]) -> Result<TlsFiles> {
     let tls_dir = dir.join("tls");
     let files = TlsFiles { cert: tls_dir.join("cert.pem"), key: tls_dir.join("key.pem") };
     if files.cert.exists() && files.key.exists() {
         return Ok(files);
     }
-    std::fs::create_dir_all(&tls_dir).map_err(|e| Error::storage(format!("create {}", tls_dir.display()), e))?;
+    let fs = crate::store::io::real();
+    crate::store::io::create_dir_durable(&*fs, &tls_dir)?;
     let ck = rcgen::generate_simple_self_signed(names.to_vec())
         .map_err(|e| Error::new(ErrorKind::Internal, format!("generating a self-signed certificate failed: {e}")))?;
-    write_private(&files.key, ck.key_pair.serialize_pem().as_bytes())?;
-    std::fs::write(&files.cert, ck.cert.pem()).map_err(|e| Error::storage(format!("write {}", files.cert.display()), e))?;
+    crate::store::io::write_atomic(&*fs, &files.key, ck.key_pair.serialize_pem().as_bytes(), true)?;
+    crate::store::io::write_atomic(&*fs, &files.cert, ck.cert.pem().as_bytes(), false)?;
     Ok(files)
-}
-
-fn write_private(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    opts.mode(0o600);
-    let mut f = opts.open(path).map_err(|e| Error::storage(format!("write {}", path.display()), e))?;
-    f.write_all(data).map_err(|e| Error::storage(format!("write {}", path.display()), e))
 }
 
 /// Builds a rustls server configuration from PEM files.

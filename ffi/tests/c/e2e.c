@@ -35,7 +35,10 @@ static hubmsg_device *new_device(const char *id, const char *outbox) {
     OK(hubmsg_device_options_from_connection_string(cs, &o));
     hubmsg_string_free(cs);
     OK(hubmsg_device_options_set_retry(o, 20, 200, 2.0, 10, HUBMSG_FOREVER));
-    if (outbox) OK(hubmsg_device_options_set_outbox_dir(o, outbox));
+    if (outbox)
+        OK(hubmsg_device_options_set_outbox_dir(o, outbox));
+    else
+        OK(hubmsg_device_options_set_outbox_in_memory(o, 1)); /* these tests need no durability */
     hubmsg_device *d = NULL;
     OK(hubmsg_device_new(o, &d));
     hubmsg_device_options_free(o);

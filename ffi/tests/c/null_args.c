@@ -90,7 +90,9 @@ static void device_options(void) {
     INVALID(hubmsg_device_options_set_sas_token(o, NULL));
     INVALID(hubmsg_device_options_set_sas_token(o, "garbage"));
     INVALID(hubmsg_device_options_set_outbox_dir(NULL, "/tmp/x"));
-    OK(hubmsg_device_options_set_outbox_dir(o, NULL)); /* NULL = in memory */
+    OK(hubmsg_device_options_set_outbox_dir(o, NULL)); /* NULL = the default directory */
+    INVALID(hubmsg_device_options_set_outbox_in_memory(NULL, 1));
+    OK(hubmsg_device_options_set_outbox_in_memory(o, 1));
     INVALID(hubmsg_device_options_set_outbox_limits(NULL, 1, 1, HUBMSG_OVERFLOW_REJECT));
     INVALID(hubmsg_device_options_set_outbox_limits(o, 0, 1, HUBMSG_OVERFLOW_REJECT));
     INVALID(hubmsg_device_options_set_outbox_limits(o, 1, 0, HUBMSG_OVERFLOW_REJECT));

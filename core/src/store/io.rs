@@ -1,0 +1,266 @@
+//! The one seam every store file operation goes through ([`Fs`], [`FileIo`]), its real backend
+//! ([`RealFs`]), and the helpers built only on the seam: durable directory creation, atomic file
+//! replacement, the directory lock. Tests put a simulated machine behind the same traits that can
+//! lose power at any point (`store/sim.rs`).
+//!
+//! Invariants: nothing in `store/` touches `std::fs` except [`RealFs`]; a directory created by
+//! [`create_dir_durable`] survives power loss once it returns; [`write_atomic`] leaves either the
+//! old or the new content, never a mix, even across power loss.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// An open file of the store. All I/O is positioned (no shared cursor), so concurrent readers
+/// and one writer need no coordination beyond the log's own bookkeeping.
+pub(crate) trait FileIo: Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `off`.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `off` (on an error, a prefix may have been written).
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    /// The file's size.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// fdatasync: makes the data (and the size) durable.
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+/// The file system operations of the store.
+pub(crate) trait Fs: Send + Sync + 'static {
+    /// Creates one directory (its parent exists). `AlreadyExists` if it does.
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
+    /// Whether `path` is an existing directory.
+    fn is_dir(&self, path: &Path) -> bool;
+    /// Names of the entries of a directory.
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Opens a file for reading and writing, creating it (empty, with `mode`) if `create`.
+    fn open(&self, path: &Path, create: bool, mode: u32) -> io::Result<Arc<dyn FileIo>>;
+    /// Renames within one directory, replacing the target.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// fsyncs a directory, making its entries durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Bytes available to unprivileged writers on the file system holding `path`.
+    fn free_bytes(&self, path: &Path) -> io::Result<u64>;
+    /// Takes the exclusive lock of `dir` (the file `dir/lock`), recording this process's id in
+    /// it. `Err(Some(pid))` names the holder when another opener has it.
+    fn lock(&self, dir: &Path) -> std::result::Result<Box<dyn std::any::Any + Send + Sync>, LockError>;
+    /// The process id recorded in a lock file, if readable.
+    fn lock_holder(&self, dir: &Path) -> Option<u32> {
+        let f = self.open(&dir.join(LOCK_FILE), false, 0o644).ok()?;
+        let n = f.len().ok()? as usize;
+        let mut b = vec![0; n.min(32)];
+        f.read_at(&mut b, 0).ok()?;
+        String::from_utf8_lossy(&b).trim().parse().ok()
+    }
+}
+
+/// Why a directory lock was not taken.
+#[derive(Debug)]
+pub(crate) enum LockError {
+    /// Another opener holds it (its pid, if recorded).
+    Held(Option<u32>),
+    /// The lock file could not be opened or locked.
+    Io(io::Error),
+}
+
+/// The lock file every store directory and the hub's data directory carry.
+pub(crate) const LOCK_FILE: &str = "lock";
+
+/// Reads a whole file; `Ok(None)` if it does not exist.
+pub(crate) fn read_file(fs: &dyn Fs, path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let f = match fs.open(path, false, 0o644) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut b = vec![0; f.len()? as usize];
+    f.read_at(&mut b, 0)?;
+    Ok(Some(b))
+}
+
+/// A `Storage` error for a failed operation on `path`.
+pub(crate) fn io_err<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |e| {
+        let hint = if e.raw_os_error() == Some(libc::ENOSPC) { " (the disk is full; free space and it continues)" } else { "" };
+        Error::storage(format!("{what} {}{hint}", path.display()), e)
+    }
+}
+
+/// Creates `dir` and any missing parents so that they survive power loss: each new directory's
+/// parent is fsync'd after it is created.
+pub(crate) fn create_dir_durable(fs: &dyn Fs, dir: &Path) -> Result<()> {
+    if fs.is_dir(dir) {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if d.as_os_str().is_empty() || fs.is_dir(d) {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        p = d.parent();
+    }
+    for d in missing.iter().rev() {
+        match fs.create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err("create directory", d)(e)),
+        }
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs.sync_dir(parent).map_err(io_err("fsync directory", parent))?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces `path` with `data` atomically and durably: a temp file beside it, fsync, rename,
+/// fsync the directory. `private` creates it readable by the owner only (keys).
+pub(crate) fn write_atomic(fs: &dyn Fs, path: &Path, data: &[u8], private: bool) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = path.as_os_str().to_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = fs.remove(&tmp); // a leftover would keep its old permissions
+    let f = fs.open(&tmp, true, if private { 0o600 } else { 0o644 }).map_err(io_err("create", &tmp))?;
+    f.set_len(0).map_err(io_err("truncate", &tmp))?;
+    f.write_at(data, 0).map_err(io_err("write", &tmp))?;
+    f.sync_data().map_err(io_err("fsync", &tmp))?;
+    drop(f);
+    fs.rename(&tmp, path).map_err(io_err("rename", &tmp))?;
+    fs.sync_dir(dir).map_err(io_err("fsync directory", dir))
+}
+
+/// Takes the lock of a store directory, with an error that names the holder.
+pub(crate) fn lock_dir(fs: &dyn Fs, dir: &Path, what: &str) -> Result<Box<dyn std::any::Any + Send + Sync>> {
+    fs.lock(dir).map_err(|e| match e {
+        LockError::Held(pid) => {
+            let who = match pid {
+                Some(p) if p == std::process::id() => format!("this process (pid {p}) has it open already"),
+                Some(p) => format!("process {p} has it open"),
+                None => "another process has it open".to_string(),
+            };
+            Error::new(
+                ErrorKind::Storage,
+                format!(
+                    "{what} {} is in use: {who}; stop that process or use another directory (two writers would lose data)",
+                    dir.display()
+                ),
+            )
+        }
+        LockError::Io(e) => io_err("lock", dir)(e),
+    })
+}
+
+/// The real file system.
+pub(crate) struct RealFs;
+
+struct RealFile(std::fs::File);
+
+impl FileIo for RealFile {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, buf, off)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+struct RealLock(#[allow(dead_code)] std::fs::File);
+
+impl Fs for RealFs {
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir(path)
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        path.is_dir()
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        std::fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect()
+    }
+    fn open(&self, path: &Path, create: bool, mode: u32) -> io::Result<Arc<dyn FileIo>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(create).mode(mode).open(path)?;
+        Ok(Arc::new(RealFile(f)))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        std::fs::File::open(dir)?.sync_all()
+    }
+    fn free_bytes(&self, path: &Path) -> io::Result<u64> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid NUL-terminated path and `s` a writable statvfs.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(s.f_bavail as u64 * s.f_frsize as u64)
+    }
+    fn lock(&self, dir: &Path) -> std::result::Result<Box<dyn std::any::Any + Send + Sync>, LockError> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let path = dir.join(LOCK_FILE);
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(LockError::Io)?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                LockError::Held(self.lock_holder(dir))
+            } else {
+                LockError::Io(e)
+            });
+        }
+        f.set_len(0).map_err(LockError::Io)?;
+        write!(f, "{}", std::process::id()).map_err(LockError::Io)?;
+        Ok(Box::new(RealLock(f)))
+    }
+}
+
+/// The real file system as a shared handle.
+pub(crate) fn real() -> Arc<dyn Fs> {
+    Arc::new(RealFs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_durable_dirs_and_locks_on_the_real_file_system() {
+        let t = tempfile::tempdir().unwrap();
+        let fs = RealFs;
+        let d = t.path().join("a/b/c");
+        create_dir_durable(&fs, &d).unwrap();
+        assert!(d.is_dir());
+        write_atomic(&fs, &d.join("f"), b"one", false).unwrap();
+        write_atomic(&fs, &d.join("f"), b"two", true).unwrap();
+        assert_eq!(std::fs::read(d.join("f")).unwrap(), b"two");
+        assert!(!d.join("f.tmp").exists());
+        let held = lock_dir(&fs, &d, "store").unwrap();
+        let e = lock_dir(&fs, &d, "store").err().unwrap();
+        assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
+        drop(held);
+        lock_dir(&fs, &d, "store").unwrap();
+        assert!(fs.free_bytes(&d).unwrap() > 0);
+    }
+}
