@@ -642,10 +642,9 @@ fn settle_topic(topic: &str) -> Result<(c2d::Settle, u64)> {
     Ok((how, seq))
 }
 
-/// The D2C message a device's PUBLISH carries, or the violation that closes the connection:
-/// QoS 2, a topic that is not the device's own D2C topic (or has wildcards / NUL), a malformed
-/// property bag, a bad message id, more than 256 KB (reference §4.5). Pure: no I/O.
-pub fn d2c_message(device_id: &str, p: Publish) -> Result<Message> {
+/// The device's own D2C topic of `p`, or the violation: QoS 2, wildcards or NUL in the topic, not
+/// the device's D2C topic.
+fn d2c_topic<'a>(device_id: &str, p: &'a Publish) -> Result<wire::D2cTopic<'a>> {
     if p.qos == QoS::ExactlyOnce {
         return Err(Error::protocol("QoS 2 is not supported (IoT Hub closes the connection)"));
     }
@@ -655,7 +654,14 @@ pub fn d2c_message(device_id: &str, p: Publish) -> Result<Message> {
     if topic.device_id != device_id || topic.module_id.is_some() {
         return Err(denied());
     }
-    let bag = wire::decode_bag(topic.bag).map_err(|e| Error::protocol(format!("malformed property bag: {e}")))?;
+    Ok(topic)
+}
+
+/// The D2C message a device's PUBLISH carries, or the violation that closes the connection:
+/// QoS 2, a topic that is not the device's own D2C topic (or has wildcards / NUL), a malformed
+/// property bag, a bad message id, more than 256 KB (reference §4.5). Pure: no I/O.
+pub fn d2c_message(device_id: &str, p: Publish) -> Result<Message> {
+    let bag = wire::decode_bag(d2c_topic(device_id, &p)?.bag).map_err(|e| Error::protocol(format!("malformed property bag: {e}")))?;
     let mut msg = Message::new(p.payload);
     wire::apply_bag(&mut msg, bag).map_err(|e| Error::protocol(format!("malformed property bag: {e}")))?;
     if let Some(id) = &msg.message_id {
@@ -676,15 +682,7 @@ pub fn d2c_message(device_id: &str, p: Publish) -> Result<Message> {
 /// in place instead of decoding it into owned strings. Returns the message id (for de-dup).
 pub(crate) fn d2c_record(device_id: &str, p: &Publish, stamps: &[(&str, &str)], out: &mut bytes::BytesMut) -> Result<Option<String>> {
     use std::borrow::Cow;
-    if p.qos == QoS::ExactlyOnce {
-        return Err(Error::protocol("QoS 2 is not supported (IoT Hub closes the connection)"));
-    }
-    wire::check_topic_name(&p.topic)?;
-    let denied = || Error::new(ErrorKind::Unauthorized, format!("device '{device_id}' may not publish to '{}'", p.topic.escape_debug()));
-    let topic = wire::parse_d2c_topic(&p.topic).ok_or_else(denied)?;
-    if topic.device_id != device_id || topic.module_id.is_some() {
-        return Err(denied());
-    }
+    let topic = d2c_topic(device_id, p)?;
     // The message id, correlation id, user id, content type and content encoding, in that order.
     let mut fixed: [Option<Cow<'_, str>>; 5] = Default::default();
     let mut times: [Option<u64>; 2] = [None, None];
