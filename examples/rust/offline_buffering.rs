@@ -80,7 +80,7 @@ async fn main() -> hubmsg_core::Result<()> {
     let mut duplicates = 0;
     while seen.len() < count {
         let Some(ev) = stream.next_timeout(Duration::from_secs(30)).await? else { break };
-        if let Some(n) = ev.message.message_id.as_deref().and_then(|m| m.strip_prefix("offline-")).and_then(|n| n.parse::<usize>().ok()) {
+        if let Some(n) = ev.message().message_id.as_deref().and_then(|m| m.strip_prefix("offline-")).and_then(|n| n.parse::<usize>().ok()) {
             duplicates += usize::from(!seen.insert(n));
         }
         ev.ack();

@@ -46,7 +46,7 @@ async fn main() -> hubmsg_core::Result<()> {
     let mut events = 0;
     while events < count {
         let Some(ev) = stream.next_timeout(Duration::from_secs(30)).await? else { break };
-        println!("[{} p{} #{}] {}", ev.device_id(), ev.partition, ev.sequence_number, String::from_utf8_lossy(&ev.message.body));
+        println!("[{} p{} #{}] {}", ev.device_id(), ev.partition, ev.sequence_number, String::from_utf8_lossy(&ev.message().body));
         ev.ack();
         events += 1;
     }
