@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of every layer; each layer ends with its runner's summary line.
-# Usage: tests/all.sh   (from anywhere; needs the Rust toolchain, gcc, valgrind for CI=true, and
-# Python >= 3.9 with pip and venv for the Python layer)
+# Usage: tests/all.sh   (from anywhere; needs the Rust toolchain, gcc, valgrind for CI=true,
+# Python >= 3.9 with pip and venv for the Python layer, Node >= 20 with npm for the Node and e2e
+# layers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
@@ -114,4 +115,12 @@ fi
 
 echo "== layer: python (pip install ./bindings/python into target/py-venv; pytest, stubtest, mypy --strict, bench --quick) =="
 tests/python.sh || status=1
+
+echo "== layer: node (npm install ./bindings/node; node --test, the types drift check, tsc) =="
+tests/node.sh || status=1
+
+# One hubmsg hub process, a C, a Python and a Node device, a Python and a Node service in one
+# consumer group; the hub is SIGKILLed and restarted mid-run (uses the python layer's venv).
+echo "== layer: e2e (the four-language end-to-end test) =="
+tests/e2e.sh || status=1
 exit "$status"

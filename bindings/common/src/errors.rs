@@ -24,6 +24,11 @@ pub struct KindNames {
     pub python_builtin_base: Option<&'static str>,
 }
 
+/// The C result-code name of a kind, which is also its Node `err.code` (`HUBMSG_QUEUE_FULL`).
+pub fn c_name(kind: ErrorKind) -> String {
+    format!("HUBMSG_{}", kind.code())
+}
+
 /// The Python class name of a kind (see the module doc).
 pub fn python_class_name(kind: ErrorKind) -> String {
     if kind == ErrorKind::Timeout {
@@ -58,7 +63,7 @@ pub fn table() -> Vec<KindNames> {
         .map(|kind| KindNames {
             kind,
             code: kind.code(),
-            c_name: format!("HUBMSG_{}", kind.code()),
+            c_name: c_name(kind),
             python_class: python_class_name(kind),
             python_builtin_base: python_builtin_base(kind),
         })

@@ -1,11 +1,19 @@
 //! One incoming stream (C2D messages, feedback batches, D2C events) consumed either by pull
 //! (blocking `recv(timeout)` from an application thread, or an async [`Inbox::next`]) or by a
-//! callback on the client's callback thread — one or the other, fixed by the first use.
+//! callback — on the client's callback thread ([`Inbox::set_callback`]), or a non-blocking sink
+//! called on the pump task itself ([`Inbox::forward`], e.g. a Node threadsafe function) — one
+//! or the other, fixed by the first use.
 //!
-//! Shape: a pump task on the runtime owns the core stream and forwards every item to the chosen
-//! sink (a channel that pulls read, or jobs for the [`Dispatcher`]). The pump is the only code
-//! that polls the stream, so control requests a source needs (an event stream's checkpoint) are
-//! served from inside [`Source::next`].
+//! Shape: a pump task on the runtime (any [`Spawner`]) owns the core stream and forwards every
+//! item to the chosen sink (a channel that pulls read, jobs for the [`Dispatcher`], or the
+//! forward sink). The pump is the only code that polls the stream, so control requests a source
+//! needs (an event stream's checkpoint) are served from inside [`Source::next`].
+//!
+//! Bounds: the pump reads as fast as the sink takes, and the channel to pulls is unbounded, but
+//! every core stream is bounded upstream by the hub's delivery window — unsettled C2D messages
+//! (`c2d_window`), unacknowledged events (1,000 per partition and 8 MiB per consumer), unacknowledged
+//! feedback batches — so a slow consumer holds back delivery instead of growing a buffer.
+//! [`Inbox::buffered`] says how many items wait for a pull.
 //!
 //! Invariants: a pull is cancel-safe — dropping a pending [`Inbox::next`] (a timeout, a
 //! cancelled `await`) loses no item; an item a binding could not hand over after all (its
@@ -14,6 +22,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +32,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::dispatch::Dispatcher;
-use crate::runtime::{block_on, Runtime};
+use crate::runtime::{block_on, Runtime, Spawner};
 
 /// A core stream as the pump sees it.
 pub trait Source: Send + 'static {
@@ -50,6 +59,8 @@ pub struct Inbox<S: Source> {
     state: Mutex<State<S>>,
     /// Items handed back by [`Inbox::give_back`], pulled before the channel.
     returned: Arc<Mutex<VecDeque<S::Item>>>,
+    /// Items the pump put in the pull channel that no pull took yet.
+    queued: Arc<AtomicUsize>,
     pump: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -57,7 +68,13 @@ impl<S: Source> Inbox<S> {
     /// An inbox that opens its source with `open` on first use; `what` names the items in
     /// messages (`"C2D messages"`).
     pub fn lazy(what: &'static str, open: impl FnOnce() -> Result<S> + Send + 'static) -> Inbox<S> {
-        Inbox { what, state: Mutex::new(State::Lazy(Box::new(open))), returned: Arc::default(), pump: Mutex::new(None) }
+        Inbox {
+            what,
+            state: Mutex::new(State::Lazy(Box::new(open))),
+            returned: Arc::default(),
+            queued: Arc::default(),
+            pump: Mutex::new(None),
+        }
     }
 
     /// What the items are called.
@@ -82,8 +99,13 @@ impl<S: Source> Inbox<S> {
         }
     }
 
-    fn spawn_pump(&self, rt: &Runtime, mut source: S, mut deliver: impl FnMut(Result<S::Item>) -> bool + Send + 'static) {
-        let task = rt.spawn(async move {
+    /// How many items wait for a pull: received from the stream (or given back) and not taken.
+    pub fn buffered(&self) -> usize {
+        self.queued.load(Ordering::SeqCst) + self.returned.lock().len()
+    }
+
+    fn spawn_pump(&self, rt: &impl Spawner, mut source: S, mut deliver: impl FnMut(Result<S::Item>) -> bool + Send + 'static) {
+        let task = rt.handle().spawn(async move {
             while let Some(item) = source.next().await {
                 if !deliver(item) {
                     break;
@@ -95,33 +117,42 @@ impl<S: Source> Inbox<S> {
 
     /// Switches to pull mode if not consumed yet (no-op when already in pull mode) and returns
     /// the receiver pulls read.
-    fn pull_rx(&self, rt: &Runtime) -> Result<PullRx<S::Item>> {
+    fn pull_rx(&self, rt: &impl Spawner) -> Result<PullRx<S::Item>> {
         let mut state = self.state.lock();
         if let State::Pull(rx) = &*state {
             return Ok(rx.clone());
         }
         let source = self.open(&mut state)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.spawn_pump(rt, source, move |item| tx.send(item).is_ok());
+        let queued = self.queued.clone();
+        self.spawn_pump(rt, source, move |item| {
+            queued.fetch_add(1, Ordering::SeqCst);
+            let sent = tx.send(item).is_ok();
+            if !sent {
+                queued.fetch_sub(1, Ordering::SeqCst);
+            }
+            sent
+        });
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         *state = State::Pull(rx.clone());
         Ok(rx)
     }
 
     /// Switches to pull mode if not consumed yet (no-op when already in pull mode).
-    pub fn start_pull(&self, rt: &Runtime) -> Result<()> {
+    pub fn start_pull(&self, rt: &impl Spawner) -> Result<()> {
         self.pull_rx(rt).map(drop)
     }
 
     /// The next item within `timeout` (`None`: wait as long as it takes): `Ok(None)` on
     /// timeout, `Closed` when the stream ended. Cancel-safe. Switches to pull mode on first use
     /// (`Usage` if a callback consumes the stream).
-    pub fn next(&self, rt: &Runtime, timeout: Option<Duration>) -> impl Future<Output = Result<Option<S::Item>>> + Send + 'static
+    pub fn next(&self, rt: &impl Spawner, timeout: Option<Duration>) -> impl Future<Output = Result<Option<S::Item>>> + Send + 'static
     where
         S::Item: Send,
     {
         let rx = self.pull_rx(rt);
         let returned = self.returned.clone();
+        let queued = self.queued.clone();
         let what = self.what;
         async move {
             let rx = rx?;
@@ -131,7 +162,11 @@ impl<S: Source> Inbox<S> {
             }
             let recv = async {
                 let mut rx = rx.lock().await;
-                rx.recv().await
+                let got = rx.recv().await;
+                if got.is_some() {
+                    queued.fetch_sub(1, Ordering::SeqCst);
+                }
+                got
             };
             let got = match timeout {
                 Some(t) => match tokio::time::timeout(t, recv).await {
@@ -163,17 +198,15 @@ impl<S: Source> Inbox<S> {
     /// Switches to callback mode: every item becomes a job on `dispatcher` that runs `deliver`.
     pub fn set_callback(
         &self,
-        rt: &Runtime,
+        rt: &impl Spawner,
         dispatcher: &Arc<Dispatcher>,
         deliver: impl Fn(S::Item) + Send + Sync + 'static,
     ) -> Result<()> {
         dispatcher.start()?;
-        let mut state = self.state.lock();
-        let source = self.open(&mut state)?;
         let deliver = Arc::new(deliver);
         let dispatcher = dispatcher.clone();
         let what = self.what;
-        self.spawn_pump(rt, source, move |item| match item {
+        self.forward(rt, move |item| match item {
             Ok(item) => {
                 let deliver = deliver.clone();
                 dispatcher.post(move || deliver(item));
@@ -183,7 +216,16 @@ impl<S: Source> Inbox<S> {
                 tracing::error!(stream = what, error = %e, "stream failed; no more callbacks");
                 false
             }
-        });
+        })
+    }
+
+    /// Switches to callback mode with a sink the pump task calls itself, for each item and for a
+    /// stream error, until it returns false. The sink must not block (it runs on a runtime
+    /// thread): it hands the item on, e.g. to a Node threadsafe function.
+    pub fn forward(&self, rt: &impl Spawner, deliver: impl FnMut(Result<S::Item>) -> bool + Send + 'static) -> Result<()> {
+        let mut state = self.state.lock();
+        let source = self.open(&mut state)?;
+        self.spawn_pump(rt, source, deliver);
         *state = State::Callback;
         Ok(())
     }
@@ -260,6 +302,56 @@ mod tests {
         inbox.give_back(got);
         assert_eq!(inbox.recv(&rt, Duration::from_secs(5)).unwrap(), Some(7));
         assert_eq!(inbox.recv(&rt, Duration::from_secs(5)).unwrap(), Some(8));
+    }
+
+    #[test]
+    fn buffered_counts_items_waiting_for_a_pull() {
+        let rt = runtime().unwrap();
+        let (inbox, tx) = inbox();
+        inbox.start_pull(&rt).unwrap();
+        for n in 0..3 {
+            tx.send(n).unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while inbox.buffered() < 3 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(inbox.buffered(), 3);
+        let first = inbox.recv(&rt, Duration::from_secs(5)).unwrap().unwrap();
+        assert_eq!(inbox.buffered(), 2);
+        inbox.give_back(first);
+        assert_eq!(inbox.buffered(), 3);
+    }
+
+    #[test]
+    fn forward_runs_the_sink_on_the_pump_of_a_borrowed_runtime_until_it_says_stop() {
+        // A runtime the host owns (as napi-rs's is for Node), borrowed by its handle.
+        let host = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let handle = host.handle().clone();
+        let (inbox, tx) = inbox();
+        let (seen_tx, seen) = std::sync::mpsc::channel();
+        inbox
+            .forward(&handle, move |n| {
+                let n = n.unwrap();
+                seen_tx.send((n, tokio::runtime::Handle::try_current().is_ok())).unwrap();
+                n < 2
+            })
+            .unwrap();
+        for n in 0..5 {
+            tx.send(n).unwrap();
+        }
+        let got: Vec<_> = (0..3).map(|_| seen.recv_timeout(Duration::from_secs(5)).unwrap()).collect();
+        assert_eq!(got, vec![(0, true), (1, true), (2, true)]);
+        assert!(seen.recv_timeout(Duration::from_millis(50)).is_err(), "the sink ran after it said stop");
+        let err = rt_free_next(&inbox, &handle);
+        assert_eq!(err.kind(), ErrorKind::Usage);
+        if let Some(t) = inbox.stop_task() {
+            let _ = host.block_on(t);
+        }
+    }
+
+    fn rt_free_next(inbox: &Inbox<Chan>, handle: &tokio::runtime::Handle) -> Error {
+        handle.block_on(inbox.next(handle, Some(Duration::from_millis(1)))).unwrap_err()
     }
 
     #[test]

@@ -107,6 +107,31 @@ pub fn runtime() -> Result<Rt> {
     Ok(rt)
 }
 
+/// Where a binding's tasks (stream pumps) run: this crate's process [`Runtime`] (C, Python), or
+/// a runtime the host owns, by its [`tokio::runtime::Handle`] (Node borrows napi-rs's).
+pub trait Spawner {
+    /// The runtime's handle.
+    fn handle(&self) -> &tokio::runtime::Handle;
+}
+
+impl Spawner for Runtime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.rt.handle()
+    }
+}
+
+impl Spawner for tokio::runtime::Handle {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self
+    }
+}
+
+impl<T: Spawner + ?Sized> Spawner for Arc<T> {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        (**self).handle()
+    }
+}
+
 /// Whether the current thread is a tokio runtime thread (ours or the host application's).
 pub fn on_runtime_thread() -> bool {
     tokio::runtime::Handle::try_current().is_ok()

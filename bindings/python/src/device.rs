@@ -11,12 +11,11 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hubmsg_bind::sources::C2dSource;
-use hubmsg_bind::{Inbox, Rt};
+use hubmsg_bind::{outcome_name, Inbox, Rt, SharedOutcome};
 use hubmsg_core::device::{C2dMessage, Delivery};
 use hubmsg_core::outbox::{Outcome, Overflow};
 use hubmsg_core::retry::RetryPolicy;
@@ -264,15 +263,6 @@ async fn connect_future(opts: DeviceOptions, rt: Rt) -> hubmsg_core::Result<PyDe
             rt,
         }),
     })
-}
-
-fn outcome_name(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Delivered => "delivered",
-        Outcome::Expired => "expired",
-        Outcome::Dropped => "dropped",
-        Outcome::Rejected => "rejected",
-    }
 }
 
 /// One send's inputs as a Python object: a `Message`, or a body.
@@ -785,71 +775,25 @@ impl PyDeviceStats {
 // ---------------------------------------------------------------------------------------------
 // Outcomes
 
-type OutcomeFuture = Pin<Box<dyn Future<Output = hubmsg_core::Result<Outcome>> + Send>>;
-
-struct OutcomeState {
-    fut: Option<OutcomeFuture>,
-}
-
 /// The outcome of one sent message: poll `outcome` or `wait()` for it.
 #[pyclass(module = "hubmsg", name = "Delivery", frozen)]
 pub(crate) struct PyDelivery {
-    message_id: String,
-    sequence_number: u64,
-    state: Arc<tokio::sync::Mutex<OutcomeState>>,
-    result: Arc<Mutex<Option<hubmsg_core::Result<Outcome>>>>,
+    outcome: SharedOutcome,
 }
 
 impl PyDelivery {
     fn new(d: Delivery) -> PyDelivery {
-        PyDelivery {
-            message_id: d.message_id.clone(),
-            sequence_number: d.seq,
-            state: Arc::new(tokio::sync::Mutex::new(OutcomeState { fut: Some(Box::pin(d.outcome())) })),
-            result: Arc::default(),
-        }
+        PyDelivery { outcome: SharedOutcome::new(d) }
     }
 
     /// The outcome once known, without waiting.
     fn poll(&self) -> Option<hubmsg_core::Result<Outcome>> {
-        if let Some(r) = self.result.lock().clone() {
-            return Some(r);
-        }
-        let mut g = self.state.try_lock().ok()?;
-        let fut = g.fut.as_mut()?;
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match fut.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(r) => {
-                g.fut = None;
-                *self.result.lock() = Some(r.clone());
-                Some(r)
-            }
-            std::task::Poll::Pending => None,
-        }
+        self.outcome.poll()
     }
 
     fn wait_future(&self, timeout: Option<Duration>) -> impl Future<Output = hubmsg_core::Result<&'static str>> + Send + 'static {
-        let state = self.state.clone();
-        let result = self.result.clone();
-        let id = self.message_id.clone();
-        async move {
-            let get = async {
-                let mut g = state.lock().await;
-                if let Some(fut) = g.fut.as_mut() {
-                    let r = fut.await;
-                    g.fut = None;
-                    *result.lock() = Some(r);
-                }
-                result.lock().clone().expect("set once the future is gone")
-            };
-            let r = match timeout {
-                Some(t) => tokio::time::timeout(t, get)
-                    .await
-                    .map_err(|_| Error::new(ErrorKind::Timeout, format!("message '{id}' has no outcome after {t:?}; it stays queued")))?,
-                None => get.await,
-            };
-            r.map(outcome_name)
-        }
+        let wait = self.outcome.wait(timeout);
+        async move { wait.await.map(outcome_name) }
     }
 }
 
@@ -858,13 +802,13 @@ impl PyDelivery {
     /// The message id (the one given, or the generated UUID).
     #[getter]
     fn message_id(&self) -> &str {
-        &self.message_id
+        self.outcome.message_id()
     }
 
     /// The message's sequence number in the outbox.
     #[getter]
     fn sequence_number(&self) -> u64 {
-        self.sequence_number
+        self.outcome.sequence_number()
     }
 
     /// "delivered", "expired", "dropped" or "rejected" once known, else None. Raises
@@ -902,7 +846,7 @@ impl PyDelivery {
             Some(Ok(o)) => outcome_name(o).to_string(),
             Some(Err(e)) => e.kind().code().to_lowercase(),
         };
-        format!("<Delivery {} {o}>", self.message_id)
+        format!("<Delivery {} {o}>", self.outcome.message_id())
     }
 }
 

@@ -1,0 +1,4 @@
+//! napi-rs build setup (on Linux: cfgs and rerun lines only).
+fn main() {
+    napi_build::setup();
+}
