@@ -628,7 +628,7 @@ pub struct Event {
 
 impl Event {
     fn new(event: CoreEvent) -> Event {
-        Event { msg: Message::clone(&event.message), event }
+        Event { msg: Message::clone(event.message()), event }
     }
 }
 
