@@ -1832,4 +1832,36 @@ mod tests {
         assert_eq!(all[777].payload, "record 777");
         assert_eq!(log.read(500, 1, 1 << 20).unwrap()[0].seq, 500);
     }
+
+    /// A version-1 frame (24-byte header, the CRC over seq, timestamp and payload).
+    fn v1_frame(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
+        let mut tail = seq.to_le_bytes().to_vec();
+        tail.extend_from_slice(&seq.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&tail), payload);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&tail);
+        out.extend_from_slice(payload);
+    }
+
+    #[test]
+    fn a_damaged_old_format_segment_serves_its_records_up_to_the_damage() {
+        // Found by fuzz/store_frames: a version-1 segment with damage followed by valid records
+        // is kept as it is (read-only up to the damage), and reads must parse its frames in its
+        // own format.
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Vec::new();
+        for s in 1..=4u64 {
+            v1_frame(&mut seg, s, format!("old {s}").as_bytes());
+        }
+        let second = 24 + 5;
+        seg[second + 8] ^= 0x40; // record 2's sequence number
+        std::fs::write(dir.path().join(recover::segment_name(1)), &seg).unwrap();
+        let log = Log::open(dir.path(), opts(1 << 20, Durability::Never)).unwrap();
+        let first = log.read(1, 10, 1 << 20).unwrap();
+        assert_eq!(first.iter().map(|r| (r.seq, r.payload.clone())).collect::<Vec<_>>(), vec![(1, Bytes::from_static(b"old 1"))]);
+        assert_eq!(log.read(2, 10, 1 << 20).unwrap_err().kind(), ErrorKind::Storage, "a read into the damage is an error");
+        assert_eq!(log.append(b"new").unwrap_err().kind(), ErrorKind::Storage, "read-only up to the damage");
+        assert_eq!(std::fs::read(dir.path().join(recover::segment_name(1))).unwrap(), seg, "the damaged segment is left as it was");
+    }
 }
