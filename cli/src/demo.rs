@@ -1,6 +1,6 @@
 //! `hubmsg demo`: the whole promise in one command. A hub runs as a child process (so it can be
 //! SIGKILLed and restarted mid-run); simulated devices reach it through a fault-injecting TCP
-//! link (random disconnects and stalls); a service consumes the D2C events with a consumer group
+//! link (cuts, stalls and latency: `hubmsg_cli::chaos`); a service consumes the D2C events with a consumer group
 //! of two members and sends C2D commands with `ack=full` that the devices complete, reject or
 //! abandon. At the end an accounting table shows what was sent, delivered, duplicated and lost
 //! in each direction; the exit status is 0 only when nothing was lost.
@@ -17,14 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use hubmsg_cli::chaos::{ChaosLink, Faults, Rng};
 use hubmsg_core::outbox::OutboxOptions;
 use hubmsg_core::proto::{AckMode, FeedbackStatus, StartPosition};
 use hubmsg_core::retry::RetryPolicy;
 use hubmsg_core::service::{C2dOptions, ServiceClient, ServiceOptions};
 use hubmsg_core::{DeviceClient, DeviceOptions, Error, ErrorKind, Message};
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::hubproc::{self, HubProcess};
 
@@ -59,112 +58,6 @@ struct Counters {
     c2d_completed: AtomicU64,
     c2d_rejected: AtomicU64,
     c2d_abandoned: AtomicU64,
-    cuts: AtomicU64,
-    stalls: AtomicU64,
-}
-
-/// A small deterministic generator (splitmix64) so `--seed` reproduces the chaos.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-/// Connects to the first hub node that accepts, starting at the `n`-th (round robin), as a TCP
-/// load balancer does: a dead node is skipped.
-async fn connect_any(ports: &[u16], n: u64) -> Option<TcpStream> {
-    for i in 0..ports.len() {
-        let port = ports[(n as usize + i) % ports.len()];
-        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)).await {
-            return Some(s);
-        }
-    }
-    None
-}
-
-/// A plain TCP load balancer over the hub nodes (the services' way in).
-async fn balancer(listener: TcpListener, hub_ports: Arc<Vec<u16>>) {
-    let mut n = 0u64;
-    loop {
-        let Ok((mut inbound, _)) = listener.accept().await else { continue };
-        n += 1;
-        let ports = hub_ports.clone();
-        tokio::spawn(async move {
-            if let Some(mut outbound) = connect_any(&ports, n).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            }
-        });
-    }
-}
-
-/// The fault-injecting link: forwards device connections to a live hub node (round robin),
-/// cutting each one after a random 1–6 s and stalling it now and then.
-/// Once `calm` is set (the drain phase) new connections are forwarded without cuts or stalls;
-/// the link itself keeps accepting until the demo ends, so devices can always come back.
-async fn chaos_proxy(listener: TcpListener, hub_ports: Arc<Vec<u16>>, seed: u64, calm: Arc<AtomicBool>, c: Arc<Counters>) {
-    let mut conn_no = 0u64;
-    loop {
-        let Ok((inbound, _)) = listener.accept().await else { continue };
-        let calm = calm.load(Ordering::Relaxed);
-        conn_no += 1;
-        let mut rng = Rng(seed ^ conn_no.wrapping_mul(0xA24B_AED4_963E_E407));
-        let c = c.clone();
-        let ports = hub_ports.clone();
-        tokio::spawn(async move {
-            let Some(outbound) = connect_any(&ports, conn_no).await else { return };
-            let life = if calm { Duration::from_secs(24 * 3600) } else { Duration::from_millis(1000 + rng.below(5000)) };
-            let stall_at = Duration::from_millis(rng.below(life.as_millis() as u64));
-            let stall_for = Duration::from_millis(100 + rng.below(900));
-            let stall = !calm && rng.below(2) == 0;
-            let (mut ir, mut iw) = inbound.into_split();
-            let (mut or, mut ow) = outbound.into_split();
-            let started = tokio::time::Instant::now();
-            let up = async {
-                let mut buf = vec![0u8; 16 * 1024];
-                let mut stalled = !stall;
-                loop {
-                    if !stalled && started.elapsed() >= stall_at {
-                        stalled = true;
-                        c.stalls.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(stall_for).await;
-                    }
-                    let n = match ir.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if ow.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            let down = async {
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    let n = match or.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if iw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            tokio::select! {
-                _ = up => {}
-                _ = down => {}
-                _ = tokio::time::sleep(life) => { c.cuts.fetch_add(1, Ordering::Relaxed); }
-            }
-        });
-    }
 }
 
 fn retry() -> RetryPolicy {
@@ -188,21 +81,19 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     let seed =
         a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
     let dir = tempfile::tempdir().map_err(|e| Error::storage("create a temporary directory", e))?;
-    let bind = |what: &'static str| async move {
-        let l = TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::storage(format!("bind the {what}"), e))?;
-        let port = l.local_addr().map_err(|e| Error::storage(format!("{what} address"), e))?.port();
-        Ok::<_, Error>((l, port))
-    };
-    let (proxy, proxy_port) = bind("chaos link").await?;
-    let (lb, lb_port) = bind("load balancer").await?;
     let mut cluster = Cluster::for_backend(&a.backend).await?;
     let nodes = if cluster.is_some() { 2 } else { 1 };
     let mut hub_ports = Vec::new();
     for _ in 0..nodes {
         hub_ports.push(hubproc::free_port()?);
     }
-    // Services reach the nodes through a plain balancer, devices through the chaos link; tokens
-    // may name either.
+    // Services reach the nodes through a plain balancer, devices through the chaos link (cuts
+    // after 1-6 s, half the connections stall once, half with latency), both round robin over
+    // the live nodes; tokens may name either, the hub's public addresses.
+    let targets: Vec<std::net::SocketAddr> = hub_ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
+    let link = ChaosLink::start(targets.clone(), seed, Faults::default()).await?;
+    let balance = ChaosLink::start(targets, seed, Faults::NONE).await?;
+    let (proxy_port, lb_port) = (link.port(), balance.port());
     let mut hub_args: Vec<String> = ["--feedback-interval", "200ms", "--public-address", &format!("127.0.0.1:{lb_port}")]
         .into_iter()
         .chain(["--public-address", &format!("127.0.0.1:{proxy_port}")])
@@ -227,12 +118,9 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
             a.devices
         ),
     }
-    let hub_ports = Arc::new(hub_ports);
 
     let c = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let link = tokio::spawn(chaos_proxy(proxy, hub_ports.clone(), seed, stop.clone(), c.clone()));
-    let balance = tokio::spawn(balancer(lb, hub_ports.clone()));
 
     let mut sopts = ServiceOptions::from_connection_string(&hubs[0].cs)?;
     sopts.retry = retry();
@@ -379,8 +267,8 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
             c.c2d_completed.load(Ordering::Relaxed),
             fbn,
             reconnects(&devices),
-            c.cuts.load(Ordering::Relaxed),
-            c.stalls.load(Ordering::Relaxed),
+            link.stats().cuts.load(Ordering::Relaxed),
+            link.stats().stalls.load(Ordering::Relaxed),
         )
     };
     while started.elapsed() < a.duration {
@@ -419,6 +307,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     // Drain: stop sending (and wait for the senders), deliver what devices hold, wait for the
     // consumer and the feedback.
     stop.store(true, Ordering::Relaxed);
+    link.calm();
     bar.set_message(status("draining"));
     for t in tasks.drain(..) {
         if !t.is_finished() {
@@ -505,8 +394,10 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
     println!("{:<36}{:>10}", "  LOST", c2d_lost);
     println!("{:<36}{:>10}", "chaos", "");
     println!("{:<36}{:>10}", "  device reconnects", reconnects(&devices));
-    println!("{:<36}{:>10}", "  link cuts", c.cuts.load(Ordering::Relaxed));
-    println!("{:<36}{:>10}", "  link stalls", c.stalls.load(Ordering::Relaxed));
+    let (_, cuts, stalls, delayed) = link.stats().snapshot();
+    println!("{:<36}{:>10}", "  link cuts", cuts);
+    println!("{:<36}{:>10}", "  link stalls", stalls);
+    println!("{:<36}{:>10}", "  connections with latency", delayed);
     match &cluster {
         None => println!("{:<36}{:>10}", "  hub SIGKILL + restart", 1),
         Some(cl) => {
@@ -518,8 +409,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         let _ = dev.close().await;
     }
     svc.close().await;
-    link.abort();
-    balance.abort();
+    drop((link, balance));
     for r in receivers.into_iter().chain(consumers) {
         r.abort();
     }

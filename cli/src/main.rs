@@ -28,8 +28,36 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser)]
 #[command(name = "hubmsg", version, about = "Reliable device <-> cloud messaging in the style of Azure IoT Hub")]
 struct Cli {
+    /// Longest wait between reconnect attempts of the clients this command runs (devices and
+    /// services): backoff starts at a tenth of it (at most 1 s) and doubles up to it. Default 60 s.
+    #[arg(long, global = true, value_parser = parse_duration)]
+    retry_max_delay: Option<Duration>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The reconnect policy of the clients this process runs (`--retry-max-delay`).
+static RETRY: std::sync::OnceLock<hubmsg_core::retry::RetryPolicy> = std::sync::OnceLock::new();
+
+fn retry_policy() -> hubmsg_core::retry::RetryPolicy {
+    RETRY.get().cloned().unwrap_or_default()
+}
+
+fn set_retry_max_delay(max: Option<Duration>) {
+    let policy = match max {
+        None => hubmsg_core::retry::RetryPolicy::default(),
+        Some(max) => {
+            let step = (max / 10).clamp(Duration::from_millis(1), Duration::from_secs(1));
+            hubmsg_core::retry::RetryPolicy {
+                initial_delay: step,
+                max_delay: max,
+                jitter: step,
+                healthy_after: (max * 2).min(Duration::from_secs(10)),
+                ..Default::default()
+            }
+        }
+    };
+    let _ = RETRY.set(policy);
 }
 
 #[derive(Subcommand)]
@@ -140,8 +168,9 @@ struct HubArgs {
     /// single server).
     #[arg(long, default_value_t = 3)]
     replicas: usize,
-    /// `host:port` devices and services use when a TCP load balancer sits in front of the hub
-    /// nodes (repeatable; tokens may name any; printed connection strings use the first).
+    /// `host:port` devices and services reach the hub by when that is not one of its own
+    /// listeners: a TCP load balancer in front of the hub nodes, a proxy or a port forward
+    /// (repeatable; tokens may name any; printed connection strings use the first).
     #[arg(long = "public-address")]
     public_addresses: Vec<String>,
     /// With a NATS backend: lease of consumer-group members, partition owners and the expiry
@@ -240,9 +269,19 @@ struct C2dSendArgs {
     /// Application property `name=value` (repeatable).
     #[arg(long = "prop", value_parser = parse_prop)]
     props: Vec<(String, String)>,
-    /// Message id (default: a UUID).
+    /// Message id (default: a UUID; `{i}` is replaced by the message number).
     #[arg(long)]
     message_id: Option<String>,
+    /// How many messages (`{i}` in --data and --message-id is replaced by the number); more
+    /// than one waits and retries while the device's queue is full. Prints one receipt each.
+    #[arg(long, default_value_t = 1, conflicts_with = "wait")]
+    count: u64,
+    /// Number of the first message.
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Messages per second at most (0: as fast as the hub answers).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Wait for the feedback outcome and print it (implies --ack full unless given).
     #[arg(long)]
     wait: bool,
@@ -270,6 +309,13 @@ struct ReceiveArgs {
     /// Abandon every message instead of completing it.
     #[arg(long)]
     abandon: bool,
+    /// Reject this percentage of the messages, picked at random (the rest are completed,
+    /// or abandoned per --abandon-percent).
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["reject", "abandon"], value_parser = clap::value_parser!(u64).range(0..=100))]
+    reject_percent: u64,
+    /// Abandon this percentage of the messages, picked at random.
+    #[arg(long, default_value_t = 0, conflicts_with_all = ["reject", "abandon"], value_parser = clap::value_parser!(u64).range(0..=100))]
+    abandon_percent: u64,
     /// Durable state directory (outbox and completed-id window; default: the device's default
     /// outbox directory, `$HUBMSG_OUTBOX_DIR/<device id>` or `~/.local/state/hubmsg/outbox/<device id>`).
     #[arg(long, conflicts_with = "in_memory")]
@@ -333,6 +379,9 @@ struct SendArgs {
     /// Messages queued per durability wait.
     #[arg(long, default_value_t = 100)]
     batch: usize,
+    /// Messages per second at most (0: as fast as the outbox takes them).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// How long to wait for delivery before exiting (messages stay in a durable outbox).
     #[arg(long, default_value = "60")]
     flush_timeout_secs: u64,
@@ -375,6 +424,24 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
+/// Keeps a loop at `rate` items per second (0: no limit): waits until `done` items are due.
+struct Pace {
+    started: tokio::time::Instant,
+    rate: u64,
+}
+
+impl Pace {
+    fn new(rate: u64) -> Pace {
+        Pace { started: tokio::time::Instant::now(), rate }
+    }
+
+    async fn wait(&self, done: u64) {
+        if self.rate > 0 {
+            tokio::time::sleep_until(self.started + Duration::from_secs_f64(done as f64 / self.rate as f64)).await;
+        }
+    }
+}
+
 fn parse_prop(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("'{s}' is not name=value"))
 }
@@ -385,6 +452,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    set_retry_max_delay(cli.retry_max_delay);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -525,7 +593,7 @@ fn backend(
 async fn service(hub: &HubConn) -> Result<ServiceClient, Error> {
     let mut opts = ServiceOptions::from_connection_string(&hub.hub_connection_string)?;
     opts.tls = hub.ca.clone().map(|ca| TlsOptions { ca_file: Some(ca) });
-    opts.retry = hubmsg_core::retry::RetryPolicy { max_elapsed: Some(Duration::from_secs(30)), ..Default::default() };
+    opts.retry = hubmsg_core::retry::RetryPolicy { max_elapsed: Some(Duration::from_secs(30)), ..retry_policy() };
     ServiceClient::connect(opts).await
 }
 
@@ -557,6 +625,7 @@ fn print<T: serde::Serialize>(v: &T) {
 
 async fn send(a: SendArgs) -> Result<(), Error> {
     let mut opts = DeviceOptions::from_connection_string(&a.connection_string)?;
+    opts.retry = retry_policy();
     opts.tls = a.ca.clone().map(|ca| TlsOptions { ca_file: Some(ca) });
     opts.outbox = OutboxOptions {
         dir: a.outbox.clone(),
@@ -568,7 +637,9 @@ async fn send(a: SendArgs) -> Result<(), Error> {
     let client = DeviceClient::connect(opts).await?;
     let mut i = a.start;
     let end = a.start + a.count;
+    let pace = Pace::new(a.rate);
     while i < end {
+        pace.wait(i - a.start).await;
         let n = (a.batch.max(1) as u64).min(end - i);
         let msgs: Vec<Message> = (i..i + n)
             .map(|k| {
@@ -608,10 +679,31 @@ async fn send(a: SendArgs) -> Result<(), Error> {
 
 async fn c2d_send(a: C2dSendArgs) -> Result<(), Error> {
     let svc = service(&a.hub).await?;
-    let mut m = Message::new(a.data.clone());
-    m.message_id = a.message_id.clone();
-    m.properties.extend(a.props.iter().cloned());
     let mut ack: AckMode = a.ack.parse()?;
+    if a.count != 1 {
+        let pace = Pace::new(a.rate);
+        for i in a.start..a.start + a.count {
+            pace.wait(i - a.start).await;
+            let n = i.to_string();
+            let mut m = Message::new(a.data.replace("{i}", &n));
+            m.message_id = a.message_id.as_ref().map(|id| id.replace("{i}", &n));
+            m.properties.extend(a.props.iter().cloned());
+            let receipt = loop {
+                match svc.send_c2d_with(&a.device_id, m.clone(), C2dOptions { ack, ttl: a.ttl }).await {
+                    Ok(r) => break r,
+                    // The device has 50 pending: wait for it to work some off.
+                    Err(e) if e.kind() == hubmsg_core::ErrorKind::QueueFull => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => return Err(e),
+                }
+            };
+            print(&receipt);
+        }
+        svc.close().await;
+        return Ok(());
+    }
+    let mut m = Message::new(a.data.replace("{i}", &a.start.to_string()));
+    m.message_id = a.message_id.as_ref().map(|id| id.replace("{i}", &a.start.to_string()));
+    m.properties.extend(a.props.iter().cloned());
     if a.wait {
         if ack == AckMode::None {
             ack = AckMode::Full;
@@ -635,29 +727,47 @@ async fn c2d_send(a: C2dSendArgs) -> Result<(), Error> {
 
 async fn receive(a: ReceiveArgs) -> Result<(), Error> {
     let mut opts = DeviceOptions::from_connection_string(&a.connection_string)?;
+    opts.retry = retry_policy();
     opts.tls = a.ca.clone().map(|ca| TlsOptions { ca_file: Some(ca) });
     opts.outbox.dir = a.outbox.clone();
     opts.outbox.in_memory = a.in_memory;
     let client = DeviceClient::connect(opts).await?;
     let mut rx = client.c2d()?;
     let idle = a.idle_timeout.unwrap_or(Duration::from_secs(u64::MAX / 4));
+    let mut rng = hubmsg_cli::chaos::Rng(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()),
+    );
     let mut n = 0u64;
     while a.count.is_none_or(|c| n < c) {
         let Some(m) = rx.recv_timeout(idle).await? else { break };
+        let draw = rng.below(100);
+        let action = if a.reject || draw < a.reject_percent {
+            "reject"
+        } else if a.abandon || draw < a.reject_percent + a.abandon_percent {
+            "abandon"
+        } else {
+            "complete"
+        };
         let line = serde_json::json!({
             "messageId": m.message.message_id,
             "sequenceNumber": m.sequence_number,
+            "action": action,
             "body": String::from_utf8_lossy(&m.message.body),
             "properties": m.message.properties.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "systemProperties": m.message.system.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         });
-        println!("{line}");
-        if a.reject {
-            m.reject()?;
-        } else if a.abandon {
-            m.abandon()?;
-        } else {
-            m.complete()?;
+        {
+            // Printed (and flushed) before the settle, so whoever reads it knows the app saw it.
+            use std::io::Write;
+            let mut so = std::io::stdout().lock();
+            let _ = writeln!(so, "{line}");
+            let _ = so.flush();
+        }
+        match action {
+            "reject" => m.reject()?,
+            "abandon" => m.abandon()?,
+            _ => m.complete()?,
         }
         n += 1;
     }

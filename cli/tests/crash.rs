@@ -3,6 +3,8 @@
 //! returned (printed as `accepted <id>` by `hubmsg device send --print-accepted`) must reach a
 //! consumer at least once; duplicates are counted and reported.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -10,53 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use common::*;
 use hubmsg_core::proto::StartPosition;
-use hubmsg_core::retry::RetryPolicy;
 use hubmsg_core::service::{ServiceClient, ServiceOptions};
 use parking_lot::Mutex;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hubmsg");
 const TOTAL: u64 = 10_000;
-
-struct HubProc {
-    child: Child,
-    cs: String,
-}
-
-impl Drop for HubProc {
-    /// A failing test must not leave a hub process behind.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn spawn_hub(data: &Path, port: u16) -> HubProc {
-    let child = Command::new(BIN)
-        .args(["hub", "--data", data.to_str().unwrap(), "--mqtt", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn hub");
-    // Owned by a HubProc from here on, so a failed start still kills and reaps the child.
-    let mut hub = HubProc { child, cs: String::new() };
-    let mut lines = BufReader::new(hub.child.stdout.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(Instant::now() < deadline, "hub did not start");
-        let line = lines.next().expect("hub named its connection string file").unwrap();
-        if let Some(path) = line.strip_prefix("HUBMSG_HUB_CONNECTION_STRING_FILE=") {
-            // Keep draining stdout so the hub never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            hub.cs = std::fs::read_to_string(path).unwrap().trim().to_string();
-            return hub;
-        }
-    }
-}
 
 /// Spawns `hubmsg device send`; returns the child and a channel of accepted message numbers.
 fn spawn_sender(cs: &str, outbox: &Path, start: u64, count: u64) -> (Child, mpsc::Receiver<u64>) {
@@ -82,15 +43,6 @@ fn spawn_sender(cs: &str, outbox: &Path, start: u64, count: u64) -> (Child, mpsc
     (child, rx)
 }
 
-fn retry() -> RetryPolicy {
-    RetryPolicy {
-        initial_delay: Duration::from_millis(100),
-        max_delay: Duration::from_millis(500),
-        jitter: Duration::from_millis(50),
-        ..RetryPolicy::default()
-    }
-}
-
 /// A consumer that records how often each message number arrived.
 fn consume(rt: &tokio::runtime::Runtime, cs: &str) -> Arc<Mutex<HashMap<u64, u32>>> {
     let seen = Arc::new(Mutex::new(HashMap::new()));
@@ -108,18 +60,6 @@ fn consume(rt: &tokio::runtime::Runtime, cs: &str) -> Arc<Mutex<HashMap<u64, u32
         }
     });
     seen
-}
-
-fn create_device(rt: &tokio::runtime::Runtime, cs: &str, id: &str) -> String {
-    rt.block_on(async {
-        let mut opts = ServiceOptions::from_connection_string(cs).unwrap();
-        opts.retry = retry();
-        let svc = ServiceClient::connect(opts).await.unwrap();
-        let d = svc.create_device(id).await.unwrap();
-        let cs = svc.device_connection_string(&d);
-        svc.close().await;
-        cs
-    })
 }
 
 fn wait_all(seen: &Mutex<HashMap<u64, u32>>, expected: &[u64], limit: Duration) -> (usize, u64) {

@@ -88,4 +88,5 @@ fn the_embedded_demo_runs_through_its_chaos_link_and_loses_nothing() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("nothing lost."), "{stdout}");
+    assert!(stdout.contains("hub SIGKILL + restart"), "{stdout}");
 }

@@ -6,6 +6,10 @@
 //! Each [`EventStream`] has its own connection (one consumer group per connection); acking an
 //! event sends its PUBACK, which advances the group's checkpoint at the hub; events not acked
 //! when a connection drops are redelivered.
+//!
+//! Bounds: an [`EventStream`] holds at most `event_buffer` events / `event_buffer_bytes` that
+//! the application has not taken; past that its driver stops reading from the hub (the hub's
+//! window and TCP push back) and holds the one event that did not fit — nothing is dropped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,6 +62,13 @@ pub struct ServiceOptions {
     pub outbox: OutboxOptions,
     /// Most C2D sends in flight. Default 100.
     pub max_in_flight: usize,
+    /// Events an [`EventStream`] holds that the application has not taken yet; past it (or
+    /// past `event_buffer_bytes`) the stream stops reading from the hub until the application
+    /// takes some — TCP back-pressure, never a dropped event. Default 10,000 (more than the
+    /// hub's window of 1000 per partition for 4 partitions, so a steady reader never pauses).
+    pub event_buffer: usize,
+    /// Payload bytes of those events. Default 16 MiB (twice the hub's 8 MiB per consumer).
+    pub event_buffer_bytes: usize,
 }
 
 impl std::fmt::Debug for ServiceOptions {
@@ -74,6 +85,8 @@ impl std::fmt::Debug for ServiceOptions {
             .field("request_timeout", &self.request_timeout)
             .field("outbox", &self.outbox)
             .field("max_in_flight", &self.max_in_flight)
+            .field("event_buffer", &self.event_buffer)
+            .field("event_buffer_bytes", &self.event_buffer_bytes)
             .finish()
     }
 }
@@ -100,6 +113,8 @@ impl ServiceOptions {
             request_timeout: Duration::from_secs(30),
             outbox: OutboxOptions::in_memory(),
             max_in_flight: 100,
+            event_buffer: 10_000,
+            event_buffer_bytes: 16 * 1024 * 1024,
         })
     }
 
@@ -267,7 +282,8 @@ impl ServiceClient {
         self.call("devices.update", &UpdateDevice { device_id: device_id.into(), status: Some(status), regenerate: None }).await
     }
 
-    /// Regenerates `primary`, `secondary` or `both` keys (the device is disconnected).
+    /// Regenerates `primary`, `secondary` or `both` keys (a connection of the device that
+    /// authenticated with a replaced key is closed).
     pub async fn regenerate_keys(&self, device_id: &str, which: &str) -> Result<DeviceIdentity> {
         self.call("devices.update", &UpdateDevice { device_id: device_id.into(), status: None, regenerate: Some(which.into()) }).await
     }
@@ -279,8 +295,9 @@ impl ServiceClient {
     }
 
     /// Regenerates a policy's `primary`, `secondary` or `both` keys and returns the policy.
-    /// Tokens signed with a replaced key are refused from their next CONNECT on. Needs a
-    /// policy holding every right.
+    /// Tokens signed with a replaced key are refused from their next CONNECT on, and the hub
+    /// closes the connections that authenticated with it (this one, if it did, right after the
+    /// answer). Needs a policy holding every right.
     pub async fn regenerate_policy_key(&self, name: &str, which: &str) -> Result<proto::Policy> {
         self.call("policies.regenerate", &proto::RegeneratePolicyKey { name: name.into(), key: which.into() }).await
     }
@@ -423,6 +440,8 @@ pub struct Event {
     generation: u64,
     pkid: u16,
     cmd: mpsc::UnboundedSender<Cmd>,
+    /// What it counts against [`ServiceOptions::event_buffer_bytes`] while buffered.
+    cost: u32,
 }
 
 impl Event {
@@ -446,7 +465,9 @@ impl Event {
 
 /// A consumer group reader. Events arrive in partition order.
 pub struct EventStream {
-    rx: mpsc::UnboundedReceiver<Result<Event>>,
+    rx: mpsc::Receiver<Result<Event>>,
+    /// Free payload bytes of the buffer (given back as events are taken).
+    bytes: Arc<tokio::sync::Semaphore>,
     cmd: mpsc::UnboundedSender<Cmd>,
     status: watch::Receiver<ConnectionStatus>,
 }
@@ -454,22 +475,41 @@ pub struct EventStream {
 impl EventStream {
     async fn open(opts: ServiceOptions, req: ConsumeRequest) -> Result<EventStream> {
         auth::sign(&opts.key, b"probe")?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (cmd, status) = Driver::spawn(opts, Some((req, tx)), None)?;
-        Ok(EventStream { rx, cmd, status })
+        let (sink, rx) = EventSink::new(opts.event_buffer, opts.event_buffer_bytes);
+        let bytes = sink.bytes.clone();
+        let (cmd, status) = Driver::spawn(opts, Some((req, sink)), None)?;
+        Ok(EventStream { rx, bytes, cmd, status })
+    }
+
+    /// Gives an event's bytes back to the buffer as the application takes it.
+    fn taken(&self, r: Option<Result<Event>>) -> Option<Result<Event>> {
+        if let Some(Ok(e)) = &r {
+            self.bytes.add_permits(e.cost as usize);
+        }
+        r
+    }
+
+    /// Events received and not yet taken by [`EventStream::next`] (bounded by
+    /// [`ServiceOptions::event_buffer`]). For tests.
+    #[doc(hidden)]
+    pub fn buffered(&self) -> usize {
+        self.rx.len()
     }
 
     /// The next event; `None` once closed. An `Err` is permanent (e.g. unauthorized).
     pub async fn next(&mut self) -> Option<Result<Event>> {
-        self.rx.recv().await
+        let r = self.rx.recv().await;
+        self.taken(r)
     }
 
     /// The next event within `timeout` (`Ok(None)` on timeout).
     pub async fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Event>> {
         match tokio::time::timeout(timeout, self.rx.recv()).await {
             Err(_) => Ok(None),
-            Ok(None) => Err(Error::closed("event stream")),
-            Ok(Some(r)) => r.map(Some),
+            Ok(r) => match self.taken(r) {
+                None => Err(Error::closed("event stream")),
+                Some(r) => r.map(Some),
+            },
         }
     }
 
@@ -508,7 +548,86 @@ struct Pending {
     tx: oneshot::Sender<Result<serde_json::Value>>,
 }
 
-type Consume = (ConsumeRequest, mpsc::UnboundedSender<Result<Event>>);
+type Consume = (ConsumeRequest, EventSink);
+
+/// The driver's end of an [`EventStream`]'s bounded buffer.
+struct EventSink {
+    tx: mpsc::Sender<Result<Event>>,
+    /// Free payload bytes (an event takes its size, at most the whole bound, so any event fits
+    /// an empty buffer).
+    bytes: Arc<tokio::sync::Semaphore>,
+    max_cost: u32,
+    /// The event that found the buffer full: nothing more is read from the hub until it is in.
+    held: Option<Event>,
+}
+
+impl EventSink {
+    /// A buffer of `events` events and `bytes` payload bytes, and its receiving end.
+    fn new(events: usize, bytes: usize) -> (EventSink, mpsc::Receiver<Result<Event>>) {
+        let (tx, rx) = mpsc::channel(events.max(1));
+        let max_cost = bytes.clamp(1, u32::MAX as usize) as u32;
+        (EventSink { tx, bytes: Arc::new(tokio::sync::Semaphore::new(max_cost as usize)), max_cost, held: None }, rx)
+    }
+
+    /// Buffers the held event if there is room now; true when nothing is held any more.
+    fn try_flush(&mut self) -> bool {
+        let Some(ev) = self.held.take() else { return true };
+        let Ok(slot) = self.tx.try_reserve() else {
+            if self.tx.is_closed() {
+                return true; // the stream is gone: nobody will take events any more
+            }
+            self.held = Some(ev);
+            return false;
+        };
+        match self.bytes.try_acquire_many(ev.cost) {
+            Ok(b) => {
+                b.forget();
+                slot.send(Ok(ev));
+                true
+            }
+            Err(_) => {
+                self.held = Some(ev);
+                false
+            }
+        }
+    }
+
+    /// Buffers `ev`, or holds it when the buffer is full.
+    fn push(&mut self, mut ev: Event, size: usize) {
+        ev.cost = size.clamp(1, self.max_cost as usize) as u32;
+        debug_assert!(self.held.is_none(), "nothing is read while an event is held");
+        self.held = Some(ev);
+        self.try_flush();
+    }
+
+    /// Waits until the held event could be buffered (then buffers it).
+    async fn room(&mut self) {
+        let Some(cost) = self.held.as_ref().map(|e| e.cost) else { return };
+        let (Ok(slot), Ok(bytes)) = (self.tx.clone().reserve_owned().await, self.bytes.clone().acquire_many_owned(cost).await) else {
+            // The stream is gone: nobody will take events any more.
+            self.held = None;
+            return;
+        };
+        bytes.forget();
+        if let Some(ev) = self.held.take() {
+            slot.send(Ok(ev));
+        }
+    }
+
+    /// Ends the stream with a permanent error, after every event it holds (waiting for room in
+    /// the background rather than dropping any).
+    fn fail(mut self, err: Error) {
+        let held = self.held.take();
+        tokio::spawn(async move {
+            if let Some(ev) = held {
+                if self.tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = self.tx.send(Err(err)).await;
+        });
+    }
+}
 
 struct Driver {
     opts: ServiceOptions,
@@ -549,6 +668,7 @@ impl transport::Link for Driver {
     }
 
     async fn idle(&mut self, failed: Option<&Error>) -> Idle {
+        self.flush_held();
         // Wake up now and then to time out requests and prune abandoned waiters.
         match tokio::time::timeout(Duration::from_millis(500), self.cmd.recv()).await {
             Ok(cmd) => self.idle_command(cmd, failed),
@@ -650,9 +770,9 @@ impl Driver {
                 let _ = w.send(Err(err.clone()));
             }
         }
-        if let Some((_, tx)) = self.consume.take() {
+        if let Some((_, sink)) = self.consume.take() {
             if err.kind() != ErrorKind::Closed {
-                let _ = tx.send(Err(err.clone()));
+                sink.fail(err.clone());
             }
         }
     }
@@ -677,6 +797,19 @@ impl Driver {
             });
             let keep_early = self.opts.request_timeout;
             g.early.retain(|_, (at, _)| at.elapsed() < keep_early);
+        }
+    }
+
+    /// Whether an event waits for room in the [`EventStream`]'s buffer (nothing is read from
+    /// the hub meanwhile).
+    fn holding(&self) -> bool {
+        self.consume.as_ref().is_some_and(|(_, sink)| sink.held.is_some())
+    }
+
+    /// Buffers the held event if the application made room.
+    fn flush_held(&mut self) {
+        if let Some((_, sink)) = &mut self.consume {
+            sink.try_flush();
         }
     }
 
@@ -737,6 +870,7 @@ impl Driver {
             }
         }
         let mut feedback_subscribed = false;
+        self.flush_held();
         self.c2d_in_flight.clear();
         if let Some((outbox, _)) = &self.c2d {
             outbox.rewind();
@@ -776,9 +910,15 @@ impl Driver {
                 }
                 last_tx = Instant::now();
             }
+            let holding = self.holding();
+            if holding {
+                // Not reading (the event buffer is full), so the hub cannot be heard: its
+                // keep-alive clock starts over.
+                last_rx = Instant::now();
+            }
             tokio::select! {
                 biased;
-                pkt = reader.next() => {
+                pkt = reader.next(), if !holding => {
                     last_rx = Instant::now();
                     // Handle everything one read brought before writing again.
                     let mut pkt = pkt;
@@ -794,6 +934,9 @@ impl Driver {
                             Ok(Some(other)) => return End::Failed(Error::protocol(format!("unexpected packet from hub: {other:?}"))),
                             Ok(None) => return End::Failed(Error::new(ErrorKind::Disconnected, "the hub closed the connection")),
                             Err(e) => return End::Failed(e),
+                        }
+                        if self.holding() {
+                            break; // the rest stays in the reader until the buffer has room
                         }
                         pkt = match drain.next(&mut reader) {
                             Ok(None) => break,
@@ -855,6 +998,7 @@ impl Driver {
                 }
                 _ = tokio::time::sleep(Duration::from_millis(500)), if self.has_waiters() => self.expire_requests(),
                 _ = outbox_changed(&self.c2d), if self.c2d_in_flight.len() < self.opts.max_in_flight => {}
+                _ = sink_room(&mut self.consume), if holding => {}
                 _ = tokio::time::sleep_until(renew_at) => {
                     // Token renewal over MQTT 3.1.1 = reconnect (not a failure: no backoff);
                     // unacked events are redelivered.
@@ -913,11 +1057,10 @@ impl Driver {
             return Ok(());
         }
         if let Some((_, partition, seq)) = proto::parse_event_topic(&p.topic) {
-            let Some((_, tx)) = &self.consume else { return Ok(()) };
+            let Some((_, sink)) = &mut self.consume else { return Ok(()) };
             let message = Message::decode(&Bytes::clone(&p.payload))?;
-            let ev =
-                Event { partition, sequence_number: seq, message, generation: self.generation, pkid: p.pkid, cmd: self.cmd_tx.clone() };
-            let _ = tx.send(Ok(ev));
+            let (generation, pkid, cmd) = (self.generation, p.pkid, self.cmd_tx.clone());
+            sink.push(Event { partition, sequence_number: seq, message, generation, pkid, cmd, cost: 0 }, p.payload.len());
             return Ok(());
         }
         if let Some(id) = p.topic.strip_prefix(proto::FEEDBACK_PREFIX) {
@@ -944,6 +1087,13 @@ impl Driver {
             return Ok(());
         }
         Err(Error::protocol(format!("unexpected publish on '{}'", p.topic)))
+    }
+}
+
+async fn sink_room(consume: &mut Option<Consume>) {
+    match consume {
+        Some((_, sink)) => sink.room().await,
+        None => std::future::pending().await,
     }
 }
 

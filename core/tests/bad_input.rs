@@ -171,3 +171,37 @@ async fn one_connection_per_device_and_keep_alive_enforced() {
     assert!(started.elapsed() >= Duration::from_millis(1400), "closed too early: {:?}", started.elapsed());
     h.hub.shutdown().await.unwrap();
 }
+
+/// Past `max_connections` both listeners refuse with CONNACK 3 (server unavailable: clients
+/// retry later) rather than a bare close, and the connection already open keeps working.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_both_listeners_answer_connack_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = hubmsg_core::hub::HubConfig::new(dir.path());
+    cfg.mqtts = Some("127.0.0.1:0".parse().unwrap());
+    cfg.host_name = "localhost".into();
+    cfg.max_connections = 1;
+    let hub = Hub::start(cfg).await.unwrap();
+    hub.create_device("one").await.unwrap();
+    hub.create_device("two").await.unwrap();
+    let plain = endpoint(&hub);
+    let tls = Endpoint {
+        host: "localhost".into(),
+        port: hub.mqtts_addr().unwrap().port(),
+        tls: Some(transport::TlsOptions { ca_file: hub.ca_file().map(|p| p.to_path_buf()) }),
+    };
+    let expiry = now_ms() / 1000 + 3600;
+    let ((mut r1, mut w1), _) = transport::client_connect(&plain, &params(&hub, "one", &key(&hub, "one").await, expiry), T).await.unwrap();
+    for ep in [&plain, &tls] {
+        let Err(err) = transport::client_connect(ep, &params(&hub, "two", &key(&hub, "two").await, expiry), T).await else {
+            panic!("a connection past max_connections was accepted")
+        };
+        assert!(err.message().contains("CONNACK 3"), "{}: {err}", if ep.tls.is_some() { "TLS" } else { "plain" });
+        assert_eq!(err.kind(), ErrorKind::Disconnected, "busy is transient: {err}");
+    }
+    assert_eq!(hub.stats().refused_capacity.load(std::sync::atomic::Ordering::Relaxed), 2);
+    w1.send(&Packet::PingReq).await.unwrap();
+    assert_eq!(tokio::time::timeout(T, r1.next()).await.unwrap().unwrap(), Some(Packet::PingResp));
+    hub.shutdown().await.unwrap();
+}

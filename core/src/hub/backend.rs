@@ -304,13 +304,16 @@ pub trait Feedback: Send + Sync {
 // ---------------------------------------------------------------------------------------------
 // Registry
 
-/// A registry change seen by this node (kicking disabled, re-keyed or deleted devices).
+/// A registry change seen by this node: the hub ends the sessions of disabled, re-keyed or
+/// deleted devices and of connections whose policy key was replaced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistryChange {
     /// A device was created or updated.
     Put(DeviceIdentity),
     /// A device was deleted.
     Deleted(String),
+    /// A policy's keys were regenerated (the policy as it is now).
+    Policy(Policy),
 }
 
 /// Device identities and policies.
@@ -331,7 +334,8 @@ pub trait RegistryStore: Send + Sync {
     fn policy<'a>(&'a self, name: &'a str) -> BoxFut<'a, Option<Policy>>;
     /// Every policy, ordered by name.
     fn policies(&self) -> BoxFut<'_, Vec<Policy>>;
-    /// Regenerates a policy's `primary`, `secondary` or `both` keys; durable on return.
+    /// Regenerates a policy's `primary`, `secondary` or `both` keys; durable on return, and
+    /// seen by every node's [`watch`](RegistryStore::watch) as [`RegistryChange::Policy`].
     fn regenerate_policy<'a>(&'a self, name: &'a str, which: &'a str) -> BoxFut<'a, Policy>;
     /// Changes made on any node, from now on.
     fn watch(&self) -> broadcast::Receiver<RegistryChange>;

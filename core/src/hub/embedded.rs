@@ -620,7 +620,11 @@ impl RegistryStore for Embedded {
     }
 
     fn regenerate_policy<'a>(&'a self, name: &'a str, which: &'a str) -> BoxFut<'a, Policy> {
-        Box::pin(self.registry.regenerate_policy(name, which))
+        Box::pin(async move {
+            let p = self.registry.regenerate_policy(name, which).await?;
+            let _ = self.changes.send(RegistryChange::Policy(p.clone()));
+            Ok(p)
+        })
     }
 
     fn watch(&self) -> broadcast::Receiver<RegistryChange> {

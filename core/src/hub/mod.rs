@@ -47,6 +47,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::proto::{CreateDevice, DeviceIdentity};
 use crate::store::Durability;
 use backend::{Backend, BackendConnector, RegistryChange};
+use session::Credential;
 
 pub use registry::{Policy, Registry, Right};
 pub use tls::TlsFiles;
@@ -63,8 +64,9 @@ pub struct HubConfig {
     /// Host name put in printed connection strings (default `127.0.0.1`).
     pub host_name: String,
     /// `host:port`s devices and services reach this hub by when that is not one of its own
-    /// listeners — TCP load balancers in front of several hub nodes. Tokens and user names may
-    /// name any of them; printed connection strings use the first.
+    /// listeners — TCP load balancers in front of several hub nodes, a proxy or a port forward.
+    /// Tokens and user names may name any of them (and no other name than these, `host_name`
+    /// and `host_name` with a listener's port); printed connection strings use the first.
     pub public_addresses: Vec<String>,
     /// Plain MQTT listener (local use; Azure has none). Port 0 picks a free port.
     pub mqtt: Option<SocketAddr>,
@@ -234,8 +236,17 @@ impl HubStats {
 pub(crate) struct LiveDevice {
     pub(crate) conn: u64,
     pub(crate) kick: Arc<Notify>,
-    /// The keys it was registered with when it connected (a regeneration ends the session).
-    pub(crate) keys: (String, String),
+    /// The key it authenticated with (replacing that key, or disabling or deleting the device,
+    /// ends the session).
+    pub(crate) cred: Credential,
+}
+
+/// A service connection on this node, as the registry watch sees it.
+pub(crate) struct LiveService {
+    /// The policy key it authenticated with.
+    pub(crate) cred: Credential,
+    /// Notified once that key is replaced: the session answers what it runs and closes.
+    pub(crate) revoke: Arc<Notify>,
 }
 
 pub(crate) struct Shared {
@@ -248,6 +259,11 @@ pub(crate) struct Shared {
     pub(crate) policies: Mutex<Vec<Policy>>,
     /// device id → its live session on this node.
     pub(crate) devices: Mutex<HashMap<String, LiveDevice>>,
+    /// service connection id → its credential on this node.
+    pub(crate) services: Mutex<HashMap<u64, LiveService>>,
+    /// Registry changes seen by this node so far: a connection that authenticated while one
+    /// arrived re-checks its key against the backend ([`Shared::recheck`]).
+    pub(crate) registry_epoch: AtomicU64,
     pub(crate) next_conn: AtomicU64,
     /// This hub process's id (members of consumer groups are `{node_id}/{connection}`).
     pub(crate) node_id: String,
@@ -256,7 +272,8 @@ pub(crate) struct Shared {
     pub(crate) drain: watch::Receiver<bool>,
     pub(crate) draining: std::sync::atomic::AtomicBool,
     pub(crate) stats: HubStats,
-    /// Host names tokens and user names may carry: `host_name` alone and with each listener port.
+    /// Host names tokens and user names may carry: `host_name` alone and with each listener
+    /// port, and the public addresses.
     pub(crate) host_names: Vec<String>,
     /// Bytes of D2C messages appended and not yet durable, hub-wide.
     pub(crate) budget: guard::Budget,
@@ -339,23 +356,55 @@ impl Shared {
         }
     }
 
-    /// Ends this node's session of a device whose identity changed anywhere: deleted, disabled,
-    /// or re-keyed.
+    /// Ends this node's connections whose credential a registry change (made on any node)
+    /// took away: the device's session when it is deleted or disabled or the device key it used
+    /// replaced; every connection that used a replaced policy key (service sessions answer what
+    /// they run first).
     pub(crate) fn on_registry_change(&self, change: &RegistryChange) {
-        let id = match change {
-            RegistryChange::Deleted(id) => id.as_str(),
-            RegistryChange::Put(d) => {
-                let stale = self.devices.lock().get(&d.device_id).is_some_and(|live| {
-                    d.status == crate::proto::DeviceStatus::Disabled || live.keys != (d.primary_key.clone(), d.secondary_key.clone())
-                });
-                if !stale {
-                    return;
+        self.registry_epoch.fetch_add(1, Ordering::SeqCst);
+        let stale: Vec<String> = {
+            let devices = self.devices.lock();
+            match change {
+                RegistryChange::Put(d) => {
+                    devices.get(&d.device_id).filter(|l| !l.cred.survives(change)).map(|_| d.device_id.clone()).into_iter().collect()
                 }
-                d.device_id.as_str()
+                RegistryChange::Deleted(id) => devices.contains_key(id).then(|| id.clone()).into_iter().collect(),
+                RegistryChange::Policy(_) => devices.iter().filter(|(_, l)| !l.cred.survives(change)).map(|(id, _)| id.clone()).collect(),
             }
         };
-        tracing::debug!(device = %id, "identity changed; closing its session");
-        self.kick(id);
+        for id in stale {
+            tracing::debug!(device = %id, "the key its connection authenticated with is no longer in force; closing it");
+            self.kick(&id);
+        }
+        if let RegistryChange::Policy(p) = change {
+            for s in self.services.lock().values().filter(|s| !s.cred.survives(change)) {
+                tracing::debug!(policy = %p.name, "a service connection's policy key was replaced; closing it");
+                s.revoke.notify_one();
+            }
+        }
+    }
+
+    /// Reads what `cred` depends on from the backend and applies it as a registry change: for a
+    /// connection that authenticated while a change arrived, or after the watch lagged.
+    pub(crate) async fn recheck(&self, cred: &Credential) {
+        let r = async {
+            if let Some(id) = cred.device() {
+                let change = match self.backend.registry().device(id).await? {
+                    Some(d) => RegistryChange::Put(d),
+                    None => RegistryChange::Deleted(id.to_string()),
+                };
+                self.on_registry_change(&change);
+            }
+            if let Some(name) = cred.policy() {
+                if let Some(p) = self.backend.registry().policy(name).await? {
+                    self.on_registry_change(&RegistryChange::Policy(p));
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        if let Err(e) = r.await {
+            self.log_store_error("re-checking a connection's key failed", &e);
+        }
     }
 }
 
@@ -433,6 +482,8 @@ impl Hub {
             partitions,
             policies: Mutex::new(policies),
             devices: Mutex::new(HashMap::new()),
+            services: Mutex::new(HashMap::new()),
+            registry_epoch: AtomicU64::new(0),
             next_conn: AtomicU64::new(1),
             node_id: uuid::Uuid::new_v4().to_string(),
             shutdown,
@@ -632,6 +683,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
     let accept_errors = guard::LogLimit::default();
     let capacity = guard::LogLimit::default();
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS));
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -650,7 +702,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
             if let Some(suppressed) = capacity.allow() {
                 tracing::warn!(%peer, max = shared.config.max_connections, suppressed, "connection refused: the hub is at max_connections");
             }
-            tokio::spawn(refuse_busy(tcp, tls.is_some()));
+            // A bounded number of refusals at a time: past it a refused peer is just closed.
+            if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(refuse_busy(tcp, tls.clone(), shared.config.connect_timeout, slot));
+            }
             continue;
         }
         let shared = shared.clone();
@@ -678,16 +733,42 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, tls: Option<tok
     }
 }
 
-/// The refusal of a connection past `max_connections`: CONNACK 3 (server unavailable, which
-/// MQTT clients treat as "retry later") on a plain listener, then close; a TLS listener just
-/// closes (a CONNACK would need a handshake first, which is what the cap saves).
-async fn refuse_busy(mut tcp: tokio::net::TcpStream, tls: bool) {
-    use tokio::io::AsyncWriteExt;
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        if !tls {
-            let _ = tcp.write_all(&[0x20, 0x02, 0x00, 0x03]).await;
+/// Refusals of connections past `max_connections` in progress at once (each holds a socket and,
+/// on the TLS listener, a handshake for at most `connect_timeout`); past it a refused connection
+/// is closed without a CONNACK.
+pub const MAX_REFUSALS: usize = 64;
+
+/// The refusal of a connection past `max_connections`, as MQTT 3.1.1 has it: the peer's CONNECT
+/// is awaited (after the TLS handshake on the TLS listener), answered with CONNACK 3 (server
+/// unavailable, which MQTT clients treat as "retry later") and the connection closed. The
+/// CONNECT is read before answering so that closing never finds unread bytes, which would turn
+/// the close into a reset that can destroy the CONNACK before the client reads it. All of it
+/// within `connect_timeout`; `_slot` counts against [`MAX_REFUSALS`] until it ends.
+async fn refuse_busy(
+    tcp: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limit: Duration,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tokio::time::timeout(limit, async {
+        let mut stream: crate::transport::BoxStream = match tls {
+            None => Box::new(tcp),
+            Some(acc) => match acc.accept(tcp).await {
+                Ok(s) => Box::new(s),
+                Err(_) => return,
+            },
+        };
+        // The CONNECT, or whatever the peer sends first (at most one small read).
+        let mut buf = [0u8; 512];
+        if !matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+            return;
         }
-        let _ = tcp.shutdown().await;
+        let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x03]).await;
+        let _ = stream.flush().await;
+        let _ = stream.shutdown().await;
+        // Read what is left until the peer closes, so the close is a FIN, not a reset.
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
     })
     .await;
 }
@@ -706,7 +787,8 @@ async fn sweep_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Ends this node's sessions of devices deleted, disabled or re-keyed on any node.
+/// Ends this node's connections whose key a change on any node took away (devices deleted,
+/// disabled or re-keyed; policy keys regenerated).
 async fn registry_watch(shared: Arc<Shared>) {
     let mut rx = shared.backend.registry().watch();
     loop {
@@ -722,6 +804,10 @@ async fn registry_watch(shared: Arc<Shared>) {
                         Ok(None) => shared.on_registry_change(&RegistryChange::Deleted(id)),
                         Err(e) => shared.log_store_error("re-checking a session's identity failed", &e),
                     }
+                }
+                match shared.backend.registry().policies().await {
+                    Ok(policies) => policies.into_iter().for_each(|p| shared.on_registry_change(&RegistryChange::Policy(p))),
+                    Err(e) => shared.log_store_error("re-checking the policies failed", &e),
                 }
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

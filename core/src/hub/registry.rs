@@ -110,7 +110,8 @@ impl Registry {
     }
 
     /// Regenerates a policy's `primary`, `secondary` or `both` keys; durable when this returns.
-    /// Tokens signed with a replaced key stop being accepted at their next CONNECT.
+    /// Tokens signed with a replaced key stop being accepted at their next CONNECT (the hub
+    /// also closes the connections that authenticated with it).
     pub async fn regenerate_policy(&self, name: &str, which: &str) -> Result<Policy> {
         let (p, seq) = self.log.commit_with(|s| {
             let mut p = s.policies.get(name).cloned().ok_or_else(|| no_policy(name))?;

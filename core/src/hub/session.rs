@@ -10,7 +10,8 @@
 //! (TCP back-pressure) while its appended-but-not-durable D2C messages (QoS 0 and 1 alike) exceed
 //! `session_pending_messages` / `session_pending_bytes` or the hub's `hub_pending_bytes` budget
 //! is used up; every write must complete within `write_timeout`; a connection ends when its SAS
-//! token expires.
+//! token expires, and when the key it authenticated with is replaced or its device disabled or
+//! deleted ([`Credential`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -26,10 +27,11 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
+use super::backend::RegistryChange;
 use super::backend::{AppendTicket, C2dEnqueue, DeviceQueue, FeedbackBatch, Membership, PartitionReader, Settled, StoredEvent};
 use super::c2d;
 use super::registry::Right;
-use super::{LiveDevice, Shared};
+use super::{LiveDevice, LiveService, Shared};
 use crate::auth::SasToken;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::{now_ms, Message, MAX_D2C_SIZE};
@@ -48,8 +50,67 @@ const MAX_IDLE: Duration = Duration::from_secs(1767);
 pub(crate) const MAX_SERVICE_REQUESTS: usize = 64;
 
 pub(crate) enum Identity {
-    Device { id: String, generation_id: String, auth_method: &'static str, expires_s: u64, keys: (String, String) },
-    Service { policy: String, rights: Vec<Right>, expires_s: u64 },
+    Device { id: String, generation_id: String, auth_method: &'static str, expires_s: u64, cred: Credential },
+    Service { policy: String, rights: Vec<Right>, expires_s: u64, cred: Credential },
+}
+
+/// The key a connection authenticated with. The connection lives only while that key is in
+/// force: once it is replaced, or the device it speaks for is disabled or deleted, the hub ends
+/// it ([`Shared::on_registry_change`], for changes made on any node). No `Debug`: it holds a key.
+#[derive(Clone)]
+pub(crate) enum Credential {
+    /// A device's own key.
+    DeviceKey { device: String, key: String },
+    /// A policy key; `device` when the policy's token speaks for one device (token service).
+    PolicyKey { policy: String, key: String, device: Option<String> },
+}
+
+impl Credential {
+    /// Whether a connection with this credential may stay open after `change`: its device (if
+    /// any) still exists and is enabled, and the key it used is still one of its identity's two
+    /// keys (replacing the other key leaves it alone).
+    pub(crate) fn survives(&self, change: &RegistryChange) -> bool {
+        let has = |key: &str, primary: &str, secondary: &str| key == primary || key == secondary;
+        match change {
+            RegistryChange::Deleted(id) => self.device() != Some(id.as_str()),
+            RegistryChange::Put(d) if self.device() == Some(d.device_id.as_str()) => {
+                d.status == DeviceStatus::Enabled
+                    && match self {
+                        Credential::DeviceKey { key, .. } => has(key, &d.primary_key, &d.secondary_key),
+                        Credential::PolicyKey { .. } => true,
+                    }
+            }
+            RegistryChange::Put(_) => true,
+            RegistryChange::Policy(p) => match self {
+                Credential::PolicyKey { policy, key, .. } if *policy == p.name => has(key, &p.primary_key, &p.secondary_key),
+                _ => true,
+            },
+        }
+    }
+
+    /// The device this credential speaks for, if any.
+    pub(crate) fn device(&self) -> Option<&str> {
+        match self {
+            Credential::DeviceKey { device, .. } => Some(device),
+            Credential::PolicyKey { device, .. } => device.as_deref(),
+        }
+    }
+
+    /// The policy whose key this is, if it is one.
+    pub(crate) fn policy(&self) -> Option<&str> {
+        match self {
+            Credential::DeviceKey { .. } => None,
+            Credential::PolicyKey { policy, .. } => Some(policy),
+        }
+    }
+}
+
+/// Which of two keys verifies `token` (primary first), or the verification error.
+fn verifying_key(token: &SasToken, primary: &str, secondary: &str, now: u64) -> Result<String> {
+    match token.verify(primary, now) {
+        Ok(()) => Ok(primary.to_string()),
+        Err(_) => token.verify(secondary, now).map(|()| secondary.to_string()),
+    }
 }
 
 /// Why a session loop ended without an error worth counting.
@@ -90,6 +151,9 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
     let mut reader = PacketReader::new(rd, MAX_CONNECT_SIZE);
     reader.set_limits(MAX_CONNECT_SIZE, 512);
     let mut writer = PacketWriter::new(wr);
+    // Registry changes seen before authenticating: one that arrives from here until the
+    // connection is in the live tables makes it re-check its key.
+    let epoch = shared.registry_epoch.load(Ordering::SeqCst);
     let result = async {
         let connect = match tokio::time::timeout(shared.config.connect_timeout, reader.next_connect()).await {
             Err(_) => return Err(Error::new(ErrorKind::Timeout, format!("no CONNECT within {:?}", shared.config.connect_timeout))),
@@ -126,7 +190,7 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
             k => Duration::from_secs(k as u64).mul_f64(1.5).min(MAX_IDLE),
         };
         match identity {
-            Identity::Device { id, generation_id, auth_method, expires_s, keys } => {
+            Identity::Device { id, generation_id, auth_method, expires_s, cred } => {
                 let conn_id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                 // One live connection per device across every node: the newest claim wins and
                 // the older session is told to end (IoT Hub 400027).
@@ -141,7 +205,10 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
                     }
                 };
                 let kick = claim.superseded.clone();
-                shared.devices.lock().insert(id.clone(), LiveDevice { conn: conn_id, kick: kick.clone(), keys });
+                shared.devices.lock().insert(id.clone(), LiveDevice { conn: conn_id, kick: kick.clone(), cred: cred.clone() });
+                if shared.registry_epoch.load(Ordering::SeqCst) != epoch {
+                    shared.recheck(&cred).await;
+                }
                 writer.queue(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, !connect.clean_session)))?;
                 let mut shutdown = shared.shutdown.clone();
                 let r = async {
@@ -177,11 +244,18 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
                 }
                 r
             }
-            Identity::Service { policy, rights, expires_s } => {
+            Identity::Service { policy, rights, expires_s, cred } => {
                 writer.queue(&Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)))?;
                 let member = shared.next_conn.fetch_add(1, Ordering::Relaxed);
                 let mut svc = ServiceSession::new(&shared, member, policy, rights, idle, token_deadline(expires_s));
+                let revoke = Arc::new(Notify::new());
+                shared.services.lock().insert(member, LiveService { cred: cred.clone(), revoke: revoke.clone() });
+                if shared.registry_epoch.load(Ordering::SeqCst) != epoch {
+                    shared.recheck(&cred).await;
+                }
+                svc.revoke = Some(revoke);
                 let r = svc.run(&mut reader, &mut writer).await;
+                shared.services.lock().remove(&member);
                 if let Some(pump) = svc.feedback.take() {
                     pump.task.abort();
                 }
@@ -268,7 +342,7 @@ pub(crate) async fn authenticate(shared: &Shared, c: &Connect) -> std::result::R
             .await
             .map_err(unavailable)?
             .ok_or((C::NotAuthorized, format!("unknown policy '{skn}'")))?;
-        token.verify(&policy.primary_key, now).or_else(|_| token.verify(&policy.secondary_key, now)).map_err(unauthorized)?;
+        let key = verifying_key(&token, &policy.primary_key, &policy.secondary_key, now).map_err(unauthorized)?;
         if user.device_id == proto::SERVICE_MARKER {
             if !scope_path.is_empty() {
                 return Err((C::NotAuthorized, "service tokens must be scoped to the hub (sr={host})".into()));
@@ -279,7 +353,8 @@ pub(crate) async fn authenticate(shared: &Shared, c: &Connect) -> std::result::R
                     format!("policy '{skn}' has no service right (RegistryRead, RegistryReadWrite or ServiceConnect)"),
                 ));
             }
-            return Ok(Identity::Service { policy: policy.name, rights: policy.rights, expires_s: token.expiry });
+            let cred = Credential::PolicyKey { policy: policy.name.clone(), key, device: None };
+            return Ok(Identity::Service { policy: policy.name, rights: policy.rights, expires_s: token.expiry, cred });
         }
         // A policy with DeviceConnect acting for one device (token service / protocol gateway).
         if !policy.rights.contains(&Right::DeviceConnect) {
@@ -289,23 +364,23 @@ pub(crate) async fn authenticate(shared: &Shared, c: &Connect) -> std::result::R
         if scope_path != "devices" && scope_path != format!("devices/{}", user.device_id) {
             return Err((C::NotAuthorized, "a policy token for a device must be scoped to {host}/devices or {host}/devices/{id}".into()));
         }
-        let keys = (dev.primary_key, dev.secondary_key);
+        let cred = Credential::PolicyKey { policy: policy.name, key, device: Some(dev.device_id.clone()) };
         return Ok(Identity::Device {
             id: dev.device_id,
             generation_id: dev.generation_id,
             auth_method: "hub",
             expires_s: token.expiry,
-            keys,
+            cred,
         });
     }
     let dev = device_checks(shared, c, &user.device_id).await?;
-    token.verify(&dev.primary_key, now).or_else(|_| token.verify(&dev.secondary_key, now)).map_err(unauthorized)?;
+    let key = verifying_key(&token, &dev.primary_key, &dev.secondary_key, now).map_err(unauthorized)?;
     // A device key only speaks for its own device: IoT Hub requires sr={host}/devices/{id}.
     if scope_path != format!("devices/{}", user.device_id) {
         return Err((C::NotAuthorized, "a device-key token must be scoped to {host}/devices/{id}".into()));
     }
-    let keys = (dev.primary_key, dev.secondary_key);
-    Ok(Identity::Device { id: dev.device_id, generation_id: dev.generation_id, auth_method: "device", expires_s: token.expiry, keys })
+    let cred = Credential::DeviceKey { device: dev.device_id.clone(), key };
+    Ok(Identity::Device { id: dev.device_id, generation_id: dev.generation_id, auth_method: "device", expires_s: token.expiry, cred })
 }
 
 /// A backend that cannot answer while a client connects: CONNACK 3 (server unavailable), which
@@ -774,6 +849,10 @@ struct ServiceSession<'a> {
     /// Requests taken and not yet answered (bounded by [`MAX_SERVICE_REQUESTS`]).
     running: usize,
     token_deadline: Instant,
+    /// Notified when the key this connection authenticated with is replaced.
+    revoke: Option<Arc<Notify>>,
+    /// The key was replaced: read nothing more, close once running requests are answered.
+    revoked: bool,
 }
 
 /// Answers of spawned request handlers: (request id, response).
@@ -794,6 +873,8 @@ impl<'a> ServiceSession<'a> {
             responses: mpsc::unbounded_channel(),
             running: 0,
             token_deadline,
+            revoke: None,
+            revoked: false,
         }
     }
 
@@ -809,11 +890,14 @@ impl<'a> ServiceSession<'a> {
             if !flush(writer, self.shared.config.write_timeout, None, &mut shutdown).await? {
                 return ended("hub shutdown while writing");
             }
+            if self.revoked && self.running == 0 {
+                return ended("the key it authenticated with was replaced");
+            }
             let outstanding = self.pkids.values().any(|o| matches!(o, Outgoing::Event(..)));
             if !outstanding {
                 progress = Instant::now();
             }
-            let can_read = self.running < MAX_SERVICE_REQUESTS;
+            let can_read = self.running < MAX_SERVICE_REQUESTS && !self.revoked;
             if !can_read {
                 deadline = Instant::now() + self.idle;
             }
@@ -833,6 +917,13 @@ impl<'a> ServiceSession<'a> {
             let batch = async {
                 match fb.as_mut() {
                     Some(f) => f.rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let revoke = self.revoke.clone();
+            let revoked = async {
+                match revoke {
+                    Some(r) => r.notified().await,
                     None => std::future::pending().await,
                 }
             };
@@ -885,6 +976,7 @@ impl<'a> ServiceSession<'a> {
                     writer.queue(&Packet::Publish(Publish::new(proto::response_topic(rid), QoS::AtMostOnce, body)))?;
                 }
                 r = assignment_changed => { if r.is_ok() { self.reassign().await?; } }
+                _ = revoked, if !self.revoked => { self.revoked = true; }
                 r = events => {
                     let (p, evs) = r?;
                     self.send_events(writer, p, evs)?;
@@ -1142,9 +1234,9 @@ async fn handle_op(shared: &Arc<Shared>, rights: &[Right], op: &str, body: &[u8]
             need(rights, Right::RegistryReadWrite, op)?;
             let req: proto::UpdateDevice = proto::parse_body(op, body)?;
             let d = registry.update(&req.device_id, req.status, req.regenerate.as_deref()).await?;
-            if d.status == DeviceStatus::Disabled || req.regenerate.is_some() {
-                shared.kick(&req.device_id);
-            }
+            // A session whose key this took away ends: this node at once, other nodes through
+            // the registry watch.
+            shared.on_registry_change(&RegistryChange::Put(d.clone()));
             Ok(to_json(&d))
         }
         "c2d.send" => {
@@ -1194,8 +1286,9 @@ async fn handle_op(shared: &Arc<Shared>, rights: &[Right], op: &str, body: &[u8]
             let req: proto::RegeneratePolicyKey = proto::parse_body(op, body)?;
             let p = registry.regenerate_policy(&req.name, &req.key).await?;
             shared.refresh_owner_file().await?;
-            // Connections authenticated with the old key keep running until their token
-            // expires, as with IoT Hub; new tokens must use the new key.
+            // Connections authenticated with a replaced key close (this one after its answer):
+            // this node at once, other nodes through the registry watch.
+            shared.on_registry_change(&RegistryChange::Policy(p.clone()));
             Ok(to_json(&p))
         }
         "hub.info" => Ok(serde_json::json!({
@@ -1219,4 +1312,55 @@ fn need_owner(rights: &[Right], op: &str) -> Result<()> {
 
 fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).expect("response serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{DeviceIdentity, Policy};
+
+    fn dev(id: &str, status: DeviceStatus, keys: (&str, &str)) -> RegistryChange {
+        RegistryChange::Put(DeviceIdentity {
+            device_id: id.into(),
+            generation_id: "g".into(),
+            status,
+            primary_key: keys.0.into(),
+            secondary_key: keys.1.into(),
+            created_ms: 0,
+        })
+    }
+
+    fn policy(name: &str, keys: (&str, &str)) -> RegistryChange {
+        RegistryChange::Policy(Policy { name: name.into(), primary_key: keys.0.into(), secondary_key: keys.1.into(), rights: vec![] })
+    }
+
+    #[test]
+    fn a_device_key_connection_ends_only_when_its_own_key_or_device_goes() {
+        let c = Credential::DeviceKey { device: "d1".into(), key: "k1".into() };
+        assert!(c.survives(&dev("d1", DeviceStatus::Enabled, ("k1", "new"))), "the other key was replaced");
+        assert!(c.survives(&dev("d1", DeviceStatus::Enabled, ("new", "k1"))), "the key moved slots but is in force");
+        assert!(!c.survives(&dev("d1", DeviceStatus::Enabled, ("new", "other"))));
+        assert!(!c.survives(&dev("d1", DeviceStatus::Disabled, ("k1", "k2"))));
+        assert!(!c.survives(&RegistryChange::Deleted("d1".into())));
+        assert!(c.survives(&dev("d2", DeviceStatus::Disabled, ("x", "y"))), "another device");
+        assert!(c.survives(&RegistryChange::Deleted("d2".into())));
+        assert!(c.survives(&policy("device", ("x", "y"))), "device keys are not policy keys");
+    }
+
+    #[test]
+    fn a_policy_key_connection_ends_with_its_key_or_the_device_it_speaks_for() {
+        let svc = Credential::PolicyKey { policy: "service".into(), key: "p1".into(), device: None };
+        assert!(svc.survives(&policy("service", ("p1", "new"))));
+        assert!(!svc.survives(&policy("service", ("new", "p2"))));
+        assert!(svc.survives(&policy("registryRead", ("new", "new2"))), "another policy");
+        assert!(svc.survives(&dev("d1", DeviceStatus::Disabled, ("p1", "p1"))), "a service speaks for no device");
+        assert!(svc.survives(&RegistryChange::Deleted("d1".into())));
+        let gw = Credential::PolicyKey { policy: "device".into(), key: "p1".into(), device: Some("d1".into()) };
+        assert!(gw.survives(&dev("d1", DeviceStatus::Enabled, ("a", "b"))), "the device's own keys do not matter");
+        assert!(!gw.survives(&dev("d1", DeviceStatus::Disabled, ("a", "b"))));
+        assert!(!gw.survives(&RegistryChange::Deleted("d1".into())));
+        assert!(!gw.survives(&policy("device", ("x", "y"))));
+        assert_eq!((gw.device(), gw.policy()), (Some("d1"), Some("device")));
+        assert_eq!((svc.device(), svc.policy()), (None, Some("service")));
+    }
 }

@@ -51,7 +51,10 @@ impl NatsRegistry {
         let cache = Arc::new(Mutex::new(BTreeMap::new()));
         let (seen_tx, seen) = watch::channel(0u64);
         let (changes, _) = broadcast::channel(1024);
-        let mut w = inner.registry.watch_with_history("d.>").await.map_err(|e| js_err("watching the registry", e))?;
+        // Devices from their history (the cache), policies from now on (key regenerations).
+        let devices = inner.registry.watch_with_history("d.>").await.map_err(|e| js_err("watching the registry", e))?;
+        let policies = inner.registry.watch("p.>").await.map_err(|e| js_err("watching the policies", e))?;
+        let mut w = futures_util::stream::select(devices, policies);
         let (c, tx) = (cache.clone(), changes.clone());
         let task = tokio::spawn(async move {
             while let Some(e) = w.next().await {
@@ -62,18 +65,14 @@ impl NatsRegistry {
                         continue;
                     }
                 };
-                let Ok(id) = names::untoken(e.key.trim_start_matches("d.")) else { continue };
-                match e.operation {
-                    Operation::Put => {
-                        if let Ok(d) = serde_json::from_slice::<DeviceIdentity>(&e.value) {
-                            c.lock().insert(id, d.clone());
-                            let _ = tx.send(RegistryChange::Put(d));
+                if e.key.starts_with("p.") {
+                    if e.operation == Operation::Put {
+                        if let Ok(p) = serde_json::from_slice::<Policy>(&e.value) {
+                            let _ = tx.send(RegistryChange::Policy(p));
                         }
                     }
-                    Operation::Delete | Operation::Purge => {
-                        c.lock().remove(&id);
-                        let _ = tx.send(RegistryChange::Deleted(id));
-                    }
+                } else if let Ok(id) = names::untoken(e.key.trim_start_matches("d.")) {
+                    apply_device(&c, &tx, id, &e);
                 }
                 seen_tx.send_if_modified(|s| {
                     let moved = e.revision > *s;
@@ -94,6 +93,22 @@ impl NatsRegistry {
                 Ok(Some((d, e.revision)))
             }
             _ => Ok(None),
+        }
+    }
+}
+
+/// Applies one device entry of the registry watch to the cache and tells the node.
+fn apply_device(cache: &Mutex<BTreeMap<String, DeviceIdentity>>, changes: &broadcast::Sender<RegistryChange>, id: String, e: &kv::Entry) {
+    match e.operation {
+        Operation::Put => {
+            if let Ok(d) = serde_json::from_slice::<DeviceIdentity>(&e.value) {
+                cache.lock().insert(id, d.clone());
+                let _ = changes.send(RegistryChange::Put(d));
+            }
+        }
+        Operation::Delete | Operation::Purge => {
+            cache.lock().remove(&id);
+            let _ = changes.send(RegistryChange::Deleted(id));
         }
     }
 }
