@@ -33,6 +33,7 @@ mod powerloss;
 #[cfg(test)]
 pub(crate) mod sim;
 
+pub use exec::release_threads;
 pub(crate) use log::Env;
 pub use log::{Durability, Log, LogOptions, LogStats, OnDamage, Record, SegmentInfo};
 pub use recover::{Damage, DamageKind};
