@@ -317,7 +317,7 @@ struct ReceiveArgs {
     #[arg(long, default_value_t = 0, conflicts_with_all = ["reject", "abandon"], value_parser = clap::value_parser!(u64).range(0..=100))]
     abandon_percent: u64,
     /// Durable state directory (outbox and completed-id window; default: the device's default
-    /// outbox directory, `$HUBMSG_OUTBOX_DIR/<device id>` or `~/.local/state/hubmsg/outbox/<device id>`).
+    /// outbox directory, `$HUBMSG_OUTBOX_DIR/<host name>/<device id>` or `~/.local/state/hubmsg/outbox/<host name>/<device id>`).
     #[arg(long, conflicts_with = "in_memory")]
     outbox: Option<PathBuf>,
     /// Keep the outbox and completed ids in memory only (lost when the process ends).
@@ -358,7 +358,7 @@ struct SendArgs {
     #[arg(long = "prop", value_parser = parse_prop)]
     props: Vec<(String, String)>,
     /// Durable outbox directory (default: the device's default outbox directory,
-    /// `$HUBMSG_OUTBOX_DIR/<device id>` or `~/.local/state/hubmsg/outbox/<device id>`).
+    /// `$HUBMSG_OUTBOX_DIR/<host name>/<device id>` or `~/.local/state/hubmsg/outbox/<host name>/<device id>`).
     #[arg(long, conflicts_with = "in_memory")]
     outbox: Option<PathBuf>,
     /// Keep the outbox in memory only: messages not yet delivered are lost when the process ends.

@@ -8,7 +8,7 @@
 
 use std::ffi::{c_char, c_void, CString};
 use std::sync::{Arc, Condvar, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hubmsg_core::device::{C2dMessage, DeviceStats};
 use hubmsg_core::outbox::{Outcome, Overflow};
@@ -115,7 +115,7 @@ pub struct hubmsg_device_options {
 }
 
 /// Creates device options for `device_id` at `host_name`, with defaults for everything else
-/// (a durable outbox of 100,000 messages / 64 MiB in the default directory of the device id —
+/// (a durable outbox of 100,000 messages / 64 MiB in the default directory of the hub and device id —
 /// see hubmsg_device_options_set_outbox_dir() —, reject when full, durability always,
 /// exponential retry 1 s → 60 s forever). Set a key or a SAS token before creating the device.
 ///
@@ -218,9 +218,9 @@ pub unsafe extern "C" fn hubmsg_device_options_set_sas_token(opts: *mut hubmsg_d
 }
 
 /// Chooses the directory of the durable outbox, so queued messages survive restarts and power
-/// loss. NULL (the default) uses the default directory of the device id:
-/// `$HUBMSG_OUTBOX_DIR/<device id>`, else `$XDG_STATE_HOME/hubmsg/outbox/<device id>`, else
-/// `$HOME/.local/state/hubmsg/outbox/<device id>`. The directory is locked while the client
+/// loss. NULL (the default) uses the default directory of the hub and device id:
+/// `$HUBMSG_OUTBOX_DIR/<host name>/<device id>`, else `$XDG_STATE_HOME/hubmsg/outbox/<host name>/<device id>`, else
+/// `$HOME/.local/state/hubmsg/outbox/<host name>/<device id>`. The directory is locked while the client
 /// runs: a second client on it fails with HUBMSG_STORAGE naming the holder's pid.
 /// Also turns off an in-memory outbox chosen before.
 ///
@@ -553,7 +553,7 @@ pub unsafe extern "C" fn hubmsg_device_new(opts: *const hubmsg_device_options, o
 }
 
 /// Creates a device client from a connection string with default options (a durable outbox in
-/// the default directory of the device id; see hubmsg_device_options_set_outbox_dir()).
+/// the default directory of the hub and device id; see hubmsg_device_options_set_outbox_dir()).
 ///
 /// @param connection_string A device connection string.
 /// @param out Receives the client (NULL on failure); free with hubmsg_device_free().
@@ -735,20 +735,36 @@ pub unsafe extern "C" fn hubmsg_delivery_free(delivery: *mut hubmsg_delivery) {
     unsafe { free_handle(delivery) }
 }
 
-/// Waits until every queued message reached an outcome.
+/// Waits until every queued message reached an outcome and every outcome callback of those
+/// messages has returned (called from inside a callback, the callbacks still queued behind it
+/// run after it returns).
 ///
 /// @param dev The client.
 /// @param timeout_ms The limit.
-/// @return HUBMSG_OK, HUBMSG_TIMEOUT (messages still pending; nothing is lost, delivery goes on),
-///         HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE (runtime thread).
+/// @return HUBMSG_OK, HUBMSG_TIMEOUT (messages still pending, or their callbacks still running;
+///         nothing is lost, delivery goes on), HUBMSG_INVALID_ARGUMENT, or HUBMSG_USAGE (runtime
+///         thread).
 #[no_mangle]
 pub unsafe extern "C" fn hubmsg_device_flush(dev: *mut hubmsg_device, timeout_ms: u32) -> hubmsg_result {
     guard(|| {
         // SAFETY: the C API contract for `dev`.
         let d = unsafe { device(dev) }?;
-        block_on(&d.rt, "hubmsg_device_flush", d.client.flush(ms(timeout_ms)))??;
+        let deadline = Instant::now() + ms(timeout_ms);
+        block_on(&d.rt, "hubmsg_device_flush", async {
+            d.client.flush(ms(timeout_ms)).await?;
+            // Every message has its outcome: the tasks that post their callbacks end promptly.
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout(left, d.outcomes.idle()).await.map_err(|_| callbacks_pending())
+        })??;
+        if !d.dispatcher.barrier(deadline.saturating_duration_since(Instant::now())) {
+            return Err(callbacks_pending());
+        }
         Ok(HUBMSG_OK)
     })
+}
+
+fn callbacks_pending() -> Error {
+    Error::new(ErrorKind::Timeout, "flush: every message reached its outcome, but outcome callbacks are still running")
 }
 
 /// The current connection status.

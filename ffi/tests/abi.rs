@@ -168,3 +168,46 @@ fn a_panicking_log_callback_is_contained() {
     tracing::warn!("not delivered");
     assert_eq!(LOG_CALLS.load(Ordering::SeqCst), before);
 }
+
+static OUTCOMES: AtomicUsize = AtomicUsize::new(0);
+
+extern "C-unwind" fn slow_outcome(_: *mut c_void, outcome: i32, _: *const c_char) {
+    // A callback that takes its time keeps the callback thread's queue behind the outbox.
+    std::thread::sleep(Duration::from_millis(1));
+    if outcome == HUBMSG_OUTCOME_DELIVERED {
+        OUTCOMES.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// `hubmsg_device_flush` returning means every flushed message's outcome callback has run,
+/// even when the callbacks are slower than the hub's acknowledgements (before the fix, flush
+/// returned once the outbox was empty and free then dropped the callbacks still queued:
+/// examples/c/send_telemetry counted 116 of 200).
+#[test]
+fn flush_returns_after_every_outcome_callback_ran() {
+    const N: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let data = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+    let (mut hub, mut cs, mut o, mut d) = (null_mut(), null_mut(), null_mut(), null_mut());
+    // SAFETY: valid arguments and out-pointers; every handle is freed once below.
+    unsafe {
+        assert_eq!(hubmsg_hub_start(data.as_ptr(), c"127.0.0.1:0".as_ptr(), &mut hub), HUBMSG_OK, "{}", last_error());
+        assert_eq!(hubmsg_hub_create_device(hub, c"flusher".as_ptr(), &mut cs), HUBMSG_OK, "{}", last_error());
+        assert_eq!(hubmsg_device_options_from_connection_string(cs, &mut o), HUBMSG_OK, "{}", last_error());
+        assert_eq!(hubmsg_device_options_set_outbox_in_memory(o, 1), HUBMSG_OK);
+        assert_eq!(hubmsg_device_new(o, &mut d), HUBMSG_OK, "{}", last_error());
+        hubmsg_device_options_free(o);
+        hubmsg_string_free(cs);
+        let cb = hubmsg_outcome_callback { context: null_mut(), call: Some(slow_outcome), drop: None };
+        for _ in 0..N {
+            let mut m = null_mut();
+            assert_eq!(hubmsg_message_new(b"reading".as_ptr(), 7, &mut m), HUBMSG_OK);
+            assert_eq!(hubmsg_device_send(d, m, &cb, null_mut()), HUBMSG_OK, "{}", last_error());
+            hubmsg_message_free(m);
+        }
+        assert_eq!(hubmsg_device_flush(d, 60_000), HUBMSG_OK, "{}", last_error());
+        assert_eq!(OUTCOMES.load(Ordering::SeqCst), N, "flush returned before every outcome callback ran");
+        hubmsg_device_free(d);
+        hubmsg_hub_free(hub);
+    }
+}

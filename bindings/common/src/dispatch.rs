@@ -107,6 +107,21 @@ impl Dispatcher {
         }
     }
 
+    /// Waits until every job queued before this call has run (or been dropped by a close), at most
+    /// `timeout`; `false` when it timed out. Returns at once on the callback thread itself
+    /// (which cannot wait for its own queue) and when the dispatcher is closed or not started.
+    pub fn barrier(&self, timeout: std::time::Duration) -> bool {
+        if self.is_current() {
+            return true;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        self.post(move || {
+            let _ = tx.send(());
+        });
+        // A job dropped unrun drops its sender too: the wait ends with Disconnected.
+        !matches!(rx.recv_timeout(timeout), Err(std::sync::mpsc::RecvTimeoutError::Timeout))
+    }
+
     /// Whether the calling thread is this dispatcher's callback thread.
     pub fn is_current(&self) -> bool {
         CURRENT.with(|c| c.get()) == self.id
