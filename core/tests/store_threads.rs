@@ -55,4 +55,13 @@ async fn a_thousand_device_clients_share_a_bounded_pool_of_store_threads() {
     for c in clients {
         let _ = tokio::time::timeout(Duration::from_secs(5), c.close()).await;
     }
+    // Once no log is open the pool can be released (the C library does so when its last handle
+    // is freed), leaving no store thread; the next log starts it again.
+    assert!(hubmsg_core::store::release_threads(Duration::from_secs(10)), "a log is still open");
+    let left = thread_names().into_iter().filter(|n| n.starts_with("hubmsg-store")).count();
+    assert_eq!(left, 0, "store threads left after release_threads");
+    let log = hubmsg_core::store::Log::open(&dir.path().join("after"), hubmsg_core::store::LogOptions::default()).unwrap();
+    let seq = log.append(b"again").unwrap();
+    log.wait_durable(seq).await.unwrap();
+    log.close().unwrap();
 }

@@ -3,8 +3,8 @@
 //! One multi-threaded runtime per process (2 worker threads, or `HUBMSG_WORKER_THREADS`),
 //! shared by every client of every binding in the process (a C device and a Python service in
 //! one process share it). It is created when the first handle asks for it; every handle holds an
-//! [`Rt`] and the runtime shuts down (threads joined) when the last one is dropped, so a C
-//! program that freed everything has no hubmsg threads left. A binding that wants the runtime to
+//! [`Rt`] and the runtime shuts down (threads joined, the store's writer threads too) when the
+//! last one is dropped, so a C program that freed everything has no hubmsg threads left. A binding that wants the runtime to
 //! live as long as the process (Python) keeps one [`Rt`] of its own.
 //!
 //! **fork()**: a child process inherits the runtime's memory but none of its threads, so using
@@ -77,6 +77,9 @@ impl Drop for Runtime {
         if self.is_current_process() {
             // SAFETY: dropped once, here, and never used again.
             unsafe { ManuallyDrop::drop(&mut self.rt) };
+            // The clients that ran on it are gone, and with them their stores' logs: join the
+            // store's threads too (a log opened later starts them again).
+            let _ = hubmsg_core::store::release_threads(std::time::Duration::from_secs(2));
         }
         // In a forked child the runtime's threads do not exist: dropping it would wait for them
         // forever, so its memory is leaked instead.

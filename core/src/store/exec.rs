@@ -67,6 +67,8 @@ struct Queue {
     run: VecDeque<Work>,
     timers: BinaryHeap<Reverse<Timer>>,
     next_id: u64,
+    /// Set when the pool is dropped (no log uses it): workers finish the queue and exit.
+    stop: bool,
 }
 
 impl Queue {
@@ -80,19 +82,46 @@ impl Queue {
     }
 }
 
-/// The process-wide pool of store threads.
+/// The process-wide pool of store threads. Every log holds it; when the last one is gone it
+/// is dropped and its threads exit ([`release_threads`] joins them).
 pub(crate) struct Pool {
-    q: Mutex<Queue>,
-    cv: Condvar,
+    core: Arc<Core>,
     #[cfg_attr(not(test), allow(dead_code))]
     threads: usize,
+}
+
+/// What the workers share: the queue and its condition variable.
+pub(crate) struct Core {
+    q: Mutex<Queue>,
+    cv: Condvar,
+}
+
+impl std::ops::Deref for Pool {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.core.q.lock().stop = true;
+        self.core.cv.notify_all();
+    }
+}
+
+/// The pool of this process, the threads it started, and those of earlier pools not yet joined.
+struct Global {
+    pid: u32,
+    pool: Weak<Pool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
 }
 
 thread_local! {
     static ON_WORKER: Cell<bool> = const { Cell::new(false) };
 }
 
-static GLOBAL: Mutex<Option<(u32, Arc<Pool>)>> = Mutex::new(None);
+static GLOBAL: Mutex<Option<Global>> = Mutex::new(None);
 
 /// Default number of store threads: enough for fdatasyncs of many logs to overlap (the disk
 /// batches concurrent flushes into one journal commit), bounded however many logs are open.
@@ -104,22 +133,33 @@ impl Pool {
     pub(crate) fn global() -> Arc<Pool> {
         let pid = std::process::id();
         let mut g = GLOBAL.lock();
-        if let Some((p, pool)) = &*g {
-            if *p == pid {
-                return pool.clone();
+        let mut workers = Vec::new();
+        if let Some(old) = g.take() {
+            if old.pid == pid {
+                if let Some(pool) = old.pool.upgrade() {
+                    *g = Some(old);
+                    return pool;
+                }
+                // The previous pool is gone and its threads are exiting: keep their handles
+                // for release_threads.
+                workers = old.workers;
+            } else {
+                // Inherited through fork(): those threads do not exist here; never touch them.
+                std::mem::forget(old.workers);
             }
         }
         let threads =
             std::env::var("HUBMSG_STORE_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0).unwrap_or(DEFAULT_THREADS);
-        let pool = Arc::new(Pool { q: Mutex::new(Queue::default()), cv: Condvar::new(), threads });
+        let core = Arc::new(Core { q: Mutex::new(Queue::default()), cv: Condvar::new() });
         for i in 0..threads {
-            let p = pool.clone();
-            let spawned = std::thread::Builder::new().name(format!("hubmsg-store-{i}")).stack_size(256 * 1024).spawn(move || p.work());
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "could not start a store thread");
+            let c = core.clone();
+            match std::thread::Builder::new().name(format!("hubmsg-store-{i}")).stack_size(256 * 1024).spawn(move || c.work()) {
+                Ok(h) => workers.push(h),
+                Err(e) => tracing::error!(error = %e, "could not start a store thread"),
             }
         }
-        *g = Some((pid, pool.clone()));
+        let pool = Arc::new(Pool { core, threads });
+        *g = Some(Global { pid, pool: Arc::downgrade(&pool), workers });
         pool
     }
 
@@ -128,7 +168,9 @@ impl Pool {
     pub(crate) fn threads(&self) -> usize {
         self.threads
     }
+}
 
+impl Core {
     fn work(&self) {
         ON_WORKER.with(|w| w.set(true));
         let mut q = self.q.lock();
@@ -139,6 +181,9 @@ impl Pool {
                 w.run();
                 q = self.q.lock();
                 continue;
+            }
+            if q.stop {
+                return;
             }
             match q.timers.peek().map(|t| t.0.at) {
                 Some(at) => {
@@ -180,6 +225,38 @@ impl Pool {
             }
             None => false,
         }
+    }
+}
+
+/// Joins the store's threads once no log of this process is open, waiting up to `wait` for the
+/// last one's jobs to finish; returns whether no store thread is left. The next log opened
+/// starts a new pool. For bindings that promise no threads once the last handle is freed (the C
+/// library); a no-op returning false while any log is open, or on a store thread.
+pub fn release_threads(wait: Duration) -> bool {
+    if ON_WORKER.with(|w| w.get()) {
+        return false;
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        let workers = {
+            let mut g = GLOBAL.lock();
+            match &mut *g {
+                None => return true,
+                Some(gl) if gl.pid != std::process::id() => return true,
+                Some(gl) if gl.pool.strong_count() == 0 => std::mem::take(&mut gl.workers),
+                Some(_) => Vec::new(),
+            }
+        };
+        if !workers.is_empty() || GLOBAL.lock().as_ref().is_some_and(|g| g.pool.strong_count() == 0) {
+            for h in workers {
+                let _ = h.join();
+            }
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -53,7 +53,8 @@ impl Version {
             Version::V2 => SEG_HEADER as u64,
         }
     }
-    fn frame_header(self) -> usize {
+    /// Bytes of a frame header.
+    pub(crate) fn frame_header(self) -> usize {
         match self {
             Version::V1 => V1_FRAME_HEADER,
             Version::V2 => FRAME_HEADER,

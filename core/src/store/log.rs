@@ -1309,13 +1309,14 @@ impl Log {
                 None => return Ok(Vec::new()),
             }
         };
-        let ReadPlan { file, path, seg_first, from, last, mut off, mut at, end } = plan;
+        let ReadPlan { file, version, path, seg_first, from, last, mut off, mut at, end } = plan;
+        let header = version.frame_header();
         let max = sh.opts.max_record_bytes;
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let budget = (max_bytes as u64).saturating_add(INDEX_STRIDE + 4096);
         while off < end && out.len() < max_records && at <= last && (out.is_empty() || bytes < max_bytes) {
-            let want = (end - off).min(budget.max(FRAME_HEADER as u64));
+            let want = (end - off).min(budget.max(header as u64));
             let mut buf = vec![0u8; want as usize];
             file.read_at(&mut buf, off).map_err(io_err("read", &path))?;
             let mut buf = Bytes::from(buf);
@@ -1324,7 +1325,7 @@ impl Log {
                 if out.len() >= max_records || at > last || (!out.is_empty() && bytes >= max_bytes) {
                     break;
                 }
-                match format::parse_frame(&buf, pos, Version::V2, max) {
+                match format::parse_frame(&buf, pos, version, max) {
                     Ok(f) if f.seq == at => {
                         if at >= from {
                             bytes += f.body.len();
@@ -1338,7 +1339,7 @@ impl Log {
                             break; // read the rest from here
                         }
                         // One frame larger than the read budget: read exactly it.
-                        let need = u32::from_le_bytes(buf[0..4].try_into().expect("header")) as u64 + FRAME_HEADER as u64;
+                        let need = u32::from_le_bytes(buf[0..4].try_into().expect("header")) as u64 + header as u64;
                         let mut b = vec![0u8; need.min(end - off) as usize];
                         file.read_at(&mut b, off).map_err(io_err("read", &path))?;
                         buf = Bytes::from(b);
@@ -1527,6 +1528,8 @@ fn check_writable(sh: &Shared, st: &State) -> Result<()> {
 
 struct ReadPlan {
     file: Arc<dyn FileIo>,
+    /// The segment's format (an old-format segment kept because it is damaged is read as is).
+    version: Version,
     path: PathBuf,
     seg_first: u64,
     from: u64,
@@ -1604,7 +1607,7 @@ fn plan_read(sh: &Shared, st: &State, from: u64) -> Result<Option<ReadPlan>> {
             (at, off) = (hs, ho);
         }
     }
-    Ok(Some(ReadPlan { file: s.file.clone(), path: s.path.clone(), seg_first: s.first_seq, from, last, off, at, end }))
+    Ok(Some(ReadPlan { file: s.file.clone(), version: s.version, path: s.path.clone(), seg_first: s.first_seq, from, last, off, at, end }))
 }
 
 #[cfg(test)]
@@ -1831,5 +1834,37 @@ mod tests {
         assert_eq!(all.len(), 1000);
         assert_eq!(all[777].payload, "record 777");
         assert_eq!(log.read(500, 1, 1 << 20).unwrap()[0].seq, 500);
+    }
+
+    /// A version-1 frame (24-byte header, the CRC over seq, timestamp and payload).
+    fn v1_frame(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
+        let mut tail = seq.to_le_bytes().to_vec();
+        tail.extend_from_slice(&seq.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&tail), payload);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&tail);
+        out.extend_from_slice(payload);
+    }
+
+    #[test]
+    fn a_damaged_old_format_segment_serves_its_records_up_to_the_damage() {
+        // Found by fuzz/store_frames: a version-1 segment with damage followed by valid records
+        // is kept as it is (read-only up to the damage), and reads must parse its frames in its
+        // own format.
+        let dir = tempfile::tempdir().unwrap();
+        let mut seg = Vec::new();
+        for s in 1..=4u64 {
+            v1_frame(&mut seg, s, format!("old {s}").as_bytes());
+        }
+        let second = 24 + 5;
+        seg[second + 8] ^= 0x40; // record 2's sequence number
+        std::fs::write(dir.path().join(recover::segment_name(1)), &seg).unwrap();
+        let log = Log::open(dir.path(), opts(1 << 20, Durability::Never)).unwrap();
+        let first = log.read(1, 10, 1 << 20).unwrap();
+        assert_eq!(first.iter().map(|r| (r.seq, r.payload.clone())).collect::<Vec<_>>(), vec![(1, Bytes::from_static(b"old 1"))]);
+        assert_eq!(log.read(2, 10, 1 << 20).unwrap_err().kind(), ErrorKind::Storage, "a read into the damage is an error");
+        assert_eq!(log.append(b"new").unwrap_err().kind(), ErrorKind::Storage, "read-only up to the damage");
+        assert_eq!(std::fs::read(dir.path().join(recover::segment_name(1))).unwrap(), seg, "the damaged segment is left as it was");
     }
 }

@@ -33,6 +33,7 @@ mod powerloss;
 #[cfg(test)]
 pub(crate) mod sim;
 
+pub use exec::release_threads;
 pub(crate) use log::Env;
 pub use log::{Durability, Log, LogOptions, LogStats, OnDamage, Record, SegmentInfo};
 pub use recover::{Damage, DamageKind};
@@ -57,6 +58,9 @@ pub mod fuzzing {
         pub valid_after: u64,
         /// Whether a later record attests the bad one had been fsync'd (damage, not a torn write).
         pub attested: bool,
+        /// Whether the bytes are in the old segment format (no segment header, 24-byte frame
+        /// headers), which opening rewrites once in the current one.
+        pub v1: bool,
     }
 
     /// Scans arbitrary bytes as a segment whose first record is `first_seq`, recovering the
@@ -69,12 +73,72 @@ pub mod fuzzing {
             bad_offset: s.bad.as_ref().map(|b| b.offset),
             valid_after: s.bad.as_ref().map_or(0, |b| b.valid_after()),
             attested: s.bad.as_ref().is_some_and(|b| b.attested()),
+            v1: s.version == format::Version::V1,
         }
+    }
+
+    /// One frame recovery keeps: the good prefix's records and the valid records found after a
+    /// bad spot.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct KeptFrame {
+        /// Sequence number.
+        pub seq: u64,
+        /// File offset of the frame's header.
+        pub offset: usize,
+        /// The payload's position in the bytes.
+        pub body: std::ops::Range<usize>,
+        /// Whether the segment is in the old format (24-byte headers, no segment header).
+        pub v1: bool,
+        /// Whether it lies after the first bad spot.
+        pub after_bad: bool,
+    }
+
+    /// Every frame [`scan_segment`] counts, in file order: what a log opened on these bytes
+    /// can ever serve (the good prefix) or keep by quarantine (the records after a bad spot).
+    pub fn kept_frames(bytes: &[u8], first_seq: u64, max_record: usize) -> Vec<KeptFrame> {
+        let max = max_record.max(1);
+        let s = format::scan(bytes, first_seq, max);
+        let v1 = s.version == format::Version::V1;
+        let mut out = Vec::new();
+        let mut frames_in = |start: usize, end: usize, after_bad: bool| {
+            let mut pos = start;
+            while pos < end {
+                let f = format::parse_frame(bytes, pos, s.version, max).expect("a counted frame parses");
+                out.push(KeptFrame { seq: f.seq, offset: pos, body: f.body.clone(), v1, after_bad });
+                pos = f.end();
+            }
+        };
+        let start = if s.count == 0 { s.good_len as usize } else { s.version.data_start() as usize };
+        frames_in(start, s.good_len as usize, false);
+        for r in s.bad.iter().flat_map(|b| &b.after) {
+            frames_in(r.start as usize, r.end as usize, true);
+        }
+        out
+    }
+
+    /// The file name of the segment whose first record is `first_seq` (in a log directory).
+    pub fn segment_file_name(first_seq: u64) -> String {
+        super::recover::segment_name(first_seq)
+    }
+
+    /// The 16-byte header a segment starts with (for seed inputs).
+    pub fn segment_header(first_seq: u64) -> Vec<u8> {
+        format::segment_header(first_seq).to_vec()
+    }
+
+    /// Appends one frame as the log writes it (for seed inputs and round trips).
+    pub fn encode_frame(out: &mut Vec<u8>, seq: u64, ts: u64, synced: u64, payload: &[u8]) {
+        format::encode_frame(out, seq, ts, synced, payload)
     }
 
     /// Decodes a snapshot file: `(covered_seq, body length)`.
     pub fn decode_snapshot(bytes: &[u8]) -> Result<(u64, usize), String> {
         format::decode_snapshot(bytes).map(|(c, b)| (c, b.len()))
+    }
+
+    /// Encodes a snapshot as the store writes it (the current version).
+    pub fn encode_snapshot(covered_seq: u64, body: &[u8]) -> Vec<u8> {
+        format::encode_snapshot(covered_seq, body)
     }
 
     /// Decodes a segment's sidecar index: `(first_seq, last_seq, entries)`.
@@ -112,6 +176,21 @@ pub mod fuzzing {
             seg[mid] ^= 1;
             let s = scan_segment(&seg, 1, 1024);
             assert!(s.bad_offset.is_some() && s.valid_after > 0 && s.attested, "{s:?}");
+            let kept = kept_frames(&seg, 1, 1024);
+            assert_eq!(kept.len() as u64, s.records + s.valid_after, "every counted frame is listed");
+            assert_eq!(kept.iter().filter(|f| !f.after_bad).count() as u64, s.records);
+            assert!(kept.iter().all(|f| &seg[f.body.clone()] == b"0123456789"));
+            assert!(kept.windows(2).all(|w| w[0].seq < w[1].seq && w[0].body.end <= w[1].offset));
+        }
+
+        #[test]
+        fn snapshots_round_trip_and_a_changed_covered_seq_fails_the_checksum() {
+            let snap = encode_snapshot(41, b"{\"state\":1}");
+            assert_eq!(decode_snapshot(&snap), Ok((41, 11)));
+            let mut bad = snap.clone();
+            bad[8] ^= 1; // covered_seq
+            assert!(decode_snapshot(&bad).is_err());
+            assert_eq!(segment_file_name(1), "00000000000000000001.seg");
         }
     }
 }
