@@ -135,7 +135,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Error> {
         let seen = d2c_seen.clone();
         consumers.push(tokio::spawn(async move {
             while let Some(Ok(ev)) = events.next().await {
-                *seen.lock().entry(ev.message.message_id.clone().unwrap_or_default()).or_default() += 1;
+                *seen.lock().entry(ev.message_id().unwrap_or_default().to_string()).or_default() += 1;
                 ev.ack();
             }
         }));

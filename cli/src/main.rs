@@ -21,7 +21,8 @@ use hubmsg_core::{DeviceClient, DeviceOptions, Error, Message, Overflow};
 
 /// mimalloc instead of the system allocator: the message path allocates many small, short-lived
 /// strings and buffers, and glibc's malloc cost about a quarter more CPU per message in the
-/// D2C loop profile (`core/examples/d2c_loop.rs`, see docs/benchmarks/README.md).
+/// D2C loop profile (`core/examples/d2c_loop.rs`, see docs/benchmarks/README.md). Built with
+/// mimalloc's `no_thp` (workspace `Cargo.toml`): no transparent huge pages for its arenas.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -148,11 +149,12 @@ struct HubArgs {
     /// Host name to print in connection strings.
     #[arg(long, default_value = "127.0.0.1")]
     host_name: String,
-    /// C2D feedback batches form once the oldest record waited this long (or 64 accumulated).
+    /// C2D feedback batching (IoT Hub's rule): a batch goes out when 64 records accumulated or
+    /// this long after the previous batch, whichever first.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     feedback_interval: Duration,
-    /// How often expiries, lock timeouts and feedback batching are checked (feedback batches
-    /// form on these ticks, so this bounds how soon a batch goes out).
+    /// How often expiries, lock timeouts and feedback batches held back by the interval are
+    /// checked (outcomes form batches as they are recorded; this is the fallback).
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     sweep_interval: Duration,
     /// Where durable state lives: `embedded` (the data directory, the default) or a NATS
@@ -317,7 +319,7 @@ struct ReceiveArgs {
     #[arg(long, default_value_t = 0, conflicts_with_all = ["reject", "abandon"], value_parser = clap::value_parser!(u64).range(0..=100))]
     abandon_percent: u64,
     /// Durable state directory (outbox and completed-id window; default: the device's default
-    /// outbox directory, `$HUBMSG_OUTBOX_DIR/<device id>` or `~/.local/state/hubmsg/outbox/<device id>`).
+    /// outbox directory, `$HUBMSG_OUTBOX_DIR/<host name>/<device id>` or `~/.local/state/hubmsg/outbox/<host name>/<device id>`).
     #[arg(long, conflicts_with = "in_memory")]
     outbox: Option<PathBuf>,
     /// Keep the outbox and completed ids in memory only (lost when the process ends).
@@ -358,7 +360,7 @@ struct SendArgs {
     #[arg(long = "prop", value_parser = parse_prop)]
     props: Vec<(String, String)>,
     /// Durable outbox directory (default: the device's default outbox directory,
-    /// `$HUBMSG_OUTBOX_DIR/<device id>` or `~/.local/state/hubmsg/outbox/<device id>`).
+    /// `$HUBMSG_OUTBOX_DIR/<host name>/<device id>` or `~/.local/state/hubmsg/outbox/<host name>/<device id>`).
     #[arg(long, conflicts_with = "in_memory")]
     outbox: Option<PathBuf>,
     /// Keep the outbox in memory only: messages not yet delivered are lost when the process ends.
@@ -807,7 +809,7 @@ async fn monitor(a: MonitorArgs) -> Result<(), Error> {
         let line = if a.json {
             event_json(&ev).to_string()
         } else {
-            format!("{} [p{} #{}] {}", ev.device_id(), ev.partition, ev.sequence_number, String::from_utf8_lossy(&ev.message.body))
+            format!("{} [p{} #{}] {}", ev.device_id(), ev.partition, ev.sequence_number, String::from_utf8_lossy(&ev.body()))
         };
         {
             let mut so = stdout.lock();
@@ -823,7 +825,7 @@ async fn monitor(a: MonitorArgs) -> Result<(), Error> {
 }
 
 fn event_json(ev: &hubmsg_core::service::Event) -> serde_json::Value {
-    let m = &ev.message;
+    let m = ev.message();
     let body = match std::str::from_utf8(&m.body) {
         Ok(s) => serde_json::Value::String(s.to_string()),
         Err(_) => serde_json::json!({ "base64": base64_encode(&m.body) }),

@@ -53,7 +53,7 @@ fn consume(rt: &tokio::runtime::Runtime, cs: &str) -> Arc<Mutex<HashMap<u64, u32
         let svc = ServiceClient::connect(opts).await.unwrap();
         let mut events = svc.events("$Default", StartPosition::Earliest).await.unwrap();
         while let Some(Ok(ev)) = events.next().await {
-            if let Some(n) = ev.message.message_id.as_deref().and_then(|m| m.strip_prefix("m-")).and_then(|n| n.parse().ok()) {
+            if let Some(n) = ev.message_id().and_then(|m| m.strip_prefix("m-")).and_then(|n| n.parse().ok()) {
                 *s.lock().entry(n).or_insert(0) += 1;
             }
             ev.ack();

@@ -81,7 +81,7 @@ async fn main() {
             );
             std::process::exit(1);
         };
-        seen.insert(ev.message.message_id.clone().unwrap());
+        seen.insert(ev.message_id().unwrap().to_string());
         ev.ack();
     }
     let secs = started.elapsed().as_secs_f64();

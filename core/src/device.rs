@@ -61,7 +61,7 @@ pub struct DeviceOptions {
     /// TLS settings (e.g. a CA file); forces TLS even with an explicit port.
     pub tls: Option<TlsOptions>,
     /// Outbox directory, bounds, overflow policy and durability. Without a directory (and
-    /// without `in_memory`) the outbox lives in [`OutboxOptions::default_dir`] of the device id.
+    /// without `in_memory`) the outbox lives in [`OutboxOptions::default_dir`] of the hub and device id.
     pub outbox: OutboxOptions,
     /// Reconnect pacing.
     pub retry: RetryPolicy,
@@ -113,11 +113,11 @@ impl DeviceOptions {
     }
 
     /// The outbox options with the directory filled in: the one given, or the default directory
-    /// of the device id (none for an in-memory outbox).
+    /// of the hub and device id (none for an in-memory outbox).
     fn resolved_outbox(&self) -> Result<OutboxOptions> {
         let mut o = self.outbox.clone();
         if o.dir.is_none() && !o.in_memory {
-            o.dir = Some(OutboxOptions::default_dir(&self.device_id)?);
+            o.dir = Some(OutboxOptions::default_dir(&self.host_name, &self.device_id)?);
         }
         Ok(o)
     }

@@ -21,7 +21,7 @@
 //!   once the disk takes data), and a log that had to be poisoned is reopened on the next send.
 //!
 //! Where it lives: `dir`, or — for a device client given neither a directory nor `in_memory` —
-//! the default directory [`OutboxOptions::default_dir`] of its device id.
+//! the default directory [`OutboxOptions::default_dir`] of its hub and device id.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -60,7 +60,7 @@ impl std::str::FromStr for Overflow {
 #[derive(Debug, Clone)]
 pub struct OutboxOptions {
     /// Directory of the durable outbox. `None`: a device client uses
-    /// [`OutboxOptions::default_dir`] of its device id (unless `in_memory`); opening an
+    /// [`OutboxOptions::default_dir`] of its hub and device id (unless `in_memory`); opening an
     /// [`Outbox`] directly needs one.
     pub dir: Option<PathBuf>,
     /// Keep messages in memory only: a crash or restart loses every queued message, and
@@ -95,12 +95,15 @@ impl OutboxOptions {
         OutboxOptions { in_memory: true, ..OutboxOptions::default() }
     }
 
-    /// The directory a device client without an outbox directory uses for `device_id`:
-    /// `$HUBMSG_OUTBOX_DIR/<device id>` if that variable is set, else
-    /// `$XDG_STATE_HOME/hubmsg/outbox/<device id>`, else `$HOME/.local/state/hubmsg/outbox/<device id>`
-    /// (like Paho's default file persistence, one directory per client id). A leading `.` and
-    /// `%` in the id are percent-encoded so every id maps to its own directory.
-    pub fn default_dir(device_id: &str) -> Result<PathBuf> {
+    /// The directory a device client without an outbox directory uses for `device_id` of the hub
+    /// `host_name` (the connection string's `HostName`, port included):
+    /// `$HUBMSG_OUTBOX_DIR/<host name>/<device id>` if that variable is set, else
+    /// `$XDG_STATE_HOME/hubmsg/outbox/<host name>/<device id>`, else
+    /// `$HOME/.local/state/hubmsg/outbox/<host name>/<device id>` (like Paho's default file
+    /// persistence, one directory per server and client id: a message queued for one hub is never
+    /// sent to another hub that knows the same device id). `%`, `/` and a leading `.` in either
+    /// name are percent-encoded so every name maps to its own directory.
+    pub fn default_dir(host_name: &str, device_id: &str) -> Result<PathBuf> {
         let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
         let base = var("HUBMSG_OUTBOX_DIR")
             .or_else(|| var("XDG_STATE_HOME").map(|d| d.join("hubmsg").join("outbox")))
@@ -110,14 +113,7 @@ impl OutboxOptions {
                     "no outbox directory: set the outbox directory option, or HUBMSG_OUTBOX_DIR (or HOME), or ask for an in-memory outbox explicitly",
                 )
             })?;
-        if device_id.is_empty() || device_id.contains(['/', '\0']) {
-            return Err(Error::invalid(format!("device id '{device_id}' cannot name an outbox directory")));
-        }
-        let mut name = device_id.replace('%', "%25");
-        if name.starts_with('.') {
-            name = format!("%2E{}", &name[1..]);
-        }
-        Ok(base.join(name))
+        Ok(base.join(path_component("host name", host_name)?).join(path_component("device id", device_id)?))
     }
 
     fn log_options(&self) -> LogOptions {
@@ -125,6 +121,19 @@ impl OutboxOptions {
         // damaged data is moved aside and every valid message kept.
         LogOptions { durability: self.durability, max_pending_bytes: usize::MAX, on_damage: OnDamage::Quarantine, ..LogOptions::default() }
     }
+}
+
+/// `name` as one directory name: `%` and `/` percent-encoded, a leading `.` too (so `.` and `..`
+/// stay names); empty names and NUL are refused.
+fn path_component(what: &str, name: &str) -> Result<String> {
+    if name.is_empty() || name.contains('\0') {
+        return Err(Error::invalid(format!("{what} '{name}' cannot name an outbox directory")));
+    }
+    let mut out = name.replace('%', "%25").replace('/', "%2F");
+    if out.starts_with('.') {
+        out = format!("%2E{}", &out[1..]);
+    }
+    Ok(out)
 }
 
 /// How one message ended.
@@ -645,6 +654,17 @@ fn load_entries(log: &Log) -> Result<VecDeque<Entry>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_dir_is_one_directory_per_hub_and_device() {
+        assert_eq!(path_component("device id", "pump-7").unwrap(), "pump-7");
+        assert_eq!(path_component("host name", "hub.example:8883").unwrap(), "hub.example:8883");
+        assert_eq!(path_component("device id", "a/b").unwrap(), "a%2Fb");
+        assert_eq!(path_component("device id", "a%2Fb").unwrap(), "a%252Fb");
+        assert_eq!(path_component("device id", "..").unwrap(), "%2E.");
+        assert!(path_component("device id", "").is_err());
+        assert!(path_component("device id", "a\0b").is_err());
+    }
 
     fn mem(max_messages: usize, overflow: Overflow) -> Outbox {
         Outbox::open(OutboxOptions { max_messages, overflow, ..OutboxOptions::in_memory() }).unwrap()

@@ -428,15 +428,17 @@ impl ServiceClient {
     }
 }
 
-/// One D2C event delivered to a consumer.
+/// One D2C event delivered to a consumer. The record is checked when it arrives but decoded
+/// only when asked: [`Event::message_id`], [`Event::body`], [`Event::device_id`] and
+/// [`Event::system_property`] read it in place; [`Event::message`] decodes every field once.
 #[derive(Debug)]
 pub struct Event {
     /// Partition it came from.
     pub partition: u32,
     /// Sequence number within the partition.
     pub sequence_number: u64,
-    /// The message with the hub-stamped system properties.
-    pub message: Message,
+    view: crate::message::RecordView,
+    message: std::sync::OnceLock<Message>,
     generation: u64,
     pkid: u16,
     cmd: mpsc::UnboundedSender<Cmd>,
@@ -445,14 +447,34 @@ pub struct Event {
 }
 
 impl Event {
+    /// The message with the hub-stamped system properties (decoded on first use, then kept).
+    pub fn message(&self) -> &Message {
+        self.message.get_or_init(|| self.view.to_message())
+    }
+
+    /// The message id (`$.mid`), without decoding the rest.
+    pub fn message_id(&self) -> Option<&str> {
+        self.view.message_id()
+    }
+
+    /// The body (shares the received record's memory), without decoding the rest.
+    pub fn body(&self) -> Bytes {
+        self.view.body()
+    }
+
+    /// The first system property with this name (`iothub-enqueuedtime`, …), read in place.
+    pub fn system_property(&self, name: &str) -> Option<&str> {
+        self.view.system_property(name)
+    }
+
     /// The sending device (`iothub-connection-device-id`).
     pub fn device_id(&self) -> &str {
-        self.message.system_property("iothub-connection-device-id").unwrap_or("")
+        self.view.system_property("iothub-connection-device-id").unwrap_or("")
     }
 
     /// When the hub stored it (ms since the Unix epoch).
     pub fn enqueued_time_ms(&self) -> u64 {
-        self.message.system_property("iothub-enqueuedtime").and_then(|s| s.parse().ok()).unwrap_or(0)
+        self.view.system_property("iothub-enqueuedtime").and_then(|s| s.parse().ok()).unwrap_or(0)
     }
 
     /// Acknowledges the event: the group's checkpoint moves past it once every earlier event of
@@ -1058,9 +1080,18 @@ impl Driver {
         }
         if let Some((_, partition, seq)) = proto::parse_event_topic(&p.topic) {
             let Some((_, sink)) = &mut self.consume else { return Ok(()) };
-            let message = Message::decode(&Bytes::clone(&p.payload))?;
-            let (generation, pkid, cmd) = (self.generation, p.pkid, self.cmd_tx.clone());
-            sink.push(Event { partition, sequence_number: seq, message, generation, pkid, cmd, cost: 0 }, p.payload.len());
+            let view = crate::message::RecordView::parse(Bytes::clone(&p.payload))?;
+            let ev = Event {
+                partition,
+                sequence_number: seq,
+                view,
+                message: std::sync::OnceLock::new(),
+                generation: self.generation,
+                pkid: p.pkid,
+                cmd: self.cmd_tx.clone(),
+                cost: 0,
+            };
+            sink.push(ev, p.payload.len());
             return Ok(());
         }
         if let Some(id) = p.topic.strip_prefix(proto::FEEDBACK_PREFIX) {

@@ -6,8 +6,11 @@
 //! Invariants: a [`PacketReader`] never yields a partial packet and never buffers more than one
 //! maximum-size packet plus one read chunk; an oversize or malformed frame (including fixed-header
 //! flags MQTT 3.1.1 §2.2.2 reserves) is an error, after which the connection must be closed. A
-//! reader or writer allocates nothing before its first byte, so an idle connection costs only
-//! its socket.
+//! reader or writer allocates nothing before its first byte, and their buffers follow the
+//! traffic: a read chunk grows (up to [`MAX_READ_CHUNK`]) while reads fill it and falls back to
+//! the size reads need when they stop, a buffer emptied of a large packet or burst is given back,
+//! so an idle connection holds at most one small read chunk besides its socket
+//! (`docs/benchmarks/README.md`, memory per connection).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -150,25 +153,69 @@ pub fn connect_version(frame: &[u8]) -> Option<(String, u8)> {
     Some((String::from_utf8_lossy(name).into_owned(), level))
 }
 
+/// Largest chunk one read asks the socket for: a busy connection's read chunk doubles up to this
+/// while reads fill it (hundreds of small packets per system call under load).
+pub const MAX_READ_CHUNK: usize = 64 * 1024;
+
+/// Smallest read chunk by default: what an idle or slow connection keeps while it waits.
+pub const MIN_READ_CHUNK: usize = 512;
+
+/// The read chunk after a read of `got` bytes into `room` bytes of space, for a reader whose
+/// chunk is `chunk` and may range over `min..=MAX_READ_CHUNK` (pure, see [`PacketReader`]): a
+/// read that filled its space doubles the chunk (more is probably waiting), one that used less
+/// than an eighth of it shrinks the chunk to what it needed (twice `got`, rounded up to a power
+/// of two), anything between keeps it.
+pub fn next_read_chunk(chunk: usize, min: usize, room: usize, got: usize) -> usize {
+    let max = MAX_READ_CHUNK.max(min);
+    if got >= room {
+        (chunk * 2).clamp(min, max)
+    } else if got < room / 8 {
+        (got * 2).next_power_of_two().clamp(min, max)
+    } else {
+        chunk.clamp(min, max)
+    }
+}
+
 /// Reads whole MQTT packets from a byte stream.
+///
+/// Memory: each read reserves the current read chunk (see [`next_read_chunk`]); when parsing
+/// leaves the buffer empty and it holds more than one chunk (a large packet, a burst that
+/// ended), the allocation is dropped, and a packet handed out keeps only its own bytes alive.
 pub struct PacketReader<R> {
     inner: R,
     buf: BytesMut,
     max_size: usize,
     min_read: usize,
+    chunk: usize,
 }
 
 impl<R: AsyncRead + Unpin> PacketReader<R> {
     /// Wraps `inner`; frames larger than `max_size` are rejected.
     pub fn new(inner: R, max_size: usize) -> Self {
-        PacketReader { inner, buf: BytesMut::new(), max_size, min_read: 16 * 1024 }
+        PacketReader { inner, buf: BytesMut::new(), max_size, min_read: MIN_READ_CHUNK, chunk: MIN_READ_CHUNK }
     }
 
-    /// Changes the largest frame accepted from now on and the smallest read buffer reserved
-    /// (e.g. small before CONNECT, full size once authenticated).
+    /// Changes the largest frame accepted from now on and the smallest read chunk (e.g. a
+    /// small frame limit before CONNECT, the full one once authenticated). The read chunk still
+    /// grows with the traffic up to [`MAX_READ_CHUNK`].
     pub fn set_limits(&mut self, max_size: usize, min_read: usize) {
         self.max_size = max_size;
         self.min_read = min_read.max(64);
+        self.chunk = self.chunk.max(self.min_read);
+    }
+
+    /// Capacity of the read buffer now (bytes reserved, whether filled or not).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Makes room for a read: at least `missing` bytes (the rest of a packet) and one chunk.
+    /// An empty buffer larger than a chunk is given back first.
+    fn make_room(&mut self, missing: usize) {
+        if self.buf.is_empty() && self.buf.capacity() > self.chunk.max(missing) {
+            self.buf = BytesMut::new();
+        }
+        self.buf.reserve(missing.max(self.chunk));
     }
 
     /// The first packet of a connection: like [`PacketReader::next`], but a CONNECT whose
@@ -189,7 +236,7 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
             match self.parse()? {
                 Ok(Packet::Connect(c)) => return Ok(ConnectRead::Connect(c)),
                 Ok(p) => return Ok(ConnectRead::Other(p)),
-                Err(missing) => self.buf.reserve(missing.max(self.min_read)),
+                Err(missing) => self.make_room(missing),
             }
             if !self.fill().await? {
                 return if self.buf.is_empty() {
@@ -215,13 +262,16 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
         }
     }
 
-    /// Reads once into the buffer; false at end of stream.
+    /// Reads once into the buffer and adapts the read chunk to what came; false at end of
+    /// stream.
     async fn fill(&mut self) -> Result<bool> {
+        let room = self.buf.capacity() - self.buf.len();
         let n = self
             .inner
             .read_buf(&mut self.buf)
             .await
             .map_err(|e| Error::new(ErrorKind::Disconnected, format!("connection read failed: {e}")).with_source(e))?;
+        self.chunk = next_read_chunk(self.chunk, self.min_read, room, n);
         Ok(n > 0)
     }
 
@@ -235,7 +285,7 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
         loop {
             match self.parse()? {
                 Ok(p) => return Ok(Some(p)),
-                Err(missing) => self.buf.reserve(missing.max(self.min_read)),
+                Err(missing) => self.make_room(missing),
             }
             if !self.fill().await? {
                 return if self.buf.is_empty() {
@@ -287,16 +337,24 @@ impl<W> std::fmt::Debug for PacketWriter<W> {
     }
 }
 
+/// Largest write buffer a [`PacketWriter`] keeps across flushes regardless of use; a larger one is
+/// kept while it is at most four times the recent flushes (a high-water mark that decays by an
+/// eighth per flush), so a busy connection reuses its buffer and one whose burst ended gives it
+/// back after a few small flushes.
+pub const KEEP_WRITE_BUFFER: usize = 1024;
+
 /// Writes packets through a buffer; [`PacketWriter::flush`] sends everything queued in one write.
 pub struct PacketWriter<W> {
     inner: W,
     buf: BytesMut,
+    /// Recent flush size, decaying (see [`KEEP_WRITE_BUFFER`]).
+    high_water: usize,
 }
 
 impl<W: AsyncWrite + Unpin> PacketWriter<W> {
     /// Wraps `inner`.
     pub fn new(inner: W) -> Self {
-        PacketWriter { inner, buf: BytesMut::new() }
+        PacketWriter { inner, buf: BytesMut::new(), high_water: 0 }
     }
 
     /// Queues a packet (no I/O).
@@ -315,6 +373,11 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
         self.buf.len()
     }
 
+    /// Capacity of the write buffer now (bytes reserved, whether queued or not).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Writes everything queued.
     pub async fn flush(&mut self) -> Result<()> {
         if self.buf.is_empty() {
@@ -325,7 +388,14 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
             self.inner.flush().await
         }
         .await;
-        self.buf.clear();
+        // Keep the buffer for the next batch of the same size; give back one that a burst grew
+        // once flushes stay small, so an idle connection holds no large write buffer.
+        self.high_water = self.buf.len().max(self.high_water - self.high_water / 8);
+        if self.buf.capacity() > KEEP_WRITE_BUFFER.max(4 * self.high_water) {
+            self.buf = BytesMut::new();
+        } else {
+            self.buf.clear();
+        }
         r.map_err(|e| Error::new(ErrorKind::Disconnected, format!("connection write failed: {e}")).with_source(e))
     }
 
@@ -559,6 +629,59 @@ mod tests {
         let garbage = [0xffu8, 0xff, 0xff, 0xff, 0xff, 0x01];
         let mut r = PacketReader::new(&garbage[..], MAX_PACKET_SIZE);
         assert!(r.next().await.is_err());
+    }
+
+    #[test]
+    fn read_chunk_follows_the_traffic() {
+        // Filled reads double the chunk up to the ceiling.
+        let mut c = MIN_READ_CHUNK;
+        for _ in 0..20 {
+            c = next_read_chunk(c, MIN_READ_CHUNK, c, c);
+        }
+        assert_eq!(c, MAX_READ_CHUNK);
+        // A small read after a burst falls back to what it needed at once.
+        assert_eq!(next_read_chunk(MAX_READ_CHUNK, MIN_READ_CHUNK, MAX_READ_CHUNK, 200), MIN_READ_CHUNK);
+        assert_eq!(next_read_chunk(MAX_READ_CHUNK, MIN_READ_CHUNK, MAX_READ_CHUNK, 300), 1024);
+        assert_eq!(next_read_chunk(MAX_READ_CHUNK, MIN_READ_CHUNK, MAX_READ_CHUNK, 3000), 8192);
+        // A read using a fair part of its room keeps the chunk; the floor is respected.
+        assert_eq!(next_read_chunk(4096, MIN_READ_CHUNK, 4096, 1024), 4096);
+        assert_eq!(next_read_chunk(4096, 16 * 1024, 4096, 10), 16 * 1024);
+    }
+
+    #[tokio::test]
+    async fn buffers_shrink_back_after_a_large_packet_and_a_burst() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut w = PacketWriter::new(a);
+        let mut r = PacketReader::new(b, MAX_PACKET_SIZE);
+        // A burst of small packets and one large one, in one write.
+        for i in 1..=200u16 {
+            let mut p = v4::Publish::new("devices/d/messages/events/", QoS::AtLeastOnce, vec![1u8; 256]);
+            p.pkid = i;
+            w.queue(&Packet::Publish(p)).unwrap();
+        }
+        let mut big = v4::Publish::new("devices/d/messages/events/", QoS::AtLeastOnce, vec![2u8; 200_000]);
+        big.pkid = 201;
+        w.queue(&Packet::Publish(big)).unwrap();
+        assert!(w.buffer_capacity() > 200_000);
+        w.flush().await.unwrap();
+        assert!(w.buffer_capacity() > 200_000, "a busy writer keeps its buffer for the next batch");
+        let mut n = 0;
+        while n < 201 {
+            let Some(Packet::Publish(p)) = r.next().await.unwrap() else { panic!("expected a publish") };
+            n += 1;
+            assert_eq!(p.pkid, n);
+            while let Some(Packet::Publish(p)) = r.try_next().unwrap() {
+                n += 1;
+                assert_eq!(p.pkid, n);
+            }
+        }
+        // Then the connection goes quiet: one small packet now and then.
+        for _ in 0..100 {
+            w.send(&Packet::PingReq).await.unwrap();
+            assert_eq!(r.next().await.unwrap(), Some(Packet::PingReq));
+        }
+        assert!(w.buffer_capacity() <= KEEP_WRITE_BUFFER);
+        assert!(r.buffer_capacity() <= MIN_READ_CHUNK, "reader kept {} bytes while quiet", r.buffer_capacity());
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! every other byte `%XX` with upper-case hex), decoding accepts `$` raw or `%24`, never turns
 //! `+` into a space.
 
+use std::borrow::Cow;
+
 use crate::error::{Error, Result};
 use crate::message::Message;
 
@@ -50,14 +52,20 @@ fn encode_into(out: &mut String, s: &str) {
 /// results are an `InvalidArgument` error. Error messages never echo the input (it may be a
 /// signature).
 pub fn url_decode(s: &str) -> Result<String> {
-    if !s.contains('%') {
-        return Ok(s.to_string());
-    }
+    url_decode_cow(s).map(Cow::into_owned)
+}
+
+/// [`url_decode`] that borrows `s` when it holds no escape (no allocation, no copy).
+pub fn url_decode_cow(s: &str) -> Result<Cow<'_, str>> {
     let bytes = s.as_bytes();
+    let Some(first) = bytes.iter().position(|&b| b == b'%') else {
+        return Ok(Cow::Borrowed(s));
+    };
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
+    out.extend_from_slice(&bytes[..first]);
+    let mut i = first;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
             let byte = bytes.get(i + 1..i + 3).and_then(|h| Some(hex_digit(h[0])? << 4 | hex_digit(h[1])?)).ok_or_else(|| {
                 Error::invalid(format!(
                     "malformed percent-escape at byte {i}: `%` must be followed by two hex digits \
@@ -67,11 +75,14 @@ pub fn url_decode(s: &str) -> Result<String> {
             out.push(byte);
             i += 3;
         } else {
-            out.push(b);
-            i += 1;
+            // Copy the run up to the next escape at once.
+            let run = bytes[i..].iter().position(|&b| b == b'%').map_or(bytes.len(), |n| i + n);
+            out.extend_from_slice(&bytes[i..run]);
+            i = run;
         }
     }
     String::from_utf8(out)
+        .map(Cow::Owned)
         .map_err(|_| Error::invalid("percent-escapes decode to invalid UTF-8; percent-encode the UTF-8 bytes of the text"))
 }
 
@@ -113,6 +124,18 @@ fn push_pair(bag: &mut String, name: &str, value: Option<&str>) {
 /// `&`), `=` inside a value, or a bad escape is an `InvalidArgument` error. Empty input → empty
 /// list.
 pub fn decode_bag(bag: &str) -> Result<Vec<(String, Option<String>)>> {
+    let mut out = Vec::new();
+    for_each_bag_entry(bag, |name, value| {
+        out.push((name.into_owned(), value.map(Cow::into_owned)));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Walks a property bag by the rules of [`decode_bag`] and hands each entry, decoded, to `f` in
+/// order; names and values borrow from `bag` unless they hold escapes. Stops at the first error
+/// (of the bag or of `f`). The hub's D2C path reads bags this way, without owned strings.
+pub fn for_each_bag_entry<'a>(bag: &'a str, mut f: impl FnMut(Cow<'a, str>, Option<Cow<'a, str>>) -> Result<()>) -> Result<()> {
     let bag = bag.strip_prefix('?').unwrap_or(bag);
     let bag = match bag.split_once('/') {
         None | Some((_, "")) => bag.strip_suffix('/').unwrap_or(bag),
@@ -124,28 +147,27 @@ pub fn decode_bag(bag: &str) -> Result<Vec<(String, Option<String>)>> {
         }
     };
     if bag.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
-    bag.split('&')
-        .enumerate()
-        .map(|(index, entry)| {
-            let (name, value) = match entry.split_once('=') {
-                Some((name, value)) => (name, Some(value)),
-                None => (entry, None),
-            };
-            if name.is_empty() {
-                return Err(Error::invalid(format!(
-                    "property bag entry {index} has an empty name (`&&`, a leading `=` or a trailing `&`); \
-                     write entries as name=value joined by `&`"
-                )));
-            }
-            if value.is_some_and(|v| v.contains('=')) {
-                return Err(Error::invalid(format!("property bag entry {index} has a raw `=` in its value; encode it as %3D")));
-            }
-            let decode = |text: &str| url_decode(text).map_err(|e| Error::invalid(format!("property bag entry {index}: {}", e.message())));
-            Ok((decode(name)?, value.map(decode).transpose()?))
-        })
-        .collect()
+    for (index, entry) in bag.split('&').enumerate() {
+        let (name, value) = match entry.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (entry, None),
+        };
+        if name.is_empty() {
+            return Err(Error::invalid(format!(
+                "property bag entry {index} has an empty name (`&&`, a leading `=` or a trailing `&`); \
+                 write entries as name=value joined by `&`"
+            )));
+        }
+        if value.is_some_and(|v| v.as_bytes().contains(&b'=')) {
+            return Err(Error::invalid(format!("property bag entry {index} has a raw `=` in its value; encode it as %3D")));
+        }
+        let decode =
+            |text: &'a str| url_decode_cow(text).map_err(|e| Error::invalid(format!("property bag entry {index}: {}", e.message())));
+        f(decode(name)?, value.map(decode).transpose()?)?;
+    }
+    Ok(())
 }
 
 /// `devices/{device}/messages/events/` + bag (device id raw, not encoded).
@@ -476,10 +498,16 @@ pub fn check_topic_name(topic: &str) -> Result<()> {
     if topic.is_empty() {
         return Err(Error::protocol("PUBLISH with an empty topic name (MQTT-4.7.3-1)"));
     }
-    if topic.contains(['+', '#']) {
+    // One pass over the bytes (these are ASCII, so no UTF-8 decoding is needed to find them).
+    let (mut wildcard, mut nul) = (false, false);
+    for b in topic.bytes() {
+        wildcard |= b == b'+' || b == b'#';
+        nul |= b == 0;
+    }
+    if wildcard {
         return Err(Error::protocol("PUBLISH topic names must not contain the wildcards '+' or '#' (MQTT-3.3.2-2)"));
     }
-    if topic.contains('\0') {
+    if nul {
         return Err(Error::protocol("MQTT strings must not contain U+0000 (MQTT-1.5.3-2)"));
     }
     Ok(())
@@ -498,7 +526,7 @@ pub fn check_message_id(id: &str) -> Result<()> {
 }
 
 /// A time property of a decoded bag; errors name the property.
-fn bag_time(name: &str, value: Option<&str>) -> Result<Option<u64>> {
+pub(crate) fn bag_time(name: &str, value: Option<&str>) -> Result<Option<u64>> {
     value.map(|v| parse_time_ms(v).map_err(|e| Error::invalid(format!("property {name}: {}", e.message())))).transpose()
 }
 

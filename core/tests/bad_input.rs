@@ -120,7 +120,7 @@ async fn every_bad_input_is_contained_and_the_hub_keeps_serving() {
     let mut ev = svc.events("$Default", hubmsg_core::proto::StartPosition::Earliest).await.unwrap();
     let mut bodies = Vec::new();
     while let Some(e) = ev.next_timeout(Duration::from_millis(500)).await.unwrap() {
-        bodies.push(e.message.body.clone());
+        bodies.push(e.body());
     }
     assert_eq!(bodies, vec![Bytes::from("before"), Bytes::from("after")]);
     assert!(hub.stats().violations.load(std::sync::atomic::Ordering::Relaxed) >= 7);

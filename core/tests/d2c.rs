@@ -32,7 +32,7 @@ async fn telemetry_arrives_in_order_with_properties_and_hub_stamps() {
     let mut events = svc.events("$Default", StartPosition::Earliest).await.unwrap();
     for i in 0..200 {
         let ev = events.next_timeout(T).await.unwrap().expect("event");
-        let m = &ev.message;
+        let m = ev.message();
         assert_eq!(m.body, format!("reading {i}"));
         assert_eq!(m.property("seq"), Some(i.to_string().as_str()));
         assert_eq!(m.property("unit"), Some("°C & more"));
@@ -76,10 +76,10 @@ async fn unacked_events_are_redelivered_and_acked_ones_are_not() {
     ev.close().await;
     let mut ev = svc.events("g1", StartPosition::Checkpoint).await.unwrap();
     let first = ev.next_timeout(T).await.unwrap().unwrap();
-    assert_eq!(first.message.body, "10", "resumes right after the last acknowledged event");
+    assert_eq!(first.body(), "10", "resumes right after the last acknowledged event");
     // Another group is independent and starts at the beginning.
     let mut other = svc.events("g2", StartPosition::Checkpoint).await.unwrap();
-    assert_eq!(other.next_timeout(T).await.unwrap().unwrap().message.body, "0");
+    assert_eq!(other.next_timeout(T).await.unwrap().unwrap().body(), "0");
     h.hub.shutdown().await.unwrap();
 }
 
@@ -112,12 +112,12 @@ async fn group_members_share_partitions_and_take_over_when_one_leaves() {
         tokio::select! {
             Ok(Some(e)) = a.next_timeout(Duration::from_millis(100)) => {
                 parts_a.insert(e.partition);
-                got.insert(e.message.message_id.clone().unwrap());
+                got.insert(e.message_id().unwrap().to_string());
                 e.ack();
             }
             Ok(Some(e)) = b.next_timeout(Duration::from_millis(100)) => {
                 parts_b.insert(e.partition);
-                got.insert(e.message.message_id.clone().unwrap());
+                got.insert(e.message_id().unwrap().to_string());
             }
         }
     }
@@ -132,7 +132,7 @@ async fn group_members_share_partitions_and_take_over_when_one_leaves() {
     while again.len() < expected {
         let e = a.next_timeout(T).await.unwrap().expect("takeover delivers b's events");
         assert!(parts_b.contains(&e.partition));
-        again.insert(e.message.message_id.clone().unwrap());
+        again.insert(e.message_id().unwrap().to_string());
         e.ack();
     }
     h.hub.shutdown().await.unwrap();
@@ -163,7 +163,7 @@ async fn hub_restart_keeps_events_registry_and_checkpoints() {
     let svc = service(&hub).await;
     let mut ev = svc.events("$Default", StartPosition::Checkpoint).await.unwrap();
     let e = ev.next_timeout(T).await.unwrap().unwrap();
-    assert_eq!(e.message.body, "30");
+    assert_eq!(e.body(), "30");
     hub.shutdown().await.unwrap();
 }
 
@@ -264,7 +264,7 @@ async fn sas_renewal_drains_and_reconnects_without_loss() {
     let mut bodies: HashMap<String, usize> = HashMap::new();
     while bodies.len() < n as usize {
         let e = ev.next_timeout(T).await.unwrap().expect("all messages arrive");
-        *bodies.entry(String::from_utf8(e.message.body.to_vec()).unwrap()).or_default() += 1;
+        *bodies.entry(String::from_utf8(e.body().to_vec()).unwrap()).or_default() += 1;
     }
     h.hub.shutdown().await.unwrap();
 }
@@ -337,7 +337,7 @@ async fn an_unread_event_stream_holds_a_bounded_buffer_and_loses_nothing() {
     let deadline = tokio::time::Instant::now() + T;
     while seen.len() < N && tokio::time::Instant::now() < deadline {
         if let Some(e) = events.next_timeout(Duration::from_secs(1)).await.unwrap() {
-            seen.insert(e.message.message_id.clone().unwrap());
+            seen.insert(e.message().message_id.clone().unwrap());
             e.ack();
         }
     }
@@ -382,7 +382,7 @@ async fn a_send_dropped_during_its_fsync_is_still_delivered() {
     let mut seen = HashSet::new();
     while seen.len() < N {
         let ev = events.next_timeout(T).await.unwrap().expect("every queued message arrives");
-        seen.insert(ev.message.body.clone());
+        seen.insert(ev.message().body.clone());
         ev.ack();
     }
     events.close().await;

@@ -129,7 +129,7 @@ async fn a_full_hub_disk_refuses_d2c_keeps_serving_and_resumes_with_nothing_lost
     // Reads go on: what was stored is delivered.
     let mut got = HashSet::new();
     while let Some(e) = events.next_timeout(Duration::from_millis(500)).await.unwrap() {
-        got.insert(e.message.message_id.clone().unwrap());
+        got.insert(e.message().message_id.clone().unwrap());
         e.ack();
     }
     assert!(!got.is_empty() && got.len() < N, "{} of {N} stored before the disk filled", got.len());
@@ -145,7 +145,7 @@ async fn a_full_hub_disk_refuses_d2c_keeps_serving_and_resumes_with_nothing_lost
     std::fs::remove_file(&filler).unwrap();
     while got.len() < N {
         let Some(e) = events.next_timeout(T).await.unwrap() else { break };
-        got.insert(e.message.message_id.clone().unwrap());
+        got.insert(e.message().message_id.clone().unwrap());
         e.ack();
     }
     assert_eq!(got.len(), N, "every message sent reaches the consumer once the disk has room");
@@ -206,7 +206,7 @@ async fn a_full_outbox_disk_fails_send_with_storage_and_resumes_without_a_restar
     let mut got = HashSet::new();
     while !accepted.iter().all(|id| got.contains(id)) {
         let Some(e) = events.next_timeout(T).await.unwrap() else { break };
-        got.insert(e.message.message_id.clone().unwrap());
+        got.insert(e.message().message_id.clone().unwrap());
         e.ack();
     }
     for id in &accepted {

@@ -229,7 +229,7 @@ async fn hostile_peers_cost_the_good_devices_nothing_and_memory_stays_bounded() 
     let mut seen = HashSet::new();
     while !expected.is_subset(&seen) {
         let e = consumer.next_timeout(T).await.unwrap().expect("events keep flowing to the reading member");
-        let body = String::from_utf8_lossy(&e.message.body).to_string();
+        let body = String::from_utf8_lossy(&e.body()).to_string();
         if body.starts_with("good-") {
             seen.insert(body);
         }

@@ -71,7 +71,7 @@ async fn a_missing_newest_segment_never_reuses_sequence_numbers_a_checkpoint_has
     let mut got = HashSet::new();
     while got.len() < 300 {
         let Some(e) = ev.next_timeout(Duration::from_secs(5)).await.unwrap() else { break };
-        let body = String::from_utf8_lossy(&e.message.body).to_string();
+        let body = String::from_utf8_lossy(&e.message().body).to_string();
         if body.starts_with("new ") {
             got.insert(body);
         }

@@ -3,8 +3,8 @@
  *
  * HUBMSG_DEVICE_CONNECTION_STRING: the device to send as (else: demo mode with an embedded hub).
  * HUBMSG_OUTBOX_DIR: the directory under which each device keeps its durable outbox
- *                    (`$HUBMSG_OUTBOX_DIR/<device id>`; without it the library's default,
- *                    `~/.local/state/hubmsg/outbox/<device id>`); demo mode uses the demo directory.
+ *                    (`$HUBMSG_OUTBOX_DIR/<host name>/<device id>`; without it the library's default,
+ *                    `~/.local/state/hubmsg/outbox/<host name>/<device id>`); demo mode uses the demo directory.
  * HUBMSG_DURABILITY: always (default) | interval | never.
  *
  * Build: see examples/c/README.md (cc … send_telemetry.c $(pkg-config --cflags --libs hubmsg)). */

@@ -115,7 +115,7 @@ pub struct hubmsg_device_options {
 }
 
 /// Creates device options for `device_id` at `host_name`, with defaults for everything else
-/// (a durable outbox of 100,000 messages / 64 MiB in the default directory of the device id —
+/// (a durable outbox of 100,000 messages / 64 MiB in the default directory of the hub and device id —
 /// see hubmsg_device_options_set_outbox_dir() —, reject when full, durability always,
 /// exponential retry 1 s → 60 s forever). Set a key or a SAS token before creating the device.
 ///
@@ -218,9 +218,9 @@ pub unsafe extern "C" fn hubmsg_device_options_set_sas_token(opts: *mut hubmsg_d
 }
 
 /// Chooses the directory of the durable outbox, so queued messages survive restarts and power
-/// loss. NULL (the default) uses the default directory of the device id:
-/// `$HUBMSG_OUTBOX_DIR/<device id>`, else `$XDG_STATE_HOME/hubmsg/outbox/<device id>`, else
-/// `$HOME/.local/state/hubmsg/outbox/<device id>`. The directory is locked while the client
+/// loss. NULL (the default) uses the default directory of the hub and device id:
+/// `$HUBMSG_OUTBOX_DIR/<host name>/<device id>`, else `$XDG_STATE_HOME/hubmsg/outbox/<host name>/<device id>`, else
+/// `$HOME/.local/state/hubmsg/outbox/<host name>/<device id>`. The directory is locked while the client
 /// runs: a second client on it fails with HUBMSG_STORAGE naming the holder's pid.
 /// Also turns off an in-memory outbox chosen before.
 ///
@@ -553,7 +553,7 @@ pub unsafe extern "C" fn hubmsg_device_new(opts: *const hubmsg_device_options, o
 }
 
 /// Creates a device client from a connection string with default options (a durable outbox in
-/// the default directory of the device id; see hubmsg_device_options_set_outbox_dir()).
+/// the default directory of the hub and device id; see hubmsg_device_options_set_outbox_dir()).
 ///
 /// @param connection_string A device connection string.
 /// @param out Receives the client (NULL on failure); free with hubmsg_device_free().

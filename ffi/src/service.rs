@@ -753,7 +753,7 @@ pub struct hubmsg_event {
 
 impl From<Event> for hubmsg_event {
     fn from(event: Event) -> hubmsg_event {
-        hubmsg_event { message: hubmsg_message::new(event.message.clone()), device_id: to_cstring(event.device_id()), event }
+        hubmsg_event { message: hubmsg_message::new(event.message().clone()), device_id: to_cstring(event.device_id()), event }
     }
 }
 

@@ -83,7 +83,7 @@ fn run(exe: &Path, args: &[&str], valgrind: bool, limit: Duration) -> Run {
     // cargo's LD_LIBRARY_PATH may name target/<profile> first, whose libhubmsg.so is whatever
     // `cargo build` left there (maybe other features); the rpath to deps/ must decide.
     cmd.env_remove("LD_LIBRARY_PATH");
-    // Device outboxes without a directory go to $HUBMSG_OUTBOX_DIR/<device id>: keep them in
+    // Device outboxes without a directory go to $HUBMSG_OUTBOX_DIR/<host name>/<device id>: keep them in
     // the scratch directory, not in the user's home.
     cmd.args(args)
         .env("HUBMSG_TEST_DIR", scratch.path())

@@ -109,7 +109,7 @@ impl PyRetryPolicy {
 }
 
 /// Sets the outbox's place in core's options: `outbox_dir=None` means core's durable default
-/// directory of the device id (`OutboxOptions::default_dir`), `in_memory=True` an explicit
+/// directory of the hub and device id (`OutboxOptions::default_dir`), `in_memory=True` an explicit
 /// in-memory outbox; both at once is an error.
 fn set_outbox_place(o: &mut hubmsg_core::outbox::OutboxOptions, dir: Option<PathBuf>, in_memory: bool) -> PyResult<()> {
     if dir.is_some() && in_memory {

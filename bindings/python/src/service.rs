@@ -938,7 +938,7 @@ pub(crate) struct PyEvent {
 
 impl PyEvent {
     fn wrap(py: Python<'_>, event: Event) -> PyResult<Py<PyEvent>> {
-        let base = PyMessage { msg: Message::clone(&event.message) };
+        let base = PyMessage { msg: Message::clone(event.message()) };
         let ev = PyEvent {
             device_id: event.device_id().to_string(),
             partition: event.partition,

@@ -204,7 +204,7 @@ def test_without_outbox_dir_the_outbox_is_durable_in_the_default_directory(hub: 
     with hubmsg.DeviceClient.from_connection_string(down, retry=hubmsg.RetryPolicy.never()) as dev:
         for i in range(4):
             dev.send(str(i))
-    assert (base / device_id).is_dir(), "the outbox lives in HUBMSG_OUTBOX_DIR/<device id>"
+    assert (base / "127.0.0.1:1" / device_id).is_dir(), "the outbox lives in HUBMSG_OUTBOX_DIR/<host name>/<device id>"
     with hubmsg.DeviceClient.from_connection_string(down, retry=hubmsg.RetryPolicy.never()) as dev:
         assert dev.stats().recovered == 4, "every accepted message survives in the default outbox"
     with hubmsg.DeviceClient.from_connection_string(down, in_memory=True, retry=hubmsg.RetryPolicy.never()) as dev:

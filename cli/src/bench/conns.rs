@@ -700,7 +700,7 @@ pub async fn connections(ctx: &Ctx, plots: &mut PlotData) -> Result<Outcome, Err
         let tracker = tracker.clone();
         tokio::spawn(async move {
             while let Some(Ok(ev)) = events.next().await {
-                if let Some(s) = parse_body(&ev.message.body) {
+                if let Some(s) = parse_body(&ev.body()) {
                     tracker.lock().record(s.device as usize, s.seq);
                 }
                 ev.ack();

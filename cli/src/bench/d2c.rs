@@ -266,7 +266,7 @@ async fn hubmsg_throughput(ctx: &Ctx, devices: usize, durability: &str, total: u
         tokio::select! {
             ev = events.next_timeout(idle) => match ev? {
                 Some(ev) => {
-                    let first = tally.tracker.record_id(ev.message.message_id.as_deref());
+                    let first = tally.tracker.record_id(ev.message_id());
                     tally.arrived(first);
                     ev.ack();
                 }
@@ -426,9 +426,9 @@ async fn latency_run(ctx: &Ctx, plan: &LatencyPlan, devices: usize, durability: 
         while !tracker.complete() {
             let Some(ev) = events.next_timeout(Duration::from_secs(30)).await? else { break };
             let now_ns = epoch.elapsed().as_nanos() as u64;
-            let first = tracker.record_id(ev.message.message_id.as_deref());
+            let first = tracker.record_id(ev.message_id());
             ev.ack();
-            let Some(st) = parse_body(&ev.message.body) else { continue };
+            let Some(st) = parse_body(&ev.body()) else { continue };
             let index = st.seq * devices as u64 + st.device as u64;
             if first && index >= warm {
                 from_send.push(Duration::from_nanos(now_ns.saturating_sub(st.sent_ns)));

@@ -98,8 +98,8 @@ async fn run(ctx: &Ctx, t: Target<'_>, total: u64) -> Result<Run, Error> {
         tokio::select! {
             ev = events.next_timeout(idle) => match ev? {
                 Some(ev) => {
-                    if tracker.record_id(ev.message.message_id.as_deref()) {
-                        if let Some(s) = common::parse_body(&ev.message.body) {
+                    if tracker.record_id(ev.message_id()) {
+                        if let Some(s) = common::parse_body(&ev.body()) {
                             lat.push(ctx.epoch.elapsed().saturating_sub(Duration::from_nanos(s.sent_ns)));
                         }
                     }

@@ -197,6 +197,38 @@ pub fn outcome(how: Settle, delivery_count: &mut u32, max_delivery: u32) -> Opti
     }
 }
 
+/// When waiting feedback records become a batch (see [`batch_due`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchDue {
+    /// No record waits.
+    Idle,
+    /// Form a batch now.
+    Now,
+    /// Form one at this time (ms since the Unix epoch), unless a full batch accumulates first.
+    At(u64),
+}
+
+/// IoT Hub's feedback batching rule (reference §7.2): a feedback message is sent "when 64
+/// records accumulate or 15 s after the previous send, whichever first". With `pending` records
+/// waiting, `full` records to a batch, the previous batch formed at `last_ms` (`None`: none
+/// yet) and `interval_ms` the 15 s: a full batch forms at once; a partial one at once when the
+/// previous left at least `interval_ms` ago (so a lone outcome after a quiet period reaches a
+/// waiting service on settle, not a timer tick later), otherwise at `last_ms + interval_ms`.
+/// Both backends apply it: the embedded one when an outcome is recorded and when a reader waits,
+/// JetStream's feedback reader when its first record arrives.
+pub fn batch_due(pending: usize, full: usize, last_ms: Option<u64>, interval_ms: u64, now_ms: u64) -> BatchDue {
+    if pending == 0 {
+        return BatchDue::Idle;
+    }
+    if pending >= full.max(1) {
+        return BatchDue::Now;
+    }
+    match last_ms {
+        Some(last) if now_ms < last.saturating_add(interval_ms) => BatchDue::At(last.saturating_add(interval_ms)),
+        _ => BatchDue::Now,
+    }
+}
+
 /// The feedback record of a terminal outcome (IoT Hub's JSON shape), stamped `at_ms`.
 pub fn feedback_record(message_id: &str, device: &str, generation_id: &str, status: FeedbackStatus, at_ms: u64) -> FeedbackRecord {
     FeedbackRecord {
@@ -626,6 +658,26 @@ mod tests {
     }
 
     #[test]
+    fn feedback_batches_follow_iothub_rule_64_or_15_s_after_the_previous() {
+        let (full, iv) = (64, 15_000);
+        // Nothing waits: nothing to form.
+        assert_eq!(batch_due(0, full, None, iv, 1_000), BatchDue::Idle);
+        assert_eq!(batch_due(0, full, Some(0), iv, 1_000), BatchDue::Idle);
+        // The first outcome since start, or the first after a quiet interval, leaves at once.
+        assert_eq!(batch_due(1, full, None, iv, 1_000), BatchDue::Now);
+        assert_eq!(batch_due(1, full, Some(1_000), iv, 16_000), BatchDue::Now);
+        assert_eq!(batch_due(1, full, Some(1_000), iv, 90_000), BatchDue::Now);
+        // Within 15 s of the previous batch a partial one waits for the interval to end…
+        assert_eq!(batch_due(1, full, Some(1_000), iv, 1_001), BatchDue::At(16_000));
+        assert_eq!(batch_due(63, full, Some(1_000), iv, 15_999), BatchDue::At(16_000));
+        // …unless 64 accumulated, which leave at once whenever the previous went.
+        assert_eq!(batch_due(64, full, Some(1_000), iv, 1_001), BatchDue::Now);
+        assert_eq!(batch_due(200, full, Some(1_000), iv, 1_001), BatchDue::Now);
+        // A degenerate batch size of 0 still forms batches of one.
+        assert_eq!(batch_due(1, 0, Some(1_000), iv, 1_001), BatchDue::Now);
+    }
+
+    #[test]
     fn ack_mode_parses_case_insensitively() {
         assert_eq!("Full".parse::<AckMode>().unwrap(), AckMode::Full);
         assert!("sometimes".parse::<AckMode>().is_err());
@@ -662,6 +714,11 @@ pub struct C2d {
     feedback: watch::Sender<u64>,
     /// Feedback batch id → (connection, lock expiry ms).
     feedback_locks: Mutex<HashMap<u64, (u64, u64)>>,
+    /// The `15 s` of [`batch_due`] (`HubConfig::feedback_interval`).
+    feedback_interval: Duration,
+    /// When this process last formed a feedback batch (`None` since start). Held while a
+    /// batch is formed, so two callers never form one each for the same records.
+    last_batch_ms: Mutex<Option<u64>>,
 }
 
 /// What a device session sends: the message with its C2D system properties filled in.
@@ -757,8 +814,9 @@ pub fn publish_len(p: &Publish) -> usize {
 }
 
 impl C2d {
-    /// Opens the C2D store in `dir`.
-    pub fn open(dir: &std::path::Path, durability: Durability, limits: C2dLimits) -> Result<Arc<C2d>> {
+    /// Opens the C2D store in `dir`; feedback batches follow [`batch_due`] with
+    /// `feedback_interval`.
+    pub fn open(dir: &std::path::Path, durability: Durability, limits: C2dLimits, feedback_interval: Duration) -> Result<Arc<C2d>> {
         let log = StateLog::<State>::open(dir, StateOptions { durability, ..StateOptions::default() })?;
         let (feedback, _) = watch::channel(0);
         Ok(Arc::new(C2d {
@@ -768,6 +826,8 @@ impl C2d {
             wake: Mutex::new(HashMap::new()),
             feedback,
             feedback_locks: Mutex::new(HashMap::new()),
+            feedback_interval,
+            last_batch_ms: Mutex::new(None),
         }))
     }
 
@@ -873,6 +933,8 @@ impl C2d {
         }
         self.locks.lock().unlock(device, seq);
         self.wake_device(device);
+        self.form_feedback(now)?;
+        // A record held back by the interval: a waiting reader re-reads when it is due.
         self.feedback.send_modify(|v| *v += 1);
         Ok(found)
     }
@@ -954,11 +1016,35 @@ impl C2d {
         }
     }
 
-    /// Periodic work: dead-letter expired messages, release expired locks, form feedback
-    /// batches (by count, or once the oldest record waited `batch_interval`), drop feedback
-    /// batches older than `feedback_ttl`.
-    /// Returns how many messages expired.
-    pub fn sweep(&self, batch_interval: Duration, feedback_ttl: Duration, oldest_pending_ms: &mut Option<u64>) -> Result<usize> {
+    /// Forms every feedback batch [`batch_due`] says is due at `now` and wakes waiting readers
+    /// when it formed one; returns what is due next ([`BatchDue::Idle`] or [`BatchDue::At`]).
+    pub fn form_feedback(&self, now: u64) -> Result<BatchDue> {
+        let max = self.limits.feedback_batch.max(1);
+        let interval = self.feedback_interval.as_millis() as u64;
+        let mut last = self.last_batch_ms.lock();
+        let mut formed = false;
+        let due = loop {
+            let pending = self.log.read(|s| s.pending_feedback().len());
+            match batch_due(pending, max, *last, interval, now) {
+                BatchDue::Now => {
+                    self.commit(|s| Ok(Event::Batch { id: s.next_batch_id(), at_ms: now, max }))?;
+                    *last = Some(now);
+                    formed = true;
+                }
+                other => break other,
+            }
+        };
+        drop(last);
+        if formed {
+            self.feedback.send_modify(|v| *v += 1);
+        }
+        Ok(due)
+    }
+
+    /// Periodic work: dead-letter expired messages, release expired locks, form the feedback
+    /// batches that are due ([`C2d::form_feedback`]), drop feedback batches older than
+    /// `feedback_ttl`. Returns how many messages expired.
+    pub fn sweep(&self, feedback_ttl: Duration) -> Result<usize> {
         let now = now_ms();
         let mut expired = 0;
         for (device, seq) in self.log.read(|s| s.expired(now)) {
@@ -969,31 +1055,14 @@ impl C2d {
         for device in self.locks.lock().expire(now) {
             self.wake_device(&device);
         }
-        let (pending, expired_batches) = self.log.read(|s| {
-            let old: Vec<u64> = s.batches().filter(|b| b.created_ms + feedback_ttl.as_millis() as u64 <= now).map(|b| b.id).collect();
-            (s.pending_feedback().len(), old)
-        });
+        let expired_batches = self
+            .log
+            .read(|s| s.batches().filter(|b| b.created_ms + feedback_ttl.as_millis() as u64 <= now).map(|b| b.id).collect::<Vec<u64>>());
         for id in expired_batches {
             tracing::warn!(batch = id, "feedback batch expired unconsumed");
             self.commit(|_| Ok(Event::BatchExpire { id }))?;
         }
-        if pending == 0 {
-            *oldest_pending_ms = None;
-            return Ok(expired);
-        }
-        let since = *oldest_pending_ms.get_or_insert(now);
-        let mut formed = false;
-        let mut remaining = pending;
-        while remaining >= self.limits.feedback_batch || (remaining > 0 && now >= since + batch_interval.as_millis() as u64) {
-            let max = self.limits.feedback_batch;
-            self.commit(|s| Ok(Event::Batch { id: s.next_batch_id(), at_ms: now, max }))?;
-            remaining = remaining.saturating_sub(max);
-            formed = true;
-        }
-        if formed {
-            *oldest_pending_ms = if remaining > 0 { Some(now) } else { None };
-            self.feedback.send_modify(|v| *v += 1);
-        }
+        self.form_feedback(now)?;
         Ok(expired)
     }
 

@@ -52,8 +52,6 @@ pub struct Embedded {
     claims: LocalClaims,
     next_claim: AtomicU64,
     next_member: AtomicU64,
-    /// When the oldest feedback record not yet in a batch was first seen (batch forming).
-    oldest_pending: Mutex<Option<u64>>,
     counters: Mutex<BTreeMap<String, u64>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -106,7 +104,7 @@ impl Embedded {
             config.disk_reserve_bytes,
             &floors,
         )?;
-        let c2d = c2d::C2d::open(&dir.join("c2d"), config.durability, config.c2d.clone())?;
+        let c2d = c2d::C2d::open(&dir.join("c2d"), config.durability, config.c2d.clone(), config.feedback_interval)?;
         let (changes, _) = broadcast::channel(1024);
         let mut config = config.clone();
         config.partitions = partitions;
@@ -121,7 +119,6 @@ impl Embedded {
             claims: LocalClaims::default(),
             next_claim: AtomicU64::new(1),
             next_member: AtomicU64::new(1),
-            oldest_pending: Mutex::new(None),
             counters: Mutex::new(BTreeMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
@@ -469,8 +466,7 @@ impl C2dQueues for Embedded {
     }
 
     fn sweep(&self) -> BoxFut<'_, usize> {
-        let mut oldest = self.oldest_pending.lock();
-        ready(self.c2d.sweep(self.config.feedback_interval, self.config.feedback_ttl, &mut oldest))
+        ready(self.c2d.sweep(self.config.feedback_ttl))
     }
 
     fn set_subscription<'a>(&'a self, device_id: &'a str, on: bool) -> BoxFut<'a, ()> {
@@ -557,7 +553,15 @@ impl Feedback for Embedded {
                 if let Some(b) = self.c2d.take_feedback(conn) {
                     return Ok(Some(FeedbackBatch { id: b.id, records: b.records }));
                 }
-                if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+                // Outcomes form batches as they are recorded; a partial batch held back by the
+                // interval since the previous one is formed here when its time comes (not on a
+                // later sweep tick).
+                let now = now_ms();
+                let wake = match self.c2d.form_feedback(now)? {
+                    c2d::BatchDue::At(t) => deadline.min(tokio::time::Instant::now() + Duration::from_millis(t.saturating_sub(now))),
+                    _ => deadline,
+                };
+                if tokio::time::timeout_at(wake, changed.changed()).await.is_err() && wake >= deadline {
                     return Ok(None);
                 }
             }

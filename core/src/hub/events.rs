@@ -33,11 +33,10 @@ pub fn partition_for(device_id: &str, partitions: u32) -> u32 {
     crc32c::crc32c(device_id.as_bytes()) % partitions.max(1)
 }
 
-/// The partitioned D2C event log.
+/// The partitioned D2C event log. Consumers wait on their partitions' own durable heads
+/// ([`Log::durable`]): a group commit wakes only the readers of its partition, directly.
 pub struct EventLog {
     partitions: Vec<Log>,
-    /// Bumped whenever any partition's durable head advances (one wake-up source for consumers).
-    version: watch::Sender<u64>,
 }
 
 impl EventLog {
@@ -58,18 +57,7 @@ impl EventLog {
             let opts = LogOptions { durability, segment_bytes, reserve_bytes, min_next_seq, ..LogOptions::default() };
             partitions.push(Log::open(&dir.join(format!("p{i}")), opts)?);
         }
-        let (version, _) = watch::channel(0u64);
-        let log = Arc::new(EventLog { partitions, version });
-        for p in &log.partitions {
-            let mut rx = p.durable();
-            let version = log.version.clone();
-            tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    version.send_modify(|v| *v += 1);
-                }
-            });
-        }
-        Ok(log)
+        Ok(Arc::new(EventLog { partitions }))
     }
 
     /// Number of partitions.
@@ -80,11 +68,6 @@ impl EventLog {
     /// Partition `p`'s log.
     pub fn partition(&self, p: u32) -> &Log {
         &self.partitions[p as usize]
-    }
-
-    /// A receiver that changes whenever any partition has new durable events.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.version.subscribe()
     }
 
     /// Where a consumer starting at `from` begins reading partition `p` (given the group's

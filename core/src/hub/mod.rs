@@ -120,12 +120,15 @@ pub struct HubConfig {
     pub c2d: c2d::C2dLimits,
     /// Unacknowledged C2D messages in flight to one device connection. Default 10.
     pub c2d_window: usize,
-    /// A feedback batch forms once its oldest record waited this long (or 64 accumulated).
-    /// Default 15 s (IoT Hub); lower it for fast tests.
+    /// Feedback batching (IoT Hub's rule, [`c2d::batch_due`]): a batch forms when 64 records
+    /// accumulated or this long after the previous batch, whichever first — so an outcome
+    /// after a quiet period goes out as it is recorded. Default 15 s (IoT Hub); lower it for
+    /// fast tests.
     pub feedback_interval: Duration,
     /// Feedback batches not acknowledged within this time are dropped (counted). Default 1 h.
     pub feedback_ttl: Duration,
-    /// How often expiries, lock timeouts and feedback batching are checked. Default 100 ms.
+    /// How often expiries, lock timeouts and feedback batches held back by the interval are
+    /// checked. Default 100 ms.
     pub sweep_interval: Duration,
     /// The operations endpoint (`/healthz`, `/readyz`, `/metrics`); off by default.
     pub http: Option<SocketAddr>,

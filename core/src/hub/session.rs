@@ -184,7 +184,7 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
                 return Ok(());
             }
         };
-        reader.set_limits(MAX_PACKET_SIZE, 16 * 1024);
+        reader.set_limits(MAX_PACKET_SIZE, crate::transport::MIN_READ_CHUNK);
         let idle = match connect.keep_alive {
             0 => MAX_IDLE,
             k => Duration::from_secs(k as u64).mul_f64(1.5).min(MAX_IDLE),
@@ -461,7 +461,6 @@ impl DeviceSession<'_> {
         // C2D deliveries awaiting the device's PUBACK: packet id → queue seq.
         let mut c2d_in_flight: HashMap<u16, u64> = HashMap::new();
         let mut next_pkid: u16 = 1;
-        let mut scratch = bytes::BytesMut::new();
         let mut queue: Option<Box<dyn DeviceQueue>> = None;
         if self.persistent && backend.c2d().subscribed(&self.id).await? {
             queue = Some(backend.c2d().open_device(&self.id, self.conn_id, cfg.c2d_window).await?);
@@ -521,6 +520,9 @@ impl DeviceSession<'_> {
                             return ended("peer closed");
                         }
                         let mut drain_packets = Drain::new();
+                        // Records of this batch are encoded here; dropped with the batch, so an
+                        // idle session holds no scratch memory.
+                        let mut scratch = bytes::BytesMut::new();
                         while let Some(packet) = pkt.take() {
                             match packet {
                                 Packet::Publish(p) if p.topic.starts_with(proto::C2D_SETTLE_PREFIX) => {
@@ -690,9 +692,6 @@ impl DeviceSession<'_> {
     /// for QoS 1), its message id (for de-dup) and the record to append.
     fn d2c(&self, p: Publish, auth_method: &str, scratch: &mut bytes::BytesMut) -> Result<(Option<u16>, Option<String>, bytes::Bytes)> {
         let qos1 = p.qos == QoS::AtLeastOnce;
-        let pkid = p.pkid;
-        let retain = p.retain;
-        let mut msg = d2c_message(&self.id, p)?;
         let enqueued = now_ms().to_string();
         let stamps = [
             ("iothub-connection-device-id", self.id.as_str()),
@@ -701,14 +700,10 @@ impl DeviceSession<'_> {
             ("iothub-enqueuedtime", enqueued.as_str()),
             ("iothub-message-source", "Telemetry"),
         ];
-        if retain {
-            msg.properties.push(("mqtt-retain".into(), "true".into()));
-        }
-        let bytes = msg.body.len() as u64;
         scratch.clear();
-        msg.encode_with_system(&stamps, scratch);
-        self.shared.stats.d2c_bytes.fetch_add(bytes, Ordering::Relaxed);
-        Ok((qos1.then_some(pkid), msg.message_id.take(), scratch.split().freeze()))
+        let message_id = d2c_record(&self.id, &p, &stamps, scratch)?;
+        self.shared.stats.d2c_bytes.fetch_add(p.payload.len() as u64, Ordering::Relaxed);
+        Ok((qos1.then_some(p.pkid), message_id, scratch.split().freeze()))
     }
 }
 
@@ -727,10 +722,9 @@ fn settle_topic(topic: &str) -> Result<(c2d::Settle, u64)> {
     Ok((how, seq))
 }
 
-/// The D2C message a device's PUBLISH carries, or the violation that closes the connection:
-/// QoS 2, a topic that is not the device's own D2C topic (or has wildcards / NUL), a malformed
-/// property bag, a bad message id, more than 256 KB (reference §4.5). Pure: no I/O.
-pub fn d2c_message(device_id: &str, p: Publish) -> Result<Message> {
+/// The device's own D2C topic of `p`, or the violation: QoS 2, wildcards or NUL in the topic, not
+/// the device's D2C topic.
+fn d2c_topic<'a>(device_id: &str, p: &'a Publish) -> Result<wire::D2cTopic<'a>> {
     if p.qos == QoS::ExactlyOnce {
         return Err(Error::protocol("QoS 2 is not supported (IoT Hub closes the connection)"));
     }
@@ -740,7 +734,14 @@ pub fn d2c_message(device_id: &str, p: Publish) -> Result<Message> {
     if topic.device_id != device_id || topic.module_id.is_some() {
         return Err(denied());
     }
-    let bag = wire::decode_bag(topic.bag).map_err(|e| Error::protocol(format!("malformed property bag: {e}")))?;
+    Ok(topic)
+}
+
+/// The D2C message a device's PUBLISH carries, or the violation that closes the connection:
+/// QoS 2, a topic that is not the device's own D2C topic (or has wildcards / NUL), a malformed
+/// property bag, a bad message id, more than 256 KB (reference §4.5). Pure: no I/O.
+pub fn d2c_message(device_id: &str, p: Publish) -> Result<Message> {
+    let bag = wire::decode_bag(d2c_topic(device_id, &p)?.bag).map_err(|e| Error::protocol(format!("malformed property bag: {e}")))?;
     let mut msg = Message::new(p.payload);
     wire::apply_bag(&mut msg, bag).map_err(|e| Error::protocol(format!("malformed property bag: {e}")))?;
     if let Some(id) = &msg.message_id {
@@ -753,6 +754,73 @@ pub fn d2c_message(device_id: &str, p: Publish) -> Result<Message> {
         return Err(Error::new(ErrorKind::MessageTooLarge, format!("D2C message of {size} bytes exceeds {MAX_D2C_SIZE}")));
     }
     Ok(msg)
+}
+
+/// The hub's D2C ingest: validates `p` exactly as [`d2c_message`] does (same errors) and writes
+/// the record [`d2c_message`] + [`Message::encode_with_system`] would (`stamps` appended to the
+/// system properties, `mqtt-retain` for a retained publish) into `out`, reading the property bag
+/// in place instead of decoding it into owned strings. Returns the message id (for de-dup).
+pub(crate) fn d2c_record(device_id: &str, p: &Publish, stamps: &[(&str, &str)], out: &mut bytes::BytesMut) -> Result<Option<String>> {
+    use std::borrow::Cow;
+    let topic = d2c_topic(device_id, p)?;
+    // The message id, correlation id, user id, content type and content encoding, in that order.
+    let mut fixed: [Option<Cow<'_, str>>; 5] = Default::default();
+    let mut times: [Option<u64>; 2] = [None, None];
+    let mut props: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
+    let mut system: Vec<(Cow<'_, str>, Cow<'_, str>)> = Vec::new();
+    wire::for_each_bag_entry(topic.bag, |name, value| {
+        let slot = match &*name {
+            "$.mid" => 0,
+            "$.cid" => 1,
+            "$.uid" => 2,
+            "$.ct" => 3,
+            "$.ce" => 4,
+            "$.ctime" => {
+                times[0] = wire::bag_time(&name, value.as_deref())?;
+                return Ok(());
+            }
+            "$.exp" => {
+                times[1] = wire::bag_time(&name, value.as_deref())?;
+                return Ok(());
+            }
+            // Senders cannot forge hub-stamped properties.
+            n if n.starts_with("iothub-") => return Ok(()),
+            n => {
+                let system_name = n.starts_with("$.");
+                let entry = (name, value.unwrap_or_default());
+                if system_name {
+                    system.push(entry);
+                } else {
+                    props.push(entry);
+                }
+                return Ok(());
+            }
+        };
+        fixed[slot] = value;
+        Ok(())
+    })
+    .map_err(|e| Error::protocol(format!("malformed property bag: {e}")))?;
+    if let Some(id) = &fixed[0] {
+        wire::check_message_id(id).map_err(|e| Error::protocol(format!("bad $.mid: {}", e.message())))?;
+    }
+    let sys_len: usize = fixed.iter().flatten().map(|s| s.len()).sum::<usize>() + times.iter().flatten().count() * 24;
+    let size = p.payload.len() + sys_len + props.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    if size > MAX_D2C_SIZE {
+        return Err(Error::new(ErrorKind::MessageTooLarge, format!("D2C message of {size} bytes exceeds {MAX_D2C_SIZE}")));
+    }
+    if p.retain {
+        props.push((Cow::Borrowed("mqtt-retain"), Cow::Borrowed("true")));
+    }
+    let fixed_refs = [0, 1, 2, 3, 4].map(|i| fixed[i].as_deref());
+    crate::message::encode_record(
+        fixed_refs,
+        times,
+        props.iter().map(|(k, v)| (&**k, &**v)),
+        system.iter().map(|(k, v)| (&**k, &**v)).chain(stamps.iter().copied()),
+        &p.payload,
+        out,
+    );
+    Ok(fixed[0].take().map(Cow::into_owned))
 }
 
 struct Consumer {
@@ -1362,5 +1430,60 @@ mod tests {
         assert!(!gw.survives(&policy("device", ("x", "y"))));
         assert_eq!((gw.device(), gw.policy()), (Some("d1"), Some("device")));
         assert_eq!((svc.device(), svc.policy()), (None, Some("service")));
+    }
+
+    /// The in-place ingest writes the record the owned path (decode into a `Message`, stamp,
+    /// encode) writes, and refuses what it refuses with the same kind of error.
+    #[test]
+    fn in_place_ingest_matches_the_owned_decode() {
+        let stamps = [("iothub-connection-device-id", "d1"), ("iothub-enqueuedtime", "1700000000000")];
+        let ok_bags = [
+            "",
+            "%24.mid=m-1",
+            "%24.mid=m-1&%24.ctime=2026-12-02T02%3A00%3A00.000Z&%24.ct=application%2Fjson&%24.ce=utf-8",
+            "%24.cid=c&%24.uid=u&%24.exp=2099-01-01T00%3A00%3A00.000Z&a=1&b%20b=&c",
+            "$.mid=raw-dollar&k=v%3Dw&iothub-connection-device-id=forged&%24.to=x&%24.custom=y",
+            "%24.mid=first&%24.mid=second&%24.cid",
+            "?%24.mid=q/",
+        ];
+        for bag in ok_bags {
+            for retain in [false, true] {
+                let mut p = Publish::new(wire::d2c_topic("d1", bag), QoS::AtLeastOnce, vec![7u8; 300]);
+                p.retain = retain;
+                let mut want = d2c_message("d1", p.clone()).unwrap_or_else(|e| panic!("{bag}: {e}"));
+                if retain {
+                    want.properties.push(("mqtt-retain".into(), "true".into()));
+                }
+                let mut expected = bytes::BytesMut::new();
+                want.encode_with_system(&stamps, &mut expected);
+                let mut got = bytes::BytesMut::new();
+                let id = d2c_record("d1", &p, &stamps, &mut got).unwrap();
+                assert_eq!(got, expected, "bag {bag:?}");
+                assert_eq!(id, want.message_id, "bag {bag:?}");
+                assert_eq!(Message::decode(&got.freeze()).unwrap().message_id, want.message_id);
+            }
+        }
+        let bad_topics = [
+            "devices/d1/messages/events/%24.mid=a%ZZ",
+            "devices/d1/messages/events/a==b",
+            "devices/d1/messages/events/&&",
+            "devices/d1/messages/events/%24.ctime=yesterday",
+            "devices/d1/messages/events/%24.mid=",
+            "devices/d2/messages/events/",
+            "devices/d1/modules/m/messages/events/",
+            "devices/d1/messages/events/+",
+            "devices/d1/messages/events/a\0",
+            "elsewhere",
+        ];
+        for topic in bad_topics {
+            let p = Publish::new(topic, QoS::AtLeastOnce, vec![1u8; 10]);
+            let want = d2c_message("d1", p.clone()).expect_err(topic);
+            let got = d2c_record("d1", &p, &stamps, &mut bytes::BytesMut::new()).expect_err(topic);
+            assert_eq!(got.kind(), want.kind(), "{topic}: {got} vs {want}");
+        }
+        let big = Publish::new(wire::d2c_topic("d1", "k=v"), QoS::AtLeastOnce, vec![0u8; MAX_D2C_SIZE]);
+        assert_eq!(d2c_record("d1", &big, &stamps, &mut bytes::BytesMut::new()).unwrap_err().kind(), ErrorKind::MessageTooLarge);
+        let qos2 = Publish::new(wire::d2c_topic("d1", ""), QoS::ExactlyOnce, vec![0u8; 1]);
+        assert_eq!(d2c_record("d1", &qos2, &stamps, &mut bytes::BytesMut::new()).unwrap_err().kind(), ErrorKind::Protocol);
     }
 }

@@ -70,6 +70,12 @@ macro_rules! c2d_lifecycle_suite {
             $stop(fx).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn feedback_leaves_on_settle_then_waits_for_64_or_the_interval() {
+            let fx = $make.await;
+            suite::feedback_leaves_on_settle_then_waits_for_64_or_the_interval(&fx).await;
+            $stop(fx).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn lock_expiry_redelivers_without_counting() {
             let fx = $make.await;
             suite::lock_expiry_redelivers_without_counting(&fx).await;
@@ -403,5 +409,39 @@ pub async fn lock_expiry_redelivers_without_counting(fx: &dyn Fixture) {
     assert_eq!(tokio::time::timeout(T, fb).await.unwrap().unwrap().status_code, FeedbackStatus::Success);
     assert!(eventually_async(T, || async { hub.c2d().depth("holder").await.unwrap() == 0 }).await);
     poller.abort();
+    hub.shutdown().await.unwrap();
+}
+
+/// IoT Hub's batching rule (reference §7.2: 64 records or 15 s after the previous send): with an
+/// interval of an hour, the first outcome still reaches the service as it is settled (no batch
+/// went out within the interval), the next ones wait — until 64 accumulated, which leave at once.
+pub async fn feedback_leaves_on_settle_then_waits_for_64_or_the_interval(fx: &dyn Fixture) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = fx.config(dir.path());
+    cfg.feedback_interval = Duration::from_secs(3600);
+    let hub = Hub::start(cfg).await.unwrap();
+    let svc = service(&hub).await;
+    let mut fb = svc.feedback().unwrap();
+    let dev = device(&hub, "burst").await;
+    let mut rx = dev.c2d().unwrap();
+    async fn round_trip(svc: &ServiceClient, rx: &mut hubmsg_core::device::C2dReceiver, i: usize) {
+        svc.send_c2d("burst", Message::new(format!("{i}")).with_message_id(format!("B{i}")), AckMode::Full).await.unwrap();
+        rx.recv_timeout(T).await.unwrap().expect("delivery").complete().unwrap();
+    }
+    round_trip(&svc, &mut rx, 0).await;
+    let b = fb.next_timeout(T).await.unwrap().expect("the first outcome's batch, formed on settle (not an hour later)");
+    let ids: Vec<&str> = b.records.iter().map(|r| r.original_message_id.as_str()).collect();
+    assert_eq!(ids, ["B0"]);
+    b.ack();
+    for i in 1..64 {
+        round_trip(&svc, &mut rx, i).await;
+    }
+    assert!(fb.next_timeout(Duration::from_millis(500)).await.unwrap().is_none(), "63 records wait for the interval or a 64th");
+    round_trip(&svc, &mut rx, 64).await;
+    let b = fb.next_timeout(T).await.unwrap().expect("a full batch of 64, formed at once");
+    let ids: Vec<String> = b.records.iter().map(|r| r.original_message_id.clone()).collect();
+    assert_eq!(ids, (1..=64).map(|i| format!("B{i}")).collect::<Vec<_>>());
+    assert!(b.records.iter().all(|r| r.status_code == FeedbackStatus::Success));
+    b.ack();
     hub.shutdown().await.unwrap();
 }

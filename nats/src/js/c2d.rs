@@ -596,6 +596,9 @@ pub(crate) struct NatsFeedback {
     next_id: AtomicU64,
     /// Batch id → (connection, ackers).
     batches: Mutex<HashMap<u64, (u64, Vec<Acker>)>>,
+    /// When this node last handed out a batch (`None` since start): the "previous send" of
+    /// core's batching rule (`c2d::batch_due`), kept per node.
+    last_sent_ms: Mutex<Option<u64>>,
 }
 
 impl NatsFeedback {
@@ -616,7 +619,41 @@ impl NatsFeedback {
             )
             .await
             .map_err(|e| js_err("creating the feedback consumer", e))?;
-        Ok(NatsFeedback { inner, consumer, next_id: AtomicU64::new(1), batches: Mutex::new(HashMap::new()) })
+        Ok(NatsFeedback {
+            inner,
+            consumer,
+            next_id: AtomicU64::new(1),
+            batches: Mutex::new(HashMap::new()),
+            last_sent_ms: Mutex::new(None),
+        })
+    }
+
+    /// Pulls up to `max` feedback records into `records` / `ackers`: waiting up to `expires` for
+    /// them, or (`expires` = `None`) only those available now.
+    async fn pull(&self, max: usize, expires: Option<Duration>, records: &mut Vec<FeedbackRecord>, ackers: &mut Vec<Acker>) -> Result<()> {
+        if max == 0 {
+            return Ok(());
+        }
+        let mut batch = match expires {
+            Some(e) => self.consumer.batch().max_messages(max).expires(e).messages().await,
+            None => self.consumer.fetch().max_messages(max).messages().await,
+        }
+        .map_err(|e| js_err("fetching feedback", e))?;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| js_err("fetching feedback", e))?;
+            let (msg, acker) = m.split();
+            match serde_json::from_slice::<FeedbackRecord>(&msg.payload) {
+                Ok(r) => {
+                    records.push(r);
+                    ackers.push(acker);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "malformed feedback record dropped");
+                    let _ = acker.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -624,33 +661,27 @@ impl Feedback for NatsFeedback {
     fn next_batch(&self, conn: u64, interval: Duration) -> BoxFut<'_, Option<FeedbackBatch>> {
         Box::pin(async move {
             let max = self.inner.cfg.c2d.feedback_batch.max(1);
-            let mut batch = self
-                .consumer
-                .batch()
-                .max_messages(max)
-                .expires(interval.max(Duration::from_millis(100)))
-                .messages()
-                .await
-                .map_err(|e| js_err("fetching feedback", e))?;
             let mut records = Vec::new();
             let mut ackers = Vec::new();
-            while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| js_err("fetching feedback", e))?;
-                let (msg, acker) = m.split();
-                match serde_json::from_slice::<FeedbackRecord>(&msg.payload) {
-                    Ok(r) => {
-                        records.push(r);
-                        ackers.push(acker);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "malformed feedback record dropped");
-                        let _ = acker.ack_with(AckKind::Term).await;
-                    }
-                }
-            }
+            // Wait for the first record, then apply IoT Hub's rule as the embedded backend does
+            // (`c2d::batch_due`): at once when the previous batch left at least `interval` ago,
+            // with whatever else is already there; otherwise keep pulling until `max` arrived
+            // or the interval since the previous batch ended.
+            self.pull(1, Some(interval.max(Duration::from_millis(100))), &mut records, &mut ackers).await?;
             if records.is_empty() {
                 return Ok(None);
             }
+            let now = now_ms();
+            let last = *self.last_sent_ms.lock();
+            let more = match c2d::batch_due(records.len(), max, last, interval.as_millis() as u64, now) {
+                c2d::BatchDue::At(t) => Some(Duration::from_millis(t.saturating_sub(now)).max(Duration::from_millis(10))),
+                _ => None,
+            };
+            // The record in hand goes out even if pulling the rest fails (they stay queued).
+            if let Err(e) = self.pull(max - records.len(), more, &mut records, &mut ackers).await {
+                tracing::debug!(error = %e, "fetching more feedback for a batch failed; sending what arrived");
+            }
+            *self.last_sent_ms.lock() = Some(now_ms());
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             self.batches.lock().insert(id, (conn, ackers));
             Ok(Some(FeedbackBatch { id, records }))
