@@ -285,7 +285,10 @@ struct State {
     space_checked: Option<Instant>,
     closed: bool,
     final_try_done: bool,
-    force_sync: bool,
+    /// `Log::sync` asked for an fdatasync through this sequence number (in any durability mode);
+    /// met once `synced` reaches it. A target, not a flag: a sync that finishes while later
+    /// records of the request are still being written must not end the request.
+    sync_to: u64,
     segments: Vec<Segment>,
     /// Ack watermark requested (<= synced).
     acked: u64,
@@ -432,7 +435,7 @@ impl Shared {
                 Durability::Interval(_) => st.interval_due.is_some_and(|d| now >= d),
                 Durability::Never => false,
             };
-            if due || st.closed || st.force_sync {
+            if due || st.closed || st.synced < st.sync_to {
                 let seg = st.segments.last().expect("an active segment");
                 st.syncing = true;
                 st.wrote_during_sync = false;
@@ -625,7 +628,6 @@ impl Shared {
                 st.synced_off = st.synced_off.max(off);
                 if st.synced >= st.written {
                     st.interval_due = None;
-                    st.force_sync = false;
                 } else if let Durability::Interval(d) = self.opts.durability {
                     st.interval_due = Some(self.now() + d);
                 }
@@ -1065,7 +1067,7 @@ impl Log {
                 space_checked: None,
                 closed: false,
                 final_try_done: false,
-                force_sync: false,
+                sync_to: 0,
                 segments,
                 acked: acked.min(last),
                 ack_busy: false,
@@ -1262,8 +1264,8 @@ impl Log {
         let (target, kick) = {
             let mut st = sh.state.lock();
             check_usable(sh, &st)?;
-            st.force_sync = true;
             let t = st.next_seq - 1;
+            st.sync_to = st.sync_to.max(t);
             (t, sh.kick(&mut st))
         };
         if kick {
@@ -1866,5 +1868,134 @@ mod tests {
         assert_eq!(log.read(2, 10, 1 << 20).unwrap_err().kind(), ErrorKind::Storage, "a read into the damage is an error");
         assert_eq!(log.append(b"new").unwrap_err().kind(), ErrorKind::Storage, "read-only up to the damage");
         assert_eq!(std::fs::read(dir.path().join(recover::segment_name(1))).unwrap(), seg, "the damaged segment is left as it was");
+    }
+
+    /// Holds segment writes at a gate so a test can order a write against a sync.
+    #[derive(Default)]
+    struct Gate {
+        st: Mutex<GateState>,
+        cv: Condvar,
+    }
+
+    #[derive(Default)]
+    struct GateState {
+        hold: bool,
+        held: usize,
+        writes: usize,
+    }
+
+    impl Gate {
+        fn wait(&self, what: &str, mut until: impl FnMut(&GateState) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut st = self.st.lock();
+            while !until(&st) {
+                assert!(!self.cv.wait_until(&mut st, deadline).timed_out(), "timed out waiting for {what}");
+            }
+        }
+        fn set_hold(&self, hold: bool) {
+            self.st.lock().hold = hold;
+            self.cv.notify_all();
+        }
+    }
+
+    struct GatedFs(Arc<dyn Fs>, Arc<Gate>);
+    struct GatedFile(Arc<dyn FileIo>, Arc<Gate>);
+
+    impl FileIo for GatedFile {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+            self.0.read_at(buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+            let g = &self.1;
+            let mut st = g.st.lock();
+            if st.hold {
+                st.held += 1;
+                g.cv.notify_all();
+                while st.hold {
+                    g.cv.wait(&mut st);
+                }
+                st.held -= 1;
+            }
+            drop(st);
+            let r = self.0.write_at(buf, off);
+            g.st.lock().writes += 1;
+            g.cv.notify_all();
+            r
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.0.sync_data()
+        }
+    }
+
+    impl Fs for GatedFs {
+        fn create_dir(&self, path: &Path) -> std::io::Result<()> {
+            self.0.create_dir(path)
+        }
+        fn is_dir(&self, path: &Path) -> bool {
+            self.0.is_dir(path)
+        }
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+            self.0.list(dir)
+        }
+        fn open(&self, path: &Path, create: bool, mode: u32) -> std::io::Result<Arc<dyn FileIo>> {
+            let f = self.0.open(path, create, mode)?;
+            let segment = path.extension().is_some_and(|e| e == "seg");
+            Ok(if segment { Arc::new(GatedFile(f, self.1.clone())) } else { f })
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            self.0.rename(from, to)
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            self.0.remove(path)
+        }
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            self.0.sync_dir(dir)
+        }
+        fn free_bytes(&self, path: &Path) -> std::io::Result<u64> {
+            self.0.free_bytes(path)
+        }
+        fn lock(&self, dir: &Path) -> std::result::Result<Box<dyn std::any::Any + Send + Sync>, io::LockError> {
+            self.0.lock(dir)
+        }
+    }
+
+    #[test]
+    fn sync_waits_for_records_still_being_written_when_an_earlier_sync_finishes() {
+        // The hang once seen in the compaction test, ordered by hand: record 1 is written, record
+        // 2's write is held, `sync` asks for both; a pool thread syncs record 1 and finishes
+        // while record 2 is still being written. That sync must not end the request: once
+        // record 2 is written, it is synced too and `sync` returns (durability `never`, so
+        // nothing else would sync it).
+        let dir = tempfile::tempdir().unwrap();
+        let gate = Arc::new(Gate::default());
+        let env = Env { fs: Arc::new(GatedFs(io::real(), gate.clone())), exec: Exec::Pool(Pool::global()) };
+        let log = Arc::new(Log::open_with(dir.path(), opts(1 << 20, Durability::Never), env).unwrap());
+        log.append(b"one").unwrap();
+        gate.wait("record 1's write", |g| g.writes >= 1);
+        gate.set_hold(true);
+        log.append(b"two").unwrap();
+        gate.wait("record 2's write to reach the gate", |g| g.held == 1);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let syncer = {
+            let log = log.clone();
+            std::thread::spawn(move || tx.send(log.sync()).unwrap())
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.stats().syncs < 1 {
+            assert!(Instant::now() < deadline, "the sync of record 1 never ran");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        gate.set_hold(false);
+        let r = rx.recv_timeout(Duration::from_secs(10)).expect("sync did not return after record 2 was written");
+        r.unwrap();
+        assert!(log.synced() >= 2, "sync returned before record 2 was synced");
+        syncer.join().unwrap();
+        log.close().unwrap();
     }
 }
