@@ -17,11 +17,13 @@
 //! - [`errors`]: the error-kind table as each language names it, generated from
 //!   [`hubmsg_core::ErrorKind::ALL`];
 //! - [`outcome`]: one sent message's outcome, to poll or wait for with a timeout;
+//! - [`life`]: a handle's open/closed state, and the background close of a dropped one;
 //! - [`sources`]: the core streams (C2D, feedback, events with checkpoint/close) as pump sources.
 
 pub mod dispatch;
 pub mod errors;
 pub mod inbox;
+pub mod life;
 pub mod log;
 pub mod outcome;
 pub mod runtime;
@@ -29,5 +31,6 @@ pub mod sources;
 
 pub use dispatch::{call_user, panic_text, Dispatcher};
 pub use inbox::{Inbox, Source};
+pub use life::Life;
 pub use outcome::{outcome_name, SharedOutcome};
 pub use runtime::{block_on, dispose, ensure_may_block, on_runtime_thread, runtime, Rt, Runtime, Spawner};

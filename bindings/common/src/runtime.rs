@@ -115,11 +115,20 @@ pub fn runtime() -> Result<Rt> {
 pub trait Spawner {
     /// The runtime's handle.
     fn handle(&self) -> &tokio::runtime::Handle;
+
+    /// Whether the calling process may drive this runtime (false for a [`Runtime`] inherited
+    /// through `fork()`; a host's runtime is always the host process's).
+    fn owned_here(&self) -> bool {
+        true
+    }
 }
 
 impl Spawner for Runtime {
     fn handle(&self) -> &tokio::runtime::Handle {
         self.rt.handle()
+    }
+    fn owned_here(&self) -> bool {
+        self.is_current_process()
     }
 }
 
@@ -132,6 +141,9 @@ impl Spawner for tokio::runtime::Handle {
 impl<T: Spawner + ?Sized> Spawner for Arc<T> {
     fn handle(&self) -> &tokio::runtime::Handle {
         (**self).handle()
+    }
+    fn owned_here(&self) -> bool {
+        (**self).owned_here()
     }
 }
 

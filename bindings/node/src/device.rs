@@ -271,12 +271,10 @@ impl Drop for Inner {
         if let Some(t) = self.c2d.stop_task() {
             drop(t);
         }
-        if self.life.close() {
-            let client = self.client.clone();
-            self.rt.spawn(async move {
-                let _ = client.close().await;
-            });
-        }
+        let client = self.client.clone();
+        self.life.close_in_background(&self.rt, async move {
+            let _ = client.close().await;
+        });
     }
 }
 
@@ -420,7 +418,7 @@ impl DeviceClient {
     #[napi(ts_args_type = "body: Buffer | Uint8Array | string, options?: SendOptions", ts_return_type = "Promise<Delivery>")]
     pub fn send<'e>(&self, env: &'e Env, body: Body, options: Option<Checked<SendOptions>>) -> napi::Result<PromiseRaw<'e, Delivery>> {
         let msg = message(body, options)?;
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         let client = self.inner.client.clone();
         env.spawn_future(async move { client.send(msg).await.map(Delivery::new).js() })
     }
@@ -430,7 +428,7 @@ impl DeviceClient {
     /// batch before anything is queued.
     #[napi(ts_args_type = "messages: Array<Buffer | Uint8Array | string | MessageInit>", ts_return_type = "Promise<Delivery[]>")]
     pub fn send_many<'e>(&self, env: &'e Env, messages: Vec<OutMessage>) -> napi::Result<PromiseRaw<'e, Vec<Delivery>>> {
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         let msgs: Vec<Message> = messages.into_iter().map(|m| m.0).collect();
         let client = self.inner.client.clone();
         env.spawn_future(async move { client.send_batch(msgs).await.map(|ds| ds.into_iter().map(Delivery::new).collect()).js() })
@@ -442,7 +440,7 @@ impl DeviceClient {
     #[napi(ts_return_type = "Promise<void>")]
     pub fn flush<'e>(&self, env: &'e Env, timeout_ms: Option<f64>) -> napi::Result<PromiseRaw<'e, ()>> {
         let timeout = opt_ms(timeout_ms, "timeoutMs")?.unwrap_or(Duration::from_secs(100 * 365 * 86400));
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         let client = self.inner.client.clone();
         env.spawn_future(async move { client.flush(timeout).await.js() })
     }
@@ -458,7 +456,7 @@ impl DeviceClient {
     /// never blocks the engine; while it is registered the client keeps Node running.
     #[napi(ts_args_type = "callback: (status: StatusInfo) => void")]
     pub fn on_status(&self, callback: Callback<StatusInfo>) -> napi::Result<()> {
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         let mut rx = self.inner.client.status_watch();
         let task = self.inner.rt.spawn(async move {
             loop {
@@ -503,7 +501,7 @@ impl DeviceClient {
     /// re-enabled).
     #[napi]
     pub fn reconnect(&self) -> napi::Result<()> {
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         self.inner.client.reconnect();
         Ok(())
     }
@@ -515,7 +513,7 @@ impl DeviceClient {
     #[napi(ts_return_type = "Promise<C2dMessage | null>")]
     pub fn receive<'e>(&self, env: &'e Env, timeout_ms: Option<f64>) -> napi::Result<PromiseRaw<'e, Option<C2dMessage>>> {
         let timeout = opt_ms(timeout_ms, "timeoutMs")?;
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         let next = self.inner.c2d.next(&self.inner.rt, timeout);
         env.spawn_future(async move { Ok(next.await.js()?.map(C2dMessage::new)) })
     }
@@ -524,7 +522,7 @@ impl DeviceClient {
     /// it ends when the client is closed.
     #[napi]
     pub fn messages(&self) -> napi::Result<C2dStream> {
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         self.inner.c2d.start_pull(&self.inner.rt).js()?;
         Ok(C2dStream { inner: self.inner.clone() })
     }
@@ -535,7 +533,7 @@ impl DeviceClient {
     /// runs on the JS thread and never blocks the engine.
     #[napi(ts_args_type = "handler: (message: C2dMessage) => void")]
     pub fn on_message(&self, handler: Callback<C2dMessage>) -> napi::Result<()> {
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         self.inner
             .c2d
             .forward(&self.inner.rt, move |m| match m {

@@ -22,8 +22,6 @@
 // (the lib compiled as a test) code reached only from exports looks unused.
 #![cfg_attr(test, allow(dead_code))]
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use napi_derive::napi;
 
 mod convert;
@@ -42,36 +40,7 @@ pub(crate) fn runtime() -> tokio::runtime::Handle {
     HANDLE.get_or_init(|| napi::bindgen_prelude::within_runtime_if_available(tokio::runtime::Handle::current)).clone()
 }
 
-/// Whether a handle was closed.
-pub(crate) struct Life {
-    closed: AtomicBool,
-    what: &'static str,
-}
-
-impl Life {
-    /// An open handle named `what` in errors ("device client").
-    pub(crate) fn new(what: &'static str) -> Life {
-        Life { closed: AtomicBool::new(false), what }
-    }
-
-    /// `HUBMSG_CLOSED` once closed.
-    pub(crate) fn check(&self) -> napi::Result<()> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(errors::to_js(hubmsg_core::Error::closed(self.what)));
-        }
-        Ok(())
-    }
-
-    /// Marks it closed; true only the first time (that caller does the closing).
-    pub(crate) fn close(&self) -> bool {
-        !self.closed.swap(true, Ordering::SeqCst)
-    }
-
-    /// Whether it was closed.
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
-    }
-}
+pub(crate) use hubmsg_bind::Life;
 
 /// The package version (the crate's).
 #[napi]

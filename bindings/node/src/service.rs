@@ -206,10 +206,8 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         drop(self.feedback.stop_task());
-        if self.life.close() {
-            let client = self.client.clone();
-            self.rt.spawn(async move { client.close().await });
-        }
+        let client = self.client.clone();
+        self.life.close_in_background(&self.rt, async move { client.close().await });
     }
 }
 
@@ -232,7 +230,7 @@ impl ServiceClient {
         T: napi::bindgen_prelude::ToNapiValue + Send + 'static,
         F: std::future::Future<Output = hubmsg_core::Result<T>> + Send + 'static,
     {
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         let fut = f(self.inner.client.clone());
         env.spawn_future(async move { fut.await.js() })
     }
@@ -446,7 +444,7 @@ impl ServiceClient {
     /// once processed, or it is delivered again.
     #[napi]
     pub fn feedback(&self) -> napi::Result<FeedbackStream> {
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         self.inner.feedback.start_pull(&self.inner.rt).js()?;
         Ok(FeedbackStream { inner: self.inner.clone() })
     }
@@ -466,7 +464,7 @@ impl ServiceClient {
             return Err(invalid("consumerGroup is empty (the default group is '$Default')"));
         }
         let from = options.and_then(|o| o.0.from).map(|s| s.0).unwrap_or(StartPosition::Checkpoint);
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         let (c, rt) = (self.inner.client.clone(), self.inner.rt.clone());
         env.spawn_future(async move {
             let stream = c.events(&group, from).await.js()?;
@@ -553,10 +551,8 @@ struct EventsInner {
 impl Drop for EventsInner {
     fn drop(&mut self) {
         drop(self.inbox.stop_task());
-        if self.life.close() {
-            let ctl = self.ctl.clone();
-            self.rt.spawn(async move { ctl.close().await });
-        }
+        let ctl = self.ctl.clone();
+        self.life.close_in_background(&self.rt, async move { ctl.close().await });
     }
 }
 
@@ -595,7 +591,7 @@ impl EventStream {
     /// once they are durable.
     #[napi(ts_return_type = "Promise<void>")]
     pub fn checkpoint<'e>(&self, env: &'e Env) -> napi::Result<PromiseRaw<'e, ()>> {
-        self.inner.life.check()?;
+        self.inner.life.check().js()?;
         let ctl = self.inner.ctl.clone();
         env.spawn_future(async move { ctl.checkpoint().await.js() })
     }

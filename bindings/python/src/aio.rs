@@ -24,7 +24,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubmsg_bind::Inbox;
+use hubmsg_bind::{Inbox, Life};
 use hubmsg_bind::{Rt, Runtime};
 use hubmsg_core::ErrorKind;
 use parking_lot::Mutex;
@@ -390,37 +390,8 @@ pub(crate) fn pull_awaitable<'py, S: hubmsg_bind::Source>(
     guard.bind(py).call1((fut, give_back))
 }
 
-/// Whether a client handle was closed, and what a garbage-collected one does.
-pub(crate) struct Lifecycle {
-    closed: std::sync::atomic::AtomicBool,
-    what: &'static str,
-}
-
-impl Lifecycle {
-    /// An open handle named `what` in errors ("device client").
-    pub(crate) fn new(what: &'static str) -> Lifecycle {
-        Lifecycle { closed: std::sync::atomic::AtomicBool::new(false), what }
-    }
-
-    /// `UsageError` in a forked child, `ClosedError` once closed; `call` names the method.
-    pub(crate) fn check(&self, rt: &Runtime, call: &str) -> PyResult<()> {
-        rt.check(call).py()?;
-        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(hubmsg_core::Error::closed(self.what)).py();
-        }
-        Ok(())
-    }
-
-    /// Marks the handle closed; true only the first time (that caller does the closing).
-    pub(crate) fn close(&self) -> bool {
-        !self.closed.swap(true, std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// For a handle dropped without `close()`: runs `close` in the background (in the process
-    /// the runtime belongs to; undelivered messages stay in a durable outbox either way).
-    pub(crate) fn close_in_background<F: Future<Output = ()> + Send + 'static>(&self, rt: &Runtime, close: F) {
-        if self.close() && rt.is_current_process() {
-            rt.spawn(close);
-        }
-    }
+/// `UsageError` in a forked child, `ClosedError` once `life` is closed; `call` names the method.
+pub(crate) fn check_open(life: &Life, rt: &Runtime, call: &str) -> PyResult<()> {
+    rt.check(call).py()?;
+    life.check().py()
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hubmsg_bind::sources::C2dSource;
-use hubmsg_bind::{outcome_name, Inbox, Rt, SharedOutcome};
+use hubmsg_bind::{outcome_name, Inbox, Life, Rt, SharedOutcome};
 use hubmsg_core::device::{C2dMessage, Delivery};
 use hubmsg_core::outbox::{Outcome, Overflow};
 use hubmsg_core::retry::RetryPolicy;
@@ -28,7 +28,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use tokio::sync::watch;
 
-use crate::aio::{awaitable, end_is_none, into_py, none, pull_awaitable, run, runtime, wait, Lifecycle};
+use crate::aio::{awaitable, check_open, end_is_none, into_py, none, pull_awaitable, run, runtime, wait};
 use crate::convert::{duration, Fields};
 use crate::errors::{invalid, IntoPyResult};
 use crate::message::PyMessage;
@@ -224,13 +224,13 @@ fn device_options(connection_string: Option<&str>, options: Option<&Bound<'_, Py
 struct Inner {
     client: DeviceClient,
     c2d: Arc<Inbox<C2dSource>>,
-    life: Lifecycle,
+    life: Life,
     rt: Rt,
 }
 
 impl Inner {
     fn open(&self, what: &str) -> PyResult<()> {
-        self.life.check(&self.rt, what)
+        check_open(&self.life, &self.rt, what)
     }
 }
 
@@ -259,7 +259,7 @@ async fn connect_future(opts: DeviceOptions, rt: Rt) -> hubmsg_core::Result<PyDe
         inner: Arc::new(Inner {
             client,
             c2d: Arc::new(Inbox::lazy("C2D messages", move || Ok(C2dSource(c.c2d()?)))),
-            life: Lifecycle::new("device client"),
+            life: Life::new("device client"),
             rt,
         }),
     })

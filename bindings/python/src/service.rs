@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hubmsg_bind::sources::{EventsControl, EventsSource, FeedbackSource};
-use hubmsg_bind::{Inbox, Rt};
+use hubmsg_bind::{Inbox, Life, Rt};
 use hubmsg_core::proto::{AckMode, CreateDevice, DeviceIdentity, DeviceStatus, FeedbackRecord};
 use hubmsg_core::service::{C2dOptions, Event, FeedbackBatch, ServiceClient, ServiceOptions};
 use hubmsg_core::transport::TlsOptions;
@@ -15,7 +15,7 @@ use hubmsg_core::{Error, ErrorKind, Message};
 use parking_lot::Mutex;
 use pyo3::prelude::*;
 
-use crate::aio::{awaitable, end_is_none, into_py, none, pull_awaitable, run, runtime, wait, Lifecycle};
+use crate::aio::{awaitable, check_open, end_is_none, into_py, none, pull_awaitable, run, runtime, wait};
 use crate::convert::{datetime_from_ms, opt_duration, start_position, Fields};
 use crate::errors::{invalid, IntoPyResult};
 use crate::message::PyMessage;
@@ -156,13 +156,13 @@ impl PyFeedbackBatch {
 struct Inner {
     client: ServiceClient,
     feedback: Arc<Inbox<FeedbackSource>>,
-    life: Lifecycle,
+    life: Life,
     rt: Rt,
 }
 
 impl Inner {
     fn open(&self, what: &str) -> PyResult<()> {
-        self.life.check(&self.rt, what)
+        check_open(&self.life, &self.rt, what)
     }
 }
 
@@ -196,7 +196,7 @@ async fn open_service(opts: ServiceOptions, rt: Rt) -> hubmsg_core::Result<PySer
         inner: Arc::new(Inner {
             client,
             feedback: Arc::new(Inbox::lazy("feedback batches", move || Ok(FeedbackSource(c.feedback()?)))),
-            life: Lifecycle::new("service client"),
+            life: Life::new("service client"),
             rt,
         }),
     })
@@ -736,7 +736,7 @@ impl PyService {
             let stream = c.events(&group, from).await?;
             let (source, ctl) = EventsSource::new(stream);
             let inbox = Arc::new(Inbox::lazy("events", move || Ok(source)));
-            let inner = Arc::new(EventsInner { inbox, ctl, life: Lifecycle::new("event stream"), rt });
+            let inner = Arc::new(EventsInner { inbox, ctl, life: Life::new("event stream"), rt });
             inner.inbox.start_pull(&inner.rt)?;
             Ok(PyEventStream { inner })
         };
@@ -812,7 +812,7 @@ impl PyFeedbackStream {
 struct EventsInner {
     inbox: Arc<Inbox<EventsSource>>,
     ctl: EventsControl,
-    life: Lifecycle,
+    life: Life,
     rt: Rt,
 }
 
