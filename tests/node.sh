@@ -11,24 +11,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p target
-passed=0
-failed=0
-check() { # check NAME COMMAND...: runs a check, counts it, shows its output on failure
-    local name=$1 log=target/node-$1.log
-    shift
-    if "$@" >"$log" 2>&1; then
-        passed=$((passed + 1))
-        echo "ok $name"
-    else
-        failed=$((failed + 1))
-        echo "FAIL $name (exit $?)"
-        tail -n 40 "$log"
-    fi
-}
-summary() {
-    echo "node: $passed passed, $failed failed"
-    [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ]
-}
+LAYER=node
+. tests/layer.sh
 for tool in cargo node npm; do
     if ! command -v "$tool" >/dev/null; then
         echo "FAIL $tool is not on PATH (the Node package needs the Rust toolchain and Node >= 20 with npm)"

@@ -9,24 +9,8 @@ cd "$(dirname "$0")/.."
 mkdir -p target
 PY=${PYTHON:-python3}
 venv=target/py-venv
-passed=0
-failed=0
-check() { # check NAME COMMAND...: runs a check, counts it, shows its output on failure
-    local name=$1 log=target/python-$1.log
-    shift
-    if "$@" >"$log" 2>&1; then
-        passed=$((passed + 1))
-        echo "ok $name"
-    else
-        failed=$((failed + 1))
-        echo "FAIL $name (exit $?)"
-        tail -n 40 "$log"
-    fi
-}
-summary() {
-    echo "python: $passed passed, $failed failed"
-    [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ]
-}
+LAYER=python
+. tests/layer.sh
 
 if ! command -v cargo >/dev/null; then
     # maturin would try to download a Rust toolchain, which cannot work here.

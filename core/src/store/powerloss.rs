@@ -27,6 +27,16 @@ struct Count {
     ops: u64,
 }
 
+impl Count {
+    /// This count plus the I/O operations and faults the simulated machine saw.
+    fn with_io_of(mut self, sim: &Sim) -> Count {
+        let (ops, faults) = sim.counts();
+        self.ops += ops;
+        self.faults += faults;
+        self
+    }
+}
+
 impl std::ops::AddAssign for Count {
     fn add_assign(&mut self, o: Count) {
         self.cases += o.cases;
@@ -173,10 +183,7 @@ fn log_case(seed: u64) -> std::result::Result<Count, String> {
         sim.power_on();
         count.crashes += 1;
     }
-    let (ops, f) = sim.counts();
-    count.ops += ops;
-    count.faults += f;
-    Ok(count)
+    Ok(count.with_io_of(&sim))
 }
 
 /// Pushes (acknowledged once `push` returns), deliveries, ack watermarks: after a power loss
@@ -259,10 +266,7 @@ fn outbox_case(seed: u64) -> std::result::Result<Count, String> {
         sim.power_on();
         count.crashes += 1;
     }
-    let (ops, f) = sim.counts();
-    count.ops += ops;
-    count.faults += f;
-    Ok(count)
+    Ok(count.with_io_of(&sim))
 }
 
 /// Ids 1, 2, 3, … committed in order; the state must always be a prefix of them.
@@ -354,10 +358,7 @@ fn state_case(seed: u64) -> std::result::Result<Count, String> {
         sim.power_on();
         count.crashes += 1;
     }
-    let (ops, f) = sim.counts();
-    count.ops += ops;
-    count.faults += f;
-    Ok(count)
+    Ok(count.with_io_of(&sim))
 }
 
 #[test]
