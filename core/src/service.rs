@@ -379,6 +379,10 @@ impl ServiceClient {
     }
 
     /// Registers interest in the feedback record of `message_id` (send the message after this).
+    /// This subscribes the client to feedback: while no [`ServiceClient::feedback`] stream is
+    /// open, every batch that arrives is acknowledged once its records reached their waiting
+    /// calls, so records of other messages in it are not kept for a stream opened later — open
+    /// the stream first when a client needs both.
     pub fn await_outcome(&self, message_id: &str) -> Result<oneshot::Receiver<FeedbackRecord>> {
         let (tx, rx) = oneshot::channel();
         self.c2d.lock().outcomes.entry(message_id.to_string()).or_default().push(tx);

@@ -59,8 +59,11 @@ test('receive(timeout) returns null on timeout, then the message with its proper
   assert.deepEqual(m.properties, { a: 'b' })
   assert.equal(m.sequenceNumber, r.sequenceNumber)
   assert.equal(m.systemProperties['iothub-ack'], 'full')
-  m.complete()
+  // The feedback stream is opened before the settle: this client already waited for outcomes
+  // (sendC2dAndWait in the test above), and such a client acknowledges the batches that arrive
+  // while no stream is open (their records reach only the waiting calls).
   const fb = h.service.feedback()
+  m.complete()
   let record
   for await (const batch of fb) {
     record = batch.records.find((x) => x.originalMessageId === 'c-1')
