@@ -202,7 +202,7 @@ async fn failure_report(
         out += "; nothing acknowledged is missing: the senders stalled waiting for PUBACKs";
     }
     let running = devices.len() - finished - failed.len();
-    out += &format!("; senders: {finished} finished, {} failed, {running} still sending", failed.len());
+    out += &format!("; senders: {finished} queued all their messages, {} failed, {running} still queueing", failed.len());
     if let Some(e) = failed.first() {
         out += &format!(" (first failure: {e})");
     }
@@ -227,6 +227,9 @@ async fn failure_report(
             Ok(streams) => {
                 let stored: u64 = streams.iter().map(|s| s.messages).sum();
                 out += &format!("; JetStream holds {stored} D2C events");
+                if stored > acked {
+                    out += &format!(" ({} stored and not acknowledged to their devices)", stored - acked);
+                }
                 for s in streams {
                     out += &format!("; {s}");
                 }
