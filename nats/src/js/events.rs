@@ -127,7 +127,12 @@ impl ConsumerGroups for NatsGroups {
             let (stop, stop_rx) = watch::channel(false);
             let lease = self.inner.cfg.lease_ttl;
             kv_put_ttl(&self.inner.js, LEASES, &key, Bytes::new(), lease, None).await.map_err(|e| js_err("joining a consumer group", e))?;
-            let task = tokio::spawn(membership_loop(self.inner.clone(), group.to_string(), member.to_string(), key, tx, stop_rx));
+            let (first, first_rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(membership_loop(self.inner.clone(), group.to_string(), member.to_string(), key, tx, stop_rx, first));
+            // Return with the partitions that were free already owned (as the embedded hub's join
+            // does): the session applies its start position to the first assignment it sees, and
+            // an empty one would leave every partition to open later at the checkpoint instead.
+            let _ = tokio::time::timeout(self.inner.cfg.request_timeout, first_rx).await;
             Ok(Box::new(Member {
                 inner: self.inner.clone(),
                 group: group.to_string(),
@@ -148,7 +153,9 @@ async fn membership_loop(
     key: String,
     tx: watch::Sender<Vec<u32>>,
     mut stop: watch::Receiver<bool>,
+    first: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut first = Some(first);
     let lease = inner.cfg.lease_ttl;
     let tick = (lease / 4).max(Duration::from_millis(100));
     let mut owned: BTreeMap<u32, u64> = BTreeMap::new();
@@ -179,6 +186,9 @@ async fn membership_loop(
                 });
             }
             Err(e) => tracing::warn!(%group, error = %e, "listing group members failed; will retry"),
+        }
+        if let Some(f) = first.take() {
+            let _ = f.send(());
         }
         let changed = async {
             match &mut watch {
