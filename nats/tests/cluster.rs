@@ -174,6 +174,37 @@ async fn d2c_submissions_never_wait_for_tickets_nobody_polls() {
     c.stop().await;
 }
 
+/// A member renews its leases once per tick (lease / 4), however often the lease bucket changes.
+/// It renewed every owned partition on every pass, and its own renewals woke the next pass
+/// through its watch of the bucket: hundreds of lease writes (and as many key listings, each an
+/// ephemeral consumer) per second for as long as it was a member, competing with D2C for the
+/// cluster and, once the listings' consumers piled up, failing with "maximum consumers limit
+/// reached".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_member_writes_its_leases_once_per_tick() {
+    let c = Cluster::start(1, READY).await.expect("start a JetStream server (run nats/install-server.sh if nats-server is missing)");
+    let mut cfg = config(&c, "hub-a");
+    cfg.replicas = 1;
+    let b = NatsBackend::connect(cfg).await.expect("connect the backend");
+    let m = b.groups().join("g1", "a/1").await.unwrap();
+    let mut w = m.assignment();
+    tokio::time::timeout(Duration::from_secs(10), w.wait_for(|v| *v == vec![0, 1])).await.expect("owns both partitions").unwrap();
+    let writes = || async {
+        let mut s = b.jetstream().get_stream("KV_hubmsg_groups").await.unwrap();
+        s.info().await.unwrap().state.last_sequence
+    };
+    let before = writes().await;
+    let watched = Duration::from_secs(3);
+    tokio::time::sleep(watched).await;
+    let n = writes().await - before;
+    // Lease 2 s → a tick of 500 ms: 3 keys (the member and 2 partitions) 6 times in 3 s = 18.
+    println!("lease writes in {watched:?}: {n}");
+    assert!(n <= 30, "{n} lease writes in {watched:?}; at most 3 keys per 500 ms tick expected");
+    m.leave().await.unwrap();
+    b.close().await.unwrap();
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_group_members_share_partitions_and_take_over_a_dead_members() {
     let c = cluster().await;
