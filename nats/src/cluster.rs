@@ -41,6 +41,99 @@ pub struct Node {
     child: Option<Child>,
 }
 
+/// What a stream holds and how far each of its consumers got, as the stream's (and each
+/// consumer's) leader reports it on `/jsz` (diagnostics: stored vs delivered vs acknowledged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StreamState {
+    /// Stream name (`HUBMSG_D2C_0`, …).
+    pub name: String,
+    /// Messages stored now.
+    pub messages: u64,
+    /// First and last stream sequence.
+    pub first_seq: u64,
+    /// Last stream sequence.
+    pub last_seq: u64,
+    /// The node leading the stream (empty if none).
+    pub leader: String,
+    /// Its durable consumers.
+    pub consumers: Vec<ConsumerState>,
+}
+
+/// One consumer of a [`StreamState`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ConsumerState {
+    /// Durable name.
+    pub name: String,
+    /// Last stream sequence delivered.
+    pub delivered: u64,
+    /// Stream sequence of the ack floor (everything up to it acknowledged).
+    pub ack_floor: u64,
+    /// Messages matching the consumer not yet delivered.
+    pub pending: u64,
+    /// Delivered and not yet acknowledged.
+    pub ack_pending: u64,
+    /// Redelivered messages.
+    pub redelivered: u64,
+    /// The node leading the consumer.
+    pub leader: String,
+}
+
+impl std::fmt::Display for StreamState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} stored (seq {}..={}, leader {})", self.name, self.messages, self.first_seq, self.last_seq, self.leader)?;
+        for c in &self.consumers {
+            write!(
+                f,
+                "; consumer {}: delivered {}, ack floor {}, {} not delivered, {} unacknowledged, {} redelivered",
+                c.name, c.delivered, c.ack_floor, c.pending, c.ack_pending, c.redelivered
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the streams (with consumers) out of one node's `/jsz?streams=true&consumers=true` body,
+/// keeping a stream only where `node` leads it and a consumer only where `node` leads it.
+fn parse_jsz(body: &str, node: &str) -> (Vec<StreamState>, Vec<(String, ConsumerState)>) {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let u = |v: &serde_json::Value, p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+    let s = |v: &serde_json::Value, p: &str| v.pointer(p).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    let (mut streams, mut consumers) = (Vec::new(), Vec::new());
+    let accounts = v.get("account_details").and_then(|a| a.as_array()).cloned().unwrap_or_default();
+    for st in accounts.iter().flat_map(|a| a.get("stream_detail").and_then(|d| d.as_array()).cloned().unwrap_or_default()) {
+        let name = s(&st, "/name");
+        // A single server has no cluster section: it leads everything.
+        let leads = |x: &serde_json::Value| x.pointer("/cluster/leader").is_none_or(|l| l.as_str() == Some(node));
+        if leads(&st) {
+            streams.push(StreamState {
+                name: name.clone(),
+                messages: u(&st, "/state/messages"),
+                first_seq: u(&st, "/state/first_seq"),
+                last_seq: u(&st, "/state/last_seq"),
+                leader: node.to_string(),
+                consumers: Vec::new(),
+            });
+        }
+        for c in st.get("consumer_detail").and_then(|d| d.as_array()).cloned().unwrap_or_default() {
+            if leads(&c) {
+                consumers.push((
+                    name.clone(),
+                    ConsumerState {
+                        name: s(&c, "/name"),
+                        delivered: u(&c, "/delivered/stream_seq"),
+                        ack_floor: u(&c, "/ack_floor/stream_seq"),
+                        pending: u(&c, "/num_pending"),
+                        ack_pending: u(&c, "/num_ack_pending"),
+                        redelivered: u(&c, "/num_redelivered"),
+                        leader: node.to_string(),
+                    },
+                ));
+            }
+        }
+    }
+    (streams, consumers)
+}
+
 /// A running local cluster.
 #[derive(Debug)]
 pub struct Cluster {
@@ -244,6 +337,27 @@ impl Cluster {
         self.wait_ready(timeout).await
     }
 
+    /// The state of every stream whose name starts with `prefix` (e.g. `HUBMSG_D2C_`) and of its
+    /// consumers, each as its leader reports it (running nodes only; sorted by name).
+    pub async fn streams(&self, prefix: &str) -> Result<Vec<StreamState>> {
+        let mut streams = Vec::new();
+        let mut consumers = Vec::new();
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let body = http_get(node.http_port, "/jsz?streams=true&consumers=true").await?;
+            let (s, c) = parse_jsz(&body, &node.name);
+            streams.extend(s);
+            consumers.extend(c);
+        }
+        streams.retain(|s| s.name.starts_with(prefix));
+        streams.sort_by(|a, b| a.name.cmp(&b.name));
+        for (stream, c) in consumers {
+            if let Some(s) = streams.iter_mut().find(|s| s.name == stream) {
+                s.consumers.push(c);
+            }
+        }
+        Ok(streams)
+    }
+
     /// The node's log so far (diagnostics).
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
@@ -259,5 +373,31 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             let _ = self.kill(i).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsz_streams_and_consumers_are_taken_from_their_leaders() {
+        let body = r#"{"account_details":[{"stream_detail":[
+            {"name":"HUBMSG_D2C_0","cluster":{"leader":"n2"},"state":{"messages":7,"first_seq":1,"last_seq":7},
+             "consumer_detail":[{"name":"g","cluster":{"leader":"n1"},"delivered":{"stream_seq":5},
+                                 "ack_floor":{"stream_seq":4},"num_pending":2,"num_ack_pending":1,"num_redelivered":0}]},
+            {"name":"KV_x","state":{"messages":1,"first_seq":3,"last_seq":3}}]}]}"#;
+        let (streams, consumers) = parse_jsz(body, "n1");
+        // n1 leads the consumer and (no cluster section) KV_x, not the D2C stream.
+        assert_eq!(streams.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["KV_x"]);
+        assert_eq!(consumers.len(), 1);
+        let (stream, c) = &consumers[0];
+        assert_eq!(stream, "HUBMSG_D2C_0");
+        assert_eq!((c.delivered, c.ack_floor, c.pending, c.ack_pending), (5, 4, 2, 1));
+        let (streams, consumers) = parse_jsz(body, "n2");
+        assert_eq!(streams.len(), 2);
+        assert_eq!((streams[0].messages, streams[0].last_seq), (7, 7));
+        assert!(consumers.is_empty());
+        assert!(parse_jsz("not json", "n1").0.is_empty());
     }
 }

@@ -114,6 +114,97 @@ async fn d2c_appends_in_order_dedupes_and_loses_nothing_when_the_partition_leade
     c.stop().await;
 }
 
+/// A hub's device sessions each hold up to 1,000 append tickets and resolve them in order, so
+/// across sessions far more appends are submitted-not-durable than the NATS client's own
+/// publish-ack window (5,000 per JetStream context in async-nats). Submitting must never wait for
+/// tickets nobody is polling: it did, and every session of a hub node then waited inside a
+/// submission while holding the tickets that would have freed it — a permanent stall of D2C and
+/// of every KV write of the node (`hubmsg bench --scenario scale-out`, 100,000 messages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d2c_submissions_never_wait_for_tickets_nobody_polls() {
+    const SESSIONS: usize = 10;
+    const PENDING: usize = 1000; // the hub's session_pending_messages
+    let c = Cluster::start(1, READY).await.expect("start a JetStream server (run nats/install-server.sh if nats-server is missing)");
+    let mut cfg = config(&c, "hub-a");
+    cfg.replicas = 1;
+    let b = NatsBackend::connect(cfg).await.expect("connect the backend");
+    let ev = b.events();
+    // One task submits for every session in turn (deterministic: no ticket is polled meanwhile).
+    let mut sessions: Vec<(u32, VecDeque<hubmsg_nats::backend::AppendTicket>)> = Vec::new();
+    for s in 0..SESSIONS {
+        let dev = format!("pipe-{s}");
+        let p = partition_for(&dev, ev.partitions());
+        let mut tickets = VecDeque::new();
+        for i in 0..PENDING {
+            let id = format!("m{i}");
+            let submitted = tokio::time::timeout(Duration::from_secs(10), ev.append(p, &dev, Some(&id), record("x", &id))).await;
+            let outstanding = s * PENDING + i;
+            let t = submitted
+                .unwrap_or_else(|_| panic!("submission {i} of session {s} still waiting after 10 s with {outstanding} tickets outstanding"))
+                .expect("submitted");
+            tickets.push_back(t);
+        }
+        sessions.push((p, tickets));
+    }
+    // With all of them outstanding, the node's KV writes (a group join's lease) still go through.
+    let m = tokio::time::timeout(Duration::from_secs(10), b.groups().join("g1", "a/1"))
+        .await
+        .expect("a group join while 10,000 tickets are outstanding completes within 10 s")
+        .unwrap();
+    m.leave().await.unwrap();
+    // Every ticket resolves, in order per session, and each is one stored event.
+    let mut stored: HashSet<(u32, u64)> = HashSet::new();
+    for (p, tickets) in sessions {
+        let mut last = 0;
+        for t in tickets {
+            let a = tokio::time::timeout(Duration::from_secs(30), t).await.expect("ticket resolves").expect("append is durable");
+            assert!(!a.duplicate && a.seq > last, "in order and new");
+            last = a.seq;
+            stored.insert((p, a.seq));
+        }
+    }
+    assert_eq!(stored.len(), SESSIONS * PENDING);
+    let mut in_streams = 0;
+    for p in 0..ev.partitions() {
+        let bounds = ev.bounds(p).await.unwrap();
+        in_streams += bounds.last + 1 - bounds.first;
+    }
+    assert_eq!(in_streams as usize, SESSIONS * PENDING, "every append stored once");
+    b.close().await.unwrap();
+    c.stop().await;
+}
+
+/// A member renews its leases once per tick (lease / 4), however often the lease bucket changes.
+/// It renewed every owned partition on every pass, and its own renewals woke the next pass
+/// through its watch of the bucket: hundreds of lease writes (and as many key listings, each an
+/// ephemeral consumer) per second for as long as it was a member, competing with D2C for the
+/// cluster and, once the listings' consumers piled up, failing with "maximum consumers limit
+/// reached".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_member_writes_its_leases_once_per_tick() {
+    let c = Cluster::start(1, READY).await.expect("start a JetStream server (run nats/install-server.sh if nats-server is missing)");
+    let mut cfg = config(&c, "hub-a");
+    cfg.replicas = 1;
+    let b = NatsBackend::connect(cfg).await.expect("connect the backend");
+    let m = b.groups().join("g1", "a/1").await.unwrap();
+    let mut w = m.assignment();
+    tokio::time::timeout(Duration::from_secs(10), w.wait_for(|v| *v == vec![0, 1])).await.expect("owns both partitions").unwrap();
+    let writes = || async {
+        let mut s = b.jetstream().get_stream("KV_hubmsg_groups").await.unwrap();
+        s.info().await.unwrap().state.last_sequence
+    };
+    let before = writes().await;
+    let watched = Duration::from_secs(3);
+    tokio::time::sleep(watched).await;
+    let n = writes().await - before;
+    // Lease 2 s → a tick of 500 ms: 3 keys (the member and 2 partitions) 6 times in 3 s = 18.
+    println!("lease writes in {watched:?}: {n}");
+    assert!(n <= 30, "{n} lease writes in {watched:?}; at most 3 keys per 500 ms tick expected");
+    m.leave().await.unwrap();
+    b.close().await.unwrap();
+    c.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_group_members_share_partitions_and_take_over_a_dead_members() {
     let c = cluster().await;

@@ -93,3 +93,40 @@ async fn a_device_moves_between_nodes_and_identity_changes_reach_every_node() {
     b.shutdown().await.unwrap();
     c.stop().await;
 }
+
+/// A consumer group that starts from `Latest` on a node over JetStream gets only what was sent
+/// after it joined, as on the embedded hub. It got everything: the node's membership published
+/// its partitions only after `join` had returned, so the session applied `Latest` to an empty
+/// first assignment and opened every partition later at the checkpoint — for a new group, the
+/// start of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_from_latest_skips_what_was_sent_before_it_joined() {
+    let c = Cluster::start(3, T).await.expect("start a 3-node cluster (nats/install-server.sh)");
+    let d = tempfile::tempdir().unwrap();
+    let a = node(&c, d.path()).await;
+    a.create_device("early").await.unwrap();
+    let mut o = hubmsg_core::DeviceOptions::from_connection_string(&a.device_connection_string("early").await.unwrap()).unwrap();
+    o.retry.max_elapsed = Some(T);
+    o.outbox = hubmsg_core::outbox::OutboxOptions::in_memory();
+    let dev = hubmsg_core::DeviceClient::connect(o).await.unwrap();
+    for i in 0..5 {
+        dev.send(Message::new("before").with_message_id(format!("before-{i}"))).await.unwrap();
+    }
+    dev.flush(T).await.unwrap();
+
+    let mut so = hubmsg_core::service::ServiceOptions::from_connection_string(&a.service_connection_string()).unwrap();
+    so.retry.max_elapsed = Some(T);
+    let svc = hubmsg_core::service::ServiceClient::connect(so).await.unwrap();
+    let mut events = svc.events("$Default", hubmsg_core::proto::StartPosition::Latest).await.unwrap();
+    // Answered after the hub handled the consume request.
+    tokio::time::timeout(T, events.checkpoint()).await.expect("checkpoint answered").unwrap();
+    dev.send(Message::new("after").with_message_id("after-0")).await.unwrap();
+    let ev = events.next_timeout(T).await.unwrap().expect("the event sent after joining arrives");
+    assert_eq!(ev.message_id(), Some("after-0"), "a group from Latest starts after what was already stored");
+    ev.ack();
+    events.close().await;
+    dev.close().await.unwrap();
+    svc.close().await;
+    a.shutdown().await.unwrap();
+    c.stop().await;
+}

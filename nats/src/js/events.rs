@@ -127,7 +127,12 @@ impl ConsumerGroups for NatsGroups {
             let (stop, stop_rx) = watch::channel(false);
             let lease = self.inner.cfg.lease_ttl;
             kv_put_ttl(&self.inner.js, LEASES, &key, Bytes::new(), lease, None).await.map_err(|e| js_err("joining a consumer group", e))?;
-            let task = tokio::spawn(membership_loop(self.inner.clone(), group.to_string(), member.to_string(), key, tx, stop_rx));
+            let (first, first_rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(membership_loop(self.inner.clone(), group.to_string(), member.to_string(), key, tx, stop_rx, first));
+            // Return with the partitions that were free already owned (as the embedded hub's join
+            // does): the session applies its start position to the first assignment it sees, and
+            // an empty one would leave every partition to open later at the checkpoint instead.
+            let _ = tokio::time::timeout(self.inner.cfg.request_timeout, first_rx).await;
             Ok(Box::new(Member {
                 inner: self.inner.clone(),
                 group: group.to_string(),
@@ -148,7 +153,9 @@ async fn membership_loop(
     key: String,
     tx: watch::Sender<Vec<u32>>,
     mut stop: watch::Receiver<bool>,
+    first: tokio::sync::oneshot::Sender<()>,
 ) {
+    let mut first = Some(first);
     let lease = inner.cfg.lease_ttl;
     let tick = (lease / 4).max(Duration::from_millis(100));
     let mut owned: BTreeMap<u32, u64> = BTreeMap::new();
@@ -160,17 +167,23 @@ async fn membership_loop(
         if *stop.borrow() {
             break;
         }
+        // Leases are written once per tick: a pass woken by the watch (often by this member's
+        // own writes) only takes free partitions and releases moved ones.
         let now = tokio::time::Instant::now();
-        if now >= last_beat + tick {
+        let due = now >= last_beat + tick;
+        if due {
             if let Err(e) = kv_put_ttl(&inner.js, LEASES, &key, Bytes::new(), lease, None).await {
                 tracing::warn!(%group, member = %me, error = %e, "group heartbeat failed; will retry");
             }
             last_beat = now;
+            if watch.is_none() {
+                watch = inner.leases.watch_many([format!("{prefix}>"), format!("{owner_prefix}>")]).await.ok();
+            }
         }
         match members(&inner.leases, &prefix).await {
             Ok(list) => {
                 let assigned = names::assignment(&list, &me, inner.partitions);
-                rebalance(&inner, &group, &me, &assigned, &mut owned).await;
+                rebalance(&inner, &group, &me, &assigned, &mut owned, due).await;
                 let parts: Vec<u32> = owned.keys().copied().collect();
                 tx.send_if_modified(|cur| {
                     let changed = *cur != parts;
@@ -180,16 +193,23 @@ async fn membership_loop(
             }
             Err(e) => tracing::warn!(%group, error = %e, "listing group members failed; will retry"),
         }
+        if let Some(f) = first.take() {
+            let _ = f.send(());
+        }
+        // True for a change; false when the watch ended or failed (made again on the next tick,
+        // so a broken watch cannot turn this loop into a busy one).
         let changed = async {
             match &mut watch {
-                Some(w) => {
-                    let _ = w.next().await;
-                }
+                Some(w) => matches!(w.next().await, Some(Ok(_))),
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            _ = changed => {}
+            ok = changed => {
+                if !ok {
+                    watch = None;
+                }
+            }
             _ = tokio::time::sleep(tick) => {}
             _ = stop.changed() => {}
         }
@@ -216,8 +236,9 @@ async fn members(leases: &kv::Store, prefix: &str) -> Result<Vec<String>> {
     mine.into_iter().map(|k| names::untoken(k.rsplit('.').next().unwrap_or(""))).collect()
 }
 
-/// Takes, renews and releases owner leases so that `owned` converges to `assigned`.
-async fn rebalance(inner: &Inner, group: &str, me: &str, assigned: &[u32], owned: &mut BTreeMap<u32, u64>) {
+/// Takes and releases owner leases so that `owned` converges to `assigned`, and renews the ones
+/// kept when `renew` (once per tick).
+async fn rebalance(inner: &Inner, group: &str, me: &str, assigned: &[u32], owned: &mut BTreeMap<u32, u64>, renew: bool) {
     let lease = inner.cfg.lease_ttl;
     let released: Vec<u32> = owned.keys().filter(|p| !assigned.contains(p)).copied().collect();
     for p in released {
@@ -228,6 +249,7 @@ async fn rebalance(inner: &Inner, group: &str, me: &str, assigned: &[u32], owned
         let key = names::owner_key(group, p);
         let value = Bytes::from(me.to_string());
         match owned.get(&p).copied() {
+            Some(_) if !renew => {}
             Some(rev) => match kv_put_ttl(&inner.js, LEASES, &key, value, lease, Some(rev)).await {
                 Ok(r) => {
                     owned.insert(p, r);

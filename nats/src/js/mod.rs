@@ -288,8 +288,17 @@ impl NatsBackend {
             .map_err(|e| Error::new(ErrorKind::Disconnected, format!("cannot connect to NATS at {}: {e}", cfg.urls)).with_source(e))?;
         let info = client.server_info();
         names::check_server(&cfg.urls, &info.version, info.jetstream)?;
-        let mut js = jetstream::new(client.clone());
-        js.set_timeout(cfg.request_timeout);
+        // No client-side bound on publish acks in flight (async-nats's default is 5,000 per
+        // context, waited for at submission): a device session keeps its append tickets and
+        // resolves them in order, so a submission that waits for a permit blocks the very session
+        // whose unpolled tickets hold the permits — with every session of a node doing that, D2C
+        // and every KV write of the node stalled for good. What is in flight is bounded by the
+        // hub itself (`session_pending_messages` / `_bytes` per session, `hub_pending_bytes`);
+        // every other publish (KV, C2D, feedback) awaits its ack at once.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(cfg.request_timeout)
+            .max_ack_inflight(tokio::sync::Semaphore::MAX_PERMITS)
+            .build(client.clone());
         let setup_deadline = tokio::time::Instant::now() + cfg.append_timeout;
         retry_setup(setup_deadline, || js.query_account()).await.map_err(|e| {
             Error::invalid(format!(
