@@ -36,28 +36,48 @@ const now = () => (performance.timeOrigin + performance.now()) / 1000 // seconds
 // ---------------------------------------------------------------------------------------------
 // Child roles (this script runs itself in subprocesses)
 
-async function roleConsume(cs, n, prefix) {
+/**
+ * The acknowledging consumer: `for await` over the events (which pulls them in batches), or
+ * with `--parts` also `await stream.next()` one event per Promise, the way it read before.
+ */
+async function roleConsume(cs, n, prefix, mode = 'iter', group = '$Default') {
   const { ServiceClient } = await import('hubmsg')
   const svc = await ServiceClient.fromConnectionString(cs)
-  const stream = await svc.events('$Default', { from: 'earliest' })
+  const stream = await svc.events(group, { from: 'earliest' })
   let ev = await stream.next(500) // connected and subscribed once this returns
   console.log('ready')
+  const cpu0 = process.cpuUsage()
   const seen = new Set()
-  for (;;) {
-    if (!ev) {
-      ev = await stream.next(300_000)
-      if (!ev) throw new Error('no event for 300 s')
-    }
-    const mid = ev.messageId
-    ev.ack()
+  const take = (e) => {
+    const mid = e.messageId
+    e.ack()
     if (mid?.startsWith(prefix)) {
       if (!seen.size) console.log(`first ${now()}`)
       seen.add(mid)
-      if (seen.size >= n) break
     }
-    ev = null
+    return seen.size >= n
+  }
+  if (!ev || !take(ev)) {
+    if (mode === 'next') {
+      for (;;) {
+        ev = await stream.next(300_000)
+        if (!ev) throw new Error('no event for 300 s')
+        if (take(ev)) break
+      }
+    } else {
+      let done = false
+      const idle = setTimeout(() => { console.error('no event for 300 s'); process.exit(1) }, 300_000)
+      for await (const e of stream) {
+        idle.refresh()
+        if (take(e)) { done = true; break }
+      }
+      clearTimeout(idle)
+      if (!done) throw new Error('the event stream ended early')
+    }
   }
   console.log(`last ${now()}`)
+  const cpu = process.cpuUsage(cpu0)
+  console.log(`cpu ${(cpu.user + cpu.system) / 1e6}`)
   await stream.close()
   await svc.close()
 }
@@ -74,6 +94,9 @@ async function roleSend(mode, cs, outbox, n, prefix) {
   }
   console.log(`queued ${now()}`)
   await dev.flush(300_000)
+  console.log(`flushed ${now()}`)
+  const cpu = process.cpuUsage()
+  console.log(`cpu ${(cpu.user + cpu.system) / 1e6}`)
   await dev.close()
 }
 
@@ -292,11 +315,82 @@ async function mqttjsRun(mosquitto, work, n) {
   }
 }
 
+/** A command under /usr/bin/time: resolves to its CPU seconds (user + system) and wall seconds. */
+async function timed(cmd, args, name) {
+  const p = new Proc('/usr/bin/time', ['-f', 'rusage %U %S %e', cmd, ...args], name)
+  await p.finish()
+  const m = / *rusage ([\d.]+) ([\d.]+) ([\d.]+)/.exec(p.stderr.split('\n').filter((l) => l.includes('rusage')).pop() || '')
+  return m ? { cpu: Number(m[1]) + Number(m[2]), wall: Number(m[3]) } : { cpu: NaN, wall: NaN }
+}
+
+/**
+ * `--parts`: each side alone, with its CPU time. (1) A hub pre-filled by the Rust client, then
+ * drained by: the Node consumer one `await next()` per event, the Node consumer `for await`
+ * (batched), and `hubmsg monitor-events` (Rust), each in a group of its own. (2) The Node
+ * sender (sendMany of 1,000) into a hub, with `hubmsg monitor-events` as the consumer.
+ */
+async function parts(binary, work, n) {
+  const rows = []
+  const row = (label, count, secs, cpu) => {
+    const r = { label, messages: count, seconds: Number(secs.toFixed(3)), msgs_per_sec: Math.round(count / secs), cpu_seconds: Number(cpu.toFixed(2)) }
+    rows.push(r)
+    console.log(`  ${label.padEnd(60)} ${r.msgs_per_sec.toLocaleString('en').padStart(9)} msg/s  cpu ${r.cpu_seconds.toFixed(2)} s (${(100 * cpu / secs).toFixed(0)} % of a core)`)
+  }
+  const hub = await startHub(binary, join(work, 'parts', 'hub'))
+  try {
+    const cs = await hub.device('bench-1')
+    const fill = new Proc(binary, ['device', 'send', '--connection-string', cs, '--data', BODY.toString(), '--count', String(n),
+      '--outbox', join(work, 'parts', 'outbox'), '--message-id-prefix', 'fill-', '--batch', '1000', '--flush-timeout-secs', '300'], 'fill')
+    await fill.finish()
+    for (const mode of ['next', 'iter']) {
+      const c = me('_consume', hub.cs, n, 'fill-', mode, `drain-${mode}`)
+      const first = Number(await c.waitFor('first'))
+      const last = Number(await c.waitFor('last'))
+      const cpu = Number(await c.waitFor('cpu'))
+      await c.finish()
+      row(`Node consumer drains ${n} stored, ${mode === 'next' ? 'await stream.next() per event' : 'for await (batched nextBatch)'}`, n, last - first, cpu)
+    }
+    const t = await timed(binary, ['monitor-events', '--hub-connection-string', hub.cs, '--consumer-group', 'drain-rust', '--from', 'earliest', '--count', String(n)], 'monitor-events')
+    row(`Rust hubmsg monitor-events drains ${n} stored (incl. start-up)`, n, t.wall, t.cpu)
+  } finally {
+    await hub.stop()
+  }
+  const hub2 = await startHub(binary, join(work, 'parts', 'hub2'))
+  try {
+    const cs = await hub2.device('bench-1')
+    const mon = new Proc('/usr/bin/time', ['-f', 'rusage %U %S %e', binary, 'monitor-events', '--hub-connection-string', hub2.cs, '--from', 'latest', '--count', String(n)], 'monitor-events')
+    await new Promise((r) => setTimeout(r, 1000)) // monitor-events prints nothing when it is subscribed: give it a second
+    const s = me('_send', 'sendMany', cs, join(work, 'parts', 'outbox2'), n, 'send-')
+    const start = Number(await s.waitFor('start'))
+    const flushed = Number(await s.waitFor('flushed'))
+    const cpu = Number(await s.waitFor('cpu'))
+    await s.finish()
+    await mon.finish()
+    const m = / *rusage ([\d.]+) ([\d.]+) ([\d.]+)/.exec(mon.stderr.split('\n').filter((l) => l.includes('rusage')).pop() || '')
+    row(`Node sender sendMany(1000) to a Rust consumer, start to flushed`, n, flushed - start, cpu)
+    if (m) console.log(`    (its consumer, hubmsg monitor-events: cpu ${(Number(m[1]) + Number(m[2])).toFixed(2)} s)`)
+  } finally {
+    await hub2.stop()
+  }
+  return rows
+}
+
 async function main() {
   const argv = process.argv.slice(2)
   const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt }
   const quick = argv.includes('--quick')
   const n = quick ? 10_000 : Number(opt('--messages', 100_000))
+  if (argv.includes('--parts')) {
+    const binary = resolve(opt('--hubmsg', join(ROOT, 'target/release/hubmsg')))
+    const work = mkdtempSync(join(tmpdir(), 'hubmsg-nodebench-'))
+    try {
+      console.log(`each side alone, ${BODY.length} B, fsync'd; ${n} messages`)
+      await parts(binary, work, n)
+    } finally {
+      rmSync(work, { recursive: true, force: true })
+    }
+    return 0
+  }
   const out = resolve(opt('--out', join(ROOT, 'docs/benchmarks')))
   const binary = resolve(opt('--hubmsg', join(ROOT, 'target/release/hubmsg')))
   if (!existsSync(binary)) {
@@ -382,7 +476,7 @@ ${mq}
 }
 
 const [role, ...rest] = process.argv.slice(2)
-if (role === '_consume') await roleConsume(rest[0], Number(rest[1]), rest[2])
+if (role === '_consume') await roleConsume(rest[0], Number(rest[1]), rest[2], rest[3], rest[4])
 else if (role === '_send') await roleSend(rest[0], rest[1], rest[2], Number(rest[3]), rest[4])
 else if (role === '_mqtt_sub') await roleMqttSub(Number(rest[0]), Number(rest[1]))
 else if (role === '_mqtt_pub') await roleMqttPub(Number(rest[0]), Number(rest[1]))
