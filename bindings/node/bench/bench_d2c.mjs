@@ -9,8 +9,8 @@
 //   consumer.
 //
 // Every sender and consumer is its own process, the consumer connected before the sender starts;
-// the consumer of the hubmsg runs is the hubmsg Node service client (events of $Default, each
-// acked). A run's figure is the rate the consumer sees: (messages - 1) / (time of the last
+// the consumer of the hubmsg runs is the hubmsg Node service client (events of $Default read
+// with `for await`, which pulls them in batches, each acked). A run's figure is the rate the consumer sees: (messages - 1) / (time of the last
 // distinct message id - time of the first), so process start-up and connecting are outside it
 // for every side alike. Prints figures and ratios; writes node.json and node.md to --out
 // (default docs/benchmarks). Goals (issue 11): hubmsg Node >= 3x mqtt.js and >= 50 % of Rust.
@@ -18,10 +18,12 @@
 //   cargo build --release -p hubmsg-cli
 //   (cd bindings/node/bench && npm install)
 //   node bindings/node/bench/bench_d2c.mjs            # ~1 minute; --quick: 10,000 messages per run
+//   node bindings/node/bench/bench_d2c.mjs --parts    # each side alone with its CPU time
+//                                                     # (node-parts.json / node-parts.md)
 import { spawn } from 'node:child_process'
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { createConnection, createServer } from 'node:net'
-import { cpus, tmpdir, platform, release } from 'node:os'
+import { cpus, loadavg, tmpdir, platform, release } from 'node:os'
 import { join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
@@ -382,13 +384,33 @@ async function main() {
   const n = quick ? 10_000 : Number(opt('--messages', 100_000))
   if (argv.includes('--parts')) {
     const binary = resolve(opt('--hubmsg', join(ROOT, 'target/release/hubmsg')))
+    const out = resolve(opt('--out', join(ROOT, 'docs/benchmarks')))
     const work = mkdtempSync(join(tmpdir(), 'hubmsg-nodebench-'))
+    const load = [loadavg()[0]]
+    let rows
     try {
-      console.log(`each side alone, ${BODY.length} B, fsync'd; ${n} messages`)
-      await parts(binary, work, n)
+      console.log(`each side alone, ${BODY.length} B, fsync'd; ${n} messages; load average ${load[0].toFixed(2)}`)
+      rows = await parts(binary, work, n)
     } finally {
       rmSync(work, { recursive: true, force: true })
     }
+    load.push(loadavg()[0])
+    const machine = { cpus: cpus().length, platform: `${platform()} ${release()}`, node: process.version, load_average_1min: load.map((l) => Number(l.toFixed(2))) }
+    mkdirSync(out, { recursive: true })
+    writeFileSync(join(out, 'node-parts.json'), JSON.stringify({ machine, rows }, null, 2) + '\n')
+    writeFileSync(join(out, 'node-parts.md'), `# Node D2C benchmark: each side alone
+
+Written by \`node bindings/node/bench/bench_d2c.mjs --parts\` (see its header). Machine: ${machine.cpus} CPUs,
+${machine.platform}, Node ${machine.node}; load average (1 min) ${load.map((l) => l.toFixed(2)).join(' before, ')} after.
+${BODY.length} B bodies, fsync'd. A consumer's figure is (messages) / (its last event - its first); \`hubmsg
+monitor-events\` is timed from its start (it prints no first-event time); the sender's is
+start to \`flush()\` done. CPU is the process's user + system time over that window.
+
+| side | messages | seconds | msg/s | CPU s |
+|---|---|---|---|---|
+${rows.map((r) => `| ${r.label} | ${r.messages.toLocaleString('en')} | ${r.seconds.toFixed(2)} | ${r.msgs_per_sec.toLocaleString('en')} | ${r.cpu_seconds.toFixed(2)} |`).join('\n')}
+`)
+    console.log(`wrote ${join(out, 'node-parts.json')} and ${join(out, 'node-parts.md')}`)
     return 0
   }
   const out = resolve(opt('--out', join(ROOT, 'docs/benchmarks')))
@@ -399,6 +421,7 @@ async function main() {
   }
   const { version } = await import('hubmsg')
   const work = mkdtempSync(join(tmpdir(), 'hubmsg-nodebench-'))
+  const load = [loadavg()[0]]
   const runs = []
   let unavailable = ''
   try {
@@ -424,6 +447,7 @@ async function main() {
   } finally {
     rmSync(work, { recursive: true, force: true })
   }
+  load.push(loadavg()[0])
   const best = Math.max(runs[0].msgs_per_sec, runs[1].msgs_per_sec)
   const rust = runs[2].msgs_per_sec
   const mqttjs = runs[3]?.msgs_per_sec
@@ -431,7 +455,7 @@ async function main() {
   console.log(`hubmsg Node (best) / Rust client: ${ratios.node_best_vs_rust.toFixed(2)}x (goal >= ${GOAL_RUST.toFixed(2)}x)`)
   if (mqttjs) console.log(`hubmsg Node (best) / mqtt.js:     ${ratios.node_best_vs_mqttjs.toFixed(2)}x (goal >= ${GOAL_MQTTJS.toFixed(1)}x)`)
   const result = {
-    machine: { cpus: cpus().length, platform: `${platform()} ${release()}`, node: process.version },
+    machine: { cpus: cpus().length, platform: `${platform()} ${release()}`, node: process.version, load_average_1min: load.map((l) => Number(l.toFixed(2))) },
     hubmsg: version(),
     body_bytes: BODY.length,
     qos: 1,
@@ -458,7 +482,8 @@ function writeMd(path, r) {
 
 Written by \`node bindings/node/bench/bench_d2c.mjs\` (method: the header of that script and
 [README.md](README.md#node)). Machine: ${r.machine.cpus} CPUs, ${r.machine.platform}, Node
-${r.machine.node}; hubmsg ${r.hubmsg}.
+${r.machine.node}; hubmsg ${r.hubmsg}; load average (1 min) ${r.machine.load_average_1min.join(' before, ')} after (other
+work shares the machine: the ratios, measured in one run, are what to read).
 
 One device, ${r.body_bytes} B bodies, QoS 1, durability ${r.durability}; each sender and
 consumer is its own process; figure = (messages - 1) / (the time the consumer saw the last
@@ -472,6 +497,9 @@ ${rows}
 |---|---|---|
 | hubmsg Node (best) / Rust client | ${r.ratios.node_best_vs_rust.toFixed(2)}x | >= ${GOAL_RUST.toFixed(2)}x |
 ${mq}
+
+The consumer of the hubmsg runs reads with \`for await\` (batched pulls, docs/node.md); each side
+measured alone, with its CPU time: [node-parts.md](node-parts.md) (\`--parts\`).
 `)
 }
 
