@@ -66,6 +66,22 @@ pub struct BatchLimits<T> {
     pub size: fn(&T) -> usize,
 }
 
+/// The parts of an inbox a pull future holds.
+struct Pull<T> {
+    rx: Result<PullRx<T>>,
+    returned: Returned<T>,
+    queued: Arc<AtomicUsize>,
+    what: &'static str,
+}
+
+/// `f`'s output, or `None` once `timeout` passed first (`None` timeout: no limit).
+async fn within<F: Future>(timeout: Option<Duration>, f: F) -> Option<F::Output> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
 /// A batch being filled within its limits.
 struct Filling<T> {
     items: Vec<T>,
@@ -188,6 +204,11 @@ impl<S: Source> Inbox<S> {
         Ok(rx)
     }
 
+    /// What a pull future needs (it outlives the borrow of the inbox).
+    fn pull(&self, rt: &impl Spawner) -> Pull<S::Item> {
+        Pull { rx: self.pull_rx(rt), returned: self.returned.clone(), queued: self.queued.clone(), what: self.what }
+    }
+
     /// Switches to pull mode if not consumed yet (no-op when already in pull mode).
     pub fn start_pull(&self, rt: &impl Spawner) -> Result<()> {
         self.pull_rx(rt).map(drop)
@@ -200,10 +221,7 @@ impl<S: Source> Inbox<S> {
     where
         S::Item: Send,
     {
-        let rx = self.pull_rx(rt);
-        let returned = self.returned.clone();
-        let queued = self.queued.clone();
-        let what = self.what;
+        let Pull { rx, returned, queued, what } = self.pull(rt);
         async move {
             let rx = rx?;
             let early = returned.lock().pop_front();
@@ -218,13 +236,7 @@ impl<S: Source> Inbox<S> {
                 }
                 got
             };
-            let got = match timeout {
-                Some(t) => match tokio::time::timeout(t, recv).await {
-                    Err(_) => return Ok(None),
-                    Ok(got) => got,
-                },
-                None => recv.await,
-            };
+            let Some(got) = within(timeout, recv).await else { return Ok(None) };
             match got {
                 None => Err(Error::closed(what)),
                 Some(item) => item.map(Some),
@@ -246,10 +258,7 @@ impl<S: Source> Inbox<S> {
     where
         S::Item: Send,
     {
-        let rx = self.pull_rx(rt);
-        let returned = self.returned.clone();
-        let queued = self.queued.clone();
-        let what = self.what;
+        let Pull { rx, returned, queued, what } = self.pull(rt);
         async move {
             let rx = rx?;
             let mut batch = Filling::new(limits);
@@ -278,13 +287,7 @@ impl<S: Source> Inbox<S> {
                     let got = rx.recv().await;
                     (rx, got)
                 };
-                let (rx, got) = match timeout {
-                    Some(t) => match tokio::time::timeout(t, first).await {
-                        Err(_) => return Ok(Vec::new()),
-                        Ok(got) => got,
-                    },
-                    None => first.await,
-                };
+                let Some((rx, got)) = within(timeout, first).await else { return Ok(Vec::new()) };
                 match got {
                     None => return Err(Error::closed(what)),
                     Some(item) => {

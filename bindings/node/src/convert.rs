@@ -135,7 +135,8 @@ pub struct Props(
     pub Vec<(String, String)>,
 );
 
-unsafe fn keys(env: sys::napi_env, obj: sys::napi_value) -> napi::Result<Vec<String>> {
+/// The own enumerable string keys of an object, as napi values, and how many.
+unsafe fn own_keys(env: sys::napi_env, obj: sys::napi_value) -> napi::Result<(sys::napi_value, u32)> {
     let mut names = std::ptr::null_mut();
     check(
         unsafe {
@@ -152,13 +153,19 @@ unsafe fn keys(env: sys::napi_env, obj: sys::napi_value) -> napi::Result<Vec<Str
     )?;
     let mut n = 0u32;
     check(unsafe { sys::napi_get_array_length(env, names, &mut n) }, "napi_get_array_length")?;
-    let mut out = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let mut k = std::ptr::null_mut();
-        check(unsafe { sys::napi_get_element(env, names, i, &mut k) }, "napi_get_element")?;
-        out.push(unsafe { string(env, k)? });
-    }
-    Ok(out)
+    Ok((names, n))
+}
+
+/// The `i`-th of the keys [`own_keys`] gave.
+unsafe fn key_at(env: sys::napi_env, names: sys::napi_value, i: u32) -> napi::Result<sys::napi_value> {
+    let mut k = std::ptr::null_mut();
+    check(unsafe { sys::napi_get_element(env, names, i, &mut k) }, "napi_get_element")?;
+    Ok(k)
+}
+
+unsafe fn keys(env: sys::napi_env, obj: sys::napi_value) -> napi::Result<Vec<String>> {
+    let (names, n) = unsafe { own_keys(env, obj)? };
+    (0..n).map(|i| unsafe { string(env, key_at(env, names, i)?) }).collect()
 }
 
 unsafe fn get(env: sys::napi_env, obj: sys::napi_value, key: &str) -> napi::Result<sys::napi_value> {
@@ -398,26 +405,11 @@ const MESSAGE_KEYS: &[&str] = &["body", "properties", "messageId", "correlationI
 /// The own enumerable string keys of an object with their values, read by the key values
 /// napi gave (no key string is created again to look a value up).
 unsafe fn entries(env: sys::napi_env, obj: sys::napi_value) -> napi::Result<Vec<(String, sys::napi_value)>> {
-    let mut names = std::ptr::null_mut();
-    check(
-        unsafe {
-            sys::napi_get_all_property_names(
-                env,
-                obj,
-                sys::KeyCollectionMode::own_only,
-                sys::KeyFilter::enumerable | sys::KeyFilter::skip_symbols,
-                sys::KeyConversion::numbers_to_strings,
-                &mut names,
-            )
-        },
-        "napi_get_all_property_names",
-    )?;
-    let mut n = 0u32;
-    check(unsafe { sys::napi_get_array_length(env, names, &mut n) }, "napi_get_array_length")?;
+    let (names, n) = unsafe { own_keys(env, obj)? };
     let mut out = Vec::with_capacity(n as usize);
     for i in 0..n {
-        let (mut k, mut v) = (std::ptr::null_mut(), std::ptr::null_mut());
-        check(unsafe { sys::napi_get_element(env, names, i, &mut k) }, "napi_get_element")?;
+        let k = unsafe { key_at(env, names, i)? };
+        let mut v = std::ptr::null_mut();
         check(unsafe { sys::napi_get_property(env, obj, k, &mut v) }, "napi_get_property")?;
         out.push((unsafe { string(env, k)? }, v));
     }
