@@ -104,8 +104,13 @@ function addAsyncIterator(cls) {
 const ITER_BATCH = 500
 const QUEUE = Symbol('hubmsg.queue')
 
-/** The batched reading of a stream class with native `next`, `nextBatch`, `buffered`, `closed`. */
-function addBatchedReading(cls) {
+/**
+ * The batched reading of a stream class with native `next`, `nextBatch`, `buffered`, `closed`.
+ * `ownClose`: the stream is closed only by its own `close()` (EventStream), which then drops the
+ * queue; otherwise (C2dStream, closed with its client) `closed` is asked before handing out a
+ * queued item.
+ */
+function addBatchedReading(cls, ownClose) {
   if (!cls) return
   const proto = cls.prototype
   const nativeNext = proto.next
@@ -118,7 +123,7 @@ function addBatchedReading(cls) {
       q = { items: [], head: 0 }
       Object.defineProperty(stream, QUEUE, { value: q })
     }
-    if (q.head < q.items.length && stream.closed) {
+    if (!ownClose && q.head < q.items.length && stream.closed) {
       q.items = []
       q.head = 0
     }
@@ -159,6 +164,18 @@ function addBatchedReading(cls) {
       return Promise.resolve(take(q, max ?? 100))
     },
   })
+  if (ownClose) {
+    const nativeClose = proto.close
+    Object.defineProperty(proto, 'close', {
+      ...Object.getOwnPropertyDescriptor(proto, 'close'),
+      value: function close(...args) {
+        const q = queue(this)
+        q.items = []
+        q.head = 0
+        return nativeClose.apply(this, args)
+      },
+    })
+  }
   Object.defineProperty(proto, 'buffered', {
     ...buffered,
     get() {
@@ -221,7 +238,8 @@ function install(native) {
     }
   }
   addAsyncIterator(native.FeedbackStream)
-  for (const name of ['C2dStream', 'EventStream']) addBatchedReading(native[name])
+  addBatchedReading(native.C2dStream, false)
+  addBatchedReading(native.EventStream, true)
   installLogSwitch(native)
 }
 
