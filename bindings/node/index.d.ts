@@ -93,8 +93,17 @@ export declare class C2dMessage {
 export declare class C2dStream {
   /** The next message, or null once the client is closed. */
   next(): Promise<C2dMessage | null>
+  /**
+   * Up to `max` messages (default 100, at most 10,000; and at most 4 MiB of bodies unless one
+   * message alone is larger): waits up to `timeoutMs` (default: until one arrives) for the
+   * first, then takes those already received, without waiting again. An empty array on
+   * timeout; null once the client is closed. Settle each one as a message from `next()`.
+   */
+  nextBatch(max?: number, timeoutMs?: number): Promise<C2dMessage[] | null>
   /** Messages received from the hub that no `next()` took yet. */
   get buffered(): number
+  /** Whether its client was closed (the stream ends then). */
+  get closed(): boolean
 }
 
 /** One accepted message: its id and sequence number, and its outcome to wait for. */
@@ -249,10 +258,20 @@ export declare class EventStream {
    */
   next(timeoutMs?: number | undefined | null): Promise<Event | null>
   /**
+   * Up to `max` events (default 100, at most 10,000; and at most 4 MiB of bodies unless one
+   * event alone is larger): waits up to `timeoutMs` (default: until one arrives) for the
+   * first, then takes those already received, without waiting again — one Promise for many
+   * events when they arrive fast. An empty array on timeout; null once the stream is closed.
+   * `ack()` each as an event from `next()`; the async iterator reads this way.
+   */
+  nextBatch(max?: number, timeoutMs?: number): Promise<Event[] | null>
+  /**
    * Events received from the hub that no `next()` took yet (bounded by the hub's window of
    * unacknowledged events: 1,000 per partition, 8 MiB).
    */
   get buffered(): number
+  /** Whether `close()` was called. */
+  get closed(): boolean
   /**
    * Asks the hub to persist the group's checkpoints (the acknowledged position); resolves
    * once they are durable.

@@ -15,10 +15,18 @@
 //! feedback batches — so a slow consumer holds back delivery instead of growing a buffer.
 //! [`Inbox::buffered`] says how many items wait for a pull.
 //!
-//! Invariants: a pull is cancel-safe — dropping a pending [`Inbox::next`] (a timeout, a
-//! cancelled `await`) loses no item; an item a binding could not hand over after all (its
-//! awaiting future was cancelled at the last moment) goes back with [`Inbox::give_back`] and is
-//! the next one pulled.
+//! Batches: [`Inbox::next_batch`] waits for one item like [`Inbox::next`], then takes whatever
+//! else is already waiting, up to a count and a byte bound, without waiting again — one wake-up
+//! (one Promise, one call across a language boundary) for many items when they arrive fast, and
+//! the same single item as `next` when they trickle. It reads ahead nothing: a batch holds only
+//! items the pump had already received, so the hub's window still bounds what a slow consumer
+//! holds.
+//!
+//! Invariants: a pull is cancel-safe — dropping a pending [`Inbox::next`] or
+//! [`Inbox::next_batch`] (a timeout, a cancelled `await`) loses no item; an item a binding could
+//! not hand over after all (its awaiting future was cancelled at the last moment) goes back with
+//! [`Inbox::give_back`] and is the next one pulled. A stream error met inside a batch ends the
+//! batch and is the next thing pulled.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -44,6 +52,63 @@ pub trait Source: Send + 'static {
 
 type Opener<S> = Box<dyn FnOnce() -> Result<S> + Send>;
 type PullRx<T> = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Result<T>>>>;
+type Returned<T> = Arc<Mutex<VecDeque<Result<T>>>>;
+
+/// The bounds of one [`Inbox::next_batch`]: at most `max_items` items, and no more than
+/// `max_bytes` by `size` — except that a batch always holds at least one item, however large.
+#[derive(Clone, Copy)]
+pub struct BatchLimits<T> {
+    /// Most items in a batch (0 is taken as 1).
+    pub max_items: usize,
+    /// Most bytes (as `size` counts them) in a batch of more than one item.
+    pub max_bytes: usize,
+    /// The size of an item (e.g. its body length).
+    pub size: fn(&T) -> usize,
+}
+
+/// The parts of an inbox a pull future holds.
+struct Pull<T> {
+    rx: Result<PullRx<T>>,
+    returned: Returned<T>,
+    queued: Arc<AtomicUsize>,
+    what: &'static str,
+}
+
+/// `f`'s output, or `None` once `timeout` passed first (`None` timeout: no limit).
+async fn within<F: Future>(timeout: Option<Duration>, f: F) -> Option<F::Output> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
+/// A batch being filled within its limits.
+struct Filling<T> {
+    items: Vec<T>,
+    bytes: usize,
+    limits: BatchLimits<T>,
+}
+
+impl<T> Filling<T> {
+    fn new(limits: BatchLimits<T>) -> Filling<T> {
+        Filling { items: Vec::new(), bytes: 0, limits }
+    }
+
+    fn full(&self) -> bool {
+        self.items.len() >= self.limits.max_items.max(1)
+    }
+
+    /// Adds `item` if it fits; hands it back if it does not (the batch is then complete).
+    fn offer(&mut self, item: T) -> Option<T> {
+        let size = (self.limits.size)(&item);
+        if self.full() || (!self.items.is_empty() && self.bytes.saturating_add(size) > self.limits.max_bytes) {
+            return Some(item);
+        }
+        self.bytes = self.bytes.saturating_add(size);
+        self.items.push(item);
+        None
+    }
+}
 
 enum State<S: Source> {
     /// Not consumed yet; opening the source (e.g. subscribing) waits for the first use.
@@ -57,8 +122,9 @@ enum State<S: Source> {
 pub struct Inbox<S: Source> {
     what: &'static str,
     state: Mutex<State<S>>,
-    /// Items handed back by [`Inbox::give_back`], pulled before the channel.
-    returned: Arc<Mutex<VecDeque<S::Item>>>,
+    /// Items handed back by [`Inbox::give_back`] (and the rest of a batch: an item beyond its
+    /// bounds, a stream error), pulled before the channel.
+    returned: Returned<S::Item>,
     /// Items the pump put in the pull channel that no pull took yet.
     queued: Arc<AtomicUsize>,
     pump: Mutex<Option<JoinHandle<()>>>,
@@ -138,6 +204,11 @@ impl<S: Source> Inbox<S> {
         Ok(rx)
     }
 
+    /// What a pull future needs (it outlives the borrow of the inbox).
+    fn pull(&self, rt: &impl Spawner) -> Pull<S::Item> {
+        Pull { rx: self.pull_rx(rt), returned: self.returned.clone(), queued: self.queued.clone(), what: self.what }
+    }
+
     /// Switches to pull mode if not consumed yet (no-op when already in pull mode).
     pub fn start_pull(&self, rt: &impl Spawner) -> Result<()> {
         self.pull_rx(rt).map(drop)
@@ -150,15 +221,12 @@ impl<S: Source> Inbox<S> {
     where
         S::Item: Send,
     {
-        let rx = self.pull_rx(rt);
-        let returned = self.returned.clone();
-        let queued = self.queued.clone();
-        let what = self.what;
+        let Pull { rx, returned, queued, what } = self.pull(rt);
         async move {
             let rx = rx?;
             let early = returned.lock().pop_front();
             if let Some(item) = early {
-                return Ok(Some(item));
+                return item.map(Some);
             }
             let recv = async {
                 let mut rx = rx.lock().await;
@@ -168,13 +236,7 @@ impl<S: Source> Inbox<S> {
                 }
                 got
             };
-            let got = match timeout {
-                Some(t) => match tokio::time::timeout(t, recv).await {
-                    Err(_) => return Ok(None),
-                    Ok(got) => got,
-                },
-                None => recv.await,
-            };
+            let Some(got) = within(timeout, recv).await else { return Ok(None) };
             match got {
                 None => Err(Error::closed(what)),
                 Some(item) => item.map(Some),
@@ -182,10 +244,87 @@ impl<S: Source> Inbox<S> {
         }
     }
 
-    /// Puts an item taken by [`Inbox::next`] back in front (its consumer went away before it
-    /// could take it).
+    /// Up to `limits` of items: waits within `timeout` (`None`: as long as it takes) for the
+    /// first, then takes the items already waiting without waiting again. `Ok` of an empty
+    /// batch on timeout, `Closed` when the stream ended before any item (a batch that meets the
+    /// end or an error returns what it holds; the next pull gets the end or the error).
+    /// Cancel-safe, like [`Inbox::next`]; switches to pull mode on first use.
+    pub fn next_batch(
+        &self,
+        rt: &impl Spawner,
+        limits: BatchLimits<S::Item>,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<Vec<S::Item>>> + Send + 'static
+    where
+        S::Item: Send,
+    {
+        let Pull { rx, returned, queued, what } = self.pull(rt);
+        async move {
+            let rx = rx?;
+            let mut batch = Filling::new(limits);
+            // Items given back come first, in order.
+            loop {
+                let early = returned.lock().pop_front();
+                match early {
+                    None => break,
+                    Some(Err(e)) if batch.items.is_empty() => return Err(e),
+                    Some(Ok(item)) => match batch.offer(item) {
+                        None => continue,
+                        Some(item) => {
+                            returned.lock().push_front(Ok(item));
+                            return Ok(batch.items);
+                        }
+                    },
+                    Some(err) => {
+                        returned.lock().push_front(err);
+                        return Ok(batch.items);
+                    }
+                }
+            }
+            let mut rx = if batch.items.is_empty() {
+                let first = async {
+                    let mut rx = rx.lock_owned().await;
+                    let got = rx.recv().await;
+                    (rx, got)
+                };
+                let Some((rx, got)) = within(timeout, first).await else { return Ok(Vec::new()) };
+                match got {
+                    None => return Err(Error::closed(what)),
+                    Some(item) => {
+                        queued.fetch_sub(1, Ordering::SeqCst);
+                        batch.offer(item?);
+                    }
+                }
+                rx
+            } else {
+                // Another pull is waiting on the channel: what was given back is the batch.
+                match rx.try_lock_owned() {
+                    Ok(rx) => rx,
+                    Err(_) => return Ok(batch.items),
+                }
+            };
+            // Then what is already waiting, without waiting again. An empty or ended channel
+            // ends the batch; the next pull meets the end.
+            while !batch.full() {
+                let Ok(item) = rx.try_recv() else { break };
+                queued.fetch_sub(1, Ordering::SeqCst);
+                let rest = match item {
+                    Ok(item) => batch.offer(item).map(Ok),
+                    Err(e) => Some(Err(e)),
+                };
+                if let Some(rest) = rest {
+                    returned.lock().push_back(rest);
+                    break;
+                }
+            }
+            Ok(batch.items)
+        }
+    }
+
+    /// Puts an item taken by [`Inbox::next`] or [`Inbox::next_batch`] back in front (its
+    /// consumer went away before it could take it).
     pub fn give_back(&self, item: S::Item) {
-        self.returned.lock().push_front(item);
+        self.returned.lock().push_front(Ok(item));
     }
 
     /// Blocking [`Inbox::next`] from an application thread (`Usage` on a runtime thread).
@@ -302,6 +441,113 @@ mod tests {
         inbox.give_back(got);
         assert_eq!(inbox.recv(&rt, Duration::from_secs(5)).unwrap(), Some(7));
         assert_eq!(inbox.recv(&rt, Duration::from_secs(5)).unwrap(), Some(8));
+    }
+
+    fn limits(max_items: usize, max_bytes: usize) -> BatchLimits<u32> {
+        // An item's size is its value: easy byte bounds to reason about.
+        BatchLimits { max_items, max_bytes, size: |n| *n as usize }
+    }
+
+    fn wait_buffered(inbox: &Inbox<Chan>, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while inbox.buffered() < n && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(inbox.buffered(), n);
+    }
+
+    #[test]
+    fn a_batch_takes_what_waits_within_its_count_and_byte_bounds_in_order() {
+        let rt = runtime().unwrap();
+        let (inbox, tx) = inbox();
+        inbox.start_pull(&rt).unwrap();
+        for n in 1..=10 {
+            tx.send(n).unwrap();
+        }
+        wait_buffered(&inbox, 10);
+        let batch = |max, bytes| rt.block_on(inbox.next_batch(&rt, limits(max, bytes), Some(Duration::from_secs(5)))).unwrap();
+        assert_eq!(batch(3, 1000), vec![1, 2, 3], "count bound");
+        assert_eq!(batch(100, 8), vec![4], "4 + 5 > 8 bytes: the batch ends before 5");
+        assert_eq!(inbox.buffered(), 6, "the item beyond the bound waits, nothing is lost");
+        assert_eq!(batch(100, 1), vec![5], "an item larger than the byte bound still comes alone");
+        assert_eq!(batch(0, 1000), vec![6], "a count of 0 is taken as 1");
+        assert_eq!(inbox.recv(&rt, Duration::from_secs(5)).unwrap(), Some(7), "next and next_batch share the order");
+        assert_eq!(batch(100, 1000), vec![8, 9, 10]);
+        assert_eq!(inbox.buffered(), 0);
+    }
+
+    #[test]
+    fn a_batch_times_out_empty_waits_for_a_first_item_and_ends_with_closed() {
+        let rt = runtime().unwrap();
+        let (inbox, tx) = inbox();
+        let started = std::time::Instant::now();
+        let empty = rt.block_on(inbox.next_batch(&rt, limits(10, 1000), Some(Duration::from_millis(20)))).unwrap();
+        assert!(empty.is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        // A pending batch gets an item sent while it waits (no busy loop, one wake-up).
+        let pending = inbox.next_batch(&rt, limits(10, 1000), None);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.send(4).unwrap();
+            tx
+        });
+        assert_eq!(rt.block_on(pending).unwrap(), vec![4]);
+        let tx = sender.join().unwrap();
+        tx.send(5).unwrap();
+        drop(tx);
+        // The items before the end come first; then the end.
+        assert_eq!(rt.block_on(inbox.next_batch(&rt, limits(10, 1000), None)).unwrap(), vec![5]);
+        let err = rt.block_on(inbox.next_batch(&rt, limits(10, 1000), None)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Closed);
+    }
+
+    #[test]
+    fn a_cancelled_batch_loses_nothing_and_given_back_items_come_first() {
+        let rt = runtime().unwrap();
+        let (inbox, tx) = inbox();
+        let pending = inbox.next_batch(&rt, limits(10, 1000), None);
+        rt.block_on(async { tokio::time::timeout(Duration::from_millis(20), pending).await }).unwrap_err();
+        for n in [1, 2, 3] {
+            tx.send(n).unwrap();
+        }
+        wait_buffered(&inbox, 3);
+        let got = rt.block_on(inbox.next_batch(&rt, limits(2, 1000), None)).unwrap();
+        assert_eq!(got, vec![1, 2]);
+        for n in got.into_iter().rev() {
+            inbox.give_back(n);
+        }
+        assert_eq!(rt.block_on(inbox.next_batch(&rt, limits(10, 1000), None)).unwrap(), vec![1, 2, 3]);
+    }
+
+    /// A source that yields an error after two items.
+    struct Failing(u32);
+
+    impl Source for Failing {
+        type Item = u32;
+        async fn next(&mut self) -> Option<Result<u32>> {
+            self.0 += 1;
+            match self.0 {
+                1 | 2 => Some(Ok(self.0)),
+                3 => Some(Err(Error::new(ErrorKind::Protocol, "broken stream"))),
+                _ => std::future::pending().await,
+            }
+        }
+    }
+
+    #[test]
+    fn an_error_inside_a_batch_ends_it_and_is_the_next_thing_pulled() {
+        let rt = runtime().unwrap();
+        let inbox = Inbox::lazy("numbers", || Ok(Failing(0)));
+        inbox.start_pull(&rt).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while inbox.buffered() < 3 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        let l = BatchLimits { max_items: 10, max_bytes: 1000, size: |_: &u32| 1 };
+        assert_eq!(rt.block_on(inbox.next_batch(&rt, l, None)).unwrap(), vec![1, 2]);
+        let err = rt.block_on(inbox.next_batch(&rt, l, None)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Protocol);
+        assert_eq!(rt.block_on(inbox.next_batch(&rt, l, Some(Duration::from_millis(10)))).unwrap(), Vec::<u32>::new());
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //   consumer.
 //
 // Every sender and consumer is its own process, the consumer connected before the sender starts;
-// the consumer of the hubmsg runs is the hubmsg Node service client (events of $Default, each
-// acked). A run's figure is the rate the consumer sees: (messages - 1) / (time of the last
+// the consumer of the hubmsg runs is the hubmsg Node service client (events of $Default read
+// with `for await`, which pulls them in batches, each acked). A run's figure is the rate the consumer sees: (messages - 1) / (time of the last
 // distinct message id - time of the first), so process start-up and connecting are outside it
 // for every side alike. Prints figures and ratios; writes node.json and node.md to --out
 // (default docs/benchmarks). Goals (issue 11): hubmsg Node >= 3x mqtt.js and >= 50 % of Rust.
@@ -18,10 +18,12 @@
 //   cargo build --release -p hubmsg-cli
 //   (cd bindings/node/bench && npm install)
 //   node bindings/node/bench/bench_d2c.mjs            # ~1 minute; --quick: 10,000 messages per run
+//   node bindings/node/bench/bench_d2c.mjs --parts    # each side alone with its CPU time
+//                                                     # (node-parts.json / node-parts.md)
 import { spawn } from 'node:child_process'
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { createConnection, createServer } from 'node:net'
-import { cpus, tmpdir, platform, release } from 'node:os'
+import { cpus, loadavg, tmpdir, platform, release } from 'node:os'
 import { join, resolve } from 'node:path'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
@@ -36,28 +38,48 @@ const now = () => (performance.timeOrigin + performance.now()) / 1000 // seconds
 // ---------------------------------------------------------------------------------------------
 // Child roles (this script runs itself in subprocesses)
 
-async function roleConsume(cs, n, prefix) {
+/**
+ * The acknowledging consumer: `for await` over the events (which pulls them in batches), or
+ * with `--parts` also `await stream.next()` one event per Promise, the way it read before.
+ */
+async function roleConsume(cs, n, prefix, mode = 'iter', group = '$Default') {
   const { ServiceClient } = await import('hubmsg')
   const svc = await ServiceClient.fromConnectionString(cs)
-  const stream = await svc.events('$Default', { from: 'earliest' })
+  const stream = await svc.events(group, { from: 'earliest' })
   let ev = await stream.next(500) // connected and subscribed once this returns
   console.log('ready')
+  const cpu0 = process.cpuUsage()
   const seen = new Set()
-  for (;;) {
-    if (!ev) {
-      ev = await stream.next(300_000)
-      if (!ev) throw new Error('no event for 300 s')
-    }
-    const mid = ev.messageId
-    ev.ack()
+  const take = (e) => {
+    const mid = e.messageId
+    e.ack()
     if (mid?.startsWith(prefix)) {
       if (!seen.size) console.log(`first ${now()}`)
       seen.add(mid)
-      if (seen.size >= n) break
     }
-    ev = null
+    return seen.size >= n
+  }
+  if (!ev || !take(ev)) {
+    if (mode === 'next') {
+      for (;;) {
+        ev = await stream.next(300_000)
+        if (!ev) throw new Error('no event for 300 s')
+        if (take(ev)) break
+      }
+    } else {
+      let done = false
+      const idle = setTimeout(() => { console.error('no event for 300 s'); process.exit(1) }, 300_000)
+      for await (const e of stream) {
+        idle.refresh()
+        if (take(e)) { done = true; break }
+      }
+      clearTimeout(idle)
+      if (!done) throw new Error('the event stream ended early')
+    }
   }
   console.log(`last ${now()}`)
+  const cpu = process.cpuUsage(cpu0)
+  console.log(`cpu ${(cpu.user + cpu.system) / 1e6}`)
   await stream.close()
   await svc.close()
 }
@@ -74,6 +96,9 @@ async function roleSend(mode, cs, outbox, n, prefix) {
   }
   console.log(`queued ${now()}`)
   await dev.flush(300_000)
+  console.log(`flushed ${now()}`)
+  const cpu = process.cpuUsage()
+  console.log(`cpu ${(cpu.user + cpu.system) / 1e6}`)
   await dev.close()
 }
 
@@ -292,11 +317,102 @@ async function mqttjsRun(mosquitto, work, n) {
   }
 }
 
+/** A command under /usr/bin/time: resolves to its CPU seconds (user + system) and wall seconds. */
+async function timed(cmd, args, name) {
+  const p = new Proc('/usr/bin/time', ['-f', 'rusage %U %S %e', cmd, ...args], name)
+  await p.finish()
+  const m = / *rusage ([\d.]+) ([\d.]+) ([\d.]+)/.exec(p.stderr.split('\n').filter((l) => l.includes('rusage')).pop() || '')
+  return m ? { cpu: Number(m[1]) + Number(m[2]), wall: Number(m[3]) } : { cpu: NaN, wall: NaN }
+}
+
+/**
+ * `--parts`: each side alone, with its CPU time. (1) A hub pre-filled by the Rust client, then
+ * drained by: the Node consumer one `await next()` per event, the Node consumer `for await`
+ * (batched), and `hubmsg monitor-events` (Rust), each in a group of its own. (2) The Node
+ * sender (sendMany of 1,000) into a hub, with `hubmsg monitor-events` as the consumer.
+ */
+async function parts(binary, work, n) {
+  const rows = []
+  const row = (label, count, secs, cpu) => {
+    const r = { label, messages: count, seconds: Number(secs.toFixed(3)), msgs_per_sec: Math.round(count / secs), cpu_seconds: Number(cpu.toFixed(2)) }
+    rows.push(r)
+    console.log(`  ${label.padEnd(60)} ${r.msgs_per_sec.toLocaleString('en').padStart(9)} msg/s  cpu ${r.cpu_seconds.toFixed(2)} s (${(100 * cpu / secs).toFixed(0)} % of a core)`)
+  }
+  const hub = await startHub(binary, join(work, 'parts', 'hub'))
+  try {
+    const cs = await hub.device('bench-1')
+    const fill = new Proc(binary, ['device', 'send', '--connection-string', cs, '--data', BODY.toString(), '--count', String(n),
+      '--outbox', join(work, 'parts', 'outbox'), '--message-id-prefix', 'fill-', '--batch', '1000', '--flush-timeout-secs', '300'], 'fill')
+    await fill.finish()
+    for (const mode of ['next', 'iter']) {
+      const c = me('_consume', hub.cs, n, 'fill-', mode, `drain-${mode}`)
+      const first = Number(await c.waitFor('first'))
+      const last = Number(await c.waitFor('last'))
+      const cpu = Number(await c.waitFor('cpu'))
+      await c.finish()
+      row(`Node consumer drains ${n} stored, ${mode === 'next' ? 'await stream.next() per event' : 'for await (batched nextBatch)'}`, n, last - first, cpu)
+    }
+    const t = await timed(binary, ['monitor-events', '--hub-connection-string', hub.cs, '--consumer-group', 'drain-rust', '--from', 'earliest', '--count', String(n)], 'monitor-events')
+    row(`Rust hubmsg monitor-events drains ${n} stored (incl. start-up)`, n, t.wall, t.cpu)
+  } finally {
+    await hub.stop()
+  }
+  const hub2 = await startHub(binary, join(work, 'parts', 'hub2'))
+  try {
+    const cs = await hub2.device('bench-1')
+    const mon = new Proc('/usr/bin/time', ['-f', 'rusage %U %S %e', binary, 'monitor-events', '--hub-connection-string', hub2.cs, '--from', 'latest', '--count', String(n)], 'monitor-events')
+    await new Promise((r) => setTimeout(r, 1000)) // monitor-events prints nothing when it is subscribed: give it a second
+    const s = me('_send', 'sendMany', cs, join(work, 'parts', 'outbox2'), n, 'send-')
+    const start = Number(await s.waitFor('start'))
+    const flushed = Number(await s.waitFor('flushed'))
+    const cpu = Number(await s.waitFor('cpu'))
+    await s.finish()
+    await mon.finish()
+    const m = / *rusage ([\d.]+) ([\d.]+) ([\d.]+)/.exec(mon.stderr.split('\n').filter((l) => l.includes('rusage')).pop() || '')
+    row(`Node sender sendMany(1000) to a Rust consumer, start to flushed`, n, flushed - start, cpu)
+    if (m) console.log(`    (its consumer, hubmsg monitor-events: cpu ${(Number(m[1]) + Number(m[2])).toFixed(2)} s)`)
+  } finally {
+    await hub2.stop()
+  }
+  return rows
+}
+
 async function main() {
   const argv = process.argv.slice(2)
   const opt = (name, dflt) => { const i = argv.indexOf(name); return i >= 0 ? argv[i + 1] : dflt }
   const quick = argv.includes('--quick')
   const n = quick ? 10_000 : Number(opt('--messages', 100_000))
+  if (argv.includes('--parts')) {
+    const binary = resolve(opt('--hubmsg', join(ROOT, 'target/release/hubmsg')))
+    const out = resolve(opt('--out', join(ROOT, 'docs/benchmarks')))
+    const work = mkdtempSync(join(tmpdir(), 'hubmsg-nodebench-'))
+    const load = [loadavg()[0]]
+    let rows
+    try {
+      console.log(`each side alone, ${BODY.length} B, fsync'd; ${n} messages; load average ${load[0].toFixed(2)}`)
+      rows = await parts(binary, work, n)
+    } finally {
+      rmSync(work, { recursive: true, force: true })
+    }
+    load.push(loadavg()[0])
+    const machine = { cpus: cpus().length, platform: `${platform()} ${release()}`, node: process.version, load_average_1min: load.map((l) => Number(l.toFixed(2))) }
+    mkdirSync(out, { recursive: true })
+    writeFileSync(join(out, 'node-parts.json'), JSON.stringify({ machine, rows }, null, 2) + '\n')
+    writeFileSync(join(out, 'node-parts.md'), `# Node D2C benchmark: each side alone
+
+Written by \`node bindings/node/bench/bench_d2c.mjs --parts\` (see its header). Machine: ${machine.cpus} CPUs,
+${machine.platform}, Node ${machine.node}; load average (1 min) ${load.map((l) => l.toFixed(2)).join(' before, ')} after.
+${BODY.length} B bodies, fsync'd. A consumer's figure is (messages) / (its last event - its first); \`hubmsg
+monitor-events\` is timed from its start (it prints no first-event time); the sender's is
+start to \`flush()\` done. CPU is the process's user + system time over that window.
+
+| side | messages | seconds | msg/s | CPU s |
+|---|---|---|---|---|
+${rows.map((r) => `| ${r.label} | ${r.messages.toLocaleString('en')} | ${r.seconds.toFixed(2)} | ${r.msgs_per_sec.toLocaleString('en')} | ${r.cpu_seconds.toFixed(2)} |`).join('\n')}
+`)
+    console.log(`wrote ${join(out, 'node-parts.json')} and ${join(out, 'node-parts.md')}`)
+    return 0
+  }
   const out = resolve(opt('--out', join(ROOT, 'docs/benchmarks')))
   const binary = resolve(opt('--hubmsg', join(ROOT, 'target/release/hubmsg')))
   if (!existsSync(binary)) {
@@ -305,6 +421,7 @@ async function main() {
   }
   const { version } = await import('hubmsg')
   const work = mkdtempSync(join(tmpdir(), 'hubmsg-nodebench-'))
+  const load = [loadavg()[0]]
   const runs = []
   let unavailable = ''
   try {
@@ -330,6 +447,7 @@ async function main() {
   } finally {
     rmSync(work, { recursive: true, force: true })
   }
+  load.push(loadavg()[0])
   const best = Math.max(runs[0].msgs_per_sec, runs[1].msgs_per_sec)
   const rust = runs[2].msgs_per_sec
   const mqttjs = runs[3]?.msgs_per_sec
@@ -337,7 +455,7 @@ async function main() {
   console.log(`hubmsg Node (best) / Rust client: ${ratios.node_best_vs_rust.toFixed(2)}x (goal >= ${GOAL_RUST.toFixed(2)}x)`)
   if (mqttjs) console.log(`hubmsg Node (best) / mqtt.js:     ${ratios.node_best_vs_mqttjs.toFixed(2)}x (goal >= ${GOAL_MQTTJS.toFixed(1)}x)`)
   const result = {
-    machine: { cpus: cpus().length, platform: `${platform()} ${release()}`, node: process.version },
+    machine: { cpus: cpus().length, platform: `${platform()} ${release()}`, node: process.version, load_average_1min: load.map((l) => Number(l.toFixed(2))) },
     hubmsg: version(),
     body_bytes: BODY.length,
     qos: 1,
@@ -364,7 +482,8 @@ function writeMd(path, r) {
 
 Written by \`node bindings/node/bench/bench_d2c.mjs\` (method: the header of that script and
 [README.md](README.md#node)). Machine: ${r.machine.cpus} CPUs, ${r.machine.platform}, Node
-${r.machine.node}; hubmsg ${r.hubmsg}.
+${r.machine.node}; hubmsg ${r.hubmsg}; load average (1 min) ${r.machine.load_average_1min.join(' before, ')} after (other
+work shares the machine: the ratios, measured in one run, are what to read).
 
 One device, ${r.body_bytes} B bodies, QoS 1, durability ${r.durability}; each sender and
 consumer is its own process; figure = (messages - 1) / (the time the consumer saw the last
@@ -378,11 +497,14 @@ ${rows}
 |---|---|---|
 | hubmsg Node (best) / Rust client | ${r.ratios.node_best_vs_rust.toFixed(2)}x | >= ${GOAL_RUST.toFixed(2)}x |
 ${mq}
+
+The consumer of the hubmsg runs reads with \`for await\` (batched pulls, docs/node.md); each side
+measured alone, with its CPU time: [node-parts.md](node-parts.md) (\`--parts\`).
 `)
 }
 
 const [role, ...rest] = process.argv.slice(2)
-if (role === '_consume') await roleConsume(rest[0], Number(rest[1]), rest[2])
+if (role === '_consume') await roleConsume(rest[0], Number(rest[1]), rest[2], rest[3], rest[4])
 else if (role === '_send') await roleSend(rest[0], rest[1], rest[2], Number(rest[3]), rest[4])
 else if (role === '_mqtt_sub') await roleMqttSub(Number(rest[0]), Number(rest[1]))
 else if (role === '_mqtt_pub') await roleMqttPub(Number(rest[0]), Number(rest[1]))

@@ -8,10 +8,15 @@
 //    the rest). Errors of the wrong JS type (napi status InvalidArg / *Expected, or the native
 //    side's own type checks) become TypeErrors with code HUBMSG_INVALID_ARGUMENT, prefixed with
 //    the method's name.
-// 2. `[Symbol.asyncIterator]` on C2dStream, EventStream and FeedbackStream: each step awaits
-//    the native `next()` (one item at a time: nothing is read ahead, so a slow `for await` body
-//    holds back delivery); the iteration ends when `next()` resolves to null (the stream or its
-//    client was closed). `break` leaves the stream open.
+// 2. `[Symbol.asyncIterator]` on C2dStream, EventStream and FeedbackStream; the iteration ends
+//    when the stream (or its client) is closed, and `break` leaves the stream open. On
+//    C2dStream and EventStream an iteration reads with the native `nextBatch(ITER_BATCH)`: one
+//    Promise for up to ITER_BATCH items that had already arrived (nothing is read ahead of the
+//    pump, so a slow `for await` body still holds back delivery at the hub's window), handed
+//    out one by one from a queue of the stream's own. The queue belongs to the stream, not to
+//    the iteration: items an iteration did not hand out before a `break` are the next ones
+//    `next()`, `nextBatch()` or another iteration return, and `buffered` counts them. FeedbackStream
+//    iterates with `next()`, one batch at a time.
 // 3. HUBMSG_LOG=<level> (or DEBUG containing "hubmsg", = debug): engine logs to stderr.
 
 const PREFIX = /^(HUBMSG_[A-Z_]+): /
@@ -95,6 +100,112 @@ function addAsyncIterator(cls) {
   }
 }
 
+/** Items one native call of an iteration takes at most (see 2. above). */
+const ITER_BATCH = 500
+const QUEUE = Symbol('hubmsg.queue')
+
+/**
+ * The batched reading of a stream class with native `next`, `nextBatch`, `buffered`, `closed`.
+ * `ownClose`: the stream is closed only by its own `close()` (EventStream), which then drops the
+ * queue; otherwise (C2dStream, closed with its client) `closed` is asked before handing out a
+ * queued item.
+ */
+function addBatchedReading(cls, ownClose) {
+  if (!cls) return
+  const proto = cls.prototype
+  const nativeNext = proto.next
+  const nativeBatch = proto.nextBatch
+  const buffered = Object.getOwnPropertyDescriptor(proto, 'buffered')
+  // Items taken from the native side and not handed out yet; empty once the stream is closed.
+  const queue = (stream) => {
+    let q = stream[QUEUE]
+    if (!q) {
+      q = { items: [], head: 0 }
+      Object.defineProperty(stream, QUEUE, { value: q })
+    }
+    if (!ownClose && q.head < q.items.length && stream.closed) {
+      q.items = []
+      q.head = 0
+    }
+    return q
+  }
+  const waiting = (q) => q.items.length - q.head
+  const takeOne = (q) => {
+    const v = q.items[q.head]
+    q.items[q.head++] = undefined
+    if (q.head === q.items.length) {
+      q.items = []
+      q.head = 0
+    }
+    return v
+  }
+  const take = (q, max) => {
+    const out = q.items.slice(q.head, q.head + max)
+    q.head += out.length
+    if (q.head === q.items.length) {
+      q.items = []
+      q.head = 0
+    }
+    return out
+  }
+  Object.defineProperty(proto, 'next', {
+    ...Object.getOwnPropertyDescriptor(proto, 'next'),
+    value: function next(...args) {
+      const q = queue(this)
+      return waiting(q) ? Promise.resolve(takeOne(q)) : nativeNext.apply(this, args)
+    },
+  })
+  Object.defineProperty(proto, 'nextBatch', {
+    ...Object.getOwnPropertyDescriptor(proto, 'nextBatch'),
+    value: function nextBatch(max, timeoutMs) {
+      const q = queue(this)
+      if (!waiting(q)) return nativeBatch.call(this, max, timeoutMs)
+      if (max !== undefined && !(Number.isInteger(max) && max >= 1 && max <= 10_000)) return nativeBatch.call(this, max, timeoutMs) // its error
+      return Promise.resolve(take(q, max ?? 100))
+    },
+  })
+  if (ownClose) {
+    const nativeClose = proto.close
+    Object.defineProperty(proto, 'close', {
+      ...Object.getOwnPropertyDescriptor(proto, 'close'),
+      value: function close(...args) {
+        const q = queue(this)
+        q.items = []
+        q.head = 0
+        return nativeClose.apply(this, args)
+      },
+    })
+  }
+  Object.defineProperty(proto, 'buffered', {
+    ...buffered,
+    get() {
+      return buffered.get.call(this) + waiting(queue(this))
+    },
+  })
+  proto[Symbol.asyncIterator] = function () {
+    const stream = this
+    return {
+      async next() {
+        const q = queue(stream)
+        if (!waiting(q)) {
+          const batch = await nativeBatch.call(stream, ITER_BATCH)
+          if (batch === null) return { done: true, value: undefined }
+          q.items = batch
+          q.head = 0
+          if (!batch.length) return this.next()
+        }
+        return { done: false, value: takeOne(q) }
+      },
+      async return() {
+        return { done: true, value: undefined }
+      },
+      [Symbol.asyncIterator]() {
+        return this
+      },
+    }
+  }
+}
+
 const LEVELS = ['off', 'error', 'warn', 'info', 'debug', 'trace']
 
 function installLogSwitch(native) {
@@ -126,7 +237,9 @@ function install(native) {
       native[name] = wrap(value, name)
     }
   }
-  for (const name of ['C2dStream', 'EventStream', 'FeedbackStream']) addAsyncIterator(native[name])
+  addAsyncIterator(native.FeedbackStream)
+  addBatchedReading(native.C2dStream, false)
+  addBatchedReading(native.EventStream, true)
   installLogSwitch(native)
 }
 

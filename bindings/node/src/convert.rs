@@ -135,7 +135,8 @@ pub struct Props(
     pub Vec<(String, String)>,
 );
 
-unsafe fn keys(env: sys::napi_env, obj: sys::napi_value) -> napi::Result<Vec<String>> {
+/// The own enumerable string keys of an object, as napi values, and how many.
+unsafe fn own_keys(env: sys::napi_env, obj: sys::napi_value) -> napi::Result<(sys::napi_value, u32)> {
     let mut names = std::ptr::null_mut();
     check(
         unsafe {
@@ -152,13 +153,19 @@ unsafe fn keys(env: sys::napi_env, obj: sys::napi_value) -> napi::Result<Vec<Str
     )?;
     let mut n = 0u32;
     check(unsafe { sys::napi_get_array_length(env, names, &mut n) }, "napi_get_array_length")?;
-    let mut out = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let mut k = std::ptr::null_mut();
-        check(unsafe { sys::napi_get_element(env, names, i, &mut k) }, "napi_get_element")?;
-        out.push(unsafe { string(env, k)? });
-    }
-    Ok(out)
+    Ok((names, n))
+}
+
+/// The `i`-th of the keys [`own_keys`] gave.
+unsafe fn key_at(env: sys::napi_env, names: sys::napi_value, i: u32) -> napi::Result<sys::napi_value> {
+    let mut k = std::ptr::null_mut();
+    check(unsafe { sys::napi_get_element(env, names, i, &mut k) }, "napi_get_element")?;
+    Ok(k)
+}
+
+unsafe fn keys(env: sys::napi_env, obj: sys::napi_value) -> napi::Result<Vec<String>> {
+    let (names, n) = unsafe { own_keys(env, obj)? };
+    (0..n).map(|i| unsafe { string(env, key_at(env, names, i)?) }).collect()
 }
 
 unsafe fn get(env: sys::napi_env, obj: sys::napi_value, key: &str) -> napi::Result<sys::napi_value> {
@@ -395,16 +402,29 @@ pub struct OutMessage(
 
 const MESSAGE_KEYS: &[&str] = &["body", "properties", "messageId", "correlationId", "contentType", "contentEncoding", "expiry"];
 
-unsafe fn opt_field<T: FromNapiValue>(env: sys::napi_env, obj: sys::napi_value, key: &str) -> napi::Result<Option<T>> {
-    let v = unsafe { get(env, obj, key)? };
+/// The own enumerable string keys of an object with their values, read by the key values
+/// napi gave (no key string is created again to look a value up).
+unsafe fn entries(env: sys::napi_env, obj: sys::napi_value) -> napi::Result<Vec<(String, sys::napi_value)>> {
+    let (names, n) = unsafe { own_keys(env, obj)? };
+    let mut out = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let k = unsafe { key_at(env, names, i)? };
+        let mut v = std::ptr::null_mut();
+        check(unsafe { sys::napi_get_property(env, obj, k, &mut v) }, "napi_get_property")?;
+        out.push((unsafe { string(env, k)? }, v));
+    }
+    Ok(out)
+}
+
+/// A value that may be left out: `undefined` and `null` are `None`.
+unsafe fn opt_value<T: FromNapiValue>(env: sys::napi_env, v: sys::napi_value) -> napi::Result<Option<T>> {
     match unsafe { type_of(env, v)? } {
         ValueType::Undefined | ValueType::Null => Ok(None),
         _ => unsafe { T::from_napi_value(env, v) }.map(Some),
     }
 }
 
-unsafe fn opt_string(env: sys::napi_env, obj: sys::napi_value, key: &str) -> napi::Result<Option<String>> {
-    let v = unsafe { get(env, obj, key)? };
+unsafe fn opt_string_value(env: sys::napi_env, v: sys::napi_value, key: &str) -> napi::Result<Option<String>> {
     match unsafe { type_of(env, v)? } {
         ValueType::Undefined | ValueType::Null => Ok(None),
         ValueType::String => unsafe { string(env, v) }.map(Some),
@@ -412,24 +432,37 @@ unsafe fn opt_string(env: sys::napi_env, obj: sys::napi_value, key: &str) -> nap
     }
 }
 
+// `sendMany` converts every message of a batch here: the object's keys are read once (each value
+// by the key napi gave), unknown keys are refused before any value is converted, and only the
+// fields present are converted.
 unsafe fn out_message_from(env: sys::napi_env, v: sys::napi_value) -> napi::Result<OutMessage> {
     if !unsafe { is_plain_object(env, v)? } {
         return Ok(OutMessage(Fields::default().message(unsafe { body_from(env, v)? })?));
     }
-    for k in unsafe { keys(env, v)? } {
-        if !MESSAGE_KEYS.contains(&k.as_str()) {
-            return Err(type_error(format!("a message has no field '{k}' (known: {})", MESSAGE_KEYS.join(", "))));
+    let entries = unsafe { entries(env, v)? };
+    if let Some((k, _)) = entries.iter().find(|(k, _)| !MESSAGE_KEYS.contains(&k.as_str())) {
+        return Err(type_error(format!("a message has no field '{k}' (known: {})", MESSAGE_KEYS.join(", "))));
+    }
+    let mut body = None;
+    let mut fields = Fields::default();
+    for (k, val) in entries {
+        match k.as_str() {
+            "body" => body = Some(unsafe { body_from(env, val)? }),
+            "properties" => fields.properties = unsafe { opt_value(env, val)? },
+            "messageId" => fields.message_id = unsafe { opt_string_value(env, val, &k)? },
+            "correlationId" => fields.correlation_id = unsafe { opt_string_value(env, val, &k)? },
+            "contentType" => fields.content_type = unsafe { opt_string_value(env, val, &k)? },
+            "contentEncoding" => fields.content_encoding = unsafe { opt_string_value(env, val, &k)? },
+            _ => fields.expiry = unsafe { opt_value(env, val)? }, // "expiry": the only key left
         }
     }
-    let body = unsafe { get(env, v, "body")? };
-    let body = unsafe { body_from(env, body)? };
-    let fields = Fields {
-        properties: unsafe { opt_field(env, v, "properties")? },
-        message_id: unsafe { opt_string(env, v, "messageId")? },
-        correlation_id: unsafe { opt_string(env, v, "correlationId")? },
-        content_type: unsafe { opt_string(env, v, "contentType")? },
-        content_encoding: unsafe { opt_string(env, v, "contentEncoding")? },
-        expiry: unsafe { opt_field(env, v, "expiry")? },
+    let body = match body {
+        Some(b) => b,
+        None => {
+            let mut undefined = std::ptr::null_mut();
+            check(unsafe { sys::napi_get_undefined(env, &mut undefined) }, "napi_get_undefined")?;
+            unsafe { body_from(env, undefined)? }
+        }
     };
     Ok(OutMessage(fields.message(body)?))
 }

@@ -602,10 +602,36 @@ impl C2dStream {
         env.spawn_future(async move { Ok(crate::end_is_none(next.await)?.map(C2dMessage::new)) })
     }
 
+    /// Up to `max` messages (default 100, at most 10,000; and at most 4 MiB of bodies unless one
+    /// message alone is larger): waits up to `timeoutMs` (default: until one arrives) for the
+    /// first, then takes those already received, without waiting again. An empty array on
+    /// timeout; null once the client is closed. Settle each one as a message from `next()`.
+    #[napi(ts_args_type = "max?: number, timeoutMs?: number", ts_return_type = "Promise<C2dMessage[] | null>")]
+    pub fn next_batch<'e>(
+        &self,
+        env: &'e Env,
+        max: Option<f64>,
+        timeout_ms: Option<f64>,
+    ) -> napi::Result<PromiseRaw<'e, Option<Vec<C2dMessage>>>> {
+        let limits = crate::batch_limits(max, |m: &CoreC2d| m.message.body.len())?;
+        let timeout = opt_ms(timeout_ms, "timeoutMs")?;
+        if self.inner.life.is_closed() {
+            return env.spawn_future(async { Ok(None) });
+        }
+        let next = self.inner.c2d.next_batch(&self.inner.rt, limits, timeout);
+        env.spawn_future(async move { Ok(crate::end_is_none(next.await.map(Some))?.map(|b| b.into_iter().map(C2dMessage::new).collect())) })
+    }
+
     /// Messages received from the hub that no `next()` took yet.
     #[napi(getter)]
     pub fn buffered(&self) -> u32 {
         self.inner.c2d.buffered() as u32
+    }
+
+    /// Whether its client was closed (the stream ends then).
+    #[napi(getter)]
+    pub fn closed(&self) -> bool {
+        self.inner.life.is_closed()
     }
 }
 
@@ -658,7 +684,23 @@ impl Delivery {
 // ---------------------------------------------------------------------------------------------
 // Received messages
 
-/// Getters of the message fields, for the classes of received messages.
+/// What the getters of a received message read: the decoded message, and the two fields every
+/// consumer reads, which an event serves without decoding the rest.
+pub(crate) trait Received {
+    /// The whole message (decoded on first use for an event).
+    fn msg(&self) -> &Message;
+    /// The body.
+    fn body_bytes(&self) -> bytes::Bytes {
+        self.msg().body.clone()
+    }
+    /// `message-id`.
+    fn mid(&self) -> Option<&str> {
+        self.msg().message_id.as_deref()
+    }
+}
+
+/// Getters of the message fields, for the classes of received messages (which implement
+/// [`Received`]).
 macro_rules! message_getters {
     ($ty:ident) => {
         #[napi]
@@ -666,62 +708,62 @@ macro_rules! message_getters {
             /// The payload.
             #[napi(getter)]
             pub fn body(&self) -> Buffer {
-                self.msg.body.to_vec().into()
+                self.body_bytes().to_vec().into()
             }
 
             /// `message-id`, if set.
             #[napi(getter)]
             pub fn message_id(&self) -> Option<String> {
-                self.msg.message_id.clone()
+                self.mid().map(str::to_string)
             }
 
             /// `correlation-id`, if set.
             #[napi(getter)]
             pub fn correlation_id(&self) -> Option<String> {
-                self.msg.correlation_id.clone()
+                self.msg().correlation_id.clone()
             }
 
             /// `content-type`, if set.
             #[napi(getter)]
             pub fn content_type(&self) -> Option<String> {
-                self.msg.content_type.clone()
+                self.msg().content_type.clone()
             }
 
             /// `content-encoding`, if set.
             #[napi(getter)]
             pub fn content_encoding(&self) -> Option<String> {
-                self.msg.content_encoding.clone()
+                self.msg().content_encoding.clone()
             }
 
             /// `user-id`, if set.
             #[napi(getter)]
             pub fn user_id(&self) -> Option<String> {
-                self.msg.user_id.clone()
+                self.msg().user_id.clone()
             }
 
             /// The application properties (a new object on each access).
             #[napi(getter, ts_return_type = "Record<string, string>")]
             pub fn properties(&self) -> Props {
-                Props(self.msg.properties.clone())
+                Props(self.msg().properties.clone())
             }
 
             /// The properties the hub stamped (`iothub-connection-device-id`,
             /// `iothub-enqueuedtime`, `iothub-ack`, `$.to`, …), a new object on each access.
             #[napi(getter, ts_return_type = "Record<string, string>")]
             pub fn system_properties(&self) -> Props {
-                Props(self.msg.system.clone())
+                Props(self.msg().system.clone())
             }
 
             /// When the sender created it, if known.
             #[napi(getter, ts_return_type = "Date | null")]
             pub fn creation_time(&self) -> Option<JsDate> {
-                self.msg.creation_time_ms.map(JsDate)
+                self.msg().creation_time_ms.map(JsDate)
             }
 
             /// When it expires, if it does.
             #[napi(getter, ts_return_type = "Date | null")]
             pub fn expiry_time(&self) -> Option<JsDate> {
-                self.msg.expiry_time_ms.map(JsDate)
+                self.msg().expiry_time_ms.map(JsDate)
             }
         }
     };
@@ -748,6 +790,12 @@ impl C2dMessage {
             crate::errors::to_js(hubmsg_core::Error::new(hubmsg_core::ErrorKind::Usage, "this C2D message was already settled"))
         })?;
         how(m).js()
+    }
+}
+
+impl Received for C2dMessage {
+    fn msg(&self) -> &Message {
+        &self.msg
     }
 }
 

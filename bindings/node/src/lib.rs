@@ -55,6 +55,23 @@ pub fn error_codes() -> Vec<String> {
     hubmsg_bind::errors::table().into_iter().map(|k| k.c_name).collect()
 }
 
+/// Default count of a `nextBatch`.
+const BATCH_DEFAULT: usize = 100;
+/// Largest count of a `nextBatch`.
+const BATCH_MAX: usize = 10_000;
+/// Byte bound of a `nextBatch` (bodies; one larger item still comes alone).
+const BATCH_MAX_BYTES: usize = 4 << 20;
+
+/// The bounds of a `nextBatch(max)`: `max` items (default 100, 1 – 10,000) and 4 MiB of bodies.
+pub(crate) fn batch_limits<T>(max: Option<f64>, size: fn(&T) -> usize) -> napi::Result<hubmsg_bind::inbox::BatchLimits<T>> {
+    let max_items = match max {
+        None => BATCH_DEFAULT,
+        Some(m) if m.fract() == 0.0 && (1.0..=BATCH_MAX as f64).contains(&m) => m as usize,
+        Some(m) => return Err(errors::invalid(format!("max {m} is not a whole number from 1 to {BATCH_MAX}"))),
+    };
+    Ok(hubmsg_bind::inbox::BatchLimits { max_items, max_bytes: BATCH_MAX_BYTES, size })
+}
+
 /// The end of a stream (`Closed`) as `null`, the end of an iteration.
 pub(crate) fn end_is_none<T>(r: hubmsg_core::Result<Option<T>>) -> napi::Result<Option<T>> {
     match r {

@@ -17,7 +17,7 @@ use napi::Env;
 use napi_derive::napi;
 
 use crate::convert::{opt_ms, Body, Checked, Expiry, Fields, JsDate, Keys, Props, Start};
-use crate::device::{message_getters, retry_policy, status_name, RetryOptions};
+use crate::device::{message_getters, retry_policy, status_name, Received, RetryOptions};
 use crate::errors::{invalid, IntoJs};
 use crate::{end_is_none, runtime, Life};
 
@@ -580,11 +580,38 @@ impl EventStream {
         env.spawn_future(async move { Ok(end_is_none(next.await)?.map(Event::new)) })
     }
 
+    /// Up to `max` events (default 100, at most 10,000; and at most 4 MiB of bodies unless one
+    /// event alone is larger): waits up to `timeoutMs` (default: until one arrives) for the
+    /// first, then takes those already received, without waiting again — one Promise for many
+    /// events when they arrive fast. An empty array on timeout; null once the stream is closed.
+    /// `ack()` each as an event from `next()`; the async iterator reads this way.
+    #[napi(ts_args_type = "max?: number, timeoutMs?: number", ts_return_type = "Promise<Event[] | null>")]
+    pub fn next_batch<'e>(
+        &self,
+        env: &'e Env,
+        max: Option<f64>,
+        timeout_ms: Option<f64>,
+    ) -> napi::Result<PromiseRaw<'e, Option<Vec<Event>>>> {
+        let limits = crate::batch_limits(max, |ev: &CoreEvent| ev.body().len())?;
+        let timeout = opt_ms(timeout_ms, "timeoutMs")?;
+        if self.inner.life.is_closed() {
+            return env.spawn_future(async { Ok(None) });
+        }
+        let next = self.inner.inbox.next_batch(&self.inner.rt, limits, timeout);
+        env.spawn_future(async move { Ok(end_is_none(next.await.map(Some))?.map(|b| b.into_iter().map(Event::new).collect())) })
+    }
+
     /// Events received from the hub that no `next()` took yet (bounded by the hub's window of
     /// unacknowledged events: 1,000 per partition, 8 MiB).
     #[napi(getter)]
     pub fn buffered(&self) -> u32 {
         self.inner.inbox.buffered() as u32
+    }
+
+    /// Whether `close()` was called.
+    #[napi(getter)]
+    pub fn closed(&self) -> bool {
+        self.inner.life.is_closed()
     }
 
     /// Asks the hub to persist the group's checkpoints (the acknowledged position); resolves
@@ -618,13 +645,26 @@ impl EventStream {
 /// log (`partition`, `sequenceNumber`), and `ack()`.
 #[napi]
 pub struct Event {
-    msg: Message,
     event: CoreEvent,
 }
 
 impl Event {
     fn new(event: CoreEvent) -> Event {
-        Event { msg: Message::clone(event.message()), event }
+        Event { event }
+    }
+}
+
+impl Received for Event {
+    fn msg(&self) -> &Message {
+        self.event.message()
+    }
+
+    fn body_bytes(&self) -> bytes::Bytes {
+        self.event.body()
+    }
+
+    fn mid(&self) -> Option<&str> {
+        self.event.message_id()
     }
 }
 
