@@ -1,5 +1,5 @@
 //! The hub under hostile, broken and slow peers at once — 2,000 idle TCP connections that never
-//! send CONNECT, a slowloris CONNECT, a device that never reads its PUBACKs, a flood of 256 KB
+//! send CONNECT, a slowloris CONNECT, a device that never reads its PUBACKs, a flood of 255 KiB
 //! publishes on a slow disk, a consumer that never acknowledges, a consumer that stops reading —
 //! while 10 well-behaved devices keep D2C and C2D flowing with nothing lost, and the process
 //! stays under the memory bound `docs/protocol.md` (limits) derives from the hub's limits.
@@ -204,7 +204,7 @@ async fn hostile_peers_cost_the_good_devices_nothing_and_memory_stays_bounded() 
         }
         started.elapsed()
     });
-    // 3 + 4. A device that never reads its PUBACKs flooding 256 KB publishes, and a second one.
+    // 3 + 4. A device that never reads its PUBACKs flooding 255 KiB publishes, and a second one.
     let (stop, stop_rx) = watch::channel(false);
     let written = Arc::new(AtomicU64::new(0));
     for id in ["flood-a", "flood-b"] {
@@ -306,12 +306,13 @@ async fn hostile_peers_cost_the_good_devices_nothing_and_memory_stays_bounded() 
     let flooded = written.load(Ordering::Relaxed);
     let st = hub.stats();
     let commit = |q| st.commit_latency.quantile_bound(q).map_or("-".to_string(), |d| format!("{d:?}"));
-    let flood_mib_s = flooded as f64 * 0.25 / flood_secs;
+    let flood_mib_s = flooded as f64 * FLOOD_BODY as f64 / MIB as f64 / flood_secs;
     eprintln!(
         "hostile load: RSS {rss_start} MB at start, peak {peak} MB (bound {rss_bound} MB); slow disk {SLOW_DISK}; \
-         {flooded} flood publishes of 256 KB written in {flood_secs:.1} s ({flood_mib_s:.1} MiB/s taken by the hub, onto a {DISK_MIB_PER_S} MiB/s disk; {flood_ends:?}); \
+         {flooded} flood publishes of {} KiB written in {flood_secs:.1} s ({flood_mib_s:.1} MiB/s taken by the hub, onto a {DISK_MIB_PER_S} MiB/s disk; {flood_ends:?}); \
          {} D2C appended ({} MiB); commit latency p50 <= {}, p99 <= {}; \
          the member that stopped reading was dropped after {took_over:?}; {} violations, {} refused",
+        FLOOD_BODY / 1024,
         st.d2c_messages.load(Ordering::Relaxed),
         st.d2c_bytes.load(Ordering::Relaxed) / MIB,
         commit(0.5),
