@@ -42,6 +42,11 @@ struct Books {
     d2c_accepted: HashSet<String>,
     /// D2C message id → times the consumer printed it.
     d2c_consumed: HashMap<String, u32>,
+    /// D2C message id → (partition, sequence number) of each stored copy → times printed: a
+    /// copy printed again is a redelivery of one stored event (the consumer or the hub
+    /// restarted before the group's checkpoint covered it); a second copy is a re-send the hub
+    /// stored again (the device did not get its PUBACK and the hub did not recognise the id).
+    d2c_copies: HashMap<String, HashMap<(u64, u64), u32>>,
     /// C2D message ids the hub accepted (a receipt was printed).
     c2d_accepted: HashSet<String>,
     /// C2D message id → actions the device app took on each delivery it printed.
@@ -186,8 +191,12 @@ fn start(env: &Env, kind: Kind, generation: u64) -> Child {
         Kind::Consumer => {
             let args = s(&["monitor-events", "--json", "--consumer-group", "soak"]);
             spawn_client(env, kind, &args, ("HUBMSG_HUB_CONNECTION_STRING", &env.owner_cs), move |line| {
-                if let Some(mid) = json(line).and_then(|v| v["systemProperties"]["messageId"].as_str().map(str::to_string)) {
-                    *books.lock().d2c_consumed.entry(mid).or_default() += 1;
+                let Some(v) = json(line) else { return };
+                if let Some(mid) = v["systemProperties"]["messageId"].as_str().map(str::to_string) {
+                    let at = (v["partition"].as_u64().unwrap_or(u64::MAX), v["sequenceNumber"].as_u64().unwrap_or(u64::MAX));
+                    let mut b = books.lock();
+                    *b.d2c_copies.entry(mid.clone()).or_default().entry(at).or_default() += 1;
+                    *b.d2c_consumed.entry(mid).or_default() += 1;
                 }
             })
         }
@@ -418,6 +427,16 @@ fn chaos_soak_loses_nothing_in_either_direction() {
     let b = env.books.lock();
     let d2c_lost: Vec<&String> = b.d2c_accepted.iter().filter(|id| !b.d2c_consumed.contains_key(*id)).collect();
     let d2c_dups: u64 = b.d2c_consumed.values().map(|c| u64::from(c - 1)).sum();
+    // Duplicates by cause (they add up to d2c_dups).
+    let stored_again: u64 = b.d2c_copies.values().map(|c| c.len() as u64 - 1).sum();
+    let redelivered: u64 = b.d2c_copies.values().flat_map(|c| c.values()).map(|n| u64::from(n - 1)).sum();
+    let copies_hist = {
+        let mut h: std::collections::BTreeMap<usize, u64> = std::collections::BTreeMap::new();
+        for c in b.d2c_copies.values() {
+            *h.entry(c.len()).or_default() += 1;
+        }
+        h
+    };
     let d2c_extra = b.d2c_consumed.keys().filter(|id| !b.d2c_accepted.contains(*id)).count();
     let c2d_lost: Vec<&String> = b.c2d_accepted.iter().filter(|id| !b.feedback.contains_key(*id)).collect();
     let mut outcomes: HashMap<&str, u64> = HashMap::new();
@@ -471,6 +490,14 @@ fn chaos_soak_loses_nothing_in_either_direction() {
         outcome("Purged"),
         c2d_lost.len()
     );
+    let kills_of = |l: &str| kills_by_kind.iter().find(|(k, _)| *k == l).map_or(0, |e| e.1);
+    eprintln!(
+        "soak: D2C duplicates by cause: {redelivered} redeliveries of a stored event (consumer restarts {}, hub restarts {} before the checkpoint covered it), \
+         {stored_again} re-sends stored again as new events (a device that lost its PUBACK to a hub kill or a link cut; stored copies per message {copies_hist:?})",
+        kills_of(Kind::Consumer.label()),
+        hub_kills(&roles)
+    );
+    assert_eq!(redelivered + stored_again, d2c_dups, "every duplicate has a cause");
     if !d2c_lost.is_empty() || !c2d_lost.is_empty() || !unseen.is_empty() {
         eprintln!("soak: first lost D2C {:?}", d2c_lost.iter().take(10).collect::<Vec<_>>());
         eprintln!("soak: first lost C2D {:?}", c2d_lost.iter().take(10).collect::<Vec<_>>());

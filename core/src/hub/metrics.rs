@@ -57,6 +57,24 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// The upper bound of the bucket holding the `q`-quantile (0 ≤ q ≤ 1) of the observations
+    /// so far: `None` before any, `Duration::MAX` past the last bucket.
+    pub fn quantile_bound(&self, q: f64) -> Option<Duration> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let want = ((q.clamp(0.0, 1.0) * n as f64).ceil() as u64).max(1);
+        let mut cum = 0;
+        for (i, b) in BUCKETS_US.iter().enumerate() {
+            cum += self.buckets[i].load(Ordering::Relaxed);
+            if cum >= want {
+                return Some(Duration::from_micros(*b));
+            }
+        }
+        Some(Duration::MAX)
+    }
+
     /// Renders it in Prometheus text format as `name` (seconds).
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -279,5 +297,9 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count 3\n"), "{out}");
         assert_eq!(h.count(), 3);
+        assert_eq!(h.quantile_bound(0.0), Some(Duration::from_micros(100)));
+        assert_eq!(h.quantile_bound(0.5), Some(Duration::from_millis(5)));
+        assert_eq!(h.quantile_bound(1.0), Some(Duration::MAX));
+        assert_eq!(Histogram::default().quantile_bound(0.5), None);
     }
 }

@@ -236,9 +236,221 @@ impl Fs for RealFs {
     }
 }
 
-/// The real file system as a shared handle.
+/// The real file system as a shared handle — behind a [`Throttled`] disk when the developer
+/// variable [`SLOW_DISK_VAR`] is set (read once per process; docs/storage.md, "A slow disk").
 pub(crate) fn real() -> Arc<dyn Fs> {
-    Arc::new(RealFs)
+    static SLOW: std::sync::OnceLock<Option<Arc<Throttle>>> = std::sync::OnceLock::new();
+    let slow = SLOW.get_or_init(|| {
+        let v = std::env::var(SLOW_DISK_VAR).ok().filter(|v| !v.trim().is_empty())?;
+        let t = Throttle::parse(&v).unwrap_or_else(|e| panic!("{SLOW_DISK_VAR}={v:?}: {e}"));
+        tracing::warn!("the store's disk is slowed down on purpose ({SLOW_DISK_VAR}={v}); unset it outside load tests");
+        Some(Arc::new(t))
+    });
+    match slow {
+        Some(t) => Arc::new(Throttled::new(Arc::new(RealFs), t.clone())),
+        None => Arc::new(RealFs),
+    }
+}
+
+/// The environment variable that slows the real disk down for load tests and developers
+/// (not a user setting): `write_ms=N,sync_ms=N,mib_per_s=N,only=EXT`, every part optional.
+pub(crate) const SLOW_DISK_VAR: &str = "HUBMSG_DEV_SLOW_DISK";
+
+/// A slow disk: the delays a [`Throttled`] file system adds, and a gate that can hold writes.
+///
+/// The disk is one queue, as a real device is: each `write_at` costs `write_delay` plus its
+/// length at `bytes_per_sec`, each `sync_data` costs `sync_delay`, and an operation waits for
+/// the ones before it to finish (whatever thread issues it), so more threads do not make the
+/// disk faster. Reads and directory operations are not slowed.
+#[derive(Default)]
+pub(crate) struct Throttle {
+    /// Added to every write.
+    pub write_delay: std::time::Duration,
+    /// Write bandwidth (0: unlimited).
+    pub bytes_per_sec: u64,
+    /// Added to every fdatasync.
+    pub sync_delay: std::time::Duration,
+    /// Only files with this extension are slowed and gated (`None`: every file).
+    pub only_ext: Option<String>,
+    /// When the disk's queue is next free.
+    busy_until: parking_lot::Mutex<Option<std::time::Instant>>,
+    gate: parking_lot::Mutex<GateState>,
+    cv: parking_lot::Condvar,
+    stats: ThrottleStats,
+}
+
+/// What the gate of a [`Throttle`] has seen.
+#[derive(Default, Debug, Clone, Copy)]
+pub(crate) struct GateState {
+    /// Writes are held at the gate.
+    pub hold: bool,
+    /// Writes waiting at the gate now.
+    pub held: usize,
+    /// Writes completed.
+    pub writes: usize,
+}
+
+/// Time a [`Throttle`] made operations wait, for load tests to show the disk was the bottleneck.
+#[derive(Default)]
+struct ThrottleStats {
+    waited_us: std::sync::atomic::AtomicU64,
+    syncs: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    /// Parses the value of [`SLOW_DISK_VAR`].
+    pub(crate) fn parse(v: &str) -> std::result::Result<Throttle, String> {
+        let mut t = Throttle::default();
+        for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, val) =
+                part.split_once('=').ok_or_else(|| format!("`{part}` is not key=value (keys: write_ms, sync_ms, mib_per_s, only)"))?;
+            let num = || val.trim().parse::<u64>().map_err(|_| format!("`{part}`: {val:?} is not a whole number"));
+            match k.trim() {
+                "write_ms" => t.write_delay = std::time::Duration::from_millis(num()?),
+                "sync_ms" => t.sync_delay = std::time::Duration::from_millis(num()?),
+                "mib_per_s" => t.bytes_per_sec = num()? << 20,
+                "only" => t.only_ext = Some(val.trim().trim_start_matches('.').to_string()),
+                other => return Err(format!("unknown key `{other}` (keys: write_ms, sync_ms, mib_per_s, only)")),
+            }
+        }
+        Ok(t)
+    }
+
+    fn applies_to(&self, path: &Path) -> bool {
+        self.only_ext.as_deref().is_none_or(|want| path.extension().is_some_and(|e| e == want))
+    }
+
+    /// Waits for the disk's queue to serve an operation that costs `cost`.
+    fn occupy(&self, cost: std::time::Duration) {
+        if cost.is_zero() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let done = {
+            let mut b = self.busy_until.lock();
+            let done = b.filter(|&t| t > now).unwrap_or(now) + cost;
+            *b = Some(done);
+            done
+        };
+        std::thread::sleep(done.saturating_duration_since(now));
+        self.stats.waited_us.fetch_add(done.saturating_duration_since(now).as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn write_cost(&self, len: usize) -> std::time::Duration {
+        let bw = if self.bytes_per_sec == 0 { 0.0 } else { len as f64 / self.bytes_per_sec as f64 };
+        self.write_delay + std::time::Duration::from_secs_f64(bw)
+    }
+
+    /// Holds (or releases) every write at the gate before it reaches the disk.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn set_hold(&self, hold: bool) {
+        self.gate.lock().hold = hold;
+        self.cv.notify_all();
+    }
+
+    /// Waits (10 s at most, then panics naming `what`) until the gate's state satisfies `until`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn wait(&self, what: &str, mut until: impl FnMut(&GateState) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut st = self.gate.lock();
+        while !until(&st) {
+            assert!(!self.cv.wait_until(&mut st, deadline).timed_out(), "timed out waiting for {what}");
+        }
+    }
+
+    /// Total time operations waited for the slow disk, and fdatasyncs slowed.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn waited(&self) -> (std::time::Duration, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (std::time::Duration::from_micros(self.stats.waited_us.load(Relaxed)), self.stats.syncs.load(Relaxed))
+    }
+
+    fn pass_gate(&self) {
+        let mut st = self.gate.lock();
+        if st.hold {
+            st.held += 1;
+            self.cv.notify_all();
+            while st.hold {
+                self.cv.wait(&mut st);
+            }
+            st.held -= 1;
+        }
+    }
+
+    fn wrote(&self) {
+        self.gate.lock().writes += 1;
+        self.cv.notify_all();
+    }
+}
+
+/// A file system whose matching files sit on a slow disk ([`Throttle`]).
+pub(crate) struct Throttled {
+    inner: Arc<dyn Fs>,
+    t: Arc<Throttle>,
+}
+
+impl Throttled {
+    /// `inner` slowed down as `t` says.
+    pub(crate) fn new(inner: Arc<dyn Fs>, t: Arc<Throttle>) -> Throttled {
+        Throttled { inner, t }
+    }
+}
+
+struct ThrottledFile(Arc<dyn FileIo>, Arc<Throttle>);
+
+impl FileIo for ThrottledFile {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.0.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.1.pass_gate();
+        self.1.occupy(self.1.write_cost(buf.len()));
+        let r = self.0.write_at(buf, off);
+        self.1.wrote();
+        r
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.1.occupy(self.1.sync_delay);
+        self.1.stats.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.sync_data()
+    }
+}
+
+impl Fs for Throttled {
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        self.inner.create_dir(path)
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        self.inner.is_dir(path)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn open(&self, path: &Path, create: bool, mode: u32) -> io::Result<Arc<dyn FileIo>> {
+        let f = self.inner.open(path, create, mode)?;
+        Ok(if self.t.applies_to(path) { Arc::new(ThrottledFile(f, self.t.clone())) } else { f })
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+    fn free_bytes(&self, path: &Path) -> io::Result<u64> {
+        self.inner.free_bytes(path)
+    }
+    fn lock(&self, dir: &Path) -> std::result::Result<Box<dyn std::any::Any + Send + Sync>, LockError> {
+        self.inner.lock(dir)
+    }
 }
 
 #[cfg(test)]
@@ -262,5 +474,54 @@ mod tests {
         drop(held);
         lock_dir(&fs, &d, "store").unwrap();
         assert!(fs.free_bytes(&d).unwrap() > 0);
+    }
+
+    #[test]
+    fn a_slow_disk_parses_from_its_variable_and_makes_writes_and_syncs_queue() {
+        let t = Throttle::parse("write_ms=1, sync_ms=20,mib_per_s=1,only=.seg").unwrap();
+        assert_eq!((t.write_delay.as_millis(), t.sync_delay.as_millis(), t.bytes_per_sec), (1, 20, 1 << 20));
+        assert_eq!(t.only_ext.as_deref(), Some("seg"));
+        for bad in ["write_ms", "write_ms=fast", "speed=1"] {
+            let e = Throttle::parse(bad).err().unwrap();
+            assert!(e.contains("write_ms"), "{bad}: {e}");
+        }
+        assert!(Throttle::parse("").unwrap().write_delay.is_zero());
+
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(t);
+        let fs = Throttled::new(real(), t.clone());
+        let other = fs.open(&dir.path().join("x.idx"), true, 0o644).unwrap();
+        let seg = fs.open(&dir.path().join("x.seg"), true, 0o644).unwrap();
+        let started = std::time::Instant::now();
+        other.write_at(&[1; 4096], 0).unwrap();
+        other.sync_data().unwrap();
+        assert_eq!(t.waited(), (std::time::Duration::ZERO, 0), "files of other kinds are not slowed");
+        // Two writers of 128 KiB at 1 MiB/s and a sync share one queue: at least 1 ms + 125 ms
+        // each, then 20 ms.
+        std::thread::scope(|s| {
+            for i in 0..2u64 {
+                let seg = seg.clone();
+                s.spawn(move || seg.write_at(&[7; 128 << 10], i * (128 << 10)).unwrap());
+            }
+        });
+        seg.sync_data().unwrap();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(270), "{:?}", started.elapsed());
+        let (waited, syncs) = t.waited();
+        assert!(waited >= std::time::Duration::from_millis(270) && syncs == 1, "{waited:?} {syncs}");
+        let mut back = vec![0; 256 << 10];
+        seg.read_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&b| b == 7), "a slow write still writes");
+
+        // The gate holds writes until released.
+        t.set_hold(true);
+        let held = std::thread::spawn({
+            let seg = seg.clone();
+            move || seg.write_at(b"late", 0).unwrap()
+        });
+        t.wait("the write to reach the gate", |g| g.held == 1);
+        assert_eq!(t.waited().1, 1);
+        t.set_hold(false);
+        held.join().unwrap();
+        t.wait("the held write", |g| g.writes == 3 && g.held == 0);
     }
 }

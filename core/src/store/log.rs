@@ -1870,101 +1870,6 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join(recover::segment_name(1))).unwrap(), seg, "the damaged segment is left as it was");
     }
 
-    /// Holds segment writes at a gate so a test can order a write against a sync.
-    #[derive(Default)]
-    struct Gate {
-        st: Mutex<GateState>,
-        cv: Condvar,
-    }
-
-    #[derive(Default)]
-    struct GateState {
-        hold: bool,
-        held: usize,
-        writes: usize,
-    }
-
-    impl Gate {
-        fn wait(&self, what: &str, mut until: impl FnMut(&GateState) -> bool) {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let mut st = self.st.lock();
-            while !until(&st) {
-                assert!(!self.cv.wait_until(&mut st, deadline).timed_out(), "timed out waiting for {what}");
-            }
-        }
-        fn set_hold(&self, hold: bool) {
-            self.st.lock().hold = hold;
-            self.cv.notify_all();
-        }
-    }
-
-    struct GatedFs(Arc<dyn Fs>, Arc<Gate>);
-    struct GatedFile(Arc<dyn FileIo>, Arc<Gate>);
-
-    impl FileIo for GatedFile {
-        fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-            self.0.read_at(buf, off)
-        }
-        fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-            let g = &self.1;
-            let mut st = g.st.lock();
-            if st.hold {
-                st.held += 1;
-                g.cv.notify_all();
-                while st.hold {
-                    g.cv.wait(&mut st);
-                }
-                st.held -= 1;
-            }
-            drop(st);
-            let r = self.0.write_at(buf, off);
-            g.st.lock().writes += 1;
-            g.cv.notify_all();
-            r
-        }
-        fn len(&self) -> std::io::Result<u64> {
-            self.0.len()
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.0.set_len(len)
-        }
-        fn sync_data(&self) -> std::io::Result<()> {
-            self.0.sync_data()
-        }
-    }
-
-    impl Fs for GatedFs {
-        fn create_dir(&self, path: &Path) -> std::io::Result<()> {
-            self.0.create_dir(path)
-        }
-        fn is_dir(&self, path: &Path) -> bool {
-            self.0.is_dir(path)
-        }
-        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-            self.0.list(dir)
-        }
-        fn open(&self, path: &Path, create: bool, mode: u32) -> std::io::Result<Arc<dyn FileIo>> {
-            let f = self.0.open(path, create, mode)?;
-            let segment = path.extension().is_some_and(|e| e == "seg");
-            Ok(if segment { Arc::new(GatedFile(f, self.1.clone())) } else { f })
-        }
-        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-            self.0.rename(from, to)
-        }
-        fn remove(&self, path: &Path) -> std::io::Result<()> {
-            self.0.remove(path)
-        }
-        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-            self.0.sync_dir(dir)
-        }
-        fn free_bytes(&self, path: &Path) -> std::io::Result<u64> {
-            self.0.free_bytes(path)
-        }
-        fn lock(&self, dir: &Path) -> std::result::Result<Box<dyn std::any::Any + Send + Sync>, io::LockError> {
-            self.0.lock(dir)
-        }
-    }
-
     #[test]
     fn sync_waits_for_records_still_being_written_when_an_earlier_sync_finishes() {
         // The hang once seen in the compaction test, ordered by hand: record 1 is written, record
@@ -1973,8 +1878,9 @@ mod tests {
         // record 2 is written, it is synced too and `sync` returns (durability `never`, so
         // nothing else would sync it).
         let dir = tempfile::tempdir().unwrap();
-        let gate = Arc::new(Gate::default());
-        let env = Env { fs: Arc::new(GatedFs(io::real(), gate.clone())), exec: Exec::Pool(Pool::global()) };
+        // The slow-disk wrapper with no delay, as a gate on segment writes.
+        let gate = Arc::new(io::Throttle::parse("only=seg").unwrap());
+        let env = Env { fs: Arc::new(io::Throttled::new(io::real(), gate.clone())), exec: Exec::Pool(Pool::global()) };
         let log = Arc::new(Log::open_with(dir.path(), opts(1 << 20, Durability::Never), env).unwrap());
         log.append(b"one").unwrap();
         gate.wait("record 1's write", |g| g.writes >= 1);
