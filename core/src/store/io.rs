@@ -242,9 +242,18 @@ pub(crate) fn real() -> Arc<dyn Fs> {
     static SLOW: std::sync::OnceLock<Option<Arc<Throttle>>> = std::sync::OnceLock::new();
     let slow = SLOW.get_or_init(|| {
         let v = std::env::var(SLOW_DISK_VAR).ok().filter(|v| !v.trim().is_empty())?;
-        let t = Throttle::parse(&v).unwrap_or_else(|e| panic!("{SLOW_DISK_VAR}={v:?}: {e}"));
-        tracing::warn!("the store's disk is slowed down on purpose ({SLOW_DISK_VAR}={v}); unset it outside load tests");
-        Some(Arc::new(t))
+        match Throttle::parse(&v) {
+            Ok(t) => {
+                tracing::warn!("the store's disk is slowed down on purpose ({SLOW_DISK_VAR}={v}); unset it outside load tests");
+                Some(Arc::new(t))
+            }
+            Err(e) => {
+                // A developer's typo must not take a hub or a device down: the disk stays fast,
+                // and the log says why (a load test that needs the slow disk checks it is slow).
+                tracing::error!("{SLOW_DISK_VAR}={v:?} is ignored: {e}");
+                None
+            }
+        }
     });
     match slow {
         Some(t) => Arc::new(Throttled::new(Arc::new(RealFs), t.clone())),
