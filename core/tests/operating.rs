@@ -111,8 +111,9 @@ async fn metrics_count_what_was_sent_and_readiness_drops_on_drain() {
         records += b.records.len();
         b.ack();
     }
-    assert!(eventually_async(T, || async { samples(&get(http, "/metrics").await.1)["hubmsg_c2d_feedback_records_total"] == 5.0 }).await);
+    let acked = eventually_async(T, || async { samples(&get(http, "/metrics").await.1)["hubmsg_c2d_feedback_records_total"] == 5.0 }).await;
     let after = samples(&get(http, "/metrics").await.1);
+    assert!(acked, "feedback records acknowledged: {} (the service read {records})", after["hubmsg_c2d_feedback_records_total"]);
     assert_eq!(after["hubmsg_c2d_commands_sent_total"], 5.0);
     assert_eq!(after["hubmsg_c2d_commands_egress_complete_success_total"], 4.0);
     assert_eq!(after["hubmsg_c2d_commands_egress_reject_success_total"], 1.0);

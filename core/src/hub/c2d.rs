@@ -700,6 +700,54 @@ mod tests {
                 "enqueuedTimeUtc":"2015-07-28T16:24:48.789Z","statusCode":"Success","description":"Success"})
         );
     }
+
+    /// A batch is locked by the reader it went to until its acknowledgement is applied: another
+    /// reader polling meanwhile never gets it (it would be delivered twice and counted twice).
+    #[test]
+    fn a_batch_being_acknowledged_never_goes_to_another_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let c2d = C2d::open(dir.path(), Durability::Never, C2dLimits::default(), Duration::ZERO).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let acked = Mutex::new(std::collections::HashSet::new());
+        let stolen = std::thread::scope(|scope| {
+            let other = scope.spawn(|| {
+                let mut stolen = Vec::new();
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Some(b) = c2d.take_feedback(2) {
+                        if acked.lock().contains(&b.id) {
+                            stolen.push(b.id);
+                        }
+                        c2d.release_feedback(2);
+                    }
+                }
+                stolen
+            });
+            let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                for k in 0..3_000 {
+                    let mut seq = 0;
+                    c2d.commit(|s| {
+                        let ev = s.enqueue(&c2d.limits, "d", "g", format!("m{k}"), AckMode::Full, None, vec![1], 1, now_ms())?;
+                        if let Event::Enqueue { entry, .. } = &ev {
+                            seq = entry.seq;
+                        }
+                        Ok(ev)
+                    })
+                    .unwrap();
+                    assert!(c2d.settle("d", seq, Settle::Complete).unwrap());
+                    if let Some(b) = c2d.take_feedback(1) {
+                        acked.lock().insert(b.id);
+                        c2d.ack_feedback(b.id).unwrap();
+                    }
+                }
+            }));
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Err(p) = mine {
+                std::panic::resume_unwind(p);
+            }
+            other.join().unwrap()
+        });
+        assert!(stolen.is_empty(), "batches handed to a second reader while being acknowledged: {stolen:?}");
+    }
 }
 
 /// The hub's C2D service: the durable [`State`] on a [`StateLog`], volatile locks, and wake-ups
@@ -1080,9 +1128,11 @@ impl C2d {
 
     /// Acknowledges feedback batch `id` (it is removed).
     pub fn ack_feedback(&self, id: u64) -> Result<()> {
+        // The lock goes only once the batch is gone from the state: dropped first, another
+        // reader polling in between takes the batch again (delivered and counted twice).
+        let r = self.commit(|_| Ok(Event::BatchAck { id }));
         self.feedback_locks.lock().remove(&id);
-        self.commit(|_| Ok(Event::BatchAck { id }))?;
-        Ok(())
+        r.map(|_| ())
     }
 
     /// Flushes and closes the store.
