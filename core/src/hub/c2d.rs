@@ -723,16 +723,19 @@ mod tests {
                 stolen
             });
             let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
                 for k in 0..3_000 {
-                    let mut seq = 0;
-                    c2d.commit(|s| {
-                        let ev = s.enqueue(&c2d.limits, "d", "g", format!("m{k}"), AckMode::Full, None, vec![1], 1, now_ms())?;
-                        if let Event::Enqueue { entry, .. } = &ev {
-                            seq = entry.seq;
-                        }
-                        Ok(ev)
-                    })
-                    .unwrap();
+                    let msg = super::super::backend::C2dEnqueue {
+                        device_id: "d".into(),
+                        generation_id: "g".into(),
+                        message_id: format!("m{k}"),
+                        ack: AckMode::Full,
+                        ttl: None,
+                        record: vec![1].into(),
+                        size: 1,
+                        send_id: None,
+                    };
+                    let seq = rt.block_on(c2d.send(&msg)).unwrap();
                     assert!(c2d.settle("d", seq, Settle::Complete).unwrap());
                     if let Some(b) = c2d.take_feedback(1) {
                         acked.lock().insert(b.id);
