@@ -32,5 +32,5 @@ pub mod sources;
 pub use dispatch::{call_user, panic_text, Dispatcher};
 pub use inbox::{Inbox, Source};
 pub use life::Life;
-pub use outcome::{outcome_name, SharedOutcome};
+pub use outcome::{outcome_name, OutcomeBatch, SharedOutcome};
 pub use runtime::{block_on, dispose, ensure_may_block, on_runtime_thread, runtime, Rt, Runtime, Spawner};

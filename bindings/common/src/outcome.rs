@@ -100,3 +100,58 @@ impl SharedOutcome {
         }
     }
 }
+
+/// The outcomes of one batch of accepted messages (`send_batch`), for a binding that hands out
+/// one handle per message backed by one shared object: a message's [`SharedOutcome`] (several
+/// allocations) is made only when its outcome is first asked for; its id and sequence number are
+/// read from the core handle until then.
+pub struct OutcomeBatch {
+    slots: Mutex<Vec<Slot>>,
+}
+
+/// One message of an [`OutcomeBatch`]: the core handle until its outcome is asked for (`Core`
+/// holds it until then: `None` is never seen outside [`OutcomeBatch::outcome`]), then the shared
+/// one made from it.
+enum Slot {
+    Core(Option<Delivery>),
+    Shared(SharedOutcome),
+}
+
+impl OutcomeBatch {
+    /// Takes over the core handles of a batch, in order.
+    pub fn new(deliveries: Vec<Delivery>) -> OutcomeBatch {
+        OutcomeBatch { slots: Mutex::new(deliveries.into_iter().map(|d| Slot::Core(Some(d))).collect()) }
+    }
+
+    /// The number of messages.
+    pub fn len(&self) -> usize {
+        self.slots.lock().len()
+    }
+
+    /// Whether the batch has no message.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Message `index`'s id and outbox sequence number; `None` past the end.
+    pub fn identity(&self, index: usize) -> Option<(String, u64)> {
+        match self.slots.lock().get(index)? {
+            Slot::Core(Some(d)) => Some((d.message_id.clone(), d.seq)),
+            Slot::Shared(o) => Some((o.message_id().to_string(), o.sequence_number())),
+            Slot::Core(None) => unreachable!("a core slot holds its handle"),
+        }
+    }
+
+    /// Message `index`'s outcome handle (the same one on every call); `None` past the end.
+    pub fn outcome(&self, index: usize) -> Option<SharedOutcome> {
+        let mut slots = self.slots.lock();
+        let slot = slots.get_mut(index)?;
+        if let Slot::Core(d) = slot {
+            *slot = Slot::Shared(SharedOutcome::new(d.take().expect("a core slot holds its handle")));
+        }
+        match slot {
+            Slot::Shared(o) => Some(o.clone()),
+            Slot::Core(_) => unreachable!("made shared above"),
+        }
+    }
+}

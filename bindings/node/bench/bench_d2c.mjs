@@ -40,6 +40,32 @@ const now = () => (performance.timeOrigin + performance.now()) / 1000 // seconds
 // Child roles (this script runs itself in subprocesses)
 
 /**
+ * The distinct messages a consumer saw, by the number each sender gives its messages (0..n-1):
+ * one bit each, so counting costs every consumer the same few instructions (a Set of id strings
+ * cost ~0.8 µs per message, as much as some of what is measured).
+ */
+class Distinct {
+  constructor(n) {
+    this.bits = new Uint8Array(n)
+    this.size = 0
+  }
+
+  add(i) {
+    if (i >= 0 && i < this.bits.length && !this.bits[i]) {
+      this.bits[i] = 1
+      this.size++
+    }
+  }
+}
+
+/** The number in the first 16 bytes of an mqtt.js run's payload (zero-padded decimal). */
+function payloadNumber(payload) {
+  let v = 0
+  for (let k = 0; k < 16; k++) v = v * 10 + (payload[k] - 48)
+  return v
+}
+
+/**
  * The acknowledging consumer: `for await` over the events (which pulls them in batches), or
  * with `--parts` also `await stream.next()` one event per Promise, the way it read before.
  */
@@ -50,13 +76,13 @@ async function roleConsume(cs, n, prefix, mode = 'iter', group = '$Default') {
   let ev = await stream.next(500) // connected and subscribed once this returns
   console.log('ready')
   const cpu0 = process.cpuUsage()
-  const seen = new Set()
+  const seen = new Distinct(n)
   const take = (e) => {
     const mid = e.messageId
     e.ack()
     if (mid?.startsWith(prefix)) {
       if (!seen.size) console.log(`first ${now()}`)
-      seen.add(mid)
+      seen.add(Number(mid.slice(prefix.length)))
     }
     return seen.size >= n
   }
@@ -112,12 +138,12 @@ async function roleSend(mode, cs, outbox, n, prefix) {
 async function roleMqttSub(port, n) {
   const { connectAsync } = await import('mqtt')
   const c = await connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: 'bench-sub', clean: false, keepalive: 30, protocolVersion: 4 })
-  const got = new Set()
+  const got = new Distinct(n)
   let first = 0
   const done = new Promise((resolveDone) => {
     c.on('message', (_topic, payload) => {
       if (!got.size) first = now()
-      got.add(payload.subarray(0, 16).toString())
+      got.add(payloadNumber(payload))
       if (got.size >= n) resolveDone(now())
     })
   })
@@ -126,6 +152,8 @@ async function roleMqttSub(port, n) {
   const last = await done
   console.log(`first ${first}`)
   console.log(`last ${last}`)
+  const cpu = process.cpuUsage()
+  console.log(`cpu ${(cpu.user + cpu.system) / 1e6}`)
   await c.endAsync()
 }
 
@@ -143,6 +171,8 @@ async function roleMqttPub(port, n) {
   }
   console.log(`queued ${now()}`)
   await Promise.all(window)
+  const cpu = process.cpuUsage()
+  console.log(`cpu ${(cpu.user + cpu.system) / 1e6}`)
   await c.endAsync()
 }
 
@@ -197,6 +227,16 @@ class Proc {
 
 const me = (name, ...args) => new Proc(process.execPath, [ME, name, ...args.map(String)], name)
 
+/** CPU seconds (user + system) a live process has used so far, from /proc (10 ms resolution). */
+function procCpu(pid) {
+  try {
+    const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ')
+    return (Number(f[11]) + Number(f[12])) / 100
+  } catch {
+    return NaN
+  }
+}
+
 function freePort() {
   return new Promise((res, rej) => {
     const s = createServer().listen(0, '127.0.0.1', () => {
@@ -221,6 +261,7 @@ async function startHub(binary, data) {
   p.removeAllListeners('exit')
   return {
     cs,
+    cpu: () => procCpu(p.pid),
     async device(id) {
       const { ServiceClient } = await import('hubmsg')
       const svc = await ServiceClient.fromConnectionString(cs)
@@ -239,6 +280,12 @@ async function startHub(binary, data) {
   }
 }
 
+/** A run's CPU per message, sender / broker or hub / consumer. */
+function cpuText(r) {
+  const c = r.cpu_us_per_msg
+  return `cpu µs/msg: sender ${c.sender.toFixed(1)} + hub ${c.hub.toFixed(1)} + consumer ${c.consumer.toFixed(1)} = ${c.total.toFixed(1)}`
+}
+
 function figure(label, n, first, last) {
   const secs = Math.max(last - first, 1e-6)
   return { label, messages: n, seconds: Number(secs.toFixed(3)), msgs_per_sec: Math.round((n - 1) / secs) }
@@ -252,15 +299,18 @@ async function hubmsgRun(binary, work, label, n, sender) {
     const prefix = `${sender}-`
     const consumer = me('_consume', hub.cs, n, prefix)
     await consumer.waitFor('ready')
+    const hubCpu0 = hub.cpu()
     const s = sender === 'rust'
-      ? new Proc(binary, ['device', 'send', '--connection-string', cs, '--data', BODY.toString(), '--count', String(n),
+      ? new Proc('/usr/bin/time', ['-f', 'rusage %U %S %e', binary, 'device', 'send', '--connection-string', cs, '--data', BODY.toString(), '--count', String(n),
         '--outbox', join(data, 'outbox'), '--message-id-prefix', prefix, '--batch', '1000', '--flush-timeout-secs', '300'], 'hubmsg device send')
       : me('_send', sender, cs, join(data, 'outbox'), n, prefix)
     const first = Number(await consumer.waitFor('first'))
     const last = Number(await consumer.waitFor('last'))
+    const hubCpu = hub.cpu() - hubCpu0
     await s.finish()
     await consumer.finish()
-    return figure(label, n, first, last)
+    const senderCpu = sender === 'rust' ? rusage(s.stderr).cpu : Number(s.values.get('cpu'))
+    return { ...figure(label, n, first, last), cpu_us_per_msg: perMsg(n, { sender: senderCpu, hub: hubCpu, consumer: Number(consumer.values.get('cpu')) }) }
   } finally {
     await hub.stop()
   }
@@ -309,14 +359,17 @@ async function mqttjsRun(mosquitto, work, n) {
     await listening(port, 10_000)
     const sub = me('_mqtt_sub', port, n)
     await sub.waitFor('ready')
+    const brokerCpu0 = procCpu(broker.pid)
     const pub = me('_mqtt_pub', port, n)
     await pub.waitFor('start')
     const first = Number(await sub.waitFor('first'))
     const last = Number(await sub.waitFor('last'))
+    const brokerCpu = procCpu(broker.pid) - brokerCpu0
     await pub.finish()
     await sub.finish()
+    const cpu = perMsg(n, { sender: Number(pub.values.get('cpu')), hub: brokerCpu, consumer: Number(sub.values.get('cpu')) })
     const version = JSON.parse(readFileSync(join(ROOT, 'bindings/node/bench/node_modules/mqtt/package.json'), 'utf8')).version
-    return { ...figure('mqtt.js -> Mosquitto', n, first, last), mqttjs: version }
+    return { ...figure('mqtt.js -> Mosquitto', n, first, last), cpu_us_per_msg: cpu, mqttjs: version }
   } finally {
     const exited = new Promise((r) => broker.on('exit', r))
     broker.kill('SIGTERM')
@@ -324,12 +377,25 @@ async function mqttjsRun(mosquitto, work, n) {
   }
 }
 
+/** The CPU seconds (user + system) and wall seconds `/usr/bin/time -f 'rusage %U %S %e'` wrote to `stderr`. */
+function rusage(stderr) {
+  const m = / *rusage ([\d.]+) ([\d.]+) ([\d.]+)/.exec(stderr.split('\n').filter((l) => l.includes('rusage')).pop() || '')
+  return m ? { cpu: Number(m[1]) + Number(m[2]), wall: Number(m[3]) } : { cpu: NaN, wall: NaN }
+}
+
 /** A command under /usr/bin/time: resolves to its CPU seconds (user + system) and wall seconds. */
 async function timed(cmd, args, name) {
   const p = new Proc('/usr/bin/time', ['-f', 'rusage %U %S %e', cmd, ...args], name)
   await p.finish()
-  const m = / *rusage ([\d.]+) ([\d.]+) ([\d.]+)/.exec(p.stderr.split('\n').filter((l) => l.includes('rusage')).pop() || '')
-  return m ? { cpu: Number(m[1]) + Number(m[2]), wall: Number(m[3]) } : { cpu: NaN, wall: NaN }
+  return rusage(p.stderr)
+}
+
+/** CPU seconds per side as microseconds per message, and their sum. */
+function perMsg(n, sides) {
+  const out = {}
+  for (const [k, v] of Object.entries(sides)) out[k] = Number((1e6 * v / n).toFixed(2))
+  out.total = Number(Object.values(out).reduce((a, b) => a + b, 0).toFixed(2))
+  return out
 }
 
 /**
@@ -375,9 +441,8 @@ async function parts(binary, work, n) {
     const cpu = Number(await s.waitFor('cpu'))
     await s.finish()
     await mon.finish()
-    const m = / *rusage ([\d.]+) ([\d.]+) ([\d.]+)/.exec(mon.stderr.split('\n').filter((l) => l.includes('rusage')).pop() || '')
     row(`Node sender sendMany(1000) to a Rust consumer, start to flushed`, n, flushed - start, cpu)
-    if (m) console.log(`    (its consumer, hubmsg monitor-events: cpu ${(Number(m[1]) + Number(m[2])).toFixed(2)} s)`)
+    console.log(`    (its consumer, hubmsg monitor-events: cpu ${rusage(mon.stderr).cpu.toFixed(2)} s)`)
   } finally {
     await hub2.stop()
   }
@@ -441,14 +506,14 @@ ${rows.map((r) => `| ${r.label} | ${r.messages.toLocaleString('en')} | ${r.secon
     ]) {
       const r = await hubmsgRun(binary, work, label, n, sender)
       runs.push(r)
-      console.log(`  ${label.padEnd(56)} ${r.msgs_per_sec.toLocaleString('en').padStart(9)} msg/s  (${n} in ${r.seconds.toFixed(2)} s)`)
+      console.log(`  ${label.padEnd(56)} ${r.msgs_per_sec.toLocaleString('en').padStart(9)} msg/s  (${n} in ${r.seconds.toFixed(2)} s)  ${cpuText(r)}`)
     }
     const [mosquitto, why] = await ensureMosquitto()
     unavailable = why
     if (mosquitto) {
       const r = await mqttjsRun(mosquitto, work, n)
       runs.push(r)
-      console.log(`  ${`${r.label} (mqtt.js ${r.mqttjs})`.padEnd(56)} ${r.msgs_per_sec.toLocaleString('en').padStart(9)} msg/s  (${n} in ${r.seconds.toFixed(2)} s)`)
+      console.log(`  ${`${r.label} (mqtt.js ${r.mqttjs})`.padEnd(56)} ${r.msgs_per_sec.toLocaleString('en').padStart(9)} msg/s  (${n} in ${r.seconds.toFixed(2)} s)  ${cpuText(r)}`)
     } else {
       console.log(`  mqtt.js -> Mosquitto: unavailable: ${unavailable}`)
     }

@@ -18,6 +18,20 @@
 //    `next()`, `nextBatch()` or another iteration return, and `buffered` counts them. FeedbackStream
 //    iterates with `next()`, one batch at a time.
 // 3. HUBMSG_LOG=<level> (or DEBUG containing "hubmsg", = debug): engine logs to stderr.
+// 4. `DeviceClient.sendMany` packs a batch whose items are all plain — a body (Buffer,
+//    Uint8Array, string) or a plain object with only `body` and `messageId` (a string, null or
+//    absent) — into one Buffer of the bodies back to back, their byte lengths and their ids, and
+//    gives that to the native `_sendManyPacked`: the same messages and checks, without the native
+//    side reading each item's properties through napi (which cost more than the engine's own
+//    work per message). Any other batch goes as it is to the native `sendMany`, which checks
+//    every item and gives the errors. Either resolves to one native value for the whole batch;
+//    the Delivery objects handed out for it are JS objects (`instanceof Delivery`) whose members
+//    call the native `_batch*` functions with the batch and their index — a native object per
+//    message cost more than sending it.
+// 5. The same for `EventStream.nextBatch` (and so for `for await` over an EventStream): the
+//    native side resolves to one value for the batch; each Event handed out reads `messageId`
+//    and does `ack()` through the native `_event*` functions, and makes a native Event for any
+//    other member on first use. Events from `next()` are native Events.
 
 const PREFIX = /^(HUBMSG_[A-Z_]+): /
 const TYPE_STATUSES = new Set([
@@ -110,11 +124,12 @@ const QUEUE = Symbol('hubmsg.queue')
  * queue; otherwise (C2dStream, closed with its client) `closed` is asked before handing out a
  * queued item.
  */
-function addBatchedReading(cls, ownClose) {
+function addBatchedReading(cls, ownClose, expand) {
   if (!cls) return
   const proto = cls.prototype
   const nativeNext = proto.next
-  const nativeBatch = proto.nextBatch
+  const batchOf = proto.nextBatch
+  const nativeBatch = expand ? function (...args) { return batchOf.apply(this, args).then((b) => (b === null ? null : expand(b))) } : batchOf
   const buffered = Object.getOwnPropertyDescriptor(proto, 'buffered')
   // Items taken from the native side and not handed out yet; empty once the stream is closed.
   const queue = (stream) => {
@@ -206,6 +221,94 @@ function addBatchedReading(cls, ownClose) {
   }
 }
 
+/**
+ * A `sendMany` batch packed for `_sendManyPacked` (see 4. above), or null when an item is not
+ * plain (then the native `sendMany` takes the batch and checks it).
+ */
+function pack(messages) {
+  const n = messages.length
+  const parts = new Array(n)
+  const lengths = new Uint32Array(n)
+  const ids = new Array(n)
+  let total = 0
+  for (let k = 0; k < n; k++) {
+    let body = messages[k]
+    let id = null
+    if (body !== null && typeof body === 'object' && !ArrayBuffer.isView(body)) {
+      if (Object.getPrototypeOf(body) !== Object.prototype) return null
+      for (const key in body) if (key !== 'body' && key !== 'messageId') return null
+      id = body.messageId ?? null
+      if (id !== null && typeof id !== 'string') return null
+      body = body.body
+    }
+    if (typeof body === 'string') body = Buffer.from(body)
+    else if (!(body instanceof Uint8Array)) return null
+    parts[k] = body
+    lengths[k] = body.length
+    ids[k] = id
+    total += body.length
+  }
+  // Empty batches and empty bodies only: the native side's checks, not worth packing.
+  return total ? { bodies: Buffer.concat(parts, total), lengths, ids } : null
+}
+
+const BATCH = Symbol('hubmsg.batch')
+const INDEX = Symbol('hubmsg.index')
+const NATIVE = Symbol('hubmsg.native')
+
+/**
+ * The function that turns a native batch value (of `sendMany`, of `EventStream.nextBatch`) into
+ * JS objects that are `instanceof` the native class `name` (see 4. and 5. above). A member
+ * `key` with a native function `_<prefix><Key>(batch, index, ...args)` calls it; any other is
+ * read from a native instance made on first use by `_<prefix>At(batch, index)` — or, without
+ * that function, is an error at install (a member added to the class must get its function).
+ */
+function batchView(native, name, prefix) {
+  const cls = native[name]
+  const fn = (member) => native[`_${prefix}${member[0].toUpperCase()}${member.slice(1)}`]
+  const at = fn('at') && wrap(fn('at'), `${name}`)
+  const made = (o) => (o[NATIVE] ??= at(o[BATCH], o[INDEX]))
+  const proto = Object.create(cls.prototype)
+  for (const key of Object.getOwnPropertyNames(cls.prototype)) {
+    if (key === 'constructor') continue
+    const d = Object.getOwnPropertyDescriptor(cls.prototype, key)
+    const own = fn(key) && wrap(fn(key), `${name}.${key}`)
+    if (!own && !at) throw new Error(`hubmsg: ${name}.${key} has no batch function`)
+    const get = own ? function () { return own(this[BATCH], this[INDEX]) } : function () { return made(this)[key] }
+    const call = own
+      ? function (...args) { return own(this[BATCH], this[INDEX], ...args) }
+      : function (...args) { return made(this)[key](...args) }
+    Object.defineProperty(proto, key, d.get
+      ? { get, enumerable: d.enumerable, configurable: true }
+      : { value: call, writable: true, configurable: true })
+  }
+  const length = fn('length')
+  return (batch) => {
+    const n = length(batch)
+    const out = new Array(n)
+    for (let i = 0; i < n; i++) {
+      const o = Object.create(proto)
+      o[BATCH] = batch
+      o[INDEX] = i
+      out[i] = o
+    }
+    return out
+  }
+}
+
+function addPackedSendMany(cls, deliveries) {
+  const proto = cls.prototype
+  const general = proto.sendMany
+  const packed = proto._sendManyPacked
+  Object.defineProperty(proto, 'sendMany', {
+    ...Object.getOwnPropertyDescriptor(proto, 'sendMany'),
+    value: function sendMany(messages) {
+      const p = Array.isArray(messages) ? pack(messages) : null
+      return (p ? packed.call(this, p.bodies, p.lengths, p.ids) : general.call(this, messages)).then(deliveries)
+    },
+  })
+}
+
 const LEVELS = ['off', 'error', 'warn', 'info', 'debug', 'trace']
 
 function installLogSwitch(native) {
@@ -228,6 +331,8 @@ let installed = false
 function install(native) {
   if (installed) return
   installed = true
+  const deliveries = batchView(native, 'Delivery', 'delivery')
+  const events = batchView(native, 'Event', 'event')
   for (const [name, value] of Object.entries(native)) {
     if (typeof value !== 'function') continue
     if (value.prototype && Object.getOwnPropertyNames(value.prototype).length > 1) {
@@ -239,7 +344,8 @@ function install(native) {
   }
   addAsyncIterator(native.FeedbackStream)
   addBatchedReading(native.C2dStream, false)
-  addBatchedReading(native.EventStream, true)
+  addBatchedReading(native.EventStream, true, events)
+  addPackedSendMany(native.DeviceClient, deliveries)
   installLogSwitch(native)
 }
 

@@ -468,3 +468,29 @@ unsafe fn out_message_from(env: sys::napi_env, v: sys::napi_value) -> napi::Resu
 }
 
 js_input!(OutMessage, "Buffer | Uint8Array | string | MessageInit", ValueType::Unknown, out_message_from);
+
+/// The messages of a packed `sendMany` batch (see `DeviceClient::send_many_packed`): message `k`
+/// has the next `lengths[k]` bytes of `bodies` (one copy of them all, each body a slice of it)
+/// and message id `ids[k]`, checked as `sendMany` checks an item's `messageId`.
+pub(crate) fn unpack_messages(bodies: &[u8], lengths: &[u32], ids: Vec<Option<String>>) -> napi::Result<Vec<Message>> {
+    if lengths.len() != ids.len() || lengths.iter().map(|&n| n as usize).sum::<usize>() != bodies.len() {
+        return Err(invalid(format!(
+            "a packed batch of {} lengths (summing to {}), {} ids and {} body bytes does not add up",
+            lengths.len(),
+            lengths.iter().map(|&n| n as u64).sum::<u64>(),
+            ids.len(),
+            bodies.len()
+        )));
+    }
+    let all = bytes::Bytes::copy_from_slice(bodies);
+    let mut at = 0;
+    lengths
+        .iter()
+        .zip(ids)
+        .map(|(&n, message_id)| {
+            let body = Body(all.slice(at..at + n as usize));
+            at += n as usize;
+            Fields { message_id, ..Fields::default() }.message(body)
+        })
+        .collect()
+}

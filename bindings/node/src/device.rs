@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hubmsg_bind::sources::C2dSource;
-use hubmsg_bind::{outcome_name, Inbox, SharedOutcome};
+use hubmsg_bind::{outcome_name, Inbox, OutcomeBatch, SharedOutcome};
 use hubmsg_core::device::C2dMessage as CoreC2d;
 use hubmsg_core::outbox::Overflow;
 use hubmsg_core::retry::RetryPolicy;
 use hubmsg_core::store::Durability;
 use hubmsg_core::transport::TlsOptions;
 use hubmsg_core::{ConnectionStatus, Message};
-use napi::bindgen_prelude::{Buffer, PromiseRaw};
+use napi::bindgen_prelude::{Buffer, External, PromiseRaw};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::{Env, Status};
 use napi_derive::napi;
@@ -386,6 +386,15 @@ async fn connect(opts: hubmsg_core::DeviceOptions) -> napi::Result<DeviceClient>
     })
 }
 
+impl DeviceClient {
+    /// Queues `msgs` in order (one fsync); resolves to their deliveries.
+    fn send_batch<'e>(&self, env: &'e Env, msgs: Vec<Message>) -> napi::Result<PromiseRaw<'e, DeliveryBatch>> {
+        self.inner.life.check().js()?;
+        let client = self.inner.client.clone();
+        env.spawn_future(async move { client.send_batch(msgs).await.map(|ds| External::new(OutcomeBatch::new(ds))).js() })
+    }
+}
+
 #[napi]
 impl DeviceClient {
     /// Opens the outbox and starts connecting in the background; resolves to the client.
@@ -427,11 +436,24 @@ impl DeviceClient {
     /// durable — they share one fsync, which is how to send fast. A bad item rejects the whole
     /// batch before anything is queued.
     #[napi(ts_args_type = "messages: Array<Buffer | Uint8Array | string | MessageInit>", ts_return_type = "Promise<Delivery[]>")]
-    pub fn send_many<'e>(&self, env: &'e Env, messages: Vec<OutMessage>) -> napi::Result<PromiseRaw<'e, Vec<Delivery>>> {
-        self.inner.life.check().js()?;
-        let msgs: Vec<Message> = messages.into_iter().map(|m| m.0).collect();
-        let client = self.inner.client.clone();
-        env.spawn_future(async move { client.send_batch(msgs).await.map(|ds| ds.into_iter().map(Delivery::new).collect()).js() })
+    pub fn send_many<'e>(&self, env: &'e Env, messages: Vec<OutMessage>) -> napi::Result<PromiseRaw<'e, DeliveryBatch>> {
+        self.send_batch(env, messages.into_iter().map(|m| m.0).collect())
+    }
+
+    /// `sendMany` for a batch of plain items (each a Buffer / Uint8Array / string body, or an
+    /// object with only `body` and `messageId`), which the JS layer packs: the bodies back to
+    /// back in `bodies`, the byte length of each in `lengths`, each item's message id (or null)
+    /// in `ids`. The same messages, checks and result as `sendMany`; one copy of all bodies and
+    /// no property reads per item. Not part of the API (`sendMany` calls it).
+    #[napi(js_name = "_sendManyPacked", skip_typescript)]
+    pub fn send_many_packed<'e>(
+        &self,
+        env: &'e Env,
+        bodies: &[u8],
+        lengths: &[u32],
+        ids: Vec<Option<String>>,
+    ) -> napi::Result<PromiseRaw<'e, DeliveryBatch>> {
+        self.send_batch(env, crate::convert::unpack_messages(bodies, lengths, ids)?)
     }
 
     /// Resolves once every queued message reached an outcome; rejects with HUBMSG_TIMEOUT
@@ -650,6 +672,18 @@ impl Delivery {
     }
 }
 
+/// `Delivery.outcome()` of `o`.
+fn outcome_promise<'e>(env: &'e Env, o: &SharedOutcome, timeout_ms: Option<f64>) -> napi::Result<PromiseRaw<'e, String>> {
+    let timeout = opt_ms(timeout_ms, "timeoutMs")?;
+    let wait = o.wait(timeout);
+    env.spawn_future(async move { wait.await.map(|o| outcome_name(o).to_string()).js() })
+}
+
+/// `Delivery.peek()` of `o`.
+fn peek(o: &SharedOutcome) -> napi::Result<Option<String>> {
+    o.poll().map(|r| r.map(|o| outcome_name(o).to_string())).transpose().js()
+}
+
 #[napi]
 impl Delivery {
     /// The message id (the one given, or the generated UUID).
@@ -669,16 +703,58 @@ impl Delivery {
     /// the client closed first (the message stays in the outbox).
     #[napi(ts_return_type = "Promise<'delivered' | 'expired' | 'dropped' | 'rejected'>")]
     pub fn outcome<'e>(&self, env: &'e Env, timeout_ms: Option<f64>) -> napi::Result<PromiseRaw<'e, String>> {
-        let timeout = opt_ms(timeout_ms, "timeoutMs")?;
-        let wait = self.outcome.wait(timeout);
-        env.spawn_future(async move { wait.await.map(|o| outcome_name(o).to_string()).js() })
+        outcome_promise(env, &self.outcome, timeout_ms)
     }
 
     /// The outcome if it is known already, else null.
     #[napi(ts_return_type = "'delivered' | 'expired' | 'dropped' | 'rejected' | null")]
     pub fn peek(&self) -> napi::Result<Option<String>> {
-        self.outcome.poll().map(|r| r.map(|o| outcome_name(o).to_string())).transpose().js()
+        peek(&self.outcome)
     }
+}
+
+/// The deliveries of one `sendMany` batch (an opaque value in JS): the JS layer hands out a
+/// `Delivery` per message whose members call the `_delivery*` functions with the batch and the
+/// message's index — one native value per batch instead of a native object per message (which
+/// cost more than sending the message); a message's outcome handle is made only when asked for.
+type DeliveryBatch = External<OutcomeBatch>;
+
+fn batch_at(batch: &OutcomeBatch, index: u32) -> napi::Result<(String, u64)> {
+    batch.identity(index as usize).ok_or_else(|| invalid(format!("no message {index} in a batch of {}", batch.len())))
+}
+
+fn batch_outcome_at(batch: &OutcomeBatch, index: u32) -> napi::Result<SharedOutcome> {
+    batch.outcome(index as usize).ok_or_else(|| invalid(format!("no message {index} in a batch of {}", batch.len())))
+}
+
+/// The number of messages of a `sendMany` batch. Not part of the API (the JS layer's).
+#[napi(js_name = "_deliveryLength", skip_typescript)]
+pub fn batch_length(batch: &DeliveryBatch) -> u32 {
+    batch.len() as u32
+}
+
+/// `Delivery.messageId` of message `index` of a `sendMany` batch. Not part of the API.
+#[napi(js_name = "_deliveryMessageId", skip_typescript)]
+pub fn batch_message_id(batch: &DeliveryBatch, index: u32) -> napi::Result<String> {
+    Ok(batch_at(batch, index)?.0)
+}
+
+/// `Delivery.sequenceNumber` of message `index` of a `sendMany` batch. Not part of the API.
+#[napi(js_name = "_deliverySequenceNumber", skip_typescript)]
+pub fn batch_sequence_number(batch: &DeliveryBatch, index: u32) -> napi::Result<i64> {
+    Ok(batch_at(batch, index)?.1 as i64)
+}
+
+/// `Delivery.outcome()` of message `index` of a `sendMany` batch. Not part of the API.
+#[napi(js_name = "_deliveryOutcome", skip_typescript)]
+pub fn batch_outcome<'e>(env: &'e Env, batch: &DeliveryBatch, index: u32, timeout_ms: Option<f64>) -> napi::Result<PromiseRaw<'e, String>> {
+    outcome_promise(env, &batch_outcome_at(batch, index)?, timeout_ms)
+}
+
+/// `Delivery.peek()` of message `index` of a `sendMany` batch. Not part of the API.
+#[napi(js_name = "_deliveryPeek", skip_typescript)]
+pub fn batch_peek(batch: &DeliveryBatch, index: u32) -> napi::Result<Option<String>> {
+    peek(&batch_outcome_at(batch, index)?)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use hubmsg_core::proto::{
 use hubmsg_core::service::{C2dOptions, Event as CoreEvent, FeedbackBatch as CoreBatch, ServiceOptions as CoreOptions};
 use hubmsg_core::transport::TlsOptions;
 use hubmsg_core::{Error, ErrorKind, Message};
-use napi::bindgen_prelude::{Buffer, PromiseRaw};
+use napi::bindgen_prelude::{Buffer, External, PromiseRaw};
 use napi::Env;
 use napi_derive::napi;
 
@@ -591,14 +591,16 @@ impl EventStream {
         env: &'e Env,
         max: Option<f64>,
         timeout_ms: Option<f64>,
-    ) -> napi::Result<PromiseRaw<'e, Option<Vec<Event>>>> {
+    ) -> napi::Result<PromiseRaw<'e, Option<EventBatch>>> {
         let limits = crate::batch_limits(max, |ev: &CoreEvent| ev.body().len())?;
         let timeout = opt_ms(timeout_ms, "timeoutMs")?;
         if self.inner.life.is_closed() {
             return env.spawn_future(async { Ok(None) });
         }
         let next = self.inner.inbox.next_batch(&self.inner.rt, limits, timeout);
-        env.spawn_future(async move { Ok(end_is_none(next.await.map(Some))?.map(|b| b.into_iter().map(Event::new).collect())) })
+        env.spawn_future(
+            async move { Ok(end_is_none(next.await.map(Some))?.map(|b| External::new(b.into_iter().map(Arc::new).collect()))) },
+        )
     }
 
     /// Events received from the hub that no `next()` took yet (bounded by the hub's window of
@@ -645,13 +647,48 @@ impl EventStream {
 /// log (`partition`, `sequenceNumber`), and `ack()`.
 #[napi]
 pub struct Event {
-    event: CoreEvent,
+    event: Arc<CoreEvent>,
 }
 
 impl Event {
     fn new(event: CoreEvent) -> Event {
-        Event { event }
+        Event { event: Arc::new(event) }
     }
+}
+
+/// The events of one `nextBatch` (an opaque value in JS): the JS layer hands out an `Event` per
+/// event whose `messageId` and `ack()` call the `_event*` functions with the batch and its index,
+/// and whose other members read a native `Event` made on first use (`_eventAt`) — a native
+/// object per event cost more than the engine's own work for it.
+type EventBatch = External<Vec<Arc<CoreEvent>>>;
+
+fn event_at(batch: &EventBatch, index: u32) -> napi::Result<&Arc<CoreEvent>> {
+    batch.get(index as usize).ok_or_else(|| invalid(format!("no event {index} in a batch of {}", batch.len())))
+}
+
+/// The number of events of a `nextBatch` batch. Not part of the API (the JS layer's).
+#[napi(js_name = "_eventLength", skip_typescript)]
+pub fn event_length(batch: &EventBatch) -> u32 {
+    batch.len() as u32
+}
+
+/// Event `index` of a `nextBatch` batch as a native `Event`. Not part of the API.
+#[napi(js_name = "_eventAt", skip_typescript)]
+pub fn event_in_batch(batch: &EventBatch, index: u32) -> napi::Result<Event> {
+    Ok(Event { event: event_at(batch, index)?.clone() })
+}
+
+/// `Event.messageId` of event `index` of a `nextBatch` batch. Not part of the API.
+#[napi(js_name = "_eventMessageId", skip_typescript)]
+pub fn event_message_id(batch: &EventBatch, index: u32) -> napi::Result<Option<String>> {
+    Ok(event_at(batch, index)?.message_id().map(str::to_string))
+}
+
+/// `Event.ack()` of event `index` of a `nextBatch` batch. Not part of the API.
+#[napi(js_name = "_eventAck", skip_typescript)]
+pub fn event_ack(batch: &EventBatch, index: u32) -> napi::Result<()> {
+    event_at(batch, index)?.ack();
+    Ok(())
 }
 
 impl Received for Event {
