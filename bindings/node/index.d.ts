@@ -146,7 +146,8 @@ export declare class DeviceClient {
   /**
    * Queues several messages (each a body or a `MessageInit`) in order; resolves once all are
    * durable — they share one fsync, which is how to send fast. A bad item rejects the whole
-   * batch before anything is queued.
+   * batch before anything is queued, and so does a batch the outbox has no room for
+   * (HUBMSG_QUEUE_FULL with overflow "reject"): it can be sent again as it is.
    */
   sendMany(messages: Array<Buffer | Uint8Array | string | MessageInit>): Promise<Delivery[]>
   /**

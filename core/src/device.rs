@@ -496,7 +496,8 @@ impl DeviceClient {
     }
 
     /// Queues several messages in order and returns once all are durable (they share one
-    /// fsync). Validation errors reject the whole batch before anything is queued.
+    /// fsync). Validation errors, and `QueueFull` for a batch the outbox has no room for (overflow
+    /// reject), reject the whole batch before anything is queued.
     pub async fn send_batch(&self, mut msgs: Vec<Message>) -> Result<Vec<Delivery>> {
         let (ids, wires): (Vec<_>, Vec<_>) =
             msgs.iter_mut().map(|m| prepare(&self.shared.device_id, m)).collect::<Result<Vec<_>>>()?.into_iter().unzip();

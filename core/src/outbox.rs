@@ -218,6 +218,13 @@ enum Backend {
     Memory { next_seq: u64, durable: watch::Sender<u64> },
 }
 
+/// A message encoded for the outbox, not yet appended.
+struct Encoded {
+    record: Bytes,
+    prepared: Option<Prepared>,
+    expiry_ms: Option<u64>,
+}
+
 struct Inner {
     backend: Backend,
     entries: VecDeque<Entry>,
@@ -298,9 +305,11 @@ impl Outbox {
     }
 
     /// Adds several messages in order with one durability wait (one group commit); returns once
-    /// all are durable. On an error the batch counts as not accepted, but messages before the
-    /// failing one may already be queued and are still delivered; sending the batch again can
-    /// only duplicate them (same message ids), never lose them.
+    /// all are durable. A batch that does not fit (policy reject) or holds a message larger than
+    /// `max_bytes` is refused whole: nothing of it is queued. On a storage error the batch
+    /// counts as not accepted, but messages before the failing one may already be queued and are
+    /// still delivered; sending the batch again can only duplicate them (same message ids),
+    /// never lose them.
     pub async fn push_batch(&self, msgs: &[Message]) -> Result<Vec<(u64, oneshot::Receiver<Outcome>)>> {
         self.push_batch_prepared(msgs, Vec::new()).await
     }
@@ -308,13 +317,46 @@ impl Outbox {
     /// [`Outbox::push_batch`] with the transport form of each message (`prepared[i]` belongs to
     /// `msgs[i]`; missing ones are encoded at send time).
     pub async fn push_batch_prepared(&self, msgs: &[Message], prepared: Vec<Prepared>) -> Result<Vec<(u64, oneshot::Receiver<Outcome>)>> {
+        let mut prepared = prepared.into_iter();
+        let encoded = msgs.iter().map(|m| self.encode(m, prepared.next())).collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(msgs.len());
         let mut last_log = None;
-        let mut prepared = prepared.into_iter();
-        for m in msgs {
-            let (seq, rx, log) = self.append(m, prepared.next())?;
-            last_log = log.map(|l| (l, seq));
-            out.push((seq, rx));
+        {
+            let mut g = self.inner.lock();
+            let inner = &mut *g;
+            let bytes: usize = encoded.iter().map(|e| e.record.len()).sum();
+            let fits = inner.live + encoded.len() <= self.opts.max_messages && inner.bytes + bytes <= self.opts.max_bytes;
+            if encoded.len() > 1 && self.opts.overflow == Overflow::Reject && !fits {
+                return Err(Error::new(
+                    ErrorKind::QueueFull,
+                    format!(
+                        "outbox cannot take a batch of {} messages ({bytes} bytes): it holds {} messages, {} bytes; limits {} \
+                         and {}; nothing of the batch was queued; wait for delivery (flush), send smaller batches or use \
+                         overflow policy drop_oldest",
+                        encoded.len(),
+                        inner.live,
+                        inner.bytes,
+                        self.opts.max_messages,
+                        self.opts.max_bytes
+                    ),
+                ));
+            }
+            for e in encoded {
+                match self.append_locked(inner, e) {
+                    Ok((seq, rx, log)) => {
+                        last_log = log.map(|l| (l, seq));
+                        out.push((seq, rx));
+                    }
+                    Err((e, log)) => {
+                        drop(g);
+                        if let Some(log) = log {
+                            self.after_failure(&log, &e);
+                        }
+                        self.wake.notify_one();
+                        return Err(e);
+                    }
+                }
+            }
         }
         self.wake.notify_one();
         if let Some((log, seq)) = last_log {
@@ -347,6 +389,22 @@ impl Outbox {
     }
 
     fn append(&self, msg: &Message, prepared: Option<Prepared>) -> Result<(u64, oneshot::Receiver<Outcome>, Option<Log>)> {
+        let e = self.encode(msg, prepared)?;
+        let mut g = self.inner.lock();
+        match self.append_locked(&mut g, e) {
+            Ok(x) => Ok(x),
+            Err((e, log)) => {
+                drop(g);
+                if let Some(log) = log {
+                    self.after_failure(&log, &e);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The record of `msg` and its transport form; `MessageTooLarge` past `max_bytes`.
+    fn encode(&self, msg: &Message, prepared: Option<Prepared>) -> Result<Encoded> {
         let record = msg.to_bytes();
         // The record ends with the body: let the transport form share that memory rather than
         // keep a second copy of every queued body.
@@ -362,17 +420,32 @@ impl Outbox {
                 format!("message of {size} bytes is larger than the outbox bound of {} bytes", self.opts.max_bytes),
             ));
         }
-        let mut g = self.inner.lock();
-        let inner = &mut *g;
+        Ok(Encoded { record, prepared, expiry_ms: msg.expiry_time_ms })
+    }
+
+    /// Appends `e` (the caller holds the lock): makes room by the overflow policy, writes the
+    /// record to the store (disk) or numbers it (memory). On a store error also the log, for
+    /// [`Outbox::after_failure`] once the lock is released.
+    #[allow(clippy::type_complexity)]
+    fn append_locked(
+        &self,
+        inner: &mut Inner,
+        e: Encoded,
+    ) -> std::result::Result<(u64, oneshot::Receiver<Outcome>, Option<Log>), (Error, Option<Log>)> {
+        let Encoded { record, prepared, expiry_ms } = e;
+        let size = record.len();
         while inner.live + 1 > self.opts.max_messages || inner.bytes + size > self.opts.max_bytes {
             match self.opts.overflow {
                 Overflow::Reject => {
-                    return Err(Error::new(
-                        ErrorKind::QueueFull,
-                        format!(
-                            "outbox is full ({} messages, {} bytes; limits {} and {}); wait for delivery (flush) or use overflow policy drop_oldest",
-                            inner.live, inner.bytes, self.opts.max_messages, self.opts.max_bytes
+                    return Err((
+                        Error::new(
+                            ErrorKind::QueueFull,
+                            format!(
+                                "outbox is full ({} messages, {} bytes; limits {} and {}); wait for delivery (flush) or use overflow policy drop_oldest",
+                                inner.live, inner.bytes, self.opts.max_messages, self.opts.max_bytes
+                            ),
                         ),
+                        None,
                     ))
                 }
                 Overflow::DropOldest => {
@@ -385,25 +458,20 @@ impl Outbox {
         // watermark moves over them (or they would come back when the outbox is reopened).
         inner.pop_done_front();
         inner.persist_ack();
-        let appended = match &mut inner.backend {
-            Backend::Disk { log, .. } => log.append(&record).map(|s| (s, Some(log.clone()))).map_err(|e| (e, log.clone())),
+        let (seq, log) = match &mut inner.backend {
+            Backend::Disk { log, .. } => match log.append(&record) {
+                Ok(s) => (s, Some(log.clone())),
+                Err(e) => return Err((e, Some(log.clone()))),
+            },
             Backend::Memory { next_seq, durable } => {
                 let s = *next_seq;
                 *next_seq += 1;
                 durable.send_replace(s);
-                Ok((s, None))
-            }
-        };
-        let (seq, log) = match appended {
-            Ok(x) => x,
-            Err((e, log)) => {
-                drop(g);
-                self.after_failure(&log, &e);
-                return Err(e);
+                (s, None)
             }
         };
         let (tx, rx) = oneshot::channel();
-        inner.entries.push_back(Entry { seq, record, expiry_ms: msg.expiry_time_ms, state: State::Queued, prepared, waiter: Some(tx) });
+        inner.entries.push_back(Entry { seq, record, expiry_ms, state: State::Queued, prepared, waiter: Some(tx) });
         inner.bytes += size;
         inner.live += 1;
         Ok((seq, rx, log))
@@ -695,6 +763,27 @@ mod tests {
         assert_eq!(a.await.unwrap(), Outcome::Dropped);
         let st = ob.stats();
         assert_eq!((st.depth, st.dropped), (2, 1));
+        let bodies: Vec<_> = ob.take_sendable(10).into_iter().map(|s| Message::decode(&s.record).unwrap().body).collect();
+        assert_eq!(bodies, vec!["b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_does_not_fit_is_refused_whole() {
+        let ob = mem(5, Overflow::Reject);
+        ob.push_batch(&[Message::new("1"), Message::new("2"), Message::new("3")]).await.unwrap();
+        let err = ob.push_batch(&[Message::new("4"), Message::new("5"), Message::new("6")]).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::QueueFull, "{err}");
+        assert!(err.to_string().contains("batch of 3"), "{err}");
+        // Nothing of the refused batch was queued: the caller may send it again as it is.
+        let bodies: Vec<_> = ob.take_sendable(10).into_iter().map(|s| Message::decode(&s.record).unwrap().body).collect();
+        assert_eq!(bodies, vec!["1", "2", "3"]);
+        assert_eq!(ob.stats().depth, 3);
+        // What fits still goes.
+        ob.push_batch(&[Message::new("4"), Message::new("5")]).await.unwrap();
+        assert_eq!(ob.stats().depth, 5);
+        // drop_oldest makes room for a whole batch as for one message.
+        let ob = mem(2, Overflow::DropOldest);
+        ob.push_batch(&[Message::new("a"), Message::new("b"), Message::new("c")]).await.unwrap();
         let bodies: Vec<_> = ob.take_sendable(10).into_iter().map(|s| Message::decode(&s.record).unwrap().body).collect();
         assert_eq!(bodies, vec!["b", "c"]);
     }

@@ -434,7 +434,8 @@ impl DeviceClient {
 
     /// Queues several messages (each a body or a `MessageInit`) in order; resolves once all are
     /// durable — they share one fsync, which is how to send fast. A bad item rejects the whole
-    /// batch before anything is queued.
+    /// batch before anything is queued, and so does a batch the outbox has no room for
+    /// (HUBMSG_QUEUE_FULL with overflow "reject"): it can be sent again as it is.
     #[napi(ts_args_type = "messages: Array<Buffer | Uint8Array | string | MessageInit>", ts_return_type = "Promise<Delivery[]>")]
     pub fn send_many<'e>(&self, env: &'e Env, messages: Vec<OutMessage>) -> napi::Result<PromiseRaw<'e, DeliveryBatch>> {
         self.send_batch(env, messages.into_iter().map(|m| m.0).collect())

@@ -362,8 +362,9 @@ impl PyDevice {
     }
 
     /// Queues several messages (each a `Message`, bytes or str) in order and returns once all
-    /// are durable — they share one fsync, which is how to send fast. Validation errors reject
-    /// the whole batch before anything is queued.
+    /// are durable — they share one fsync, which is how to send fast. Validation errors, and
+    /// `QueueFullError` for a batch the outbox has no room for (overflow "reject"), reject the
+    /// whole batch before anything is queued.
     fn send_many(&self, py: Python<'_>, messages: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         self.send_many_impl(py, messages, false)
     }
