@@ -1,7 +1,8 @@
-// The objects a batch hands out (lib/js-layer.js, 4. and 5.): `sendMany` resolves to JS
+// The objects a batch hands out (lib/js-layer.js, 4. to 6.): `sendMany` resolves to JS
 // Delivery objects over one native batch, packed or not; `nextBatch` and `for await` hand out
-// JS Event objects over one native batch. Each must be what the native class is: the same
-// values for every member, `instanceof` the class, ack and outcome working.
+// JS Event objects over one native batch; plain `send()`s of one tick go as one packed batch.
+// Each must be what the native class (or a native send) gives: the same values for every
+// member, `instanceof` the class, ack and outcome working, the same errors.
 import { after, before, test } from 'node:test'
 import assert from 'node:assert/strict'
 import { Delivery, DeviceClient, Event } from '../index.js'
@@ -116,4 +117,46 @@ test('events from nextBatch and for await are Events with every member of the na
   const came = await again.next(500)
   assert.equal(came, null, `an acknowledged event came again: ${came?.messageId} (#${came?.sequenceNumber}, device ${came?.deviceId})`)
   await again.close()
+})
+
+test('plain send()s of one tick go as one batch: every Promise its own Delivery, the same errors as alone', async () => {
+  const [, cs] = await h.device('views-coalesce')
+  const dev = await DeviceClient.fromConnectionString(cs, { outboxDir: h.outbox('views-coalesce') })
+  // 200 plain sends and, in the same tick, ones that go to the native send (other options).
+  const plain = Array.from({ length: 200 }, (_, i) => dev.send(`c${i}`, { messageId: `co-${i}` }))
+  const other = dev.send('with props', { messageId: 'co-props', properties: { k: 'v' } })
+  const bare = dev.send(Buffer.from('bare'))
+  const ds = await Promise.all([...plain, other, bare])
+  for (const d of ds) assert.ok(d instanceof Delivery, 'not a Delivery')
+  assert.deepEqual(ds.slice(0, 200).map((d) => d.messageId), Array.from({ length: 200 }, (_, i) => `co-${i}`))
+  const seqs = ds.slice(0, 200).map((d) => d.sequenceNumber)
+  assert.ok(seqs.every((q, i) => i === 0 || q === seqs[i - 1] + 1), 'one tick of plain sends is not one batch in order')
+  for (const d of ds) assert.equal(await d.outcome(20_000), 'delivered')
+  // A send not awaited is still covered by a flush() right after it.
+  const late = dev.send('late', { messageId: 'co-late' })
+  await dev.flush(20_000)
+  assert.equal((await late).peek(), 'delivered')
+  await dev.close()
+
+  // Near the bound: the batch of 5 does not fit in 3 free places, so each goes alone, in
+  // order — 3 accepted, 2 refused — as 5 native sends would be.
+  const down = 'HostName=127.0.0.1:1;DeviceId=d;SharedAccessKey=a2V5a2V5a2V5'
+  const off = await DeviceClient.fromConnectionString(down, { inMemory: true, maxMessages: 4, retry: { never: true } })
+  await off.send('0')
+  const results = await Promise.allSettled(Array.from({ length: 5 }, (_, i) => off.send(`q${i}`)))
+  assert.deepEqual(results.map((r) => r.status), ['fulfilled', 'fulfilled', 'fulfilled', 'rejected', 'rejected'])
+  assert.ok(results.slice(3).every((r) => r.reason.code === 'HUBMSG_QUEUE_FULL'))
+  assert.equal(off.stats().depth, 4)
+  // One too large among plain sends: only it is refused.
+  await off.close()
+  const off2 = await DeviceClient.fromConnectionString(down, { inMemory: true, retry: { never: true } })
+  const mixed = await Promise.allSettled([off2.send('ok'), off2.send(Buffer.alloc(256 * 1024 + 1)), off2.send('ok too')])
+  assert.deepEqual(mixed.map((r) => r.status), ['fulfilled', 'rejected', 'fulfilled'])
+  assert.equal(mixed[1].reason.code, 'HUBMSG_MESSAGE_TOO_LARGE')
+  // Sends handed over by close(): each settles (queued before the close, or HUBMSG_CLOSED).
+  const closing = off2.send('at close')
+  await off2.close()
+  const r = await Promise.allSettled([closing])
+  assert.ok(r[0].status === 'fulfilled' || r[0].reason.code === 'HUBMSG_CLOSED', `${r[0].reason}`)
+  await assert.rejects(async () => off2.send('after close'), (e) => e.code === 'HUBMSG_CLOSED')
 })

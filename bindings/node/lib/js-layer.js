@@ -32,6 +32,13 @@
 //    native side resolves to one value for the batch; each Event handed out reads `messageId`
 //    and does `ack()` through the native `_event*` functions, and makes a native Event for any
 //    other member on first use. Events from `next()` are native Events.
+// 6. `DeviceClient.send` of a plain message (a body as in 4., options absent or with only a
+//    non-empty `messageId`) joins the other plain sends of the same tick: when the microtasks
+//    run they go as one packed batch (one napi call, one fsync wait), each Promise resolving to
+//    its own Delivery. A batch the outbox refuses whole (QUEUE_FULL, MESSAGE_TOO_LARGE: nothing
+//    of it was queued) is sent again message by message, in order, so each send gets the result
+//    it would have had alone. `flush()`, `sendMany()` and `close()` first hand over the sends
+//    still waiting for their tick. Any other send goes to the native `send` at once.
 
 const PREFIX = /^(HUBMSG_[A-Z_]+): /
 const TYPE_STATUSES = new Set([
@@ -309,6 +316,76 @@ function addPackedSendMany(cls, deliveries) {
   })
 }
 
+const WAITING = Symbol('hubmsg.waitingSends')
+
+/** Whether `send(body, options)` may join a packed batch (see 6. above). */
+function plainSend(body, options) {
+  if (typeof body !== 'string' && !(body instanceof Uint8Array)) return false
+  if (options === undefined) return true
+  if (options === null || typeof options !== 'object' || Object.getPrototypeOf(options) !== Object.prototype) return false
+  for (const key in options) if (key !== 'messageId') return false
+  const id = options.messageId
+  return id === undefined || (typeof id === 'string' && id !== '')
+}
+
+function addCoalescedSend(cls, deliveries) {
+  const proto = cls.prototype
+  const single = proto.send
+  const packed = proto._sendManyPacked
+  // Hands the sends waiting for their tick to the native side: a close() or flush() right
+  // after it is ordered after them exactly as after as many native sends.
+  const handOver = (client) => {
+    const sends = client[WAITING]
+    if (!sends) return
+    client[WAITING] = null
+    // Each alone, in order: a batch refused whole, or one of empty bodies only (not packed).
+    const oneByOne = async () => {
+      for (const x of sends) {
+        try {
+          x.resolve(await single.call(client, x.body, x.options))
+        } catch (err) {
+          x.reject(err)
+        }
+      }
+    }
+    const p = pack(sends.map((x) => (x.options?.messageId === undefined ? x.body : { body: x.body, messageId: x.options.messageId })))
+    if (!p) return void oneByOne()
+    let batch
+    try {
+      batch = packed.call(client, p.bodies, p.lengths, p.ids)
+    } catch (e) {
+      batch = Promise.reject(e)
+    }
+    batch.then(deliveries).then(
+      (ds) => sends.forEach((x, i) => x.resolve(ds[i])),
+      (e) => {
+        if (sends.length > 1 && (e.code === 'HUBMSG_QUEUE_FULL' || e.code === 'HUBMSG_MESSAGE_TOO_LARGE')) return oneByOne()
+        for (const x of sends) x.reject(e)
+      },
+    )
+  }
+  const define = (name, value) => Object.defineProperty(proto, name, { ...Object.getOwnPropertyDescriptor(proto, name), value })
+  define('send', function send(body, options) {
+    if (!plainSend(body, options)) {
+      handOver(this)
+      return single.call(this, body, options)
+    }
+    let sends = this[WAITING]
+    if (!sends) {
+      sends = this[WAITING] = []
+      queueMicrotask(() => handOver(this))
+    }
+    return new Promise((resolve, reject) => sends.push({ body, options, resolve, reject }))
+  })
+  for (const name of ['flush', 'sendMany', 'close']) {
+    const native = proto[name]
+    define(name, function (...args) {
+      handOver(this)
+      return native.apply(this, args)
+    })
+  }
+}
+
 const LEVELS = ['off', 'error', 'warn', 'info', 'debug', 'trace']
 
 function installLogSwitch(native) {
@@ -346,6 +423,7 @@ function install(native) {
   addBatchedReading(native.C2dStream, false)
   addBatchedReading(native.EventStream, true, events)
   addPackedSendMany(native.DeviceClient, deliveries)
+  addCoalescedSend(native.DeviceClient, deliveries)
   installLogSwitch(native)
 }
 
