@@ -30,8 +30,9 @@
 //    message cost more than sending it.
 // 5. The same for `EventStream.nextBatch` (and so for `for await` over an EventStream): the
 //    native side resolves to one value for the batch; each Event handed out reads `messageId`
-//    and does `ack()` through the native `_event*` functions, and makes a native Event for any
-//    other member on first use. Events from `next()` are native Events.
+//    from the batch's id column (one napi call per batch), its `ack()`s of one tick go as one
+//    call when the tick ends (setImmediate; `checkpoint()` and `close()` make it first), and it
+//    makes a native Event for any other member on first use. Events from `next()` are native.
 // 6. `DeviceClient.send` of a plain message (a body as in 4., options absent or with only a
 //    non-empty `messageId`) joins the other plain sends of the same tick: when the microtasks
 //    run they go as one packed batch (one napi call, one fsync wait), each Promise resolving to
@@ -263,39 +264,81 @@ const BATCH = Symbol('hubmsg.batch')
 const INDEX = Symbol('hubmsg.index')
 const NATIVE = Symbol('hubmsg.native')
 
+// Holders of batches with `Many` calls (acks) waiting for the end of their tick.
+const deferred = new Set()
+let deferredScheduled = false
+
+/** Makes the `Many` calls waiting for the end of their tick (also before a checkpoint or close). */
+function flushDeferred() {
+  deferredScheduled = false
+  for (const h of deferred) {
+    for (const [call, indices] of h.waiting) call(h.b, Uint32Array.from(indices))
+    h.waiting.clear()
+  }
+  deferred.clear()
+}
+
 /**
  * The function that turns a native batch value (of `sendMany`, of `EventStream.nextBatch`) into
- * JS objects that are `instanceof` the native class `name` (see 4. and 5. above). A member
- * `key` with a native function `_<prefix><Key>(batch, index, ...args)` calls it; any other is
- * read from a native instance made on first use by `_<prefix>At(batch, index)` — or, without
- * that function, is an error at install (a member added to the class must get its function).
+ * JS objects that are `instanceof` the native class `name` (see 4. and 5. above). For a member
+ * `key` (`_<prefix><Key>` named after it):
+ * - a getter with `_<prefix><Key>Column(batch)` reads its value from that array, fetched once per
+ *   batch;
+ * - a method with `_<prefix><Key>Many(batch, indices)` records the call, and the calls of one
+ *   tick go as one (`flushDeferred`; a method taking arguments cannot be deferred);
+ * - else `_<prefix><Key>(batch, index, ...args)` is called;
+ * - else the member is read from a native instance made on first use by `_<prefix>At(batch,
+ *   index)` — or, without that function, is an error at install (a member added to the class
+ *   must get its function).
  */
 function batchView(native, name, prefix) {
   const cls = native[name]
-  const fn = (member) => native[`_${prefix}${member[0].toUpperCase()}${member.slice(1)}`]
-  const at = fn('at') && wrap(fn('at'), `${name}`)
-  const made = (o) => (o[NATIVE] ??= at(o[BATCH], o[INDEX]))
+  const fn = (member, suffix = '') => {
+    const f = native[`_${prefix}${member[0].toUpperCase()}${member.slice(1)}${suffix}`]
+    return f && wrap(f, `${name}.${member}`)
+  }
+  const at = fn('at')
+  const made = (o) => (o[NATIVE] ??= at(o[BATCH].b, o[INDEX]))
   const proto = Object.create(cls.prototype)
   for (const key of Object.getOwnPropertyNames(cls.prototype)) {
     if (key === 'constructor') continue
     const d = Object.getOwnPropertyDescriptor(cls.prototype, key)
-    const own = fn(key) && wrap(fn(key), `${name}.${key}`)
-    if (!own && !at) throw new Error(`hubmsg: ${name}.${key} has no batch function`)
-    const get = own ? function () { return own(this[BATCH], this[INDEX]) } : function () { return made(this)[key] }
-    const call = own
-      ? function (...args) { return own(this[BATCH], this[INDEX], ...args) }
-      : function (...args) { return made(this)[key](...args) }
-    Object.defineProperty(proto, key, d.get
-      ? { get, enumerable: d.enumerable, configurable: true }
-      : { value: call, writable: true, configurable: true })
+    const [own, column, many] = [fn(key), fn(key, 'Column'), fn(key, 'Many')]
+    if (!own && !column && !many && !at) throw new Error(`hubmsg: ${name}.${key} has no batch function`)
+    let desc
+    if (d.get) {
+      const get = column
+        ? function () {
+          const h = this[BATCH]
+          return ((h.columns ??= new Map()).get(key) ?? h.columns.set(key, column(h.b)).get(key))[this[INDEX]]
+        }
+        : own ? function () { return own(this[BATCH].b, this[INDEX]) } : function () { return made(this)[key] }
+      desc = { get, enumerable: d.enumerable, configurable: true }
+    } else {
+      const value = many
+        ? function () {
+          const h = this[BATCH]
+          const indices = h.waiting.get(many) ?? h.waiting.set(many, []).get(many)
+          indices.push(this[INDEX])
+          deferred.add(h)
+          if (!deferredScheduled) {
+            deferredScheduled = true
+            setImmediate(flushDeferred)
+          }
+        }
+        : own ? function (...args) { return own(this[BATCH].b, this[INDEX], ...args) } : function (...args) { return made(this)[key](...args) }
+      desc = { value, writable: true, configurable: true }
+    }
+    Object.defineProperty(proto, key, desc)
   }
   const length = fn('length')
   return (batch) => {
     const n = length(batch)
+    const h = { b: batch, columns: null, waiting: new Map() }
     const out = new Array(n)
     for (let i = 0; i < n; i++) {
       const o = Object.create(proto)
-      o[BATCH] = batch
+      o[BATCH] = h
       o[INDEX] = i
       out[i] = o
     }
@@ -424,6 +467,14 @@ function install(native) {
   addBatchedReading(native.EventStream, true, events)
   addPackedSendMany(native.DeviceClient, deliveries)
   addCoalescedSend(native.DeviceClient, deliveries)
+  for (const m of ['checkpoint', 'close']) {
+    const proto = native.EventStream.prototype
+    const call = proto[m]
+    Object.defineProperty(proto, m, { ...Object.getOwnPropertyDescriptor(proto, m), value: function (...args) {
+      flushDeferred()
+      return call.apply(this, args)
+    } })
+  }
   installLogSwitch(native)
 }
 

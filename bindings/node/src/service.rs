@@ -657,9 +657,10 @@ impl Event {
 }
 
 /// The events of one `nextBatch` (an opaque value in JS): the JS layer hands out an `Event` per
-/// event whose `messageId` and `ack()` call the `_event*` functions with the batch and its index,
-/// and whose other members read a native `Event` made on first use (`_eventAt`) — a native
-/// object per event cost more than the engine's own work for it.
+/// event whose `messageId` reads the batch's id column (`_eventMessageIdColumn`, one call), whose
+/// `ack()`s of one tick go in one `_eventAckMany` call, and whose other members read a native
+/// `Event` made on first use (`_eventAt`) — a native object per event, or a napi call per event,
+/// cost more than the engine's own work for it.
 type EventBatch = External<Vec<Arc<CoreEvent>>>;
 
 fn event_at(batch: &EventBatch, index: u32) -> napi::Result<&Arc<CoreEvent>> {
@@ -684,10 +685,20 @@ pub fn event_message_id(batch: &EventBatch, index: u32) -> napi::Result<Option<S
     Ok(event_at(batch, index)?.message_id().map(str::to_string))
 }
 
-/// `Event.ack()` of event `index` of a `nextBatch` batch. Not part of the API.
-#[napi(js_name = "_eventAck", skip_typescript)]
-pub fn event_ack(batch: &EventBatch, index: u32) -> napi::Result<()> {
-    event_at(batch, index)?.ack();
+/// `Event.messageId` of every event of a `nextBatch` batch, in order (one call for the batch).
+/// Not part of the API.
+#[napi(js_name = "_eventMessageIdColumn", skip_typescript)]
+pub fn event_message_id_column(batch: &EventBatch) -> Vec<Option<String>> {
+    batch.iter().map(|e| e.message_id().map(str::to_string)).collect()
+}
+
+/// `Event.ack()` of the events `indices` of a `nextBatch` batch (one call for the acks of a
+/// tick). Not part of the API.
+#[napi(js_name = "_eventAckMany", skip_typescript)]
+pub fn event_ack_many(batch: &EventBatch, indices: &[u32]) -> napi::Result<()> {
+    for &i in indices {
+        event_at(batch, i)?.ack();
+    }
     Ok(())
 }
 
