@@ -26,7 +26,7 @@
 //    work per message). Any other batch goes as it is to the native `sendMany`, which checks
 //    every item and gives the errors. Either resolves to one native value for the whole batch;
 //    the Delivery objects handed out for it are JS objects (`instanceof Delivery`) whose members
-//    call the native `_batch*` functions with the batch and their index — a native object per
+//    call the native `_delivery*` functions with the batch and their index — a native object per
 //    message cost more than sending it.
 // 5. The same for `EventStream.nextBatch` (and so for `for await` over an EventStream): the
 //    native side resolves to one value for the batch; each Event handed out reads `messageId`
@@ -87,6 +87,11 @@ function wrap(fn, where) {
     },
   }[fn.name || 'call']
   return wrapped
+}
+
+/** Replaces method `name` of `proto` by `value`, keeping its property attributes. */
+function replaceMethod(proto, name, value) {
+  Object.defineProperty(proto, name, { ...Object.getOwnPropertyDescriptor(proto, name), value })
 }
 
 function wrapMembers(target, prefix) {
@@ -171,32 +176,23 @@ function addBatchedReading(cls, ownClose, expand) {
     }
     return out
   }
-  Object.defineProperty(proto, 'next', {
-    ...Object.getOwnPropertyDescriptor(proto, 'next'),
-    value: function next(...args) {
-      const q = queue(this)
-      return waiting(q) ? Promise.resolve(takeOne(q)) : nativeNext.apply(this, args)
-    },
+  replaceMethod(proto, 'next', function next(...args) {
+    const q = queue(this)
+    return waiting(q) ? Promise.resolve(takeOne(q)) : nativeNext.apply(this, args)
   })
-  Object.defineProperty(proto, 'nextBatch', {
-    ...Object.getOwnPropertyDescriptor(proto, 'nextBatch'),
-    value: function nextBatch(max, timeoutMs) {
-      const q = queue(this)
-      if (!waiting(q)) return nativeBatch.call(this, max, timeoutMs)
-      if (max !== undefined && !(Number.isInteger(max) && max >= 1 && max <= 10_000)) return nativeBatch.call(this, max, timeoutMs) // its error
-      return Promise.resolve(take(q, max ?? 100))
-    },
+  replaceMethod(proto, 'nextBatch', function nextBatch(max, timeoutMs) {
+    const q = queue(this)
+    if (!waiting(q)) return nativeBatch.call(this, max, timeoutMs)
+    if (max !== undefined && !(Number.isInteger(max) && max >= 1 && max <= 10_000)) return nativeBatch.call(this, max, timeoutMs) // its error
+    return Promise.resolve(take(q, max ?? 100))
   })
   if (ownClose) {
     const nativeClose = proto.close
-    Object.defineProperty(proto, 'close', {
-      ...Object.getOwnPropertyDescriptor(proto, 'close'),
-      value: function close(...args) {
-        const q = queue(this)
-        q.items = []
-        q.head = 0
-        return nativeClose.apply(this, args)
-      },
+    replaceMethod(proto, 'close', function close(...args) {
+      const q = queue(this)
+      q.items = []
+      q.head = 0
+      return nativeClose.apply(this, args)
     })
   }
   Object.defineProperty(proto, 'buffered', {
@@ -256,7 +252,8 @@ function pack(messages) {
     ids[k] = id
     total += body.length
   }
-  // Empty batches and empty bodies only: the native side's checks, not worth packing.
+  // A batch of no bytes (no items, or empty bodies only) goes the general way: an empty Buffer
+  // may have no memory to hand over.
   return total ? { bodies: Buffer.concat(parts, total), lengths, ids } : null
 }
 
@@ -350,12 +347,9 @@ function addPackedSendMany(cls, deliveries) {
   const proto = cls.prototype
   const general = proto.sendMany
   const packed = proto._sendManyPacked
-  Object.defineProperty(proto, 'sendMany', {
-    ...Object.getOwnPropertyDescriptor(proto, 'sendMany'),
-    value: function sendMany(messages) {
-      const p = Array.isArray(messages) ? pack(messages) : null
-      return (p ? packed.call(this, p.bodies, p.lengths, p.ids) : general.call(this, messages)).then(deliveries)
-    },
+  replaceMethod(proto, 'sendMany', function sendMany(messages) {
+    const p = Array.isArray(messages) ? pack(messages) : null
+    return (p ? packed.call(this, p.bodies, p.lengths, p.ids) : general.call(this, messages)).then(deliveries)
   })
 }
 
@@ -407,8 +401,7 @@ function addCoalescedSend(cls, deliveries) {
       },
     )
   }
-  const define = (name, value) => Object.defineProperty(proto, name, { ...Object.getOwnPropertyDescriptor(proto, name), value })
-  define('send', function send(body, options) {
+  replaceMethod(proto, 'send', function send(body, options) {
     if (!plainSend(body, options)) {
       handOver(this)
       return single.call(this, body, options)
@@ -422,7 +415,7 @@ function addCoalescedSend(cls, deliveries) {
   })
   for (const name of ['flush', 'sendMany', 'close']) {
     const native = proto[name]
-    define(name, function (...args) {
+    replaceMethod(proto, name, function (...args) {
       handOver(this)
       return native.apply(this, args)
     })
@@ -467,13 +460,13 @@ function install(native) {
   addBatchedReading(native.EventStream, true, events)
   addPackedSendMany(native.DeviceClient, deliveries)
   addCoalescedSend(native.DeviceClient, deliveries)
-  for (const m of ['checkpoint', 'close']) {
+  for (const name of ['checkpoint', 'close']) {
     const proto = native.EventStream.prototype
-    const call = proto[m]
-    Object.defineProperty(proto, m, { ...Object.getOwnPropertyDescriptor(proto, m), value: function (...args) {
+    const call = proto[name]
+    replaceMethod(proto, name, function (...args) {
       flushDeferred()
       return call.apply(this, args)
-    } })
+    })
   }
   installLogSwitch(native)
 }
