@@ -13,8 +13,12 @@
 // the consumer of the hubmsg runs is the hubmsg Node service client (events of $Default read
 // with `for await`, which pulls them in batches, each acked). A run's figure is the rate the consumer sees: (messages - 1) / (time of the last
 // distinct message id - time of the first), so process start-up and connecting are outside it
-// for every side alike. Prints figures and ratios; writes node.json and node.md to --out
-// (default docs/benchmarks). Goals (issue 11): hubmsg Node >= 3x mqtt.js and >= 50 % of Rust.
+// for every side alike. Each run also gives the CPU time each side spent per message: the hub's
+// or Mosquitto's (from /proc) over the consumer's first-to-last window, a Node process's from
+// when it was connected to its end, the Rust sender's for its whole process (/usr/bin/time);
+// with two busy cores for three processes, their sum is what bounds a run. Prints figures and
+// ratios; writes node.json and node.md to --out (default docs/benchmarks). Goals (issue 11):
+// hubmsg Node >= 3x mqtt.js and >= 50 % of Rust.
 //
 //   cargo build --release -p hubmsg-cli
 //   (cd bindings/node/bench && npm install)
@@ -115,6 +119,7 @@ async function roleSend(mode, cs, outbox, n, prefix) {
   const { DeviceClient } = await import('hubmsg')
   const dev = await DeviceClient.fromConnectionString(cs, { outboxDir: outbox })
   const batch = 1000
+  const cpu0 = process.cpuUsage() // connected: what follows is the sending
   console.log(`start ${now()}`)
   let previous = null // sendMany2: the previous batch, still becoming durable while the next one is built
   for (let lo = 0; lo < n; lo += batch) {
@@ -130,7 +135,7 @@ async function roleSend(mode, cs, outbox, n, prefix) {
   console.log(`queued ${now()}`)
   await dev.flush(300_000)
   console.log(`flushed ${now()}`)
-  const cpu = process.cpuUsage()
+  const cpu = process.cpuUsage(cpu0)
   console.log(`cpu ${(cpu.user + cpu.system) / 1e6}`)
   await dev.close()
 }
@@ -148,11 +153,12 @@ async function roleMqttSub(port, n) {
     })
   })
   await c.subscribeAsync('bench/#', { qos: 1 })
+  const cpu0 = process.cpuUsage()
   console.log('ready') // SUBACK: publishing may start
   const last = await done
   console.log(`first ${first}`)
   console.log(`last ${last}`)
-  const cpu = process.cpuUsage()
+  const cpu = process.cpuUsage(cpu0)
   console.log(`cpu ${(cpu.user + cpu.system) / 1e6}`)
   await c.endAsync()
 }
@@ -160,6 +166,7 @@ async function roleMqttSub(port, n) {
 async function roleMqttPub(port, n) {
   const { connectAsync } = await import('mqtt')
   const c = await connectAsync(`mqtt://127.0.0.1:${port}`, { clientId: 'bench-pub', clean: false, keepalive: 30, protocolVersion: 4 })
+  const cpu0 = process.cpuUsage()
   console.log(`start ${now()}`)
   // MQTT packet ids are 16 bits: keep 10,000 QoS 1 publishes outstanding, waiting for the oldest
   // beyond that.
@@ -171,7 +178,7 @@ async function roleMqttPub(port, n) {
   }
   console.log(`queued ${now()}`)
   await Promise.all(window)
-  const cpu = process.cpuUsage()
+  const cpu = process.cpuUsage(cpu0)
   console.log(`cpu ${(cpu.user + cpu.system) / 1e6}`)
   await c.endAsync()
 }
@@ -547,7 +554,8 @@ ${rows.map((r) => `| ${r.label} | ${r.messages.toLocaleString('en')} | ${r.secon
 }
 
 function writeMd(path, r) {
-  const rows = r.runs.map((x) => `| ${x.label}${x.mqttjs ? ` (mqtt.js ${x.mqttjs})` : ''} | ${x.messages.toLocaleString('en')} | ${x.seconds.toFixed(2)} | ${x.msgs_per_sec.toLocaleString('en')} |`).join('\n')
+  const cpu = (x) => { const c = x.cpu_us_per_msg; return `${c.sender.toFixed(1)} + ${c.hub.toFixed(1)} + ${c.consumer.toFixed(1)} = ${c.total.toFixed(1)}` }
+  const rows = r.runs.map((x) => `| ${x.label}${x.mqttjs ? ` (mqtt.js ${x.mqttjs})` : ''} | ${x.messages.toLocaleString('en')} | ${x.seconds.toFixed(2)} | ${x.msgs_per_sec.toLocaleString('en')} | ${cpu(x)} |`).join('\n')
   const mq = r.ratios.node_best_vs_mqttjs
     ? `| hubmsg Node (best) / mqtt.js | ${r.ratios.node_best_vs_mqttjs.toFixed(2)}x | >= ${GOAL_MQTTJS.toFixed(1)}x |`
     : `| hubmsg Node / mqtt.js | unavailable: ${r.mqttjs_unavailable} | >= ${GOAL_MQTTJS.toFixed(1)}x |`
@@ -562,8 +570,8 @@ One device, ${r.body_bytes} B bodies, QoS 1, durability ${r.durability}; each se
 consumer is its own process; figure = (messages - 1) / (the time the consumer saw the last
 distinct message id - the time it saw the first).
 
-| run | messages | seconds | msg/s |
-|---|---|---|---|
+| run | messages | seconds | msg/s | CPU µs per message: sender + hub (Mosquitto) + consumer |
+|---|---|---|---|---|
 ${rows}
 
 | ratio | value | goal |
