@@ -241,6 +241,12 @@ async fn finish(
         let deadline = tokio::time::Instant::now() + inner.cfg.append_timeout;
         let first_try = submit(&inner.js, names::FEEDBACK_SUBJECT, &h, &body).await;
         await_ack(&inner.js, names::FEEDBACK_SUBJECT, &h, &body, first_try, deadline).await.map_err(|e| js_err("writing feedback", e))?;
+        // Durable in the feedback stream; now every node's waiting connections hear of it. A
+        // lost publish costs only the notification (the record stays in the shared queue and
+        // the waiting call times out), so it is not retried.
+        if let Err(e) = inner.client.publish(names::OUTCOMES_SUBJECT, body).await {
+            tracing::warn!(device, seq, error = %e, "publishing an outcome notification failed");
+        }
     }
     if first {
         if let Err(e) = super::registry::add_counter(&inner.counters, &format!("c2d.{}", status.as_str()), 1).await {
@@ -657,6 +663,21 @@ impl NatsFeedback {
     }
 }
 
+/// Hands every record heard on [`names::OUTCOMES_SUBJECT`] to the hub's outcome notifications.
+pub(crate) async fn relay_outcomes(mut sub: async_nats::Subscriber, sink: Arc<Mutex<Option<crate::backend::OutcomeSink>>>) {
+    while let Some(m) = sub.next().await {
+        match serde_json::from_slice::<FeedbackRecord>(&m.payload) {
+            Ok(r) => {
+                let s = sink.lock().clone();
+                if let Some(s) = s {
+                    s(r);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "malformed outcome notification ignored"),
+        }
+    }
+}
+
 impl Feedback for NatsFeedback {
     fn next_batch(&self, conn: u64, interval: Duration) -> BoxFut<'_, Option<FeedbackBatch>> {
         Box::pin(async move {
@@ -719,5 +740,9 @@ impl Feedback for NatsFeedback {
                 self.inner.js.get_stream(names::FEEDBACK_STREAM).await.map_err(|e| js_err("opening the feedback stream", e))?;
             Ok(stream.info().await.map_err(|e| js_err("reading the feedback stream", e))?.state.messages)
         })
+    }
+
+    fn on_outcome(&self, sink: crate::backend::OutcomeSink) {
+        *self.inner.outcome_sink.lock() = Some(sink);
     }
 }
