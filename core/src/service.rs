@@ -1261,14 +1261,7 @@ impl Driver {
         }
         if let Some(id) = p.topic.strip_prefix(proto::FEEDBACK_PREFIX) {
             let id: u64 = id.parse().map_err(|_| Error::protocol(format!("bad feedback topic '{}'", p.topic)))?;
-            let records: Vec<FeedbackRecord> =
-                serde_json::from_slice(&p.payload).map_err(|e| Error::protocol(format!("bad feedback batch: {e}")))?;
-            if let Some((_, shared)) = &self.c2d {
-                let mut g = shared.lock();
-                for r in &records {
-                    g.resolve(r);
-                }
-            }
+            let records = self.resolve_records(&p.payload, "feedback batch")?;
             let batch = FeedbackBatch { id, records, generation: self.generation, pkid: p.pkid, cmd: self.cmd_tx.clone() };
             if let Some(tx) = &self.feedback {
                 // A stream dropped meanwhile: unacknowledged, so the hub delivers it again.
@@ -1277,17 +1270,23 @@ impl Driver {
             return Ok(());
         }
         if p.topic == proto::OUTCOMES_TOPIC {
-            let records: Vec<FeedbackRecord> =
-                serde_json::from_slice(&p.payload).map_err(|e| Error::protocol(format!("bad outcome notification: {e}")))?;
-            if let Some((_, shared)) = &self.c2d {
-                let mut g = shared.lock();
-                for r in &records {
-                    g.resolve(r);
-                }
-            }
+            self.resolve_records(&p.payload, "outcome notification")?;
             return Ok(());
         }
         Err(Error::protocol(format!("unexpected publish on '{}'", p.topic)))
+    }
+
+    /// Parses a JSON array of feedback records (a batch or a notification) and resolves the
+    /// waits for their message ids: whichever of the two copies of a record comes first.
+    fn resolve_records(&self, payload: &[u8], what: &str) -> Result<Vec<FeedbackRecord>> {
+        let records: Vec<FeedbackRecord> = serde_json::from_slice(payload).map_err(|e| Error::protocol(format!("bad {what}: {e}")))?;
+        if let Some((_, shared)) = &self.c2d {
+            let mut g = shared.lock();
+            for r in &records {
+                g.resolve(r);
+            }
+        }
+        Ok(records)
     }
 }
 

@@ -154,78 +154,77 @@ async fn a_wait_spans_a_hub_restart_and_resolves_when_the_device_completes_after
     hub.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outcome_while_the_waiter_was_disconnected_is_answered_from_the_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let hub = hub_at(dir.path(), 0, None).await;
-    let relay = Relay::start(hub.mqtt_addr().unwrap()).await;
-    let port = hub.mqtt_addr().unwrap().port();
-    hub.shutdown().await.unwrap();
-    let hub = hub_at(dir.path(), port, Some(relay.addr)).await;
-    let dev = device_direct(&hub, "away").await;
+/// A waiter (through a [`Relay`]) whose connection is cut while the device completes the message
+/// it waits for: the outcome is recorded while it is away.
+struct Away {
+    hub: Hub,
+    port: u16,
+    relay: Relay,
+    waiter: ServiceClient,
+    status: tokio::sync::watch::Receiver<ConnectionStatus>,
+    dev: DeviceClient,
+    wait: tokio::task::JoinHandle<hubmsg_core::Result<hubmsg_core::proto::FeedbackRecord>>,
+}
+
+async fn outcome_while_away(dir: &std::path::Path, device: &str, message_id: &str, limit: Duration) -> Away {
+    let first = hub_at(dir, 0, None).await;
+    let relay = Relay::start(first.mqtt_addr().unwrap()).await;
+    let port = first.mqtt_addr().unwrap().port();
+    first.shutdown().await.unwrap();
+    let hub = hub_at(dir, port, Some(relay.addr)).await;
+    let dev = device_direct(&hub, device).await;
     let mut rx = dev.c2d().unwrap();
     let waiter = service_via(&hub, &relay.addr.to_string()).await;
     let mut status = waiter.status_watch();
     connected(&mut status, true).await;
-
-    let w = waiter.clone();
-    let wait =
-        tokio::spawn(async move { w.send_c2d_and_wait("away", Message::new("while away").with_message_id("A1"), AckMode::Full, T).await });
+    let (w, d, m) = (waiter.clone(), device.to_string(), Message::new("while away").with_message_id(message_id));
+    let wait = tokio::spawn(async move { w.send_c2d_and_wait(&d, m, AckMode::Full, limit).await });
     let m = rx.recv_timeout(T).await.unwrap().expect("delivered");
-    // The waiter loses its connection; the outcome happens while it is away.
     relay.set(false);
     connected(&mut status, false).await;
     m.complete().unwrap();
-    queued(&hub, "away", 0).await;
+    queued(&hub, device, 0).await;
     assert!(!wait.is_finished(), "nothing could reach the disconnected waiter");
-    relay.set(true);
-    let r = tokio::time::timeout(T, wait).await.expect("the wait ends").unwrap().expect("answered from the cache on reconnect");
+    Away { hub, port, relay, waiter, status, dev, wait }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_while_the_waiter_was_disconnected_is_answered_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = outcome_while_away(dir.path(), "away", "A1", T).await;
+    a.relay.set(true);
+    let r = tokio::time::timeout(T, a.wait).await.expect("the wait ends").unwrap().expect("answered from the cache on reconnect");
     assert_eq!((r.original_message_id.as_str(), r.status_code), ("A1", FeedbackStatus::Success));
-    dev.close().await.unwrap();
-    waiter.close().await;
-    hub.shutdown().await.unwrap();
+    a.dev.close().await.unwrap();
+    a.waiter.close().await;
+    a.hub.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_missed_across_a_hub_restart_ends_the_wait_with_a_clean_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let hub = hub_at(dir.path(), 0, None).await;
-    let relay = Relay::start(hub.mqtt_addr().unwrap()).await;
-    let port = hub.mqtt_addr().unwrap().port();
-    hub.shutdown().await.unwrap();
-    let hub = hub_at(dir.path(), port, Some(relay.addr)).await;
-    let dev = device_direct(&hub, "gone").await;
-    let mut rx = dev.c2d().unwrap();
-    let waiter = service_via(&hub, &relay.addr.to_string()).await;
-    let mut status = waiter.status_watch();
-    connected(&mut status, true).await;
-
-    let limit = Duration::from_secs(6);
-    let w = waiter.clone();
-    let wait =
-        tokio::spawn(async move { w.send_c2d_and_wait("gone", Message::new("missed").with_message_id("G1"), AckMode::Full, limit).await });
-    let m = rx.recv_timeout(T).await.unwrap().expect("delivered");
-    relay.set(false);
-    connected(&mut status, false).await;
-    m.complete().unwrap();
-    queued(&hub, "gone", 0).await;
+    let mut a = outcome_while_away(dir.path(), "gone", "G1", Duration::from_secs(6)).await;
     // The hub restarts before the waiter is back: the outcome is in the shared feedback queue
     // (durable), but the cache that would answer the re-sent watch is gone.
-    hub.shutdown().await.unwrap();
-    let hub = hub_at(dir.path(), port, Some(relay.addr)).await;
-    relay.set(true);
-    connected(&mut status, true).await;
-    let e = tokio::time::timeout(T, wait).await.expect("the wait ends").unwrap().expect_err("nothing answers the wait");
+    a.hub.shutdown().await.unwrap();
+    let hub = hub_at(dir.path(), a.port, Some(a.relay.addr)).await;
+    a.relay.set(true);
+    connected(&mut a.status, true).await;
+    let e = tokio::time::timeout(T, a.wait).await.expect("the wait ends").unwrap().expect_err("nothing answers the wait");
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(e.to_string().contains("'G1'"), "the error names the message: {e}");
     // The record is still in the shared queue for feedback readers.
-    let mut fb = waiter.feedback().unwrap();
+    let mut fb = a.waiter.feedback().unwrap();
     let b = fb.next_timeout(T).await.unwrap().expect("the record is in the feedback queue");
     assert_eq!((b.records[0].original_message_id.as_str(), b.records[0].status_code), ("G1", FeedbackStatus::Success));
     b.ack();
-    assert!(eventually(T, || waiter.pending_counts() == (0, 0, 0)).await, "the timed-out wait is forgotten: {:?}", waiter.pending_counts());
-    dev.close().await.unwrap();
-    waiter.close().await;
+    assert!(
+        eventually(T, || a.waiter.pending_counts() == (0, 0, 0)).await,
+        "the timed-out wait is forgotten: {:?}",
+        a.waiter.pending_counts()
+    );
+    a.dev.close().await.unwrap();
+    a.waiter.close().await;
     hub.shutdown().await.unwrap();
 }
 

@@ -1,5 +1,5 @@
 //! Outcome notifications against competing feedback readers, one body for every backend:
-//! `core/tests/feedback_readers.rs` runs it on one embedded hub, `nats/tests/feedback_readers.rs`
+//! `core/tests/feedback_readers.rs` runs it on one embedded hub, `nats/tests/hub_nodes.rs`
 //! on two hub nodes over JetStream (the waiter on one node, the device and the reader on the
 //! other).
 
