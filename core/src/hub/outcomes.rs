@@ -174,6 +174,11 @@ impl Watches {
         self.by_conn.get(&conn).map_or(0, |s| s.len())
     }
 
+    /// (connection, id) watches of every connection.
+    pub fn total_watched(&self) -> usize {
+        self.by_conn.values().map(|s| s.len()).sum()
+    }
+
     /// Records in the cache.
     pub fn cached(&self) -> usize {
         self.cache.len()
@@ -277,7 +282,7 @@ mod tests {
         got.sort();
         assert_eq!(got, vec![1, 2]);
         assert_eq!(w.record(&rec("a"), 6), Vec::<u64>::new(), "a second record of the id goes to nobody");
-        assert_eq!((w.watched(1), w.watched(2)), (1, 0));
+        assert_eq!((w.watched(1), w.watched(2), w.total_watched()), (1, 0, 1));
         assert_eq!(w.record(&rec("unwatched"), 7), Vec::<u64>::new());
     }
 
