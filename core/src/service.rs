@@ -1055,8 +1055,12 @@ impl Driver {
                     return End::Failed(e);
                 }
             }
-            // Watches first: a C2D send taken from the outbox below goes out after the watch
-            // of its id (registered before the send was queued).
+            let sendable = match &self.c2d {
+                Some((outbox, _)) => outbox.take_sendable(self.opts.max_in_flight.saturating_sub(self.c2d_in_flight.len())),
+                None => Vec::new(),
+            };
+            // Watches before the sends just taken: a wait is registered before its message is
+            // pushed to the outbox, so every send in `sendable` goes out after its id's watch.
             if self.c2d.as_ref().is_some_and(|(_, s)| {
                 let g = s.lock();
                 !g.watch_new.is_empty() || !g.unwatch.is_empty()
@@ -1067,22 +1071,19 @@ impl Driver {
                 }
             }
             if let Some((outbox, _)) = &self.c2d {
-                let room = self.opts.max_in_flight.saturating_sub(self.c2d_in_flight.len());
-                if room > 0 {
-                    for crate::outbox::Sendable { seq, record, .. } in outbox.take_sendable(room) {
-                        let body = match Message::decode(&record) {
-                            Ok(m) => m.body.to_vec(),
-                            Err(e) => {
-                                tracing::error!(seq, error = %e, "dropping an unreadable C2D outbox record");
-                                outbox.rejected(seq);
-                                continue;
-                            }
-                        };
-                        let rid = C2D_RID_BASE + seq;
-                        self.c2d_in_flight.insert(rid, seq);
-                        if let Err(e) = publish(proto::request_topic("c2d.send", rid), body, &mut writer) {
-                            return End::Failed(e);
+                for crate::outbox::Sendable { seq, record, .. } in sendable {
+                    let body = match Message::decode(&record) {
+                        Ok(m) => m.body.to_vec(),
+                        Err(e) => {
+                            tracing::error!(seq, error = %e, "dropping an unreadable C2D outbox record");
+                            outbox.rejected(seq);
+                            continue;
                         }
+                    };
+                    let rid = C2D_RID_BASE + seq;
+                    self.c2d_in_flight.insert(rid, seq);
+                    if let Err(e) = publish(proto::request_topic("c2d.send", rid), body, &mut writer) {
+                        return End::Failed(e);
                     }
                 }
             }
