@@ -252,3 +252,121 @@ async fn a_client_that_reads_feedback_and_waits_resolves_the_wait_once_and_still
     svc.close().await;
     hub.shutdown().await.unwrap();
 }
+
+/// A raw service connection speaking the wire contract of `docs/protocol.md` (no client logic).
+struct RawService {
+    halves: hubmsg_core::transport::ClientHalves,
+    next: u16,
+}
+
+impl RawService {
+    async fn connect(hub: &Hub, policy: &str) -> RawService {
+        use hubmsg_core::{auth, proto, wire};
+        let host = hub.host_name();
+        let key = hub.registry().policy(policy).await.unwrap().unwrap().primary_key;
+        let params = hubmsg_core::transport::ConnectParams {
+            client_id: format!("{}/raw-{policy}", proto::SERVICE_MARKER),
+            username: format!("{host}/{}/?api-version={}", proto::SERVICE_MARKER, wire::API_VERSION),
+            password: auth::generate_sas_token(&host, &key, hubmsg_core::message::now_ms() / 1000 + 3600, Some(policy)).unwrap(),
+            keep_alive_secs: 60,
+            clean_session: true,
+        };
+        let a = hub.mqtt_addr().unwrap();
+        let endpoint = hubmsg_core::transport::Endpoint { host: a.ip().to_string(), port: a.port(), tls: None };
+        let (halves, _) = hubmsg_core::transport::client_connect(&endpoint, &params, T).await.unwrap();
+        RawService { halves, next: 1 }
+    }
+
+    /// Sends request `op` with `body`; returns the hub's answer.
+    async fn request(&mut self, op: &str, body: Vec<u8>) -> hubmsg_core::proto::Response {
+        use rumqttc::mqttbytes::v4::{Packet, Publish};
+        let rid = self.next as u64;
+        let mut p = Publish::new(hubmsg_core::proto::request_topic(op, rid), rumqttc::mqttbytes::QoS::AtLeastOnce, body);
+        p.pkid = self.next;
+        self.next += 1;
+        self.halves.1.send(&Packet::Publish(p)).await.unwrap();
+        loop {
+            match tokio::time::timeout(T, self.halves.0.next()).await.expect("an answer").unwrap() {
+                Some(Packet::Publish(p)) if p.topic == hubmsg_core::proto::response_topic(rid) => {
+                    return serde_json::from_slice(&p.payload).unwrap();
+                }
+                Some(_) => continue,
+                None => panic!("the hub closed the connection after '{op}'"),
+            }
+        }
+    }
+
+    /// The next outcome notification: its records.
+    async fn notification(&mut self) -> Vec<hubmsg_core::proto::FeedbackRecord> {
+        use rumqttc::mqttbytes::v4::Packet;
+        loop {
+            match tokio::time::timeout(T, self.halves.0.next()).await.expect("a notification").unwrap() {
+                Some(Packet::Publish(p)) if p.topic == hubmsg_core::proto::OUTCOMES_TOPIC => {
+                    assert_eq!(p.qos, rumqttc::mqttbytes::QoS::AtMostOnce);
+                    return serde_json::from_slice(&p.payload).unwrap();
+                }
+                Some(_) => continue,
+                None => panic!("the hub closed the connection"),
+            }
+        }
+    }
+}
+
+fn code(r: &hubmsg_core::proto::Response) -> &str {
+    r.error.as_ref().map_or("", |e| e.code.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_contract_on_the_wire_with_clear_errors_for_bad_watches() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let hub = hub_at(dir.path(), 0, None).await;
+    let mut raw = RawService::connect(&hub, "service").await;
+    let body = |v: serde_json::Value| serde_json::to_vec(&v).unwrap();
+
+    // Bad watches: a clear error each, nothing watched, and the connection keeps serving.
+    let r = raw.request("outcomes.watch", b"{not json".to_vec()).await;
+    assert_eq!((r.status, code(&r)), (400, "INVALID_ARGUMENT"), "{r:?}");
+    let r = raw.request("outcomes.watch", body(json!({"ids": [""]}))).await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT", "{r:?}");
+    let r = raw.request("outcomes.watch", body(json!({"ids": ["x".repeat(1025)]}))).await;
+    assert_eq!(code(&r), "INVALID_ARGUMENT", "{r:?}");
+    let too_many: Vec<String> = (0..=hubmsg_core::proto::MAX_WATCHES).map(|i| format!("m{i}")).collect();
+    let r = raw.request("outcomes.watch", body(json!({ "ids": too_many }))).await;
+    assert_eq!(code(&r), "QUEUE_FULL", "{r:?}");
+    assert!(r.error.as_ref().unwrap().message.contains("limit 10000"), "{r:?}");
+    let mut registry_only = RawService::connect(&hub, "registryRead").await;
+    let r = registry_only.request("outcomes.watch", body(json!({"ids": ["x"]}))).await;
+    assert_eq!(code(&r), "UNAUTHORIZED", "{r:?}");
+
+    // A watch, its answer, and the notification (QoS 0, on this connection only).
+    let r = raw.request("outcomes.watch", body(json!({"ids": ["wire-1", "wire-2"]}))).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let at = r.body["at"].as_u64().expect("the watch is answered with the hub's time");
+    let r = raw.request("outcomes.unwatch", body(json!({"ids": ["wire-2"]}))).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let svc = service(&hub).await;
+    let dev = device_direct(&hub, "wire").await;
+    let mut rx = dev.c2d().unwrap();
+    for id in ["wire-2", "wire-1"] {
+        svc.send_c2d("wire", Message::new("x").with_message_id(id), AckMode::Full).await.unwrap();
+        rx.recv_timeout(T).await.unwrap().expect("delivered").complete().unwrap();
+    }
+    let got = raw.notification().await;
+    assert_eq!(got.iter().map(|r| r.original_message_id.as_str()).collect::<Vec<_>>(), vec!["wire-1"], "wire-2 was unwatched");
+    assert_eq!(got[0].status_code, FeedbackStatus::Success);
+
+    // Re-sent on a new connection: answered from the cache when `since` is at or before the
+    // record's arrival, never on a first watch (no `since`: an earlier message's record).
+    drop(raw);
+    let mut again = RawService::connect(&hub, "service").await;
+    let r = again.request("outcomes.watch", body(json!({"ids": ["wire-2"]}))).await;
+    assert_eq!(r.status, 200);
+    let r = again.request("outcomes.watch", body(json!({"ids": ["wire-1"], "since": at}))).await;
+    assert_eq!(r.status, 200);
+    let got = again.notification().await;
+    assert_eq!(got.iter().map(|r| r.original_message_id.as_str()).collect::<Vec<_>>(), vec!["wire-1"]);
+    dev.close().await.unwrap();
+    svc.close().await;
+    hub.shutdown().await.unwrap();
+}

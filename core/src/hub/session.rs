@@ -1156,9 +1156,12 @@ impl ServiceSession<'_> {
         if let Some(bad) = req.ids.iter().find(|id| id.is_empty() || id.len() > MAX_WATCH_ID) {
             return Err(Error::invalid(format!("outcomes.watch: message id of {} bytes (ids are 1 to {MAX_WATCH_ID} bytes)", bad.len())));
         }
+        // Read before the watch is in place: every record that arrives after it was either
+        // notified through this watch or, for a re-sent watch, is found in the cache.
+        let at = now_ms();
         let (tx, _) = self.notifications.get_or_insert_with(mpsc::unbounded_channel);
         self.shared.outcomes.watch(self.member, tx, &req.ids, req.since)?;
-        Ok(to_json(&proto::Watching { at: now_ms() }))
+        Ok(to_json(&proto::Watching { at }))
     }
 
     /// `outcomes.unwatch`: these waits ended (answered, cancelled or timed out).
