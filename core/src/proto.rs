@@ -445,6 +445,43 @@ pub const C2D_SETTLE_PREFIX: &str = "$hubmsg/c2d/";
 /// Topic prefix of feedback batch deliveries: `$hubmsg/feedback/{batchId}`.
 pub const FEEDBACK_PREFIX: &str = "$hubmsg/feedback/";
 
+/// Topic of outcome notifications: the hub publishes (QoS 0) a JSON array of feedback records
+/// of message ids this connection watches (`outcomes.watch`), to this connection only.
+pub const OUTCOMES_TOPIC: &str = "$hubmsg/outcomes";
+
+/// Message ids one service connection may watch at a time (`outcomes.watch`); the hub refuses
+/// more with `QUEUE_FULL`, and a [`crate::service::ServiceClient`] refuses the wait itself.
+pub const MAX_WATCHES: usize = 10_000;
+
+/// `outcomes.watch` request body: the message ids whose outcomes this connection waits for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchOutcomes {
+    /// Message ids (`originalMessageId` of the records to notify).
+    pub ids: Vec<String>,
+    /// Absent on a first watch (sent before its message: never answered from the hub's cache);
+    /// on a re-sent watch the `at` the hub answered the first one with, so a cached record that
+    /// arrived at or after it answers at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+}
+
+/// `outcomes.watch` answer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Watching {
+    /// The hub node's time (ms since the Unix epoch) when it registered the watch.
+    pub at: u64,
+}
+
+/// `outcomes.unwatch` request body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UnwatchOutcomes {
+    /// Message ids no longer waited for.
+    pub ids: Vec<String>,
+}
+
 /// `c2d.send` request body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

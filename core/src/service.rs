@@ -135,11 +135,12 @@ enum Cmd {
         generation: u64,
         pkid: u16,
     },
-    /// Start receiving feedback; batches go to `tx` when given (else they are acknowledged once
-    /// waiters saw them).
+    /// Start receiving feedback; batches go to `tx`.
     Feedback {
-        tx: Option<mpsc::UnboundedSender<FeedbackBatch>>,
+        tx: mpsc::UnboundedSender<FeedbackBatch>,
     },
+    /// Outcome waits were added to [`C2dShared`] (the driver sends their watches).
+    Watch,
     Close(oneshot::Sender<()>),
 }
 
@@ -162,6 +163,27 @@ struct C2dShared {
     early: HashMap<u64, (std::time::Instant, Result<C2dReceipt>)>,
     /// Message id → senders waiting for its feedback record.
     outcomes: HashMap<String, Vec<oneshot::Sender<FeedbackRecord>>>,
+    /// Ids of `outcomes` whose first watch the driver has not sent yet (it sends them before
+    /// any C2D send queued after them, so the hub watches before the message exists).
+    watch_new: Vec<String>,
+    /// Ids of `outcomes` → the hub time their first watch was answered with (the `since` of
+    /// the watch re-sent after a reconnect).
+    watch_since: HashMap<String, u64>,
+    /// Ids whose waits were abandoned (timed out, cancelled): the driver unwatches them.
+    unwatch: Vec<String>,
+}
+
+impl C2dShared {
+    /// Hands `r` to every call waiting for its message id (once: the id is no longer waited
+    /// for), whether it came as a notification or in a feedback batch.
+    fn resolve(&mut self, r: &FeedbackRecord) {
+        if let Some(ws) = self.outcomes.remove(&r.original_message_id) {
+            self.watch_since.remove(&r.original_message_id);
+            for w in ws {
+                let _ = w.send(r.clone());
+            }
+        }
+    }
 }
 
 /// One batch of feedback records; acknowledge it once processed, or it is delivered again.
@@ -363,8 +385,12 @@ impl ServiceClient {
 
     /// Sends a C2D message asking for feedback (`ack`, `Full` if `None`) and waits up to
     /// `timeout` for its outcome: the feedback record (`Success`, `Rejected`, `Expired`,
-    /// `DeliveryCountExceeded`, `Purged`). Feedback must reach this client: when several service
-    /// instances receive feedback, a record may go to another one.
+    /// `DeliveryCountExceeded`, `Purged`). The record comes to this client as a notification
+    /// ([`ServiceClient::await_outcome`]), whatever other clients read feedback, and also stays
+    /// in the hub-wide feedback queue. `Timeout` when it did not come in time — also when the
+    /// outcome happened while this client was disconnected *and* the hub restarted before the
+    /// client reconnected (the hub's cache of recent outcomes is in memory); `QueueFull` when
+    /// this client already waits for [`proto::MAX_WATCHES`] outcomes.
     pub async fn send_c2d_and_wait(&self, device_id: &str, message: Message, ack: AckMode, timeout: Duration) -> Result<FeedbackRecord> {
         let ack = if ack == AckMode::None { AckMode::Full } else { ack };
         let mut message = message;
@@ -378,15 +404,40 @@ impl ServiceClient {
         }
     }
 
-    /// Registers interest in the feedback record of `message_id` (send the message after this).
-    /// This subscribes the client to feedback: while no [`ServiceClient::feedback`] stream is
-    /// open, every batch that arrives is acknowledged once its records reached their waiting
-    /// calls, so records of other messages in it are not kept for a stream opened later — open
-    /// the stream first when a client needs both.
+    /// Registers interest in the feedback record of `message_id`; send the message after this
+    /// (through this client), so the hub watches the id before the message exists. The client
+    /// asks the hub to notify this connection of the id's outcome (`outcomes.watch`,
+    /// `docs/protocol.md`) — it does not read the hub-wide feedback queue, so it takes nothing
+    /// from other clients' [`ServiceClient::feedback`] streams — and re-sends the watch after
+    /// each reconnect, when the hub answers at once from its cache of recent outcomes if the
+    /// outcome happened in between. A record of the id that reaches this client's own feedback
+    /// stream first resolves the wait too (once). Dropping the receiver abandons the wait (the
+    /// hub stops watching the id). `QueueFull` when [`proto::MAX_WATCHES`] ids are already
+    /// awaited.
     pub fn await_outcome(&self, message_id: &str) -> Result<oneshot::Receiver<FeedbackRecord>> {
         let (tx, rx) = oneshot::channel();
-        self.c2d.lock().outcomes.entry(message_id.to_string()).or_default().push(tx);
-        self.cmd.send(Cmd::Feedback { tx: None }).map_err(|_| Error::closed("service client"))?;
+        {
+            let mut g = self.c2d.lock();
+            match g.outcomes.get_mut(message_id) {
+                Some(ws) => ws.push(tx),
+                None => {
+                    if g.outcomes.len() >= proto::MAX_WATCHES {
+                        return Err(Error::new(
+                            ErrorKind::QueueFull,
+                            format!(
+                                "this client already waits for {} outcomes (limit {}); wait for some to finish or drop them \
+                                 before waiting for '{message_id}'",
+                                g.outcomes.len(),
+                                proto::MAX_WATCHES
+                            ),
+                        ));
+                    }
+                    g.outcomes.insert(message_id.to_string(), vec![tx]);
+                    g.watch_new.push(message_id.to_string());
+                }
+            }
+        }
+        self.cmd.send(Cmd::Watch).map_err(|_| Error::closed("service client"))?;
         Ok(rx)
     }
 
@@ -404,11 +455,13 @@ impl ServiceClient {
         Ok(r.total_messages_purged)
     }
 
-    /// The stream of feedback batches (one stream per client; a second call replaces it).
-    /// Acknowledge each batch with [`FeedbackBatch::ack`].
+    /// The stream of feedback batches of the hub-wide feedback queue (one stream per client; a
+    /// second call replaces it). Acknowledge each batch with [`FeedbackBatch::ack`]; a batch
+    /// that arrives after the stream was dropped is not acknowledged, so the hub delivers it
+    /// again (to another reader once its 60 s lock ends).
     pub fn feedback(&self) -> Result<FeedbackStream> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.cmd.send(Cmd::Feedback { tx: Some(tx) }).map_err(|_| Error::closed("service client"))?;
+        self.cmd.send(Cmd::Feedback { tx }).map_err(|_| Error::closed("service client"))?;
         Ok(FeedbackStream { rx })
     }
 
@@ -670,7 +723,10 @@ struct Driver {
     /// In-flight C2D sends: request id → outbox seq.
     c2d_in_flight: HashMap<u64, u64>,
     /// Feedback wanted, and where batches go.
-    feedback: Option<Option<mpsc::UnboundedSender<FeedbackBatch>>>,
+    feedback: Option<mpsc::UnboundedSender<FeedbackBatch>>,
+    /// Watch requests in flight on this connection: request id → (ids, first watch).
+    watches: HashMap<u64, (Vec<String>, bool)>,
+    next_watch_rid: u64,
     /// Where to report the end of a `close()`.
     closer: Option<oneshot::Sender<()>>,
 }
@@ -681,6 +737,10 @@ const CONSUME_RID: u64 = 0;
 const FEEDBACK_RID: u64 = 1 << 62;
 /// C2D sends use request ids from here on (base + outbox seq).
 const C2D_RID_BASE: u64 = 1 << 63;
+/// `outcomes.watch` / `outcomes.unwatch` requests use ids from here up to [`FEEDBACK_RID`].
+const WATCH_RID_BASE: u64 = 1 << 61;
+/// Ids per `outcomes.watch` request (keeps each request far below the packet limit).
+const WATCH_CHUNK: usize = 1000;
 
 impl transport::Link for Driver {
     type Conn = transport::ClientHalves;
@@ -739,6 +799,8 @@ impl Driver {
             c2d,
             c2d_in_flight: HashMap::new(),
             feedback: None,
+            watches: HashMap::new(),
+            next_watch_rid: WATCH_RID_BASE,
             closer: None,
         };
         tokio::spawn(d.run());
@@ -768,8 +830,8 @@ impl Driver {
                     self.queue_request(op, body, deadline, tx);
                 }
             },
-            Some(Cmd::Ack { .. }) => {}
-            Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
+            Some(Cmd::Ack { .. } | Cmd::Watch) => {}
+            Some(Cmd::Feedback { tx }) => self.feedback = Some(tx),
             Some(Cmd::Close(tx)) => {
                 self.closer = Some(tx);
                 return Idle::Close;
@@ -779,11 +841,81 @@ impl Driver {
         Idle::Continue
     }
 
-    fn want_feedback(&mut self, tx: Option<mpsc::UnboundedSender<FeedbackBatch>>) {
-        match (&mut self.feedback, tx) {
-            (Some(slot), Some(tx)) => *slot = Some(tx),
-            (Some(_), None) => {}
-            (none, tx) => *none = Some(tx),
+    /// Queues the watches this connection owes the hub: on a new connection (`all`) every id
+    /// still awaited — re-sent ones with the `since` of their first answer — and otherwise the
+    /// ids added since, plus the unwatches of abandoned waits.
+    fn queue_watches(&mut self, all: bool, publish: &mut impl FnMut(String, Vec<u8>) -> Result<()>) -> Result<()> {
+        let Some((_, shared)) = &self.c2d else { return Ok(()) };
+        let mut requests: Vec<(proto::WatchOutcomes, bool)> = Vec::new();
+        let unwatch = {
+            let mut g = shared.lock();
+            let new = std::mem::take(&mut g.watch_new);
+            let fresh: std::collections::HashSet<&String> = new.iter().collect();
+            if all {
+                let mut by_since: std::collections::BTreeMap<u64, Vec<String>> = std::collections::BTreeMap::new();
+                for id in g.outcomes.keys().filter(|id| !fresh.contains(id)) {
+                    by_since.entry(g.watch_since.get(id).copied().unwrap_or(0)).or_default().push(id.clone());
+                }
+                requests.extend(by_since.into_iter().map(|(since, ids)| (proto::WatchOutcomes { ids, since: Some(since) }, false)));
+            }
+            let new: Vec<String> = new.into_iter().filter(|id| g.outcomes.contains_key(id)).collect();
+            if !new.is_empty() {
+                requests.push((proto::WatchOutcomes { ids: new, since: None }, true));
+            }
+            std::mem::take(&mut g.unwatch)
+        };
+        for (req, first) in requests {
+            for chunk in req.ids.chunks(WATCH_CHUNK) {
+                let body = proto::WatchOutcomes { ids: chunk.to_vec(), since: req.since };
+                let rid = self.next_watch_rid();
+                self.watches.insert(rid, (body.ids.clone(), first));
+                publish(proto::request_topic("outcomes.watch", rid), serde_json::to_vec(&body).expect("watch serializes"))?;
+            }
+        }
+        // After a reconnect the hub holds none of this connection's watches: nothing to undo.
+        if !all {
+            for chunk in unwatch.chunks(WATCH_CHUNK) {
+                let rid = self.next_watch_rid();
+                let body = proto::UnwatchOutcomes { ids: chunk.to_vec() };
+                publish(proto::request_topic("outcomes.unwatch", rid), serde_json::to_vec(&body).expect("unwatch serializes"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn next_watch_rid(&mut self) -> u64 {
+        let rid = self.next_watch_rid;
+        self.next_watch_rid = if rid + 1 >= FEEDBACK_RID { WATCH_RID_BASE } else { rid + 1 };
+        rid
+    }
+
+    /// The hub answered a watch request.
+    fn watch_answered(&mut self, rid: u64, resp: proto::Response) {
+        let Some((ids, first)) = self.watches.remove(&rid) else { return }; // an unwatch
+        let Some((_, shared)) = &self.c2d else { return };
+        let mut g = shared.lock();
+        match resp.into_result().and_then(|v| {
+            serde_json::from_value::<proto::Watching>(v).map_err(|e| Error::protocol(format!("bad outcomes.watch answer: {e}")))
+        }) {
+            Ok(w) => {
+                if first {
+                    let g = &mut *g;
+                    for id in ids {
+                        if g.outcomes.contains_key(&id) {
+                            g.watch_since.insert(id, w.at);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                // Only a hub with other limits or rights than this client's refuses: the waits
+                // cannot be served, so they end (their receivers see the client as closed).
+                tracing::error!(error = %e, ids = ids.len(), "the hub refused to watch outcomes; those waits end");
+                for id in &ids {
+                    g.outcomes.remove(id);
+                    g.watch_since.remove(id);
+                }
+            }
         }
     }
 
@@ -817,10 +949,18 @@ impl Driver {
         if let Some((_, shared)) = &self.c2d {
             let mut g = shared.lock();
             g.waiting.retain(|_, w| !w.is_closed());
-            g.outcomes.retain(|_, ws| {
+            let mut gone = Vec::new();
+            g.outcomes.retain(|id, ws| {
                 ws.retain(|w| !w.is_closed());
+                if ws.is_empty() {
+                    gone.push(id.clone());
+                }
                 !ws.is_empty()
             });
+            for id in &gone {
+                g.watch_since.remove(id);
+            }
+            g.unwatch.extend(gone);
             let keep_early = self.opts.request_timeout;
             g.early.retain(|_, (at, _)| at.elapsed() < keep_early);
         }
@@ -896,6 +1036,11 @@ impl Driver {
             }
         }
         let mut feedback_subscribed = false;
+        self.watches.clear();
+        let mut publish_watch = |topic: String, body: Vec<u8>| publish(topic, body, &mut writer);
+        if let Err(e) = self.queue_watches(true, &mut publish_watch) {
+            return End::Failed(e);
+        }
         self.flush_held();
         self.c2d_in_flight.clear();
         if let Some((outbox, _)) = &self.c2d {
@@ -910,23 +1055,35 @@ impl Driver {
                     return End::Failed(e);
                 }
             }
+            let sendable = match &self.c2d {
+                Some((outbox, _)) => outbox.take_sendable(self.opts.max_in_flight.saturating_sub(self.c2d_in_flight.len())),
+                None => Vec::new(),
+            };
+            // Watches before the sends just taken: a wait is registered before its message is
+            // pushed to the outbox, so every send in `sendable` goes out after its id's watch.
+            if self.c2d.as_ref().is_some_and(|(_, s)| {
+                let g = s.lock();
+                !g.watch_new.is_empty() || !g.unwatch.is_empty()
+            }) {
+                let mut publish_watch = |topic: String, body: Vec<u8>| publish(topic, body, &mut writer);
+                if let Err(e) = self.queue_watches(false, &mut publish_watch) {
+                    return End::Failed(e);
+                }
+            }
             if let Some((outbox, _)) = &self.c2d {
-                let room = self.opts.max_in_flight.saturating_sub(self.c2d_in_flight.len());
-                if room > 0 {
-                    for crate::outbox::Sendable { seq, record, .. } in outbox.take_sendable(room) {
-                        let body = match Message::decode(&record) {
-                            Ok(m) => m.body.to_vec(),
-                            Err(e) => {
-                                tracing::error!(seq, error = %e, "dropping an unreadable C2D outbox record");
-                                outbox.rejected(seq);
-                                continue;
-                            }
-                        };
-                        let rid = C2D_RID_BASE + seq;
-                        self.c2d_in_flight.insert(rid, seq);
-                        if let Err(e) = publish(proto::request_topic("c2d.send", rid), body, &mut writer) {
-                            return End::Failed(e);
+                for crate::outbox::Sendable { seq, record, .. } in sendable {
+                    let body = match Message::decode(&record) {
+                        Ok(m) => m.body.to_vec(),
+                        Err(e) => {
+                            tracing::error!(seq, error = %e, "dropping an unreadable C2D outbox record");
+                            outbox.rejected(seq);
+                            continue;
                         }
+                    };
+                    let rid = C2D_RID_BASE + seq;
+                    self.c2d_in_flight.insert(rid, seq);
+                    if let Err(e) = publish(proto::request_topic("c2d.send", rid), body, &mut writer) {
+                        return End::Failed(e);
                     }
                 }
             }
@@ -991,7 +1148,8 @@ impl Driver {
                                     }
                                 }
                             }
-                            Some(Cmd::Feedback { tx }) => self.want_feedback(tx),
+                            Some(Cmd::Feedback { tx }) => self.feedback = Some(tx),
+                            Some(Cmd::Watch) => {} // sent at the top of the loop
                             Some(Cmd::Close(tx)) => {
                                 writer.queue(&Packet::Disconnect).ok();
                                 writer.shutdown().await;
@@ -1062,6 +1220,10 @@ impl Driver {
                 }
                 return Ok(());
             }
+            if (WATCH_RID_BASE..FEEDBACK_RID).contains(&rid) {
+                self.watch_answered(rid, resp);
+                return Ok(());
+            }
             if rid == FEEDBACK_RID {
                 if let Err(e) = resp.into_result() {
                     return Err(Error::new(e.kind(), format!("feedback subscription refused: {}", e.message())));
@@ -1100,28 +1262,32 @@ impl Driver {
         }
         if let Some(id) = p.topic.strip_prefix(proto::FEEDBACK_PREFIX) {
             let id: u64 = id.parse().map_err(|_| Error::protocol(format!("bad feedback topic '{}'", p.topic)))?;
-            let records: Vec<FeedbackRecord> =
-                serde_json::from_slice(&p.payload).map_err(|e| Error::protocol(format!("bad feedback batch: {e}")))?;
-            if let Some((_, shared)) = &self.c2d {
-                let mut g = shared.lock();
-                for r in &records {
-                    if let Some(ws) = g.outcomes.remove(&r.original_message_id) {
-                        for w in ws {
-                            let _ = w.send(r.clone());
-                        }
-                    }
-                }
-            }
+            let records = self.resolve_records(&p.payload, "feedback batch")?;
             let batch = FeedbackBatch { id, records, generation: self.generation, pkid: p.pkid, cmd: self.cmd_tx.clone() };
-            match self.feedback.as_ref().and_then(|f| f.as_ref()) {
-                Some(tx) if tx.send(batch).is_ok() => {}
-                _ => {
-                    let _ = self.cmd_tx.send(Cmd::Ack { generation: self.generation, pkid: p.pkid });
-                }
+            if let Some(tx) = &self.feedback {
+                // A stream dropped meanwhile: unacknowledged, so the hub delivers it again.
+                let _ = tx.send(batch);
             }
             return Ok(());
         }
+        if p.topic == proto::OUTCOMES_TOPIC {
+            self.resolve_records(&p.payload, "outcome notification")?;
+            return Ok(());
+        }
         Err(Error::protocol(format!("unexpected publish on '{}'", p.topic)))
+    }
+
+    /// Parses a JSON array of feedback records (a batch or a notification) and resolves the
+    /// waits for their message ids: whichever of the two copies of a record comes first.
+    fn resolve_records(&self, payload: &[u8], what: &str) -> Result<Vec<FeedbackRecord>> {
+        let records: Vec<FeedbackRecord> = serde_json::from_slice(payload).map_err(|e| Error::protocol(format!("bad {what}: {e}")))?;
+        if let Some((_, shared)) = &self.c2d {
+            let mut g = shared.lock();
+            for r in &records {
+                g.resolve(r);
+            }
+        }
+        Ok(records)
     }
 }
 

@@ -123,6 +123,21 @@ async fn metrics_count_what_was_sent_and_readiness_drops_on_drain() {
     assert_eq!(after["hubmsg_c2d_feedback_pending"], 0.0);
     assert_eq!(after["hubmsg_backend_errors_total"], 0.0);
     assert!(after["hubmsg_c2d_feedback_batches_total"] >= 1.0);
+    assert_eq!((after["hubmsg_c2d_outcome_notifications_total"], after["hubmsg_c2d_outcome_watches"]), (0.0, 0.0));
+
+    // A waited-for outcome is notified to the waiting connection (and stays in the queue).
+    let waiter = svc.clone();
+    let wait = tokio::spawn(async move { waiter.send_c2d_and_wait("m0", Message::new("w").with_message_id("w0"), AckMode::Full, T).await });
+    let m = rx.recv_timeout(T).await.unwrap().expect("the waited-for message");
+    let watching = samples(&get(http, "/metrics").await.1)["hubmsg_c2d_outcome_watches"];
+    assert_eq!(watching, 1.0, "the hub watches w0 for the waiting connection");
+    m.complete().unwrap();
+    assert_eq!(tokio::time::timeout(T, wait).await.unwrap().unwrap().unwrap().original_message_id, "w0");
+    let b = fb.next_timeout(T).await.unwrap().expect("the record in the shared queue too");
+    assert_eq!(b.records[0].original_message_id, "w0");
+    b.ack();
+    let notified = samples(&get(http, "/metrics").await.1);
+    assert_eq!((notified["hubmsg_c2d_outcome_notifications_total"], notified["hubmsg_c2d_outcome_watches"]), (1.0, 0.0));
     let page = get(http, "/metrics").await.1;
     assert!(page.contains("hubmsg_info{version=") && page.contains("backend=\"embedded\""), "{page}");
     assert!(page.contains("# TYPE hubmsg_store_commit_seconds histogram"));

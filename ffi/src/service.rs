@@ -411,8 +411,11 @@ pub unsafe extern "C" fn hubmsg_service_send_c2d(
 }
 
 /// Sends a C2D message and waits for its outcome: the feedback record (Success, Rejected,
-/// Expired, DeliveryCountExceeded, Purged). Feedback must reach this client: with several
-/// service instances receiving feedback a record may go to another one.
+/// Expired, DeliveryCountExceeded, Purged). The hub notifies this client's connection of the
+/// outcome, whatever other service instances read feedback; the record also stays in the
+/// hub-wide feedback queue. HUBMSG_TIMEOUT also when the outcome happened while the client was
+/// disconnected and the hub restarted before it reconnected (docs/protocol.md, "Outcome
+/// notifications").
 ///
 /// @param svc The client.
 /// @param device_id The target device.

@@ -61,6 +61,10 @@ pub const FEEDBACK_STREAM: &str = "HUBMSG_FEEDBACK";
 pub const FEEDBACK_SUBJECT: &str = "hubmsg.feedback";
 /// The durable consumer that forms feedback batches.
 pub const FEEDBACK_CONSUMER: &str = "feedback";
+/// Core NATS subject (no stream) on which the node that records an outcome publishes its
+/// feedback record; every hub node subscribes and notifies its service connections that watch
+/// the message id.
+pub const OUTCOMES_SUBJECT: &str = "hubmsg.outcomes";
 
 /// KV key of a group member's heartbeat: sorting these keys gives join order.
 pub fn member_key(group: &str, joined_ms: u64, member: &str) -> String {

@@ -1,6 +1,12 @@
 //! Two hub nodes in one process over one 3-node JetStream cluster: a device's new connection on
 //! one node ends its old session on the other (IoT Hub 400027), a device disabled through one
-//! node is disconnected from the other, and what one node accepted the other serves.
+//! node is disconnected from the other, what one node accepted the other serves, and a client
+//! waiting for outcomes on one node takes no feedback from a reader on the other.
+
+#[path = "../../core/tests/common.rs"]
+mod common;
+#[path = "../../core/tests/suite/outcomes.rs"]
+mod suite;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,5 +134,22 @@ async fn a_group_from_latest_skips_what_was_sent_before_it_joined() {
     dev.close().await.unwrap();
     svc.close().await;
     a.shutdown().await.unwrap();
+    c.stop().await;
+}
+
+/// Competing feedback readers across nodes (`core/tests/suite/outcomes.rs`, the body
+/// `core/tests/feedback_readers.rs` runs on one embedded hub): the waiting client is connected to
+/// node a, the device and the feedback reader to node b. Each waited-for outcome is settled on
+/// node b, published on `hubmsg.outcomes` and notified by node a; the reader's records stay in
+/// the shared feedback stream for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_on_one_node_never_takes_feedback_read_on_another() {
+    let c = Cluster::start(3, T).await.expect("start a 3-node cluster (nats/install-server.sh)");
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node(&c, da.path()).await;
+    let b = node(&c, db.path()).await;
+    suite::readers_keep_their_feedback_and_waiters_get_their_outcomes(&b, &a, &b).await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
     c.stop().await;
 }

@@ -299,7 +299,16 @@ pub trait Feedback: Send + Sync {
     fn release(&self, conn: u64) -> BoxFut<'_, ()>;
     /// Records waiting to be delivered or acknowledged (the `/metrics` gauge).
     fn pending(&self) -> BoxFut<'_, u64>;
+    /// Sets where this node reports every feedback record as its outcome is recorded — recorded
+    /// by this node or, for a cluster backend, by any node — besides queueing it for
+    /// [`Feedback::next_batch`]. The hub sets it once at start (to its outcome notifications,
+    /// [`super::outcomes`]); records before that, and records replayed from storage, are not
+    /// reported. The sink is called without any backend lock held and must not block.
+    fn on_outcome(&self, sink: OutcomeSink);
 }
+
+/// Where a backend reports feedback records as outcomes are recorded ([`Feedback::on_outcome`]).
+pub type OutcomeSink = Arc<dyn Fn(FeedbackRecord) + Send + Sync>;
 
 // ---------------------------------------------------------------------------------------------
 // Registry

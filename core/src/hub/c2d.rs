@@ -257,6 +257,10 @@ pub struct State {
     expired_feedback_batches: u64,
     #[serde(default)]
     subscriptions: std::collections::BTreeSet<String>,
+    /// Feedback records produced by events applied since [`State::take_fresh`] last ran
+    /// (volatile: [`C2d`] reports them to the hub's outcome notifications after each commit).
+    #[serde(skip)]
+    fresh: Mutex<Vec<FeedbackRecord>>,
 }
 
 impl Machine for State {
@@ -353,8 +357,15 @@ impl State {
     fn finish(&mut self, device: &str, generation_id: &str, e: &Entry, status: FeedbackStatus, at_ms: u64) {
         *self.outcomes.entry(status.as_str().to_string()).or_default() += 1;
         if e.ack.wants(status) {
-            self.pending_feedback.push(feedback_record(&e.message_id, device, generation_id, status, at_ms));
+            let rec = feedback_record(&e.message_id, device, generation_id, status, at_ms);
+            self.fresh.get_mut().push(rec.clone());
+            self.pending_feedback.push(rec);
         }
+    }
+
+    /// The feedback records produced since the last call (each is returned once).
+    pub fn take_fresh(&self) -> Vec<FeedbackRecord> {
+        std::mem::take(&mut *self.fresh.lock())
     }
 
     /// Validates a send and builds its `Enqueue` event.
@@ -770,6 +781,9 @@ pub struct C2d {
     /// When this process last formed a feedback batch (`None` since start). Held while a
     /// batch is formed, so two callers never form one each for the same records.
     last_batch_ms: Mutex<Option<u64>>,
+    /// Where feedback records are reported as their outcomes are committed
+    /// ([`super::backend::Feedback::on_outcome`]).
+    outcome_sink: Mutex<Option<super::backend::OutcomeSink>>,
 }
 
 /// What a device session sends: the message with its C2D system properties filled in.
@@ -869,6 +883,8 @@ impl C2d {
     /// `feedback_interval`.
     pub fn open(dir: &std::path::Path, durability: Durability, limits: C2dLimits, feedback_interval: Duration) -> Result<Arc<C2d>> {
         let log = StateLog::<State>::open(dir, StateOptions { durability, ..StateOptions::default() })?;
+        // Outcomes replayed from the log were reported (or not) by the process that recorded them.
+        drop(log.read(|s| s.take_fresh()));
         let (feedback, _) = watch::channel(0);
         Ok(Arc::new(C2d {
             log,
@@ -879,7 +895,13 @@ impl C2d {
             feedback_locks: Mutex::new(HashMap::new()),
             feedback_interval,
             last_batch_ms: Mutex::new(None),
+            outcome_sink: Mutex::new(None),
         }))
+    }
+
+    /// Sets where feedback records are reported once their outcome is committed.
+    pub fn on_outcome(&self, sink: super::backend::OutcomeSink) {
+        *self.outcome_sink.lock() = Some(sink);
     }
 
     /// The limits in force.
@@ -908,8 +930,20 @@ impl C2d {
         self.feedback.subscribe()
     }
 
+    /// Appends and applies the event `decide` builds, then reports the feedback records it
+    /// produced (outside every lock; a concurrent commit may report them instead — each record
+    /// is reported once).
     fn commit(&self, decide: impl FnOnce(&State) -> Result<Event>) -> Result<u64> {
         let ((), seq) = self.log.commit_with(|s| Ok((encode(&decide(s)?), ())))?;
+        let fresh = self.log.read(|s| s.take_fresh());
+        if !fresh.is_empty() {
+            let sink = self.outcome_sink.lock().clone();
+            if let Some(sink) = sink {
+                for r in fresh {
+                    sink(r);
+                }
+            }
+        }
         Ok(seq)
     }
 

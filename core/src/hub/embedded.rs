@@ -580,6 +580,10 @@ impl Feedback for Embedded {
     fn pending(&self) -> BoxFut<'_, u64> {
         ready(Ok(self.c2d.read(|s| s.feedback_records()) as u64))
     }
+
+    fn on_outcome(&self, sink: super::backend::OutcomeSink) {
+        self.c2d.on_outcome(sink);
+    }
 }
 
 impl RegistryStore for Embedded {

@@ -180,6 +180,18 @@ pub(crate) async fn render(shared: &Shared) -> String {
         l(&s.feedback_batches),
     );
     counter(&mut out, "hubmsg_c2d_feedback_records_total", "Feedback records in batches services acknowledged.", l(&s.feedback_records));
+    counter(
+        &mut out,
+        "hubmsg_c2d_outcome_notifications_total",
+        "Feedback records notified to service connections waiting for them (outcomes.watch).",
+        l(&s.outcome_notifications),
+    );
+    gauge(
+        &mut out,
+        "hubmsg_c2d_outcome_watches",
+        "Message ids service connections of this node wait for.",
+        shared.outcomes.inspect(|w| w.total_watched()) as u64,
+    );
     let q = |f| async move { tokio::time::timeout(Duration::from_secs(2), f).await.ok().and_then(|r: Result<u64>| r.ok()) };
     let depth = q(shared.backend.c2d().total_depth()).await;
     let pending = q(shared.backend.feedback().pending()).await;

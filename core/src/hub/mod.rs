@@ -21,6 +21,7 @@ pub mod embedded;
 pub mod events;
 pub mod guard;
 pub mod metrics;
+pub mod outcomes;
 pub mod registry;
 mod session;
 pub mod tls;
@@ -214,6 +215,8 @@ pub struct HubStats {
     pub feedback_batches: AtomicU64,
     /// Feedback records in acknowledged batches.
     pub feedback_records: AtomicU64,
+    /// Feedback records sent to waiting service connections as outcome notifications.
+    pub outcome_notifications: AtomicU64,
     /// Backend operations that failed (storage errors, an unreachable cluster).
     pub backend_errors: AtomicU64,
     /// Time from a D2C append to its durability (the store's commit latency as the hub sees it).
@@ -283,6 +286,8 @@ pub(crate) struct Shared {
     logs: guard::LogLimits,
     live: AtomicUsize,
     all_closed: Notify,
+    /// Outcome notifications of this node's service connections (fed by the backend).
+    pub(crate) outcomes: Arc<outcomes::OutcomeRouter>,
 }
 
 impl Shared {
@@ -479,6 +484,9 @@ impl Hub {
             let first = host_names.get(1).cloned().unwrap_or_else(|| bare.clone());
             host_names.push(first);
         }
+        let router = outcomes::OutcomeRouter::new();
+        let sink = router.clone();
+        backend.feedback().on_outcome(Arc::new(move |r| sink.record(r)));
         let shared = Arc::new(Shared {
             config: config.clone(),
             backend,
@@ -498,6 +506,7 @@ impl Hub {
             logs: guard::LogLimits::default(),
             live: AtomicUsize::new(0),
             all_closed: Notify::new(),
+            outcomes: router,
         });
         let mut accept = Vec::new();
         if let Some(l) = mqtt_listener {

@@ -256,6 +256,7 @@ pub(super) async fn serve(shared: Arc<Shared>, stream: BoxStream, peer: SocketAd
                 svc.revoke = Some(revoke);
                 let r = svc.run(&mut reader, &mut writer).await;
                 shared.services.lock().remove(&member);
+                shared.outcomes.close(member);
                 if let Some(pump) = svc.feedback.take() {
                     pump.task.abort();
                 }
@@ -869,6 +870,12 @@ enum Outgoing {
 /// Feedback batches in flight to one service connection.
 const FEEDBACK_WINDOW: usize = 4;
 
+/// Records in one outcome notification at most.
+const NOTIFICATION_RECORDS: usize = 64;
+
+/// Longest message id a watch may name (bytes).
+const MAX_WATCH_ID: usize = 1024;
+
 /// The task that fetches feedback batches for one service connection, at most
 /// [`FEEDBACK_WINDOW`] unacknowledged.
 struct FeedbackPump {
@@ -911,6 +918,8 @@ struct ServiceSession<'a> {
     consumer: Option<Consumer>,
     /// Feedback batches flow to this connection (after `feedback.subscribe`).
     feedback: Option<FeedbackPump>,
+    /// Outcome notifications of the ids this connection watches (after `outcomes.watch`).
+    notifications: Option<(super::outcomes::NotificationTx, mpsc::UnboundedReceiver<proto::FeedbackRecord>)>,
     pkids: HashMap<u16, Outgoing>,
     next_pkid: u16,
     responses: (mpsc::UnboundedSender<(u64, Response)>, Responses),
@@ -936,6 +945,7 @@ impl<'a> ServiceSession<'a> {
             idle,
             consumer: None,
             feedback: None,
+            notifications: None,
             pkids: HashMap::new(),
             next_pkid: 1,
             responses: mpsc::unbounded_channel(),
@@ -985,6 +995,13 @@ impl<'a> ServiceSession<'a> {
             let batch = async {
                 match fb.as_mut() {
                     Some(f) => f.rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let notes = &mut self.notifications;
+            let note = async {
+                match notes.as_mut() {
+                    Some((_, rx)) => rx.recv().await,
                     None => std::future::pending().await,
                 }
             };
@@ -1058,6 +1075,23 @@ impl<'a> ServiceSession<'a> {
                     self.shared.stats.feedback_batches.fetch_add(1, Ordering::Relaxed);
                     self.pkids.insert(pkid, Outgoing::Feedback(b.id, b.records.len(), permit));
                 }
+                Some(first) = note => {
+                    // Everything waiting goes out in one notification (QoS 0: the watch is
+                    // connection-scoped; after a reconnect the client watches again and the
+                    // cache answers what it missed).
+                    let mut records = vec![first];
+                    if let Some((_, rx)) = self.notifications.as_mut() {
+                        while records.len() < NOTIFICATION_RECORDS {
+                            match rx.try_recv() {
+                                Ok(r) => records.push(r),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    let body = serde_json::to_vec(&records).expect("records serialize");
+                    writer.queue(&Packet::Publish(Publish::new(proto::OUTCOMES_TOPIC, QoS::AtMostOnce, body)))?;
+                    self.shared.stats.outcome_notifications.fetch_add(records.len() as u64, Ordering::Relaxed);
+                }
                 _ = tokio::time::sleep_until(progress + stall), if outstanding => {
                     return Err(Error::new(ErrorKind::Timeout, format!(
                         "consumer acknowledged nothing for {stall:?} with events outstanding; closing it so its partitions move to the other members"
@@ -1084,10 +1118,13 @@ impl ServiceSession<'_> {
             .ok_or_else(|| Error::new(ErrorKind::Unauthorized, format!("services may only publish requests, not to '{}'", p.topic)))?;
         let tx = self.responses.0.clone();
         self.running += 1;
-        if op == "consume" || op == "feedback.subscribe" || op == "checkpoint" {
+        if matches!(op, "consume" | "feedback.subscribe" | "checkpoint" | "outcomes.watch" | "outcomes.unwatch") {
+            // Inline, so a watch is in place before a `c2d.send` behind it on the connection runs.
             let r = match op {
                 "consume" => self.start_consume(&p.payload).await,
                 "checkpoint" => self.checkpoint().await,
+                "outcomes.watch" => self.watch(&p.payload),
+                "outcomes.unwatch" => self.unwatch(&p.payload),
                 _ => need(&self.rights, Right::ServiceConnect, op).map(|()| {
                     if self.feedback.is_none() {
                         self.feedback = Some(FeedbackPump::start(self.shared.clone(), self.member));
@@ -1110,6 +1147,29 @@ impl ServiceSession<'_> {
             let _ = tx.send((rid, resp));
         });
         Ok(())
+    }
+
+    /// `outcomes.watch`: notify this connection of the outcomes of these message ids.
+    fn watch(&mut self, body: &[u8]) -> Result<serde_json::Value> {
+        need(&self.rights, Right::ServiceConnect, "outcomes.watch")?;
+        let req: proto::WatchOutcomes = proto::parse_body("outcomes.watch", body)?;
+        if let Some(bad) = req.ids.iter().find(|id| id.is_empty() || id.len() > MAX_WATCH_ID) {
+            return Err(Error::invalid(format!("outcomes.watch: message id of {} bytes (ids are 1 to {MAX_WATCH_ID} bytes)", bad.len())));
+        }
+        // Read before the watch is in place: every record that arrives after it was either
+        // notified through this watch or, for a re-sent watch, is found in the cache.
+        let at = now_ms();
+        let (tx, _) = self.notifications.get_or_insert_with(mpsc::unbounded_channel);
+        self.shared.outcomes.watch(self.member, tx, &req.ids, req.since)?;
+        Ok(to_json(&proto::Watching { at }))
+    }
+
+    /// `outcomes.unwatch`: these waits ended (answered, cancelled or timed out).
+    fn unwatch(&mut self, body: &[u8]) -> Result<serde_json::Value> {
+        need(&self.rights, Right::ServiceConnect, "outcomes.unwatch")?;
+        let req: proto::UnwatchOutcomes = proto::parse_body("outcomes.unwatch", body)?;
+        self.shared.outcomes.unwatch(self.member, &req.ids);
+        Ok(serde_json::json!({}))
     }
 
     /// `checkpoint`: every position this connection acknowledged is durable.

@@ -141,12 +141,18 @@ pub async fn every_lifecycle_path_reports_its_feedback(fx: &dyn Fixture) {
     .await
     .unwrap();
     assert_eq!(tokio::time::timeout(T, fb).await.unwrap().unwrap().status_code, FeedbackStatus::Expired);
+    // A message that expired or was purged is out of the queue when its waiter hears of it (on
+    // JetStream a complete, reject or dead-letter goes through the device consumer, whose
+    // removal from the stream may show a moment later; a purge counts only what it purged).
+    let gone = || async { hub.c2d().depth("valve").await.unwrap() };
+    assert_eq!(gone().await, 0, "notified of Expired while the message was still queued");
 
     // purge → Purged (and the count)
     let (_, fb1) = outcome(&svc, "valve", "p1", AckMode::Full).await;
     let (_, fb2) = outcome(&svc, "valve", "p2", AckMode::None).await;
     assert_eq!(svc.purge_c2d("valve").await.unwrap(), 2);
     assert_eq!(tokio::time::timeout(T, fb1).await.unwrap().unwrap().status_code, FeedbackStatus::Purged);
+    assert_eq!(gone().await, 0, "notified of Purged while the message was still queued");
     drop(fb2);
     let stats: std::collections::HashMap<String, u64> = hub.backend().counters().all().await.unwrap().into_iter().collect();
     assert_eq!(stats.get("c2d.Purged"), Some(&2));

@@ -83,8 +83,9 @@ enum Removal<'a> {
     Acker(&'a Acker),
     /// Directly by sequence number (sweeper).
     Delete,
-    /// By a subject purge that follows (purge).
-    None,
+    /// By a subject purge that follows (purge); the outcome notifications are collected here
+    /// and published once the purge removed the messages.
+    Purge(&'a Mutex<Vec<Bytes>>),
 }
 
 pub(crate) struct NatsC2d {
@@ -233,7 +234,7 @@ async fn finish(
     removal: Removal<'_>,
     first: bool,
 ) -> Result<()> {
-    if meta.ack.wants(status) {
+    let notification = if meta.ack.wants(status) {
         let rec = c2d::feedback_record(&meta.message_id, device, &meta.generation_id, status, now_ms());
         let body = Bytes::from(serde_json::to_vec(&rec).expect("feedback serializes"));
         let mut h = HeaderMap::new();
@@ -241,7 +242,10 @@ async fn finish(
         let deadline = tokio::time::Instant::now() + inner.cfg.append_timeout;
         let first_try = submit(&inner.js, names::FEEDBACK_SUBJECT, &h, &body).await;
         await_ack(&inner.js, names::FEEDBACK_SUBJECT, &h, &body, first_try, deadline).await.map_err(|e| js_err("writing feedback", e))?;
-    }
+        Some(body)
+    } else {
+        None
+    };
     if first {
         if let Err(e) = super::registry::add_counter(&inner.counters, &format!("c2d.{}", status.as_str()), 1).await {
             tracing::warn!(error = %e, "counting a C2D outcome failed");
@@ -261,9 +265,26 @@ async fn finish(
                 tracing::debug!(device, seq, error = %e, "deleting an expired C2D message");
             }
         }
-        Removal::None => {}
+        Removal::Purge(later) => {
+            later.lock().extend(notification);
+            return Ok(());
+        }
+    }
+    // Durable in the feedback stream, counted and out of the queue (as on the embedded hub,
+    // where the notification follows the commit that removed the message): now every node's
+    // waiting connections hear of it. A lost publish costs only the notification (the record
+    // stays in the shared queue and the waiting call times out), so it is not retried.
+    if let Some(body) = notification {
+        notify(inner, body).await;
     }
     Ok(())
+}
+
+/// Publishes a feedback record on [`names::OUTCOMES_SUBJECT`] for every node's watchers.
+async fn notify(inner: &Inner, body: Bytes) {
+    if let Err(e) = inner.client.publish(names::OUTCOMES_SUBJECT, body).await {
+        tracing::warn!(error = %e, "publishing an outcome notification failed");
+    }
 }
 
 impl C2dQueues for NatsC2d {
@@ -364,13 +385,25 @@ impl C2dQueues for NatsC2d {
             let stream = self.stream().await?;
             let queue = queue_of(&stream, device_id).await?;
             let Some(last) = queue.last().map(|m| m.sequence) else { return Ok(0) };
+            let notifications = Mutex::new(Vec::new());
+            let mut purged = 0;
             for m in &queue {
                 let meta = Meta::parse(Some(&m.headers))?;
-                apply(&self.inner, device_id, m.sequence, &meta, |s| names::claim(s, FeedbackStatus::Purged), Removal::None).await?;
+                let claim = |s: &C2dMsgState| names::claim(s, FeedbackStatus::Purged);
+                // A message whose outcome was decided before (its removal through the consumer
+                // is not applied to the stream yet) keeps that outcome and is not counted.
+                if apply(&self.inner, device_id, m.sequence, &meta, claim, Removal::Purge(&notifications)).await?
+                    == Settled::Done(FeedbackStatus::Purged)
+                {
+                    purged += 1;
+                }
             }
             // Only what was read (and got its feedback) goes: later sends are kept.
             stream.purge().filter(names::c2d_subject(device_id)).sequence(last + 1).await.map_err(|e| js_err("purging a C2D queue", e))?;
-            Ok(queue.len())
+            for body in notifications.into_inner() {
+                notify(&self.inner, body).await;
+            }
+            Ok(purged)
         })
     }
 
@@ -657,6 +690,21 @@ impl NatsFeedback {
     }
 }
 
+/// Hands every record heard on [`names::OUTCOMES_SUBJECT`] to the hub's outcome notifications.
+pub(crate) async fn relay_outcomes(mut sub: async_nats::Subscriber, sink: Arc<Mutex<Option<crate::backend::OutcomeSink>>>) {
+    while let Some(m) = sub.next().await {
+        match serde_json::from_slice::<FeedbackRecord>(&m.payload) {
+            Ok(r) => {
+                let s = sink.lock().clone();
+                if let Some(s) = s {
+                    s(r);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "malformed outcome notification ignored"),
+        }
+    }
+}
+
 impl Feedback for NatsFeedback {
     fn next_batch(&self, conn: u64, interval: Duration) -> BoxFut<'_, Option<FeedbackBatch>> {
         Box::pin(async move {
@@ -719,5 +767,9 @@ impl Feedback for NatsFeedback {
                 self.inner.js.get_stream(names::FEEDBACK_STREAM).await.map_err(|e| js_err("opening the feedback stream", e))?;
             Ok(stream.info().await.map_err(|e| js_err("reading the feedback stream", e))?.state.messages)
         })
+    }
+
+    fn on_outcome(&self, sink: crate::backend::OutcomeSink) {
+        *self.inner.outcome_sink.lock() = Some(sink);
     }
 }

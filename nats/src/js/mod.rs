@@ -122,6 +122,9 @@ pub(crate) struct Inner {
     pub(crate) c2d_state: kv::Store,
     pub(crate) counters: kv::Store,
     pub(crate) tasks: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Where this node reports the outcomes it hears on [`names::OUTCOMES_SUBJECT`] (set by the
+    /// hub, `Feedback::on_outcome`).
+    pub(crate) outcome_sink: Arc<parking_lot::Mutex<Option<backend::OutcomeSink>>>,
 }
 
 /// The JetStream backend of one hub node.
@@ -431,7 +434,11 @@ impl NatsBackend {
             c2d_state,
             counters,
             tasks: parking_lot::Mutex::new(Vec::new()),
+            outcome_sink: Arc::new(parking_lot::Mutex::new(None)),
         });
+        // Every node hears every outcome (its own too), subscribed before it serves anyone.
+        let outcomes = inner.client.subscribe(names::OUTCOMES_SUBJECT).await.map_err(|e| js_err("subscribing to outcomes", e))?;
+        inner.tasks.lock().push(tokio::spawn(c2d::relay_outcomes(outcomes, inner.outcome_sink.clone())));
         let feedback = c2d::NatsFeedback::open(inner.clone()).await?;
         let registry = registry::NatsRegistry::open(inner.clone()).await?;
         let sessions = registry::NatsSessions::open(inner.clone()).await?;
