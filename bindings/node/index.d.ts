@@ -381,8 +381,8 @@ export declare class ServiceClient {
   /**
    * Sends a C2D message asking for feedback (`ack`, "full" by default) and resolves to its
    * feedback record (`status` "Success", "Rejected", "Expired", "DeliveryCountExceeded" or
-   * "Purged"). Rejects with HUBMSG_TIMEOUT after `timeoutMs` (60 s). With several service
-   * instances reading feedback, the record may go to another one.
+   * "Purged"). Rejects with HUBMSG_TIMEOUT after `timeoutMs` (60 s). The hub pushes the
+   * record to this client (an outcome notification), whoever else reads feedback.
    */
   sendC2dAndWait(deviceId: string, body: Buffer | Uint8Array | string, options?: C2dWaitOptions): Promise<FeedbackRecord>
   /** Removes every pending C2D message of a device (feedback "Purged"); resolves to how many. */

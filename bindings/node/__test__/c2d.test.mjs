@@ -59,9 +59,8 @@ test('receive(timeout) returns null on timeout, then the message with its proper
   assert.deepEqual(m.properties, { a: 'b' })
   assert.equal(m.sequenceNumber, r.sequenceNumber)
   assert.equal(m.systemProperties['iothub-ack'], 'full')
-  // The feedback stream is opened before the settle: this client already waited for outcomes
-  // (sendC2dAndWait in the test above), and such a client acknowledges the batches that arrive
-  // while no stream is open (their records reach only the waiting calls).
+  // The feedback stream is opened before the settle: a batch that arrives while no stream is
+  // open waits at the hub until one is (or until another reader takes it).
   const fb = h.service.feedback()
   m.complete()
   let record

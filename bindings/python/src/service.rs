@@ -469,8 +469,8 @@ impl PyService {
 
     /// Sends a C2D message asking for feedback (`ack`, "full" by default) and waits up to
     /// `timeout` seconds for its `FeedbackRecord` (`.status` "Success", "Rejected",
-    /// "Expired", "DeliveryCountExceeded" or "Purged"). Raises HubmsgTimeoutError. With
-    /// several service instances receiving feedback, the record may go to another one.
+    /// "Expired", "DeliveryCountExceeded" or "Purged"). Raises HubmsgTimeoutError. The hub
+    /// pushes the record to this client (an outcome notification), whoever else reads feedback.
     #[pyo3(signature = (device_id, body, *, ack="full", timeout=None, ttl=None, properties=None, message_id=None, correlation_id=None))]
     #[allow(clippy::too_many_arguments)]
     fn send_c2d_and_wait(
