@@ -292,7 +292,7 @@ impl Outbox {
     /// Errors: `QueueFull` (policy reject), `MessageTooLarge` (bigger than `max_bytes`),
     /// `Storage` (the disk refused it: nothing was accepted).
     pub async fn push(&self, msg: &Message) -> Result<(u64, oneshot::Receiver<Outcome>)> {
-        let (seq, rx, log) = self.append(msg, None)?;
+        let (seq, rx, log) = self.append_one(msg, None)?;
         self.wake.notify_one();
         if let Some(log) = log {
             if let Err(e) = log.wait_durable(seq).await {
@@ -319,45 +319,7 @@ impl Outbox {
     pub async fn push_batch_prepared(&self, msgs: &[Message], prepared: Vec<Prepared>) -> Result<Vec<(u64, oneshot::Receiver<Outcome>)>> {
         let mut prepared = prepared.into_iter();
         let encoded = msgs.iter().map(|m| self.encode(m, prepared.next())).collect::<Result<Vec<_>>>()?;
-        let mut out = Vec::with_capacity(msgs.len());
-        let mut last_log = None;
-        {
-            let mut g = self.inner.lock();
-            let inner = &mut *g;
-            let bytes: usize = encoded.iter().map(|e| e.record.len()).sum();
-            let fits = inner.live + encoded.len() <= self.opts.max_messages && inner.bytes + bytes <= self.opts.max_bytes;
-            if encoded.len() > 1 && self.opts.overflow == Overflow::Reject && !fits {
-                return Err(Error::new(
-                    ErrorKind::QueueFull,
-                    format!(
-                        "outbox cannot take a batch of {} messages ({bytes} bytes): it holds {} messages, {} bytes; limits {} \
-                         and {}; nothing of the batch was queued; wait for delivery (flush), send smaller batches or use \
-                         overflow policy drop_oldest",
-                        encoded.len(),
-                        inner.live,
-                        inner.bytes,
-                        self.opts.max_messages,
-                        self.opts.max_bytes
-                    ),
-                ));
-            }
-            for e in encoded {
-                match self.append_locked(inner, e) {
-                    Ok((seq, rx, log)) => {
-                        last_log = log.map(|l| (l, seq));
-                        out.push((seq, rx));
-                    }
-                    Err((e, log)) => {
-                        drop(g);
-                        if let Some(log) = log {
-                            self.after_failure(&log, &e);
-                        }
-                        self.wake.notify_one();
-                        return Err(e);
-                    }
-                }
-            }
-        }
+        let (out, last_log) = self.append(encoded)?;
         self.wake.notify_one();
         if let Some((log, seq)) = last_log {
             if let Err(e) = log.wait_durable(seq).await {
@@ -376,7 +338,7 @@ impl Outbox {
 
     /// [`Outbox::push_blocking`] with the message's transport form.
     pub fn push_blocking_prepared(&self, msg: &Message, prepared: Option<Prepared>) -> Result<(u64, oneshot::Receiver<Outcome>)> {
-        let (seq, rx, log) = self.append(msg, prepared)?;
+        let (seq, rx, log) = self.append_one(msg, prepared)?;
         self.wake.notify_one();
         if let Some(log) = log {
             if let Err(e) = log.wait_durable_blocking(seq) {
@@ -388,19 +350,57 @@ impl Outbox {
         Ok((seq, rx))
     }
 
-    fn append(&self, msg: &Message, prepared: Option<Prepared>) -> Result<(u64, oneshot::Receiver<Outcome>, Option<Log>)> {
-        let e = self.encode(msg, prepared)?;
+    fn append_one(&self, msg: &Message, prepared: Option<Prepared>) -> Result<(u64, oneshot::Receiver<Outcome>, Option<Log>)> {
+        let (mut out, log) = self.append(vec![self.encode(msg, prepared)?])?;
+        let (seq, rx) = out.pop().expect("one message appended");
+        Ok((seq, rx, log.map(|(l, _)| l)))
+    }
+
+    /// Appends `encoded` in order under one hold of the lock: a batch of several that does not
+    /// fit (policy reject) is refused whole; otherwise each makes room by the overflow policy.
+    /// Returns the seqs and outcome receivers, and the log with the last seq to wait for (disk).
+    #[allow(clippy::type_complexity)]
+    fn append(&self, encoded: Vec<Encoded>) -> Result<(Vec<(u64, oneshot::Receiver<Outcome>)>, Option<(Log, u64)>)> {
+        let mut out = Vec::with_capacity(encoded.len());
+        let mut last_log = None;
         let mut g = self.inner.lock();
-        match self.append_locked(&mut g, e) {
-            Ok(x) => Ok(x),
-            Err((e, log)) => {
-                drop(g);
-                if let Some(log) = log {
-                    self.after_failure(&log, &e);
+        let inner = &mut *g;
+        let bytes: usize = encoded.iter().map(|e| e.record.len()).sum();
+        let fits = inner.live + encoded.len() <= self.opts.max_messages && inner.bytes + bytes <= self.opts.max_bytes;
+        if encoded.len() > 1 && self.opts.overflow == Overflow::Reject && !fits {
+            return Err(Error::new(
+                ErrorKind::QueueFull,
+                format!(
+                    "outbox cannot take a batch of {} messages ({bytes} bytes): it holds {} messages, {} bytes; limits {} and \
+                     {}; nothing of the batch was queued; wait for delivery (flush), send smaller batches or use overflow \
+                     policy drop_oldest",
+                    encoded.len(),
+                    inner.live,
+                    inner.bytes,
+                    self.opts.max_messages,
+                    self.opts.max_bytes
+                ),
+            ));
+        }
+        for e in encoded {
+            match self.append_locked(inner, e) {
+                Ok((seq, rx, log)) => {
+                    last_log = log.map(|l| (l, seq));
+                    out.push((seq, rx));
                 }
-                Err(e)
+                Err((e, log)) => {
+                    drop(g);
+                    if let Some(log) = log {
+                        self.after_failure(&log, &e);
+                    }
+                    if !out.is_empty() {
+                        self.wake.notify_one(); // what was queued before the failure goes out
+                    }
+                    return Err(e);
+                }
             }
         }
+        Ok((out, last_log))
     }
 
     /// The record of `msg` and its transport form; `MessageTooLarge` past `max_bytes`.

@@ -1055,9 +1055,10 @@ impl Driver {
                     return End::Failed(e);
                 }
             }
+            let room = self.opts.max_in_flight.saturating_sub(self.c2d_in_flight.len());
             let sendable = match &self.c2d {
-                Some((outbox, _)) => outbox.take_sendable(self.opts.max_in_flight.saturating_sub(self.c2d_in_flight.len())),
-                None => Vec::new(),
+                Some((outbox, _)) if room > 0 => outbox.take_sendable(room),
+                _ => Vec::new(),
             };
             // Watches before the sends just taken: a wait is registered before its message is
             // pushed to the outbox, so every send in `sendable` goes out after its id's watch.
