@@ -37,6 +37,11 @@ pub fn fast_retry() -> RetryPolicy {
 
 /// Registers `id` if needed and connects a device client with fast retries.
 pub async fn device(hub: &Hub, id: &str) -> DeviceClient {
+    device_with(hub, id, |_| ()).await
+}
+
+/// [`device`] with its options changed by `adjust` before it connects.
+pub async fn device_with(hub: &Hub, id: &str, adjust: impl FnOnce(&mut DeviceOptions)) -> DeviceClient {
     if hub.registry().device(id).await.unwrap().is_none() {
         hub.create_device(id).await.unwrap();
     }
@@ -45,13 +50,20 @@ pub async fn device(hub: &Hub, id: &str) -> DeviceClient {
     // These tests are about the protocol, not the disk: an in-memory outbox, asked for
     // explicitly (the durable default is tested in default_outbox.rs and the store tests).
     opts.outbox = OutboxOptions::in_memory();
+    adjust(&mut opts);
     DeviceClient::connect(opts).await.unwrap()
 }
 
 /// Connects an iothubowner service client with fast retries.
 pub async fn service(hub: &Hub) -> ServiceClient {
+    service_with(hub, |_| ()).await
+}
+
+/// [`service`] with its options changed by `adjust` before it connects.
+pub async fn service_with(hub: &Hub, adjust: impl FnOnce(&mut ServiceOptions)) -> ServiceClient {
     let mut opts = ServiceOptions::from_connection_string(&hub.service_connection_string()).unwrap();
     opts.retry = fast_retry();
+    adjust(&mut opts);
     ServiceClient::connect(opts).await.unwrap()
 }
 

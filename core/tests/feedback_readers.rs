@@ -21,8 +21,8 @@ use std::time::Duration;
 use common::*;
 use hubmsg_core::hub::{Hub, HubConfig};
 use hubmsg_core::proto::{AckMode, FeedbackStatus};
-use hubmsg_core::service::{ServiceClient, ServiceOptions};
-use hubmsg_core::{ConnectionStatus, DeviceClient, DeviceOptions, ErrorKind, Message};
+use hubmsg_core::service::ServiceClient;
+use hubmsg_core::{ConnectionStatus, DeviceClient, ErrorKind, Message};
 use tokio::net::{TcpListener, TcpStream};
 
 const T: Duration = Duration::from_secs(20);
@@ -91,22 +91,13 @@ async fn hub_at(dir: &std::path::Path, port: u16, relay: Option<SocketAddr>) -> 
 
 /// A service client connected to `host` (`127.0.0.1:PORT`, the hub or a relay in front of it).
 async fn service_via(hub: &Hub, host: &str) -> ServiceClient {
-    let mut o = ServiceOptions::from_connection_string(&hub.service_connection_string()).unwrap();
-    o.host_name = host.to_string();
-    o.retry = fast_retry();
-    ServiceClient::connect(o).await.unwrap()
+    service_with(hub, |o| o.host_name = host.to_string()).await
 }
 
-/// A device client connected to the hub directly.
+/// A device client connected to the hub directly (its connection string names the relay).
 async fn device_direct(hub: &Hub, id: &str) -> DeviceClient {
-    if hub.registry().device(id).await.unwrap().is_none() {
-        hub.create_device(id).await.unwrap();
-    }
-    let mut o = DeviceOptions::from_connection_string(&hub.device_connection_string(id).await.unwrap()).unwrap();
-    o.host_name = format!("127.0.0.1:{}", hub.mqtt_addr().unwrap().port());
-    o.retry = fast_retry();
-    o.outbox = hubmsg_core::outbox::OutboxOptions::in_memory();
-    DeviceClient::connect(o).await.unwrap()
+    let port = hub.mqtt_addr().unwrap().port();
+    device_with(hub, id, |o| o.host_name = format!("127.0.0.1:{port}")).await
 }
 
 async fn connected(status: &mut tokio::sync::watch::Receiver<ConnectionStatus>, want: bool) {
