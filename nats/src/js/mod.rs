@@ -336,13 +336,15 @@ impl NatsBackend {
         let c2d_state = create(bucket(C2D_STATE, cfg.c2d.max_ttl + Duration::from_secs(3600), false)).await?;
         let counters = create(bucket(COUNTERS, Duration::ZERO, false)).await?;
         // Per-message TTL must be honoured (2.9 silently ignores it): the leases depend on it.
-        let lease_info = js
-            .get_stream(format!("KV_{LEASES}"))
-            .await
-            .map_err(|e| js_err("reading the lease bucket", e))?
-            .get_info()
-            .await
-            .map_err(|e| js_err("reading the lease bucket", e))?;
+        let lease_info = retry_setup(setup_deadline, || async {
+            js.get_stream(format!("KV_{LEASES}"))
+                .await
+                .map_err(|e| js_err("reading the lease bucket", e))?
+                .get_info()
+                .await
+                .map_err(|e| js_err("reading the lease bucket", e))
+        })
+        .await?;
         if !lease_info.config.allow_message_ttl {
             return Err(Error::invalid(format!(
                 "NATS server at {} (version {}) ignores per-message TTL (allow_msg_ttl); hubmsg needs 2.11 or later",
@@ -353,10 +355,22 @@ impl NatsBackend {
         if cfg.partitions == 0 || cfg.partitions > 128 {
             return Err(Error::invalid("partitions must be between 1 and 128"));
         }
-        let partitions = match meta.create("partitions", cfg.partitions.to_string().into()).await {
-            Ok(_) => cfg.partitions,
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let v = meta.get("partitions").await.map_err(|e| js_err("reading the partition count", e))?.unwrap_or_default();
+        // Like every setup request, retried until `append_timeout` while the cluster cannot
+        // answer yet (a bucket just created may have no leader: "503 no responders"); a
+        // malformed stored count is not retried.
+        let stored = retry_setup(setup_deadline, || async {
+            match meta.create("partitions", cfg.partitions.to_string().into()).await {
+                Ok(_) => Ok(None),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    meta.get("partitions").await.map(|v| Some(v.unwrap_or_default())).map_err(|e| js_err("reading the partition count", e))
+                }
+                Err(e) => Err(js_err("recording the partition count", e)),
+            }
+        })
+        .await?;
+        let partitions = match stored {
+            None => cfg.partitions,
+            Some(v) => {
                 let n: u32 = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
                     Error::new(
                         ErrorKind::Storage,
@@ -372,7 +386,6 @@ impl NatsBackend {
                 }
                 n
             }
-            Err(e) => return Err(js_err("recording the partition count", e)),
         };
         let make = |c: stream::Config| {
             let js = js.clone();
